@@ -1,0 +1,26 @@
+"""The draft service's configuration: flags, SPECDEC_* variables, defaults (in that order)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from specdec.config import setting
+
+
+@dataclass
+class DraftConfig:
+    """specdec draft: dials OUT to the gateway and to the oracles it is assigned."""
+
+    gateway: str = setting("localhost:50051", "gateway address to register with")
+    model: str = setting("", "draft model folder or hub id (default: the demo draft)")
+    device: str = setting("cpu", "cpu, cuda or cuda:N")
+    dtype: str = setting("float32", "float32, bfloat16 or float16")
+    draft_id: str = setting("", "worker id (default: draft-<hostname>-<pid>)")
+    max_sessions: int = setting(8, "turns drafted at once; the gateway sends no more")
+    max_cached_sessions: int = setting(64, "sessions whose draft KV cache is kept between turns")
+    max_support: int = setting(32, "largest support of a sampled draft distribution q")
+    health_host: str = setting("127.0.0.1", "interface of the local health endpoint")
+    health_port: int = setting(50053, "port of the local health endpoint (0 = any, -1 = off)")
+    torch_threads: int = setting(0, "CPU threads for the model (0 = torch's default)")
+    log_level: str = setting("info", "debug, info, warning or error")
+    metrics_port: int = setting(0, "Prometheus scrape port (0 = off)")

@@ -1,0 +1,78 @@
+"""`specdec draft`: load the draft model, dial out to the gateway, draft until stopped.
+
+Nothing dials into a draft service: the only listening socket is an optional
+health endpoint on the loopback interface, for container and k8s probes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from collections.abc import Sequence
+
+import torch
+
+from draft_service.config import DraftConfig
+from draft_service.worker import DraftWorker
+from specdec.config import load_config
+from specdec.models import DEMO_DRAFT, load_model
+from specdec.serving.logs import configure_logging
+from specdec.serving.registration import GatewayConnection, stay_registered
+from specdec.serving.server import ServiceServer, start_server
+
+log = logging.getLogger("draft")
+
+
+async def serve(config: DraftConfig) -> None:
+    if config.torch_threads > 0:
+        torch.set_num_threads(config.torch_threads)
+    health: ServiceServer | None = None
+    if config.health_port >= 0:
+        health = await start_server(f"{config.health_host}:{config.health_port}", [])
+        log.info("health endpoint on %s:%d", config.health_host, health.port)
+    source = config.model or str(DEMO_DRAFT)
+    log.info("loading draft model %s on %s ...", source, config.device)
+    model = await asyncio.to_thread(load_model, source, config.device, config.dtype)
+    worker_id = config.draft_id or f"draft-{socket.gethostname()}-{os.getpid()}"
+    worker = DraftWorker(config, model, worker_id)
+    if health is not None:
+        await health.set_serving(True)
+    log.info("draft %s ready (model %s); dialling gateway %s", worker_id, source, config.gateway)
+    connection = GatewayConnection()
+    lifeline = asyncio.create_task(
+        stay_registered(
+            config.gateway,
+            worker.registration,
+            worker.on_message,
+            worker.load,
+            connection,
+            worker.on_disconnect,
+        )
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    lifeline.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await lifeline
+    await worker.close()
+    if health is not None:
+        await health.stop(1.0)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = load_config(DraftConfig, argv)
+    configure_logging(config.log_level, "draft")
+    asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""The draft worker: takes assignments from the gateway and drives draft -> verify rounds.
+
+For each assignment it dials the assigned oracle's Verify stream and runs the
+core loop (``specdec.turn.run_turn``) with a model drafter, reporting every
+commit back to the gateway over the worker's Connect stream. Draft KV caches
+are kept per session (LRU) so the next turn of a session drafts without
+re-prefilling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from draft_service.config import DraftConfig
+from specdec.drafters.model_drafter import ModelDrafter
+from specdec.errors import SpecdecError
+from specdec.models import LoadedModel
+from specdec.serving import convert
+from specdec.serving.channels import open_channel
+from specdec.serving.oracle_link import GrpcOracleLink, OracleRpcError
+from specdec.serving.registration import GatewayConnection
+from specdec.stopping import StopChecker
+from specdec.turn import OpenResult, RoundReport, ThreadProposer, Turn, run_turn
+from specdec.v1 import gateway_pb2, oracle_pb2_grpc, registry_pb2
+
+log = logging.getLogger(__name__)
+
+
+class DraftWorker:
+    """State of one draft service: its model, per-session drafters, running turns."""
+
+    def __init__(self, config: DraftConfig, model: LoadedModel, worker_id: str) -> None:
+        self.config = config
+        self.model = model
+        self.worker_id = worker_id
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-model")
+        self._drafters: OrderedDict[str, ModelDrafter] = OrderedDict()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    # -- registration --------------------------------------------------------
+
+    def registration(self) -> registry_pb2.RegisterWorker:
+        return registry_pb2.RegisterWorker(
+            worker_id=self.worker_id,
+            kind=gateway_pb2.WORKER_KIND_DRAFT,
+            model=self.model.name,
+            vocab_fingerprint=self.model.fingerprint,
+            max_sessions=self.config.max_sessions,
+            device=str(self.model.device),
+            vocab_size=self.model.vocab_size,
+            max_context=self.model.max_context,
+            eos_token_ids=list(self.model.eos_token_ids),
+        )
+
+    def load(self) -> registry_pb2.WorkerLoad:
+        return registry_pb2.WorkerLoad(
+            active_sessions=len(self._tasks),
+            kv_cache_bytes=sum(d.cache.memory_bytes() for d in self._drafters.values()),
+        )
+
+    @property
+    def active_turns(self) -> int:
+        return len(self._tasks)
+
+    async def on_message(
+        self, message: registry_pb2.ConnectResponse, connection: GatewayConnection
+    ) -> None:
+        kind = message.WhichOneof("kind")
+        if kind == "assignment":
+            assignment = message.assignment
+            task = asyncio.create_task(self._run(assignment, connection))
+            self._tasks[assignment.assignment_id] = task
+            task.add_done_callback(lambda _: self._tasks.pop(assignment.assignment_id, None))
+        elif kind == "cancel":
+            task = self._tasks.get(message.cancel.assignment_id)
+            if task is not None:
+                task.cancel()
+        elif kind == "release":
+            self._drafters.pop(message.release.session_id, None)
+
+    async def on_disconnect(self) -> None:
+        """The gateway is gone: it fails these turns over, so stop working on them."""
+        for task in list(self._tasks.values()):
+            task.cancel()
+
+    async def close(self) -> None:
+        await self.on_disconnect()
+        for channel in self._channels.values():
+            with contextlib.suppress(Exception):
+                await channel.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- one assignment -------------------------------------------------------
+
+    def _drafter(self, session_id: str) -> ModelDrafter:
+        drafter = self._drafters.pop(session_id, None)
+        if drafter is None:
+            drafter = ModelDrafter(self.model, max_support=self.config.max_support)
+        self._drafters[session_id] = drafter  # most recently used last
+        while len(self._drafters) > self.config.max_cached_sessions:
+            self._drafters.popitem(last=False)
+        return drafter
+
+    def _oracle(self, address: str) -> oracle_pb2_grpc.OracleStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = open_channel(address)
+        return oracle_pb2_grpc.OracleStub(channel)
+
+    async def _run(self, a: registry_pb2.Assignment, connection: GatewayConnection) -> None:
+        link = GrpcOracleLink(self._oracle(a.oracle_address), a.session_id, a.grant)
+        try:
+            params = convert.sampling_from_pb(a.sampling)
+            drafter = self._drafter(a.session_id)
+            drafter.seed = a.seed
+            decode = self.model.decode if params.stop else None
+            turn = Turn(
+                context=list(a.token_ids),
+                prompt_tokens=a.prompt_tokens,
+                params=params,
+                seed=a.seed,
+                k=a.num_speculative_tokens,
+                stop=StopChecker(params, self.model.eos_token_ids, decode),
+                max_context=a.max_context or self.model.max_context,
+            )
+            base = [len(a.token_ids)]
+
+            async def on_commit(tokens: list[int], report: RoundReport) -> None:
+                await connection.send(
+                    registry_pb2.ConnectRequest(
+                        commit=registry_pb2.AssignmentCommit(
+                            assignment_id=a.assignment_id,
+                            base_length=base[0],
+                            token_ids=tokens,
+                            round=_round_to_pb(report),
+                        )
+                    )
+                )
+                base[0] += len(tokens)
+
+            async def on_open(opened: OpenResult) -> None:
+                await connection.send(
+                    registry_pb2.ConnectRequest(
+                        opened=registry_pb2.AssignmentOpened(
+                            assignment_id=a.assignment_id,
+                            cached_tokens=opened.cached_tokens,
+                            prefilled_tokens=opened.computed_tokens,
+                            prefill_ns=opened.prefill_ns,
+                            oracle_id=opened.oracle_id,
+                        )
+                    )
+                )
+
+            proposer = ThreadProposer(drafter, self._executor)
+            reason, stats = await run_turn(link, proposer, turn, on_commit, on_open=on_open)
+            finished = registry_pb2.AssignmentFinished(
+                assignment_id=a.assignment_id,
+                finish_reason=convert.finish_reason_to_pb(reason),  # type: ignore[arg-type]
+                stats=convert.stats_to_pb(stats, oracle_id=link.oracle_id, draft_id=self.worker_id),
+            )
+            await connection.send(registry_pb2.ConnectRequest(finished=finished))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await connection.send(registry_pb2.ConnectRequest(failed=_failure(a, exc)))
+        finally:
+            await link.close()
+
+
+def _round_to_pb(report: RoundReport) -> registry_pb2.RoundReport:
+    return registry_pb2.RoundReport(
+        round=report.round,
+        proposed=report.proposed,
+        accepted=report.accepted,
+        is_bonus=report.is_bonus,
+        draft_ns=report.draft_ns,
+        verify_ns=report.verify_ns,
+        network_ns=report.network_ns,
+        queue_ns=report.queue_ns,
+    )
+
+
+def _failure(a: registry_pb2.Assignment, exc: Exception) -> registry_pb2.AssignmentFailed:
+    if isinstance(exc, OracleRpcError):
+        code = exc.code
+        message = f"oracle {a.oracle_id}: {exc}"
+    elif isinstance(exc, SpecdecError):
+        code = getattr(grpc.StatusCode, exc.status, grpc.StatusCode.INTERNAL)
+        message = str(exc)
+    else:
+        log.exception("assignment %s failed", a.assignment_id)
+        code, message = grpc.StatusCode.INTERNAL, f"draft error: {type(exc).__name__}: {exc}"
+    return registry_pb2.AssignmentFailed(
+        assignment_id=a.assignment_id, status_code=code.value[0], message=message
+    )

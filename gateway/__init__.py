@@ -1,0 +1,1 @@
+"""The gateway service: the public API, the session table and worker routing."""

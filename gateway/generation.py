@@ -1,0 +1,441 @@
+"""One Generate turn at the gateway: pick workers, run the rounds, stream, fail over.
+
+The gateway's session tokens are the source of truth. Workers report commits;
+each commit must extend exactly the session's committed length (anything else
+is a duplicate or stale report and is ignored). The gateway runs its own stop
+checker over the committed stream, so the output ends exactly where the
+oracle alone would end, even across a failover. When a worker disappears
+mid-turn, the turn resumes on another one from the committed tokens (the new
+oracle re-prefills them): time is lost, tokens never are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from gateway.detokenize import IncrementalDecoder
+from gateway.registry import Registry, Worker
+from gateway.sessions import Session
+from specdec.drafters.ngram import NgramDrafter
+from specdec.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from specdec.sampling import SamplingParams, resolve_seed, validate_token_ids
+from specdec.serving import convert
+from specdec.serving.oracle_link import GrpcOracleLink, OracleRpcError
+from specdec.stopping import FinishReason, StopChecker
+from specdec.turn import InlineProposer, OpenResult, RoundReport, Turn, TurnStats, check_k, run_turn
+from specdec.v1 import common_pb2, registry_pb2
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TurnRequest:
+    """A validated Generate request, protobuf-free."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    k: int
+    adaptive: bool
+    drafter: int  # common_pb2.DrafterKind
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """What one GenerateResponse carries; the last one has finish_reason and summary."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason | None = None
+    summary: TurnSummary | None = None
+
+
+@dataclass
+class TurnSummary:
+    stats: TurnStats
+    oracle_id: str = ""
+    draft_id: str = ""
+    drafter: int = common_pb2.DRAFTER_KIND_UNSPECIFIED
+    failovers: int = 0
+
+
+# Events of one attempt (one pair of workers).
+@dataclass(frozen=True)
+class _Committed:
+    base_length: int
+    tokens: list[int]
+    report: RoundReport
+
+
+@dataclass(frozen=True)
+class _Opened:
+    cached_tokens: int
+    prefilled_tokens: int
+    prefill_ns: int
+
+
+@dataclass(frozen=True)
+class _Ended:
+    reason: FinishReason | None
+
+
+_Event = _Opened | _Committed | _Ended
+
+
+class _Broke(Exception):
+    """The attempt's worker failed in a way another worker can recover from."""
+
+    def __init__(self, worker: Worker, message: str) -> None:
+        super().__init__(message)
+        self.worker = worker
+
+
+class TurnRunner:
+    """Runs Generate turns against the registered workers."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        decode: Callable[[Sequence[int]], str],
+        decode_text: Callable[[Sequence[int]], str],
+        *,
+        max_failovers: int,
+        worker_wait_s: float,
+    ) -> None:
+        self.registry = registry
+        self._decode = decode  # for stop strings: special tokens kept, as HF matches them
+        self._decode_text = decode_text  # for the streamed text: special tokens skipped
+        self._max_failovers = max_failovers
+        self._worker_wait_s = worker_wait_s
+
+    # -- worker choice -------------------------------------------------------
+
+    async def wait_for_oracle(self, excluded: set[str]) -> list[Worker]:
+        """Live oracles not excluded; waits briefly for one to register (start-up races)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._worker_wait_s
+        while True:
+            oracles = [o for o in self.registry.oracles() if o.worker_id not in excluded]
+            if oracles or loop.time() >= deadline:
+                return oracles
+            with contextlib.suppress(TimeoutError):
+                async with self.registry.changed:
+                    await asyncio.wait_for(
+                        self.registry.changed.wait(), max(0.01, deadline - loop.time())
+                    )
+
+    async def pick_oracle(self, session: Session, excluded: set[str]) -> Worker:
+        oracles = await self.wait_for_oracle(excluded)
+        if not oracles:
+            raise Unavailable(
+                "no oracle is registered at the gateway; start one with "
+                "`specdec oracle --gateway <this gateway>`"
+            )
+        free = [o for o in oracles if o.has_capacity]
+        if not free:
+            raise ResourceExhausted(
+                f"all {len(oracles)} oracles are at their session limit; retry later"
+            )
+        return _prefer(free, session.oracle_id)
+
+    def pick_draft(
+        self, session: Session, oracle: Worker, request: TurnRequest, excluded: set[str]
+    ) -> Worker | None:
+        drafts = [d for d in self.registry.drafts() if d.worker_id not in excluded]
+        compatible = [
+            d for d in drafts if d.info.vocab_fingerprint == oracle.info.vocab_fingerprint
+        ]
+        if request.drafter == common_pb2.DRAFTER_KIND_MODEL and drafts and not compatible:
+            raise FailedPrecondition(
+                f"no registered draft shares oracle {oracle.worker_id}'s vocabulary "
+                f"({oracle.info.vocab_fingerprint}); drafts have "
+                f"{sorted({d.info.vocab_fingerprint for d in drafts})}"
+            )
+        free = [d for d in compatible if d.has_capacity]
+        return _prefer(free, session.draft_id) if free else None
+
+    # -- the turn ------------------------------------------------------------
+
+    async def run(self, session: Session, request: TurnRequest) -> AsyncIterator[Chunk]:
+        """Stream the turn's chunks; commits land in ``session.tokens`` as they arrive."""
+        check_k(request.k)
+        params = request.params
+        stop = StopChecker(params, self.eos_token_ids(), self._decode if params.stop else None)
+        decoder = IncrementalDecoder(self._decode_text)
+        summary = TurnSummary(TurnStats(prompt_tokens=len(request.prompt_ids)))
+        seed = resolve_seed(params.seed)
+        excluded: set[str] = set()
+        context_before = len(session.tokens)
+        started = False
+        produced = 0
+        loop = asyncio.get_running_loop()
+        t_start = loop.time()
+        while True:
+            oracle = await self.pick_oracle(session, excluded)
+            if not started:
+                self._check_prompt(session, request, oracle)
+                session.tokens.extend(request.prompt_ids)
+                started = True
+            remaining = dataclasses.replace(params, max_new_tokens=params.max_new_tokens - produced)
+            attempt, draft = self._attempt(session, request, remaining, seed, oracle, excluded)
+            summary.oracle_id = oracle.worker_id
+            summary.draft_id = draft.worker_id if draft else ""
+            summary.drafter = _drafter_kind(request, draft)
+            finish: FinishReason | None = None
+            ended = False
+            try:
+                async for event in attempt:
+                    if isinstance(event, _Opened):
+                        summary.stats.cached_tokens += event.cached_tokens
+                        summary.stats.prefilled_tokens += event.prefilled_tokens
+                        summary.stats.prefill_ns += event.prefill_ns
+                        continue
+                    if isinstance(event, _Ended):
+                        finish = finish or event.reason or FinishReason.LENGTH
+                        ended = True
+                        break
+                    if event.base_length != len(session.tokens):
+                        log.warning(
+                            "ignoring a commit at %d (session at %d)",
+                            event.base_length,
+                            len(session.tokens),
+                        )
+                        continue
+                    keep, finish = stop.feed(event.tokens)
+                    tokens = event.tokens[:keep]
+                    session.tokens.extend(tokens)
+                    produced += keep
+                    summary.stats.add(dataclasses.replace(event.report, committed=keep))
+                    if summary.stats.time_to_first_token_ns == 0 and tokens:
+                        summary.stats.time_to_first_token_ns = int((loop.time() - t_start) * 1e9)
+                    text = decoder.feed(tokens)
+                    if finish is not None:
+                        break
+                    if tokens:
+                        yield Chunk(tokens, text)
+            except _Broke as broke:
+                if summary.failovers >= self._max_failovers:
+                    raise Unavailable(
+                        f"{broke}; gave up after {summary.failovers} failovers"
+                    ) from None
+                summary.failovers += 1
+                excluded.add(broke.worker.worker_id)
+                log.warning("turn of session %s fails over: %s", session.session_id[:8], broke)
+                continue
+            except BaseException:
+                if produced == 0:  # nothing was generated: the turn never happened
+                    del session.tokens[context_before:]
+                raise
+            finally:
+                await attempt.aclose()
+            if finish is None and not ended:
+                raise Unavailable("the worker stopped reporting without finishing the turn")
+            session.oracle_id = oracle.worker_id
+            session.draft_id = draft.worker_id if draft else session.draft_id
+            summary.stats.total_ns = int((loop.time() - t_start) * 1e9)
+            last = tokens if finish is not None and not ended else []
+            tail = decoder.feed(last) if last else ""
+            yield Chunk(last, tail + decoder.flush(), finish, summary)
+            return
+
+    def eos_token_ids(self) -> tuple[int, ...]:
+        oracles = self.registry.oracles()
+        return tuple(oracles[0].info.eos_token_ids) if oracles else ()
+
+    def _check_prompt(self, session: Session, request: TurnRequest, oracle: Worker) -> None:
+        validate_token_ids(request.prompt_ids, oracle.info.vocab_size, "prompt_token_ids")
+        total = len(session.tokens) + len(request.prompt_ids)
+        if oracle.info.max_context and total >= oracle.info.max_context:
+            raise InvalidArgument(
+                f"the context would be {total} tokens (session {len(session.tokens)} + prompt "
+                f"{len(request.prompt_ids)}), but the oracle's model takes at most "
+                f"{oracle.info.max_context - 1} so that one token can be generated"
+            )
+
+    def _attempt(
+        self,
+        session: Session,
+        request: TurnRequest,
+        params: SamplingParams,
+        seed: int,
+        oracle: Worker,
+        excluded: set[str],
+    ) -> tuple[AsyncIterator[_Event], Worker | None]:
+        want_model = request.k > 0 and request.drafter in (
+            common_pb2.DRAFTER_KIND_UNSPECIFIED,
+            common_pb2.DRAFTER_KIND_MODEL,
+        )
+        draft = self.pick_draft(session, oracle, request, excluded) if want_model else None
+        if draft is not None:
+            return self._draft_attempt(session, request, params, seed, oracle, draft), draft
+        return self._local_attempt(session, request, params, seed, oracle), None
+
+    async def _draft_attempt(
+        self,
+        session: Session,
+        request: TurnRequest,
+        params: SamplingParams,
+        seed: int,
+        oracle: Worker,
+        draft: Worker,
+    ) -> AsyncIterator[_Event]:
+        assignment_id = uuid.uuid4().hex
+        queue = self.registry.expect(assignment_id, draft)
+        oracle.assignments.add(assignment_id)
+        assignment = registry_pb2.Assignment(
+            assignment_id=assignment_id,
+            session_id=session.session_id,
+            oracle_id=oracle.worker_id,
+            oracle_address=oracle.info.address,
+            token_ids=session.tokens,
+            prompt_tokens=len(request.prompt_ids),
+            sampling=convert.sampling_to_pb(params),
+            seed=seed,
+            num_speculative_tokens=request.k,
+            adaptive=request.adaptive,
+            max_context=oracle.info.max_context,
+        )
+        finished = False
+        try:
+            await draft.outbox.put(registry_pb2.ConnectResponse(assignment=assignment))
+            while True:
+                message = await queue.get()
+                kind = message.WhichOneof("kind")
+                if kind == "opened":
+                    o = message.opened
+                    yield _Opened(o.cached_tokens, o.prefilled_tokens, o.prefill_ns)
+                elif kind == "commit":
+                    commit = message.commit
+                    yield _Committed(commit.base_length, list(commit.token_ids), _report(commit))
+                elif kind == "finished":
+                    finished = True
+                    yield _Ended(convert.finish_reason_from_pb(message.finished.finish_reason))
+                    return
+                else:
+                    failed = message.failed
+                    finished = True
+                    code = _code(failed.status_code)
+                    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN):
+                        culprit = (
+                            oracle if not oracle.alive or "oracle" in failed.message else draft
+                        )
+                        raise _Broke(culprit, failed.message)
+                    error = OracleRpcError(code, failed.message)
+                    raise error
+        finally:
+            self.registry.forget(assignment_id, draft)
+            oracle.assignments.discard(assignment_id)
+            if not finished and draft.alive:
+                cancel = registry_pb2.CancelAssignment(assignment_id=assignment_id, reason="done")
+                draft.outbox.put_nowait(registry_pb2.ConnectResponse(cancel=cancel))
+
+    async def _local_attempt(
+        self,
+        session: Session,
+        request: TurnRequest,
+        params: SamplingParams,
+        seed: int,
+        oracle: Worker,
+    ) -> AsyncIterator[_Event]:
+        """Oracle alone or n-gram: the gateway drives the rounds itself."""
+        proposer = None
+        if request.drafter == common_pb2.DRAFTER_KIND_NGRAM and request.k > 0:
+            proposer = InlineProposer(NgramDrafter())
+        link = GrpcOracleLink(oracle.oracle_stub(), session.session_id)
+        queue: asyncio.Queue[_Event] = asyncio.Queue()
+        turn = Turn(
+            context=list(session.tokens),
+            prompt_tokens=len(request.prompt_ids),
+            params=params,
+            seed=seed,
+            k=request.k if proposer else 0,
+            stop=StopChecker(
+                params, oracle.info.eos_token_ids, self._decode if params.stop else None
+            ),
+            max_context=oracle.info.max_context or 1 << 30,
+        )
+        base = [len(session.tokens)]
+
+        async def on_commit(tokens: list[int], report: RoundReport) -> None:
+            await queue.put(_Committed(base[0], tokens, report))
+            base[0] += len(tokens)
+
+        async def on_open(opened: OpenResult) -> None:
+            await queue.put(
+                _Opened(opened.cached_tokens, opened.computed_tokens, opened.prefill_ns)
+            )
+
+        task = asyncio.create_task(run_turn(link, proposer, turn, on_commit, on_open=on_open))
+        oracle.assignments.add(id(task).__str__())
+        try:
+            while True:
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                    continue
+                getter.cancel()
+                while not queue.empty():
+                    yield queue.get_nowait()
+                try:
+                    reason, _ = task.result()
+                except OracleRpcError as exc:
+                    if exc.retryable:
+                        raise _Broke(oracle, str(exc)) from exc
+                    raise
+                yield _Ended(reason)
+                return
+        finally:
+            oracle.assignments.discard(id(task).__str__())
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            await link.close()
+
+
+def _prefer(workers: list[Worker], preferred_id: str) -> Worker:
+    """The session's previous worker when it is still there (its caches are warm), else the
+    least loaded."""
+    for worker in workers:
+        if worker.worker_id == preferred_id:
+            return worker
+    return min(workers, key=lambda w: (w.load, w.registered_at))
+
+
+def _drafter_kind(request: TurnRequest, draft: Worker | None) -> int:
+    if draft is not None:
+        return common_pb2.DRAFTER_KIND_MODEL
+    if request.k > 0 and request.drafter == common_pb2.DRAFTER_KIND_NGRAM:
+        return common_pb2.DRAFTER_KIND_NGRAM
+    return common_pb2.DRAFTER_KIND_NONE
+
+
+def _report(commit: registry_pb2.AssignmentCommit) -> RoundReport:
+    r = commit.round
+    return RoundReport(
+        round=r.round,
+        k=r.proposed,
+        proposed=r.proposed,
+        accepted=r.accepted,
+        is_bonus=r.is_bonus,
+        committed=len(commit.token_ids),
+        committed_length=commit.base_length + len(commit.token_ids),
+        draft_ns=r.draft_ns,
+        verify_ns=r.verify_ns,
+        network_ns=r.network_ns,
+        queue_ns=r.queue_ns,
+    )
+
+
+def _code(value: int) -> grpc.StatusCode:
+    for code in grpc.StatusCode:
+        if code.value[0] == value:
+            return code
+    return grpc.StatusCode.UNKNOWN

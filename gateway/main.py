@@ -1,0 +1,77 @@
+"""`specdec gateway`: start the public API and the worker registry on one port."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from transformers import AutoTokenizer
+
+from gateway.config import GatewayConfig
+from gateway.generation import TurnRunner
+from gateway.registry import Registry, RegistryServicer
+from gateway.servicer import GatewayServicer
+from gateway.sessions import SessionTable
+from specdec.config import load_config
+from specdec.models import DEMO_ORACLE, vocab_fingerprint
+from specdec.serving.logs import configure_logging
+from specdec.serving.server import ServiceServer, start_server
+from specdec.v1 import gateway_pb2, gateway_pb2_grpc, registry_pb2, registry_pb2_grpc
+
+log = logging.getLogger("gateway")
+
+
+async def start(config: GatewayConfig) -> ServiceServer:
+    """Load the tokenizer, start serving; returns the running server."""
+    source = config.tokenizer or str(DEMO_ORACLE)
+    tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, source)
+    registry = Registry(required_fingerprint=vocab_fingerprint(tokenizer))
+    runner = TurnRunner(
+        registry,
+        lambda ids: str(tokenizer.decode(list(ids))),
+        lambda ids: str(tokenizer.decode(list(ids), skip_special_tokens=True)),
+        max_failovers=config.max_failovers,
+        worker_wait_s=config.worker_wait_s,
+    )
+    sessions = SessionTable(config.max_sessions, config.session_ttl_s)
+    servicer = GatewayServicer(
+        runner,
+        sessions,
+        tokenizer,
+        default_k=config.default_k,
+        default_max_new_tokens=config.default_max_new_tokens,
+    )
+    server = await start_server(
+        f"{config.host}:{config.port}",
+        [
+            (
+                gateway_pb2_grpc.add_GatewayServicer_to_server,
+                servicer,
+                gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name,
+            ),
+            (
+                registry_pb2_grpc.add_WorkerRegistryServicer_to_server,
+                RegistryServicer(registry),
+                registry_pb2.DESCRIPTOR.services_by_name["WorkerRegistry"].full_name,
+            ),
+        ],
+    )
+    await server.set_serving(True)
+    log.info("gateway listening on %s:%d (tokenizer %s)", config.host, server.port, source)
+    return server
+
+
+async def serve(config: GatewayConfig) -> None:
+    server = await start(config)
+    await server.run_until_signalled()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = load_config(GatewayConfig, argv)
+    configure_logging(config.log_level, "gateway")
+    asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""Registered workers and the WorkerRegistry.Connect stream they dial into.
+
+Drafts and oracles dial OUT to the gateway and keep one Connect stream open;
+the worker is alive exactly as long as that stream. Assignments (drafts) and
+cancellations travel down it; commits and results travel up it and are routed
+to the Generate call waiting on that assignment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from specdec.errors import FailedPrecondition, InvalidArgument
+from specdec.serving.channels import open_channel
+from specdec.v1 import gateway_pb2, oracle_pb2_grpc, registry_pb2, registry_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+LOAD_INTERVAL_MS = 1000
+
+
+@dataclass(eq=False)
+class Worker:
+    """A connected draft or oracle."""
+
+    info: registry_pb2.RegisterWorker
+    outbox: asyncio.Queue[registry_pb2.ConnectResponse] = field(default_factory=asyncio.Queue)
+    registered_at: float = field(default_factory=time.monotonic)
+    assignments: set[str] = field(default_factory=set)  # in flight on this worker
+    reported_sessions: int = 0
+    kv_cache_bytes: int = 0
+    channel: grpc.aio.Channel | None = None  # oracles: the gateway's channel to it
+    alive: bool = True
+
+    @property
+    def worker_id(self) -> str:
+        return self.info.worker_id
+
+    @property
+    def is_oracle(self) -> bool:
+        return self.info.kind == gateway_pb2.WORKER_KIND_ORACLE
+
+    @property
+    def load(self) -> int:
+        """Sessions it serves now, as far as the gateway knows."""
+        return max(len(self.assignments), self.reported_sessions)
+
+    @property
+    def has_capacity(self) -> bool:
+        return self.info.max_sessions <= 0 or len(self.assignments) < self.info.max_sessions
+
+    def oracle_stub(self) -> oracle_pb2_grpc.OracleStub:
+        if self.channel is None:
+            self.channel = open_channel(self.info.address)
+        return oracle_pb2_grpc.OracleStub(self.channel)
+
+    def to_pb(self) -> gateway_pb2.WorkerInfo:
+        return gateway_pb2.WorkerInfo(
+            worker_id=self.worker_id,
+            kind=self.info.kind,
+            model=self.info.model,
+            vocab_fingerprint=self.info.vocab_fingerprint,
+            address=self.info.address,
+            active_sessions=self.load,
+            max_sessions=self.info.max_sessions,
+            device=self.info.device,
+            kv_cache_bytes=self.kv_cache_bytes,
+            uptime_s=time.monotonic() - self.registered_at,
+        )
+
+
+# What a Generate call waiting on an assignment receives.
+AssignmentEvent = registry_pb2.ConnectRequest
+
+
+class Registry:
+    """The live workers, and the queues of assignments in flight."""
+
+    def __init__(self, required_fingerprint: str | None = None) -> None:
+        self._workers: dict[str, Worker] = {}
+        self._waiting: dict[str, asyncio.Queue[AssignmentEvent]] = {}
+        self._required_fingerprint = required_fingerprint
+        self.changed = asyncio.Condition()
+
+    def workers(self) -> list[Worker]:
+        return list(self._workers.values())
+
+    def oracles(self) -> list[Worker]:
+        return [w for w in self._workers.values() if w.is_oracle]
+
+    def drafts(self) -> list[Worker]:
+        return [w for w in self._workers.values() if not w.is_oracle]
+
+    def get(self, worker_id: str) -> Worker | None:
+        return self._workers.get(worker_id)
+
+    async def register(self, info: registry_pb2.RegisterWorker) -> Worker:
+        if not info.worker_id:
+            raise InvalidArgument("RegisterWorker.worker_id must be set")
+        if info.kind == gateway_pb2.WORKER_KIND_ORACLE:
+            if not info.address:
+                raise InvalidArgument("an oracle must register the address it listens on")
+            if self._required_fingerprint and info.vocab_fingerprint != self._required_fingerprint:
+                raise FailedPrecondition(
+                    f"oracle {info.worker_id} has vocabulary {info.vocab_fingerprint}, but the "
+                    f"gateway's tokenizer is {self._required_fingerprint}: point the gateway's "
+                    "--tokenizer at the oracle's model"
+                )
+        elif info.kind != gateway_pb2.WORKER_KIND_DRAFT:
+            raise InvalidArgument("RegisterWorker.kind must be DRAFT or ORACLE")
+        old = self._workers.get(info.worker_id)
+        if old is not None:
+            log.info("worker %s re-registered; dropping its previous connection", info.worker_id)
+            await self.unregister(old)
+        worker = Worker(info)
+        self._workers[info.worker_id] = worker
+        log.info(
+            "%s %s registered (model %s, %s)",
+            "oracle" if worker.is_oracle else "draft",
+            info.worker_id,
+            info.model,
+            info.address or info.device,
+        )
+        async with self.changed:
+            self.changed.notify_all()
+        return worker
+
+    async def unregister(self, worker: Worker) -> None:
+        if self._workers.get(worker.worker_id) is worker:
+            del self._workers[worker.worker_id]
+        if not worker.alive:
+            return
+        worker.alive = False
+        log.info("worker %s is gone", worker.worker_id)
+        # Every turn it was serving learns it at once, to fail over.
+        for assignment_id in list(worker.assignments):
+            self._deliver(
+                registry_pb2.ConnectRequest(
+                    failed=registry_pb2.AssignmentFailed(
+                        assignment_id=assignment_id,
+                        status_code=grpc.StatusCode.UNAVAILABLE.value[0],
+                        message=f"worker {worker.worker_id} disconnected",
+                    )
+                )
+            )
+        if worker.channel is not None:
+            with contextlib.suppress(Exception):
+                await worker.channel.close()
+
+    # -- assignments -------------------------------------------------------
+
+    def expect(self, assignment_id: str, worker: Worker) -> asyncio.Queue[AssignmentEvent]:
+        queue: asyncio.Queue[AssignmentEvent] = asyncio.Queue()
+        self._waiting[assignment_id] = queue
+        worker.assignments.add(assignment_id)
+        return queue
+
+    def forget(self, assignment_id: str, worker: Worker) -> None:
+        self._waiting.pop(assignment_id, None)
+        worker.assignments.discard(assignment_id)
+
+    def _deliver(self, event: AssignmentEvent) -> None:
+        kind = event.WhichOneof("kind")
+        assignment_id = getattr(event, kind).assignment_id if kind else ""
+        queue = self._waiting.get(assignment_id)
+        if queue is not None:
+            queue.put_nowait(event)
+
+    def on_worker_message(self, worker: Worker, message: registry_pb2.ConnectRequest) -> None:
+        kind = message.WhichOneof("kind")
+        if kind == "load":
+            worker.reported_sessions = message.load.active_sessions
+            worker.kv_cache_bytes = message.load.kv_cache_bytes
+        elif kind in ("opened", "commit", "finished", "failed"):
+            self._deliver(message)
+        else:
+            log.warning("worker %s sent an unexpected %s", worker.worker_id, kind)
+
+
+class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
+    """Thin: the Connect stream of one worker."""
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+
+    async def Connect(
+        self, request_iterator: AsyncIterator[registry_pb2.ConnectRequest], context: Any
+    ) -> AsyncIterator[registry_pb2.ConnectResponse]:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or not first.HasField("register"):
+            raise InvalidArgument("the first message of Connect must be RegisterWorker")
+        worker = await self._registry.register(first.register)
+        reader = asyncio.create_task(self._read(worker, request_iterator))
+        try:
+            yield registry_pb2.ConnectResponse(
+                registered=registry_pb2.Registered(load_interval_ms=LOAD_INTERVAL_MS)
+            )
+            while True:
+                getter = asyncio.ensure_future(worker.outbox.get())
+                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    return  # the worker closed its side
+                yield getter.result()
+        finally:
+            reader.cancel()
+            await self._registry.unregister(worker)
+
+    async def _read(
+        self, worker: Worker, request_iterator: AsyncIterator[registry_pb2.ConnectRequest]
+    ) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
+            async for message in request_iterator:
+                self._registry.on_worker_message(worker, message)

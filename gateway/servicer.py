@@ -1,0 +1,164 @@
+"""The public Gateway API: thin handlers (from_pb -> core -> to_pb)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from gateway.generation import Chunk, TurnRequest, TurnRunner
+from gateway.sessions import Session, SessionTable
+from specdec.errors import FailedPrecondition, InvalidArgument
+from specdec.serving import convert
+from specdec.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, oracle_pb2, registry_pb2
+
+log = logging.getLogger(__name__)
+
+
+def caller_of(context: Any) -> str:
+    """The principal a request runs as (set by the auth interceptor; "" when auth is off)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-specdec-principal":
+            return str(value)
+    return ""
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    def __init__(
+        self,
+        runner: TurnRunner,
+        sessions: SessionTable,
+        tokenizer: Any,
+        *,
+        default_k: int,
+        default_max_new_tokens: int,
+    ) -> None:
+        self._runner = runner
+        self._sessions = sessions
+        self._tokenizer = tokenizer
+        self._default_k = default_k
+        self._default_max_new_tokens = default_max_new_tokens
+
+    # -- Generate ------------------------------------------------------------
+
+    def _turn_request(self, request: gateway_pb2.GenerateRequest) -> TurnRequest:
+        if request.prompt and request.prompt_token_ids:
+            raise InvalidArgument("set either prompt or prompt_token_ids, not both")
+        if request.prompt:
+            prompt_ids = list(self._tokenizer(request.prompt)["input_ids"])
+        else:
+            prompt_ids = list(request.prompt_token_ids)
+        if not prompt_ids:
+            raise InvalidArgument("the prompt is empty: set prompt or prompt_token_ids")
+        speculation = request.speculation
+        k = (
+            speculation.num_speculative_tokens
+            if speculation.HasField("num_speculative_tokens")
+            else self._default_k
+        )
+        if speculation.drafter == common_pb2.DRAFTER_KIND_NONE:
+            k = 0
+        params = convert.sampling_from_pb(
+            request.sampling,
+            default_max_new_tokens=self._default_max_new_tokens,
+            eos_token_ids=self._runner.eos_token_ids(),
+        )
+        return TurnRequest(prompt_ids, params, k, speculation.adaptive, speculation.drafter)
+
+    async def Generate(
+        self, request: gateway_pb2.GenerateRequest, context: Any
+    ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        turn = self._turn_request(request)
+        owner = caller_of(context)
+        if request.session_id:
+            session = self._sessions.get(request.session_id, owner)
+        else:
+            session = self._sessions.create(owner, ephemeral=True)
+        if session.lock.locked():
+            raise FailedPrecondition(
+                f"session {request.session_id!r} is already generating; one turn at a time"
+            )
+        try:
+            async with session.lock:
+                session.touch()
+                async for chunk in self._runner.run(session, turn):
+                    yield _response(chunk, "" if session.ephemeral else session.session_id)
+                session.turns += 1
+                session.touch()
+        finally:
+            if session.ephemeral:
+                self._sessions.discard(session)
+                await self.release_caches(session)
+
+    # -- sessions ------------------------------------------------------------
+
+    async def CreateSession(
+        self, request: gateway_pb2.CreateSessionRequest, context: Any
+    ) -> gateway_pb2.CreateSessionResponse:
+        for expired in self._sessions.expire_idle():
+            await self.release_caches(expired)
+        session = self._sessions.create(caller_of(context))
+        return gateway_pb2.CreateSessionResponse(session_id=session.session_id)
+
+    async def GetSession(
+        self, request: gateway_pb2.GetSessionRequest, context: Any
+    ) -> gateway_pb2.GetSessionResponse:
+        session = self._sessions.get(request.session_id, caller_of(context))
+        return gateway_pb2.GetSessionResponse(
+            session_id=session.session_id,
+            token_ids=session.tokens,
+            text=self._tokenizer.decode(session.tokens, skip_special_tokens=True),
+            turns=session.turns,
+            oracle_id=session.oracle_id,
+            draft_id=session.draft_id,
+            created_unix_ms=session.created_unix_ms,
+            last_used_unix_ms=session.last_used_unix_ms,
+        )
+
+    async def CloseSession(
+        self, request: gateway_pb2.CloseSessionRequest, context: Any
+    ) -> gateway_pb2.CloseSessionResponse:
+        session = self._sessions.close(request.session_id, caller_of(context))
+        await self.release_caches(session)
+        return gateway_pb2.CloseSessionResponse(token_count=len(session.tokens))
+
+    async def ListWorkers(
+        self, request: gateway_pb2.ListWorkersRequest, context: Any
+    ) -> gateway_pb2.ListWorkersResponse:
+        workers = sorted(self._runner.registry.workers(), key=lambda w: (w.info.kind, w.worker_id))
+        return gateway_pb2.ListWorkersResponse(workers=[w.to_pb() for w in workers])
+
+    async def release_caches(self, session: Session) -> None:
+        """Tell every worker to forget this session's KV cache (best effort: soft state)."""
+        registry = self._runner.registry
+        for worker in registry.workers():
+            if worker.is_oracle:
+                try:
+                    await worker.oracle_stub().ReleaseSession(
+                        oracle_pb2.ReleaseSessionRequest(session_id=session.session_id), timeout=2
+                    )
+                except Exception as exc:
+                    log.debug("release on %s failed: %s", worker.worker_id, exc)
+            elif worker.worker_id == session.draft_id:
+                release = registry_pb2.ReleaseDraftSession(session_id=session.session_id)
+                worker.outbox.put_nowait(registry_pb2.ConnectResponse(release=release))
+
+
+def _response(chunk: Chunk, session_id: str) -> gateway_pb2.GenerateResponse:
+    response = gateway_pb2.GenerateResponse(
+        token_ids=chunk.token_ids, text=chunk.text, session_id=session_id
+    )
+    if chunk.finish_reason is not None:
+        response.finish_reason = convert.finish_reason_to_pb(chunk.finish_reason)  # type: ignore[assignment]
+    if chunk.summary is not None:
+        s = chunk.summary
+        response.stats.CopyFrom(
+            convert.stats_to_pb(
+                s.stats,
+                oracle_id=s.oracle_id,
+                draft_id=s.draft_id,
+                drafter=s.drafter,
+                failovers=s.failovers,
+            )
+        )
+    return response

@@ -1,0 +1,76 @@
+"""Configuration of the oracle service: flags, ``SPECDEC_*`` variables, defaults."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+from specdec.config import setting
+from specdec.errors import InvalidArgument
+
+MIB = 1024 * 1024
+
+
+@dataclass
+class OracleConfig:
+    """Serve an oracle model: verify drafted blocks for drafts and the gateway."""
+
+    host: str = setting("0.0.0.0", "interface to listen on")
+    port: int = setting(50052, "port to listen on (0 = any free port)")
+    model: str = setting("", "model folder or hub id (empty = the bundled demo oracle)")
+    device: str = setting("cpu", "torch device of the model: cpu, cuda, cuda:N")
+    dtype: str = setting(
+        "float32",
+        "weights' dtype",
+        choices=("float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16"),
+    )
+    oracle_id: str = setting("", "name of this worker (empty = HOSTNAME-PID)")
+    advertise_address: str = setting(
+        "", "host:port that drafts and the gateway dial (empty = HOSTNAME:PORT)"
+    )
+    gateway: str = setting("", "gateway host:port to register with (empty = standalone)")
+    kv_budget_mb: float = setting(
+        1024.0, "KV cache memory kept for idle sessions before LRU eviction, in MiB"
+    )
+    max_sessions: int = setting(
+        64, "verify streams served at once; more are refused with RESOURCE_EXHAUSTED"
+    )
+    max_cached_sessions: int = setting(1024, "sessions whose KV cache is kept between turns")
+    log_level: str = setting(
+        "info", "log level", choices=("debug", "info", "warning", "error", "critical")
+    )
+    metrics_port: int = setting(0, "Prometheus metrics port (0 = no metrics endpoint)")
+
+    def resolved_oracle_id(self) -> str:
+        return self.oracle_id or f"{socket.gethostname()}-{os.getpid()}"
+
+    def resolved_advertise_address(self, bound_port: int) -> str:
+        """What to tell the gateway; ``bound_port`` is the real port when ``port`` is 0."""
+        return self.advertise_address or f"{socket.gethostname()}:{bound_port}"
+
+    def model_name(self) -> str:
+        if self.model:
+            return self.model
+        from specdec.models import DEMO_ORACLE
+
+        return str(DEMO_ORACLE)
+
+    @property
+    def kv_budget_bytes(self) -> int:
+        return int(self.kv_budget_mb * MIB)
+
+    def validate(self) -> None:
+        """Raise ``InvalidArgument`` naming the first setting out of range."""
+        if not 0 <= self.port <= 65535:
+            raise InvalidArgument(f"--port must be in [0, 65535], got {self.port}")
+        if self.max_sessions < 1:
+            raise InvalidArgument(f"--max-sessions must be >= 1, got {self.max_sessions}")
+        if self.max_cached_sessions < 0:
+            raise InvalidArgument(
+                f"--max-cached-sessions must be >= 0, got {self.max_cached_sessions}"
+            )
+        if self.kv_budget_mb < 0:
+            raise InvalidArgument(f"--kv-budget-mb must be >= 0, got {self.kv_budget_mb}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise InvalidArgument(f"--metrics-port must be in [0, 65535], got {self.metrics_port}")

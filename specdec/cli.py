@@ -1,0 +1,198 @@
+"""The `specdec` command: run a service, the whole system, a generation, training.
+
+    specdec up [--port 50051] [--generate PROMPT]   all three services locally, demo models
+    specdec generate "PROMPT"                       stream a generation through a gateway
+    specdec gateway | oracle | draft [flags]        one service (flags or SPECDEC_* variables)
+    specdec healthcheck HOST:PORT                   exit 0 iff the service is SERVING
+    specdec train | eval-pair                       build and measure the demo model pair
+
+Imports are lazy so that `specdec train` needs only torch and transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+SERVICES: dict[str, tuple[str, str, str]] = {
+    # name: (config module, config class, main module)
+    "gateway": ("gateway.config", "GatewayConfig", "gateway.main"),
+    "oracle": ("oracle_service.config", "OracleConfig", "oracle_service.main"),
+    "draft": ("draft_service.config", "DraftConfig", "draft_service.main"),
+}
+
+
+def _import(module: str) -> Any:
+    import importlib
+
+    return importlib.import_module(module)
+
+
+def _add_service(sub: Any, name: str) -> None:
+    from specdec.config import add_arguments
+
+    config_module, config_class, _ = SERVICES[name]
+    cls = getattr(_import(config_module), config_class)
+    parser = sub.add_parser(name, help=cls.__doc__, description=cls.__doc__)
+    add_arguments(parser, cls, os.environ)
+    parser.set_defaults(func=_run_service, service=name)
+
+
+def _run_service(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from specdec.config import from_namespace
+    from specdec.serving.logs import configure_logging
+
+    config_module, config_class, main_module = SERVICES[args.service]
+    config = from_namespace(getattr(_import(config_module), config_class), args)
+    configure_logging(config.log_level, args.service)  # type: ignore[attr-defined]
+    try:
+        asyncio.run(_import(main_module).serve(config))
+    except KeyboardInterrupt:
+        pass
+
+
+def _add_generate(sub: Any) -> None:
+    p = sub.add_parser("generate", help="stream a generation through a gateway")
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("--gateway", default=os.environ.get("SPECDEC_GATEWAY", "localhost:50051"))
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
+    p.add_argument(
+        "-k",
+        "--num-speculative-tokens",
+        type=int,
+        default=None,
+        help="tokens drafted per round (0 = oracle alone; default: the gateway's)",
+    )
+    p.add_argument("--adaptive", action="store_true", help="adapt k per round")
+    p.add_argument("--drafter", choices=["model", "ngram", "none"], default=None)
+    p.add_argument("--session", default="", help="continue this session")
+    p.add_argument("--token", default=os.environ.get("SPECDEC_AUTH_TOKEN") or None)
+    p.set_defaults(func=_generate)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import grpc
+
+    from specdec.client import Client, Completion
+
+    completion = Completion()
+    try:
+        with Client(args.gateway, token=args.token) as client:
+            for response in client.stream(
+                args.prompt,
+                session_id=args.session,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                seed=args.seed,
+                max_new_tokens=args.max_new_tokens,
+                stop=args.stop,
+                ignore_eos=args.ignore_eos,
+                k=args.num_speculative_tokens,
+                adaptive=args.adaptive,
+                drafter=args.drafter,
+            ):
+                completion.add(response)
+                sys.stdout.write(response.text)
+                sys.stdout.flush()
+    except grpc.RpcError as exc:
+        sys.exit(f"\nerror: {exc.code().name}: {exc.details()}")  # type: ignore[attr-defined]
+    print()
+    print(format_stats(completion), file=sys.stderr)
+
+
+def format_stats(completion: Any) -> str:
+    """One readable summary line of a Completion's statistics."""
+    s = completion.stats
+    seconds = s.total_ns / 1e9 or float("nan")
+    return (
+        f"[{completion.finish_reason}] {s.output_tokens} tokens in {seconds:.2f}s "
+        f"({s.output_tokens / seconds:.1f} tok/s, first token {s.time_to_first_token_ns / 1e6:.0f} ms)"
+        f" | {s.rounds} rounds, accepted {s.accepted_tokens}/{s.proposed_tokens} drafted "
+        f"({100 * s.acceptance_rate:.0f}%), {s.mean_tokens_per_round:.2f} tokens/round"
+        f" | oracle {s.oracle_id or '-'}, draft {s.draft_id or '-'}"
+    )
+
+
+def _add_up(sub: Any) -> None:
+    p = sub.add_parser("up", help="run gateway, oracle and draft locally (demo models)")
+    p.add_argument("--port", type=int, default=50051, help="gateway port")
+    p.add_argument("--oracle-port", type=int, default=0, help="oracle port (0 = port + 1)")
+    p.add_argument("--oracle-model", default="", help="default: the demo oracle")
+    p.add_argument("--draft-model", default="", help="default: the demo draft")
+    p.add_argument("--device", default="cpu", help="oracle device")
+    p.add_argument("--no-draft", action="store_true", help="oracle only")
+    p.add_argument(
+        "--generate",
+        metavar="PROMPT",
+        default=None,
+        help="run one generation once ready, print it, then stop everything",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.set_defaults(func=_up)
+
+
+def _up(args: argparse.Namespace) -> None:
+    from specdec.local import run_local
+
+    run_local(args)
+
+
+def _add_healthcheck(sub: Any) -> None:
+    p = sub.add_parser("healthcheck", help="exit 0 iff the gRPC service at ADDRESS is SERVING")
+    p.add_argument("address", help="HOST:PORT")
+    p.add_argument("--service", default="", help="service name (default: the whole server)")
+    p.add_argument("--timeout", type=float, default=3.0)
+    p.set_defaults(func=_healthcheck)
+
+
+def _healthcheck(args: argparse.Namespace) -> None:
+    from specdec.serving.healthcheck import check
+
+    ok = check(args.address, args.service, args.timeout)
+    print("SERVING" if ok else "NOT SERVING")
+    sys.exit(0 if ok else 1)
+
+
+def _add_training(sub: Any) -> None:
+    try:
+        from specdec.training import cli as training_cli
+    except ImportError:  # pragma: no cover - the training package is optional at runtime
+        return
+    training_cli.add_train_parser(sub)
+    training_cli.add_eval_parser(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="specdec", description="Distributed speculative decoding for LLMs."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_up(sub)
+    _add_generate(sub)
+    for name in SERVICES:
+        _add_service(sub, name)
+    _add_healthcheck(sub)
+    _add_training(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], None] = args.func
+    func(args)
+
+
+if __name__ == "__main__":
+    main()

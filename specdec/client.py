@@ -1,0 +1,234 @@
+"""The application client of the gateway, sync (``Client``) and asyncio (``AsyncClient``).
+
+    from specdec.client import Client
+
+    with Client("localhost:50051") as client:
+        for piece in client.stream("def fib(n):", max_new_tokens=64):
+            print(piece.text, end="", flush=True)
+        result = client.generate("import os", temperature=0.8, seed=1)
+        print(result.text, result.stats.acceptance_rate)
+
+Errors arrive as ``grpc.RpcError`` with the gateway's status code and message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from specdec.serving.channels import CHANNEL_OPTIONS
+from specdec.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+DRAFTERS = {
+    None: common_pb2.DRAFTER_KIND_UNSPECIFIED,
+    "model": common_pb2.DRAFTER_KIND_MODEL,
+    "ngram": common_pb2.DRAFTER_KIND_NGRAM,
+    "none": common_pb2.DRAFTER_KIND_NONE,
+}
+
+
+@dataclass
+class Completion:
+    """A whole generation: its text, token ids, why it stopped and what it cost."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    stats: common_pb2.GenerationStats = field(default_factory=common_pb2.GenerationStats)
+    session_id: str = ""
+
+    def add(self, response: gateway_pb2.GenerateResponse) -> None:
+        self.text += response.text
+        self.token_ids.extend(response.token_ids)
+        self.session_id = response.session_id or self.session_id
+        if response.finish_reason:
+            name = common_pb2.FinishReason.Name(response.finish_reason)
+            self.finish_reason = name.removeprefix("FINISH_REASON_").lower()
+            self.stats = response.stats
+
+
+def build_request(
+    prompt: str | Sequence[int],
+    *,
+    session_id: str = "",
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    max_new_tokens: int = 0,
+    stop: Sequence[str] = (),
+    stop_token_ids: Sequence[int] = (),
+    ignore_eos: bool = False,
+    k: int | None = None,
+    adaptive: bool = False,
+    drafter: str | None = None,
+) -> gateway_pb2.GenerateRequest:
+    """A GenerateRequest from keyword arguments (k=None: the gateway's default; 0: oracle alone)."""
+    sampling = common_pb2.SamplingParams(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        stop=list(stop),
+        stop_token_ids=list(stop_token_ids),
+        ignore_eos=ignore_eos,
+    )
+    if seed is not None:
+        sampling.seed = seed
+    speculation = common_pb2.SpeculationParams(adaptive=adaptive, drafter=DRAFTERS[drafter])
+    if k is not None:
+        speculation.num_speculative_tokens = k
+    request = gateway_pb2.GenerateRequest(
+        session_id=session_id, sampling=sampling, speculation=speculation
+    )
+    if isinstance(prompt, str):
+        request.prompt = prompt
+    else:
+        request.prompt_token_ids.extend(prompt)
+    return request
+
+
+def _metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    return (("authorization", f"Bearer {token}"),) if token else None
+
+
+class Client:
+    """Blocking client. ``timeout`` (seconds) is each call's deadline."""
+
+    def __init__(
+        self,
+        address: str = "localhost:50051",
+        *,
+        token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        if credentials is None:
+            self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
+        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+        self._metadata = _metadata(token)
+        self._timeout = timeout
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def stream(
+        self, prompt: str | Sequence[int], **kwargs: Any
+    ) -> Iterator[gateway_pb2.GenerateResponse]:
+        """Yield GenerateResponse messages as tokens are committed (see ``build_request``)."""
+        request = build_request(prompt, **kwargs)
+        yield from self._stub.Generate(request, timeout=self._timeout, metadata=self._metadata)
+
+    def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> Completion:
+        completion = Completion()
+        for response in self.stream(prompt, **kwargs):
+            completion.add(response)
+        return completion
+
+    def create_session(self) -> str:
+        reply = self._stub.CreateSession(
+            gateway_pb2.CreateSessionRequest(), timeout=self._timeout, metadata=self._metadata
+        )
+        return str(reply.session_id)
+
+    def get_session(self, session_id: str) -> gateway_pb2.GetSessionResponse:
+        return self._stub.GetSession(
+            gateway_pb2.GetSessionRequest(session_id=session_id),
+            timeout=self._timeout,
+            metadata=self._metadata,
+        )
+
+    def close_session(self, session_id: str) -> int:
+        reply = self._stub.CloseSession(
+            gateway_pb2.CloseSessionRequest(session_id=session_id),
+            timeout=self._timeout,
+            metadata=self._metadata,
+        )
+        return int(reply.token_count)
+
+    def list_workers(self) -> list[gateway_pb2.WorkerInfo]:
+        reply = self._stub.ListWorkers(
+            gateway_pb2.ListWorkersRequest(), timeout=self._timeout, metadata=self._metadata
+        )
+        return list(reply.workers)
+
+
+class AsyncClient:
+    """asyncio client with the same methods as ``Client``, awaitable."""
+
+    def __init__(
+        self,
+        address: str = "localhost:50051",
+        *,
+        token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
+        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+        self._metadata = _metadata(token)
+        self._timeout = timeout
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def stream(
+        self, prompt: str | Sequence[int], **kwargs: Any
+    ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        request = build_request(prompt, **kwargs)
+        call = self._stub.Generate(request, timeout=self._timeout, metadata=self._metadata)
+        async for response in call:
+            yield response
+
+    async def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> Completion:
+        completion = Completion()
+        async for response in self.stream(prompt, **kwargs):
+            completion.add(response)
+        return completion
+
+    async def create_session(self) -> str:
+        reply = await self._stub.CreateSession(
+            gateway_pb2.CreateSessionRequest(), timeout=self._timeout, metadata=self._metadata
+        )
+        return str(reply.session_id)
+
+    async def get_session(self, session_id: str) -> gateway_pb2.GetSessionResponse:
+        return await self._stub.GetSession(
+            gateway_pb2.GetSessionRequest(session_id=session_id),
+            timeout=self._timeout,
+            metadata=self._metadata,
+        )
+
+    async def close_session(self, session_id: str) -> int:
+        reply = await self._stub.CloseSession(
+            gateway_pb2.CloseSessionRequest(session_id=session_id),
+            timeout=self._timeout,
+            metadata=self._metadata,
+        )
+        return int(reply.token_count)
+
+    async def list_workers(self) -> list[gateway_pb2.WorkerInfo]:
+        reply = await self._stub.ListWorkers(
+            gateway_pb2.ListWorkersRequest(), timeout=self._timeout, metadata=self._metadata
+        )
+        return list(reply.workers)

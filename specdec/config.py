@@ -1,0 +1,98 @@
+"""One way to fill a service's configuration: flags, then ``SPECDEC_*`` variables, then defaults.
+
+Each service declares a dataclass whose fields carry ``help`` metadata;
+``load_config`` turns it into an argparse parser where every flag's default
+comes from the environment variable ``SPECDEC_<FIELD>``. Nothing else in the
+project reads ``SPECDEC_*`` variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+ENV_PREFIX = "SPECDEC_"
+
+
+def setting(default: Any, help: str, *, choices: Sequence[str] | None = None) -> Any:
+    """A config field: its default, the help text of its flag, allowed values."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def _field_type(cls: type, field: dataclasses.Field[Any]) -> type:
+    hint = typing.get_type_hints(cls)[field.name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint  # type: ignore[no-any-return]
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r} (use true/false)")
+
+
+def _convert(kind: type, text: str, name: str) -> Any:
+    try:
+        if kind is bool:
+            return _parse_bool(text)
+        if kind is list or typing.get_origin(kind) is list:
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return kind(text)
+    except ValueError as exc:
+        raise SystemExit(f"invalid value for {name}: {exc}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, env: Mapping[str, str]) -> None:
+    """Add one flag per field of dataclass ``cls``, defaulting to its SPECDEC_ variable."""
+    for field in dataclasses.fields(cls):
+        kind = _field_type(cls, field)
+        flag = "--" + field.name.replace("_", "-")
+        variable = env_name(field.name)
+        default = field.default
+        if variable in env:
+            default = _convert(kind, env[variable], variable)
+        help_text = f"{field.metadata.get('help', '')} [env {variable}; default: {default!r}]"
+        choices = field.metadata.get("choices")
+        if kind is bool:
+            parser.add_argument(
+                flag, default=default, action=argparse.BooleanOptionalAction, help=help_text
+            )
+        elif kind is list or typing.get_origin(kind) is list:
+            parser.add_argument(
+                flag,
+                default=default,
+                type=lambda text, v=variable: _convert(list, text, v),
+                help=help_text + " (comma-separated)",
+            )
+        else:
+            parser.add_argument(flag, default=default, type=kind, choices=choices, help=help_text)
+
+
+def from_namespace(cls: type[T], namespace: argparse.Namespace) -> T:
+    """Build ``cls`` from parsed flags (extra attributes of the namespace are ignored)."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in vars(namespace).items() if k in names})
+
+
+def load_config(
+    cls: type[T], argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+) -> T:
+    """Parse ``argv`` (default: sys.argv) into ``cls``, flags overriding SPECDEC_ variables."""
+    parser = argparse.ArgumentParser(description=cls.__doc__)
+    add_arguments(parser, cls, os.environ if env is None else env)
+    return from_namespace(cls, parser.parse_args(argv))

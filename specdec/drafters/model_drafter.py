@@ -1,0 +1,104 @@
+"""A small causal LM as drafter: k autoregressive steps on its own KV cache.
+
+The drafter's cache follows the committed context round after round. After a
+round it holds context + x_0..x_{k-2} (x_{k-1} was sampled but never fed).
+The next ``propose`` syncs that cache with the new context, which keeps the
+accepted draft tokens and drops the rejected ones, then feeds the uncached
+tail in one forward (the recovered/bonus token, plus the last accepted draft
+token when all were accepted). That forward's last row gives q_0; each later
+step feeds one token. So k forwards per round, the first over a few tokens.
+
+Greedy: x_i = argmax of the draft logits, token-only block (q=None): the oracle
+accepts iff it would have chosen x_i itself.
+Sampling: q_i = the draft's distribution under the request's temperature,
+top-k and top-p, truncated to its ``max_support`` most likely ids and
+renormalised; x_i ~ q_i. The truncated q is what the block carries, so the
+verifier's min(1, p/q) test uses the very distribution x_i was drawn from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from specdec.errors import InvalidArgument
+from specdec.kv_cache import SequenceCache
+from specdec.models import LoadedModel
+from specdec.sampling import (
+    SamplingParams,
+    SparseDist,
+    logits_to_probs,
+    position_generator,
+    resolve_seed,
+    sample_sparse,
+    truncate_to_sparse,
+)
+from specdec.verifier import DraftBlock
+
+# Random stream of draft proposals (0 is the oracle's verification stream).
+DRAFT_STREAM = 1
+
+
+class ModelDrafter:
+    """Drafts with ``model`` (same tokenizer as the oracle: see ``models.check_compatible``)."""
+
+    def __init__(self, model: LoadedModel, max_support: int = 32, seed: int | None = None) -> None:
+        if max_support < 1:
+            raise InvalidArgument(f"max_support must be >= 1, got {max_support}")
+        self.model = model
+        self.max_support = max_support
+        self.cache = SequenceCache(model)
+        self.seed = resolve_seed(seed)
+        # (proposed, accepted) per round, in order.
+        self.history: list[tuple[int, int]] = []
+        self._last_proposed = 0
+
+    def reset(self, seed: int | None = None) -> None:
+        """Start a new sequence: empty cache and history, a new seed (random when None)."""
+        self.cache.reset()
+        self.history.clear()
+        self._last_proposed = 0
+        self.seed = resolve_seed(seed)
+
+    def propose(self, context: Sequence[int], k: int, params: SamplingParams) -> DraftBlock:
+        """Propose up to k tokens after ``context``; fewer only at the draft's context limit."""
+        if len(context) == 0:
+            raise InvalidArgument("cannot draft after an empty context")
+        # Positions context..context+k-2 are fed; x_{k-1} is never fed.
+        k = max(0, min(k, self.model.max_context - len(context) + 1))
+        self._last_proposed = k
+        if k == 0:
+            return DraftBlock(token_ids=())
+        logits = self._catch_up(context)  # [V]
+        tokens: list[int] = []
+        dists: list[SparseDist] = []
+        for i in range(k):
+            if i > 0:
+                logits = self.cache.extend([tokens[-1]])[-1]  # [V]
+            token, q = self._choose(logits, params, position=len(context) + i)
+            tokens.append(token)
+            if q is not None:
+                dists.append(q)
+        return DraftBlock(token_ids=tuple(tokens), q=None if params.greedy else tuple(dists))
+
+    def update(self, num_accepted: int) -> None:
+        """Record how many tokens of the last proposal the oracle accepted."""
+        self.history.append((self._last_proposed, num_accepted))
+
+    def _catch_up(self, context: Sequence[int]) -> torch.Tensor:
+        """Cache context[:-1] (reusing what is cached), feed the rest; logits [V] after context."""
+        # Keep at least the last context token uncached: its logits are what we need.
+        reused = min(self.cache.sync(context), len(context) - 1)
+        self.cache.rollback(reused)
+        return self.cache.extend(context[reused:], logits_to_keep=1)[-1]
+
+    def _choose(
+        self, logits: torch.Tensor, params: SamplingParams, position: int
+    ) -> tuple[int, SparseDist | None]:
+        """logits [V] -> (x, q): argmax when greedy, else x ~ q = truncated draft distribution."""
+        assert logits.dim() == 1, tuple(logits.shape)
+        if params.greedy:
+            return int(logits.argmax()), None
+        q = truncate_to_sparse(logits_to_probs(logits, params), self.max_support)
+        return sample_sparse(q, position_generator(self.seed, position, DRAFT_STREAM)), q

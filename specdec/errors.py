@@ -1,0 +1,53 @@
+"""Typed errors of the core, each naming the gRPC status a service maps it to.
+
+The core never imports grpc; services translate ``SpecdecError.status`` (the
+name of a ``grpc.StatusCode``) in one interceptor.
+"""
+
+from __future__ import annotations
+
+
+class SpecdecError(Exception):
+    """Base class: an error a caller can act on. ``status`` names a grpc.StatusCode."""
+
+    status: str = "INTERNAL"
+
+
+class InvalidArgument(SpecdecError):
+    """The request itself is wrong (bad ids, empty prompt, k out of range, NaN q...)."""
+
+    status = "INVALID_ARGUMENT"
+
+
+class NotFound(SpecdecError):
+    """A named thing (session, worker) does not exist."""
+
+    status = "NOT_FOUND"
+
+
+class FailedPrecondition(SpecdecError):
+    """The system is not in a state to do this (stale block, incompatible pair)."""
+
+    status = "FAILED_PRECONDITION"
+
+
+class VocabularyMismatch(FailedPrecondition):
+    """Draft and oracle tokenizers differ: their outputs cannot be compared."""
+
+
+class ResourceExhausted(SpecdecError):
+    """A limit is reached (sessions, queue, KV memory); retry later or elsewhere."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(SpecdecError):
+    """No worker can serve this now (none registered, peer gone)."""
+
+    status = "UNAVAILABLE"
+
+
+class PermissionDenied(SpecdecError):
+    """The caller is authenticated but not allowed to touch this resource."""
+
+    status = "PERMISSION_DENIED"

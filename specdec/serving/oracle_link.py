@@ -1,0 +1,121 @@
+"""The client end of an oracle's Verify stream, as the ``OracleLink`` of the core loop.
+
+Used by the draft service (model drafter) and by the gateway (oracle alone,
+n-gram). One link = one Verify stream = one turn of one session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import grpc
+
+from specdec.errors import SpecdecError
+from specdec.sampling import SamplingParams
+from specdec.serving import convert
+from specdec.turn import OpenResult, VerifyResult
+from specdec.v1 import oracle_pb2, oracle_pb2_grpc
+from specdec.verifier import DraftBlock, Verdict
+
+# Statuses meaning "this oracle cannot go on": the turn may move to another one.
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
+
+
+class OracleRpcError(SpecdecError):
+    """The oracle refused or failed; ``status`` is the gRPC status name it returned."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"oracle: {details}")
+        self.status = code.name
+        self.code = code
+
+    @property
+    def retryable(self) -> bool:
+        return self.code in RETRYABLE
+
+
+class GrpcOracleLink:
+    """Opens a Verify stream on first use; ``close`` half-closes it."""
+
+    def __init__(
+        self,
+        stub: oracle_pb2_grpc.OracleStub,
+        session_id: str,
+        grant: str = "",
+        trace_context: Callable[[], dict[str, str]] | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
+        self._stub = stub
+        self._session_id = session_id
+        self._grant = grant
+        self._trace_context = trace_context or dict
+        self._timeout_s = timeout_s
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self.oracle_id = ""
+
+    async def _exchange(self, request: oracle_pb2.VerifyRequest) -> oracle_pb2.VerifyResponse:
+        assert self._call is not None
+        try:
+            await self._call.write(request)
+            response = await self._call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise OracleRpcError(exc.code(), exc.details() or exc.code().name) from exc
+        if response is grpc.aio.EOF:
+            code = await self._call.code()
+            details = await self._call.details()
+            raise OracleRpcError(code or grpc.StatusCode.UNAVAILABLE, details or "stream ended")
+        return response  # type: ignore[no-any-return]
+
+    async def open(self, tokens: list[int], params: SamplingParams, seed: int) -> OpenResult:
+        self._call = self._stub.Verify(timeout=self._timeout_s)
+        request = oracle_pb2.VerifyRequest(
+            open=oracle_pb2.OpenVerify(
+                session_id=self._session_id,
+                token_ids=tokens,
+                sampling=convert.sampling_to_pb(params),
+                seed=seed,
+                grant=self._grant,
+            ),
+            trace_context=self._trace_context(),
+        )
+        opened = (await self._exchange(request)).opened
+        self.oracle_id = opened.oracle_id
+        return OpenResult(
+            cached_tokens=opened.cached_tokens,
+            computed_tokens=opened.computed_tokens,
+            prefill_ns=opened.prefill_ns,
+            oracle_id=opened.oracle_id,
+        )
+
+    async def verify(
+        self, round_index: int, base_length: int, block: DraftBlock, draft_ns: int
+    ) -> VerifyResult:
+        request = oracle_pb2.VerifyRequest(
+            block=oracle_pb2.VerifyBlock(
+                round=round_index,
+                base_length=base_length,
+                token_ids=list(block.token_ids),
+                draft_distributions=[convert.sparse_to_pb(q) for q in block.q or ()],
+                draft_ns=draft_ns,
+            ),
+            trace_context=self._trace_context(),
+        )
+        verdict = (await self._exchange(request)).verdict
+        return VerifyResult(
+            verdict=Verdict(
+                num_accepted=verdict.num_accepted,
+                next_token=verdict.next_token_id,
+                is_bonus=verdict.is_bonus,
+            ),
+            committed_length=verdict.committed_length,
+            verify_ns=verdict.verify_ns,
+            queue_ns=verdict.queue_ns,
+        )
+
+    async def close(self) -> None:
+        if self._call is not None:
+            with contextlib.suppress(Exception):
+                await self._call.done_writing()
+            self._call.cancel()
+            self._call = None

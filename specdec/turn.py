@@ -1,0 +1,269 @@
+"""One turn of speculative decoding over any transport: draft, verify, commit, repeat.
+
+The draft service (model drafter, oracle over gRPC), the gateway (oracle
+alone or n-gram, oracle over gRPC) and the in-process loop run this same
+code; only the ``OracleLink`` differs. A round is:
+
+    block   = propose(committed, k)                 # k drafted tokens (k may be 0)
+    verdict = verify(len(committed), block)         # one oracle forward over k+1 positions
+    new     = block[:verdict.num_accepted] + [verdict.next_token]
+    keep    = stop.feed(new)                        # cut exactly where the oracle alone stops
+    committed += new[:keep]
+
+Timing of a round as the drafting side sees it: the round trip is measured
+from sending the block to receiving the verdict; network = round trip -
+verify compute - queueing at the oracle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from specdec.drafters import Drafter
+from specdec.errors import InvalidArgument
+from specdec.sampling import SamplingParams
+from specdec.stopping import FinishReason, StopChecker
+from specdec.verifier import MAX_SPECULATIVE_TOKENS, DraftBlock, Verdict, committed_tokens
+
+
+@dataclass(frozen=True)
+class OpenResult:
+    """The oracle's answer to opening a turn: how much of the context it had cached."""
+
+    cached_tokens: int
+    computed_tokens: int
+    prefill_ns: int
+    oracle_id: str = ""
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """A verdict and what it cost at the oracle."""
+
+    verdict: Verdict
+    committed_length: int
+    verify_ns: int
+    queue_ns: int = 0
+
+
+class OracleLink(Protocol):
+    """How the loop reaches an oracle (in process, or a gRPC Verify stream)."""
+
+    async def open(self, tokens: list[int], params: SamplingParams, seed: int) -> OpenResult: ...
+
+    async def verify(
+        self, round_index: int, base_length: int, block: DraftBlock, draft_ns: int
+    ) -> VerifyResult: ...
+
+
+class Proposer(Protocol):
+    """An async drafter: the Drafter interface with propose awaitable (run off the loop)."""
+
+    async def propose(self, context: list[int], k: int, params: SamplingParams) -> DraftBlock: ...
+
+    def update(self, num_accepted: int) -> None: ...
+
+
+class KPolicy(Protocol):
+    """Chooses the draft length of the next round from what the previous rounds showed."""
+
+    def next_k(self) -> int: ...
+
+    def observe(self, report: RoundReport) -> None: ...
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """One verified round."""
+
+    round: int
+    k: int  # tokens asked of the drafter
+    proposed: int  # tokens it actually proposed
+    accepted: int
+    is_bonus: bool
+    committed: int  # tokens this round added to the output (after stop truncation)
+    committed_length: int  # sequence length after the round
+    draft_ns: int
+    verify_ns: int
+    network_ns: int
+    queue_ns: int
+
+
+@dataclass
+class TurnStats:
+    """Totals of one turn; ``add`` folds in a round."""
+
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    rounds: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    cached_tokens: int = 0
+    prefilled_tokens: int = 0
+    prefill_ns: int = 0
+    draft_ns: int = 0
+    verify_ns: int = 0
+    network_ns: int = 0
+    total_ns: int = 0
+    time_to_first_token_ns: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+    proposed_per_position: list[int] = field(default_factory=list)
+
+    def add(self, report: RoundReport) -> None:
+        self.rounds += 1
+        self.proposed += report.proposed
+        self.accepted += report.accepted
+        self.output_tokens += report.committed
+        self.draft_ns += report.draft_ns
+        self.verify_ns += report.verify_ns
+        self.network_ns += report.network_ns
+        grow = report.proposed - len(self.proposed_per_position)
+        if grow > 0:
+            self.proposed_per_position.extend([0] * grow)
+            self.accepted_per_position.extend([0] * grow)
+        for i in range(report.proposed):
+            self.proposed_per_position[i] += 1
+            self.accepted_per_position[i] += int(i < report.accepted)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def mean_tokens_per_round(self) -> float:
+        return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
+
+
+OnCommit = Callable[[list[int], RoundReport], Awaitable[None]]
+OnOpen = Callable[[OpenResult], Awaitable[None]]
+
+
+@dataclass
+class Turn:
+    """Everything one turn needs besides the link and the proposer."""
+
+    context: list[int]  # committed tokens, this turn's prompt included (not mutated)
+    prompt_tokens: int
+    params: SamplingParams
+    seed: int
+    k: int
+    stop: StopChecker
+    max_context: int
+
+
+def check_k(k: int) -> None:
+    if not 0 <= k <= MAX_SPECULATIVE_TOKENS:
+        raise InvalidArgument(
+            f"num_speculative_tokens must be in [0, {MAX_SPECULATIVE_TOKENS}], got {k}"
+        )
+
+
+def _round_k(turn: Turn, committed: list[int], produced: int, policy: KPolicy | None) -> int:
+    """k for the next round: the policy's choice, never past max_new_tokens or the context.
+
+    Drafting beyond the tokens still allowed is wasted work: the round commits at
+    most k+1 tokens, so k = remaining - 1 suffices.
+    """
+    k = policy.next_k() if policy is not None else turn.k
+    remaining = turn.params.max_new_tokens - produced
+    room = turn.max_context - len(committed)
+    return max(0, min(k, remaining - 1, room - 1))
+
+
+async def run_turn(
+    link: OracleLink,
+    proposer: Proposer | None,
+    turn: Turn,
+    on_commit: OnCommit,
+    policy: KPolicy | None = None,
+    on_open: OnOpen | None = None,
+) -> tuple[FinishReason, TurnStats]:
+    """Run rounds until a stop condition; report each round's new tokens through on_commit."""
+    check_k(turn.k)
+    start = time.perf_counter_ns()
+    committed = list(turn.context)
+    stats = TurnStats(prompt_tokens=turn.prompt_tokens)
+    opened = await link.open(committed, turn.params, turn.seed)
+    stats.cached_tokens, stats.prefilled_tokens = opened.cached_tokens, opened.computed_tokens
+    stats.prefill_ns = opened.prefill_ns
+    if on_open is not None:
+        await on_open(opened)
+    produced = 0
+    round_index = 0
+    while True:
+        if len(committed) >= turn.max_context:
+            return FinishReason.CONTEXT_LIMIT, _finish(stats, start)
+        k = _round_k(turn, committed, produced, policy)
+        t0 = time.perf_counter_ns()
+        block = (
+            await proposer.propose(committed, k, turn.params)
+            if proposer is not None and k > 0
+            else DraftBlock(token_ids=())
+        )
+        t1 = time.perf_counter_ns()
+        result = await link.verify(round_index, len(committed), block, t1 - t0)
+        rtt = time.perf_counter_ns() - t1
+        verdict = result.verdict
+        if proposer is not None and len(block):
+            proposer.update(verdict.num_accepted)
+        new = committed_tokens(block, verdict)
+        keep, reason = turn.stop.feed(new)
+        committed.extend(new[:keep])
+        produced += keep
+        report = RoundReport(
+            round=round_index,
+            k=k,
+            proposed=len(block),
+            accepted=verdict.num_accepted,
+            is_bonus=verdict.is_bonus,
+            committed=keep,
+            committed_length=len(committed),
+            draft_ns=t1 - t0,
+            verify_ns=result.verify_ns,
+            network_ns=max(0, rtt - result.verify_ns - result.queue_ns),
+            queue_ns=result.queue_ns,
+        )
+        stats.add(report)
+        if policy is not None:
+            policy.observe(report)
+        if round_index == 0:
+            stats.time_to_first_token_ns = time.perf_counter_ns() - start
+        await on_commit(new[:keep], report)
+        round_index += 1
+        if reason is not None:
+            return reason, _finish(stats, start)
+
+
+def _finish(stats: TurnStats, start_ns: int) -> TurnStats:
+    stats.total_ns = time.perf_counter_ns() - start_ns
+    return stats
+
+
+class InlineProposer:
+    """A cheap drafter (n-gram) run on the event loop itself."""
+
+    def __init__(self, drafter: Drafter) -> None:
+        self.drafter = drafter
+
+    async def propose(self, context: list[int], k: int, params: SamplingParams) -> DraftBlock:
+        return self.drafter.propose(context, k, params)
+
+    def update(self, num_accepted: int) -> None:
+        self.drafter.update(num_accepted)
+
+
+class ThreadProposer(InlineProposer):
+    """A model drafter run in an executor, so the event loop keeps serving other streams."""
+
+    def __init__(self, drafter: Drafter, executor: Executor) -> None:
+        super().__init__(drafter)
+        self._executor = executor
+
+    async def propose(self, context: list[int], k: int, params: SamplingParams) -> DraftBlock:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.drafter.propose, context, k, params)

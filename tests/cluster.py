@@ -1,0 +1,136 @@
+"""Run the three services as real processes over real sockets, for end-to-end tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+READY_TIMEOUT_S = 120.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Service:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    port: int = 0
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye, as a crashed machine."""
+        if self.alive():
+            self.process.kill()
+            self.process.wait(10)
+
+    def terminate(self, timeout: float = 15) -> int:
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        return int(self.process.returncode)
+
+
+@dataclass
+class Cluster:
+    """A gateway plus the oracles and drafts started against it."""
+
+    workdir: Path
+    env: dict[str, str]
+    gateway: Service | None = None
+    services: list[Service] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        assert self.gateway is not None
+        return f"127.0.0.1:{self.gateway.port}"
+
+    def _start(self, name: str, args: Sequence[str], port: int = 0) -> Service:
+        log_path = self.workdir / f"{name}-{len(self.services)}.log"
+        handle = log_path.open("wb")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "specdec.cli", *args],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=ROOT,
+        )
+        service = Service(name, process, log_path, port)
+        self.services.append(service)
+        return service
+
+    def start_gateway(self, *flags: str, port: int = 0) -> Service:
+        port = port or free_port()
+        self.gateway = self._start("gateway", ["gateway", "--port", str(port), *flags], port)
+        return self.gateway
+
+    def start_oracle(self, model: Path | str, *flags: str, oracle_id: str = "") -> Service:
+        port = free_port()
+        args = [
+            "oracle", "--model", str(model), "--port", str(port), "--host", "127.0.0.1",
+            "--gateway", self.address, "--advertise-address", f"127.0.0.1:{port}",
+        ]  # fmt: skip
+        if oracle_id:
+            args += ["--oracle-id", oracle_id]
+        return self._start("oracle", [*args, *flags], port)
+
+    def start_draft(self, model: Path | str, *flags: str, draft_id: str = "") -> Service:
+        args = ["draft", "--model", str(model), "--gateway", self.address, "--health-port", "-1"]
+        if draft_id:
+            args += ["--draft-id", draft_id]
+        return self._start("draft", [*args, *flags])
+
+    def wait_workers(self, oracles: int, drafts: int, timeout: float = READY_TIMEOUT_S) -> None:
+        """Until the gateway lists this many workers of each kind."""
+        from specdec.client import Client
+
+        deadline = time.monotonic() + timeout
+        with Client(self.address, timeout=2) as client:
+            while time.monotonic() < deadline:
+                for service in self.services:
+                    if not service.alive() and service.process.returncode not in (0, -9):
+                        raise RuntimeError(f"{service.name} died:\n{service.log()[-3000:]}")
+                with contextlib.suppress(Exception):
+                    kinds = [w.kind for w in client.list_workers()]
+                    if kinds.count(2) >= oracles and kinds.count(1) >= drafts:
+                        return
+                time.sleep(0.2)
+        logs = "\n".join(f"--- {s.name}\n{s.log()[-2000:]}" for s in self.services)
+        raise TimeoutError(f"workers not registered in {timeout}s\n{logs}")
+
+    def stop(self) -> None:
+        for service in reversed(self.services):
+            service.terminate()
+
+
+@contextlib.contextmanager
+def cluster(workdir: Path, env: dict[str, str] | None = None) -> Iterator[Cluster]:
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    environment.setdefault("SPECDEC_LOG_LEVEL", "info")
+    running = Cluster(workdir, environment)
+    try:
+        yield running
+    finally:
+        running.stop()
