@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from draft_service.config import DraftConfig
+from specdec.adaptive import AdaptiveK
 from specdec.drafters.model_drafter import ModelDrafter
 from specdec.errors import SpecdecError
 from specdec.models import LoadedModel
@@ -79,9 +80,9 @@ class DraftWorker:
             self._tasks[assignment.assignment_id] = task
             task.add_done_callback(lambda _: self._tasks.pop(assignment.assignment_id, None))
         elif kind == "cancel":
-            task = self._tasks.get(message.cancel.assignment_id)
-            if task is not None:
-                task.cancel()
+            running = self._tasks.get(message.cancel.assignment_id)
+            if running is not None:
+                running.cancel()
         elif kind == "release":
             self._drafters.pop(message.release.session_id, None)
 
@@ -159,7 +160,10 @@ class DraftWorker:
                 )
 
             proposer = ThreadProposer(drafter, self._executor)
-            reason, stats = await run_turn(link, proposer, turn, on_commit, on_open=on_open)
+            policy = AdaptiveK(turn.k) if a.adaptive and turn.k > 0 else None
+            reason, stats = await run_turn(
+                link, proposer, turn, on_commit, policy=policy, on_open=on_open
+            )
             finished = registry_pb2.AssignmentFinished(
                 assignment_id=a.assignment_id,
                 finish_reason=convert.finish_reason_to_pb(reason),  # type: ignore[arg-type]

@@ -16,7 +16,7 @@ import contextlib
 import dataclasses
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -24,6 +24,7 @@ import grpc
 from gateway.detokenize import IncrementalDecoder
 from gateway.registry import Registry, Worker
 from gateway.sessions import Session
+from specdec.adaptive import AdaptiveK
 from specdec.drafters.ngram import NgramDrafter
 from specdec.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from specdec.sampling import SamplingParams, resolve_seed, validate_token_ids
@@ -267,7 +268,7 @@ class TurnRunner:
         seed: int,
         oracle: Worker,
         excluded: set[str],
-    ) -> tuple[AsyncIterator[_Event], Worker | None]:
+    ) -> tuple[AsyncGenerator[_Event, None], Worker | None]:
         want_model = request.k > 0 and request.drafter in (
             common_pb2.DRAFTER_KIND_UNSPECIFIED,
             common_pb2.DRAFTER_KIND_MODEL,
@@ -285,7 +286,7 @@ class TurnRunner:
         seed: int,
         oracle: Worker,
         draft: Worker,
-    ) -> AsyncIterator[_Event]:
+    ) -> AsyncGenerator[_Event, None]:
         assignment_id = uuid.uuid4().hex
         queue = self.registry.expect(assignment_id, draft)
         oracle.assignments.add(assignment_id)
@@ -293,7 +294,7 @@ class TurnRunner:
             assignment_id=assignment_id,
             session_id=session.session_id,
             oracle_id=oracle.worker_id,
-            oracle_address=oracle.info.address,
+            oracle_address=oracle.info.public_address or oracle.info.address,
             token_ids=session.tokens,
             prompt_tokens=len(request.prompt_ids),
             sampling=convert.sampling_to_pb(params),
@@ -343,7 +344,7 @@ class TurnRunner:
         params: SamplingParams,
         seed: int,
         oracle: Worker,
-    ) -> AsyncIterator[_Event]:
+    ) -> AsyncGenerator[_Event, None]:
         """Oracle alone or n-gram: the gateway drives the rounds itself."""
         proposer = None
         if request.drafter == common_pb2.DRAFTER_KIND_NGRAM and request.k > 0:
@@ -372,7 +373,10 @@ class TurnRunner:
                 _Opened(opened.cached_tokens, opened.computed_tokens, opened.prefill_ns)
             )
 
-        task = asyncio.create_task(run_turn(link, proposer, turn, on_commit, on_open=on_open))
+        policy = AdaptiveK(turn.k) if request.adaptive and turn.k > 0 else None
+        task = asyncio.create_task(
+            run_turn(link, proposer, turn, on_commit, policy=policy, on_open=on_open)
+        )
         oracle.assignments.add(id(task).__str__())
         try:
             while True:

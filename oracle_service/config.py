@@ -29,6 +29,9 @@ class OracleConfig:
     advertise_address: str = setting(
         "", "host:port that drafts and the gateway dial (empty = HOSTNAME:PORT)"
     )
+    public_address: str = setting(
+        "", "host:port that drafts dial, when it differs from advertise_address (edge drafts)"
+    )
     gateway: str = setting("", "gateway host:port to register with (empty = standalone)")
     kv_budget_mb: float = setting(
         1024.0, "KV cache memory kept for idle sessions before LRU eviction, in MiB"

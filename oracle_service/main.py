@@ -116,6 +116,7 @@ class OracleService:
             model=info.model,
             vocab_fingerprint=info.vocab_fingerprint,
             address=self.advertise_address,
+            public_address=self.config.public_address,
             max_sessions=self.config.max_sessions,
             device=info.device,
             vocab_size=info.vocab_size,

@@ -50,10 +50,14 @@ def _run_service(args: argparse.Namespace) -> None:
     config_module, config_class, main_module = SERVICES[args.service]
     config = from_namespace(getattr(_import(config_module), config_class), args)
     configure_logging(config.log_level, args.service)  # type: ignore[attr-defined]
+    from specdec.errors import SpecdecError
+
     try:
         asyncio.run(_import(main_module).serve(config))
     except KeyboardInterrupt:
         pass
+    except SpecdecError as exc:
+        sys.exit(f"specdec {args.service}: {exc}")
 
 
 def _add_generate(sub: Any) -> None:
@@ -118,7 +122,8 @@ def format_stats(completion: Any) -> str:
     seconds = s.total_ns / 1e9 or float("nan")
     return (
         f"[{completion.finish_reason}] {s.output_tokens} tokens in {seconds:.2f}s "
-        f"({s.output_tokens / seconds:.1f} tok/s, first token {s.time_to_first_token_ns / 1e6:.0f} ms)"
+        f"({s.output_tokens / seconds:.1f} tok/s, "
+        f"first token {s.time_to_first_token_ns / 1e6:.0f} ms)"
         f" | {s.rounds} rounds, accepted {s.accepted_tokens}/{s.proposed_tokens} drafted "
         f"({100 * s.acceptance_rate:.0f}%), {s.mean_tokens_per_round:.2f} tokens/round"
         f" | oracle {s.oracle_id or '-'}, draft {s.draft_id or '-'}"

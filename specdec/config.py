@@ -64,6 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, env: Mapping[str, 
         flag = "--" + field.name.replace("_", "-")
         variable = env_name(field.name)
         default = field.default
+        if default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
         if variable in env:
             default = _convert(kind, env[variable], variable)
         help_text = f"{field.metadata.get('help', '')} [env {variable}; default: {default!r}]"
@@ -73,11 +75,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, env: Mapping[str, 
                 flag, default=default, action=argparse.BooleanOptionalAction, help=help_text
             )
         elif kind is list or typing.get_origin(kind) is list:
+
+            def split(text: str, name: str = variable) -> Any:
+                return _convert(list, text, name)
+
             parser.add_argument(
-                flag,
-                default=default,
-                type=lambda text, v=variable: _convert(list, text, v),
-                help=help_text + " (comma-separated)",
+                flag, default=default, type=split, help=help_text + " (comma-separated)"
             )
         else:
             parser.add_argument(flag, default=default, type=kind, choices=choices, help=help_text)

@@ -1,96 +1,77 @@
-"""The in-process speculative loop: draft k tokens, verify them in one oracle forward, repeat.
+"""The in-process speculative loop: the shared round loop with the oracle in this process.
 
-A ladder of small functions (as gpt-fast's generate.py):
-``validate_request`` -> ``draft_block`` -> ``speculative_round`` -> ``speculative_generate``.
+``speculative_generate`` runs ``specdec.turn.run_turn`` — the very loop the
+draft service and the gateway run over gRPC — with ``LocalOracleLink``, which
+calls the ``Oracle`` directly. The greedy-equivalence tests therefore check
+the production loop, not a copy of it.
 
 One round with a block of k draft tokens commits n + 1 tokens, n in [0, k]: the
 accepted prefix and one recovered/bonus token (see ``specdec.verifier``). With
 per-token acceptance rate a (i.i.d. model), the expected tokens per round are
 (1 - a^(k+1)) / (1 - a) (Leviathan et al. 2023, eq. 1). k = 0, or no drafter,
-is plain decoding through the same verify path: every round is a zero-token
-block whose bonus token is the oracle's own choice.
-
-The output is exactly the oracle's alone: greedy token for token, sampled in
-distribution; ``StopChecker`` cuts a round's tokens where plain decoding would
-have stopped (EOS, stop ids, stop strings, max_new_tokens), and the loop stops at
-the oracle's context length.
+is plain decoding through the same verify path.
 """
 
 from __future__ import annotations
 
-import time
+import asyncio
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from specdec.drafters import Drafter
 from specdec.errors import InvalidArgument
-from specdec.kv_cache import SequenceCache
 from specdec.models import LoadedModel, check_compatible
 from specdec.oracle import Oracle
 from specdec.sampling import SamplingParams, resolve_seed, validate_token_ids
 from specdec.stopping import FinishReason, StopChecker
-from specdec.verifier import MAX_SPECULATIVE_TOKENS, DraftBlock, committed_tokens
-
-
-@dataclass(frozen=True)
-class RoundStats:
-    """One round: proposed draft tokens, accepted ones, tokens kept after stopping, times in ns."""
-
-    proposed: int
-    accepted: int
-    kept: int
-    draft_ns: int
-    verify_ns: int
-
-
-@dataclass
-class GenerationStats:
-    """Totals over a generation.
-
-    accepted_at[i]: rounds in which draft position i was accepted (gpt-fast's
-    accept_counts shifted by one); accepted_at[i] / rounds with >= i+1 proposed
-    tokens estimates the probability of accepting position i given the ones before.
-    """
-
-    rounds: int = 0
-    proposed: int = 0
-    accepted: int = 0
-    prefill_ns: int = 0
-    draft_ns: int = 0
-    verify_ns: int = 0
-    accepted_at: list[int] = field(default_factory=list)
-    round_stats: list[RoundStats] = field(default_factory=list)
-
-    @property
-    def acceptance_rate(self) -> float:
-        """Accepted / proposed draft tokens (0 when nothing was proposed)."""
-        return self.accepted / self.proposed if self.proposed else 0.0
-
-    @property
-    def tokens_per_round(self) -> float:
-        """Committed tokens per oracle forward (accepted + one recovered/bonus each)."""
-        return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
-
-    def record(self, round_stats: RoundStats) -> None:
-        self.rounds += 1
-        self.proposed += round_stats.proposed
-        self.accepted += round_stats.accepted
-        self.draft_ns += round_stats.draft_ns
-        self.verify_ns += round_stats.verify_ns
-        if len(self.accepted_at) < round_stats.accepted:
-            self.accepted_at.extend([0] * (round_stats.accepted - len(self.accepted_at)))
-        for i in range(round_stats.accepted):
-            self.accepted_at[i] += 1
-        self.round_stats.append(round_stats)
+from specdec.turn import (
+    InlineProposer,
+    KPolicy,
+    OpenResult,
+    RoundReport,
+    Turn,
+    TurnStats,
+    VerifyResult,
+    check_k,
+    run_turn,
+)
+from specdec.verifier import DraftBlock
 
 
 @dataclass(frozen=True)
 class GenerationResult:
-    """tokens: the generated ids only (prompt excluded)."""
+    """tokens: the generated ids only (prompt excluded); rounds: one report per round."""
 
     tokens: list[int]
     finish_reason: FinishReason
-    stats: GenerationStats
+    stats: TurnStats
+    rounds: list[RoundReport] = field(default_factory=list)
+
+
+class LocalOracleLink:
+    """An ``OracleLink`` that runs the oracle in this process, on one KV cache."""
+
+    def __init__(self, oracle: Oracle) -> None:
+        self._oracle = oracle
+        self._cache = oracle.new_cache()
+        self._committed: list[int] = []
+        self._params = SamplingParams()
+        self._seed = 0
+
+    async def open(self, tokens: list[int], params: SamplingParams, seed: int) -> OpenResult:
+        result = self._oracle.prefill(self._cache, tokens)
+        self._committed, self._params, self._seed = list(tokens), params, seed
+        return OpenResult(result.reused, result.computed, result.prefill_ns)
+
+    async def verify(
+        self, round_index: int, base_length: int, block: DraftBlock, draft_ns: int
+    ) -> VerifyResult:
+        assert base_length == len(self._committed), (base_length, len(self._committed))
+        verdict, timing = self._oracle.verify_timed(
+            self._cache, self._committed, block, self._params, self._seed
+        )
+        self._committed.extend([*block.token_ids[: verdict.num_accepted], verdict.next_token])
+        return VerifyResult(verdict, len(self._committed), timing.verify_ns)
 
 
 def validate_request(
@@ -108,53 +89,12 @@ def validate_request(
             f"prompt of {len(prompt_ids)} tokens leaves no room in the oracle's context of "
             f"{oracle.max_context} tokens; shorten it"
         )
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_SPECULATIVE_TOKENS:
-        raise InvalidArgument(f"k must be an integer in [0, {MAX_SPECULATIVE_TOKENS}], got {k!r}")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise InvalidArgument(f"k must be an integer, got {k!r}")
+    check_k(k)
     draft_model = getattr(drafter, "model", None)
     if isinstance(draft_model, LoadedModel):
         check_compatible(draft_model, oracle.model)
-
-
-def draft_block(
-    drafter: Drafter | None, committed: Sequence[int], k: int, params: SamplingParams
-) -> DraftBlock:
-    """The drafter's block of at most k tokens (an empty block when k == 0 or no drafter)."""
-    if drafter is None or k == 0:
-        return DraftBlock(token_ids=())
-    block = drafter.propose(committed, k, params)
-    if len(block.token_ids) > k:
-        # A drafter may propose less than asked, never more: the round budget is k.
-        block = DraftBlock(
-            token_ids=block.token_ids[:k], q=None if block.q is None else block.q[:k]
-        )
-    return block
-
-
-def speculative_round(
-    oracle: Oracle,
-    cache: SequenceCache,
-    drafter: Drafter | None,
-    committed: list[int],
-    k: int,
-    params: SamplingParams,
-    seed: int,
-) -> tuple[list[int], RoundStats]:
-    """One draft + verify round -> (committed tokens, its stats; kept = all of them)."""
-    start = time.perf_counter_ns()
-    block = draft_block(drafter, committed, k, params)
-    draft_ns = time.perf_counter_ns() - start
-    verdict, timing = oracle.verify_timed(cache, committed, block, params, seed)
-    if drafter is not None and k > 0:
-        drafter.update(verdict.num_accepted)
-    new_tokens = committed_tokens(block, verdict)
-    stats = RoundStats(
-        proposed=len(block.token_ids),
-        accepted=verdict.num_accepted,
-        kept=len(new_tokens),
-        draft_ns=draft_ns,
-        verify_ns=timing.verify_ns,
-    )
-    return new_tokens, stats
 
 
 def speculative_generate(
@@ -165,10 +105,12 @@ def speculative_generate(
     k: int,
     eos_token_ids: Sequence[int] = (),
     decode: Callable[[list[int]], str] | None = None,
+    policy: KPolicy | None = None,
 ) -> GenerationResult:
     """Generate after ``prompt_ids`` with ``oracle``, drafting ``k`` tokens per round.
 
     ``decode`` (ids -> text) is needed for stop strings; it defaults to the oracle's tokenizer.
+    ``policy`` chooses k per round (``specdec.adaptive.AdaptiveK``); k is then its upper bound.
     """
     validate_request(prompt_ids, oracle, drafter, params, k)
     if decode is None and params.stop:
@@ -177,25 +119,24 @@ def speculative_generate(
     reset = getattr(drafter, "reset", None)
     if callable(reset):
         reset(seed)
-
-    stopper = StopChecker(params, eos_token_ids, decode)
-    stats = GenerationStats()
-    cache = oracle.new_cache()
-    committed = list(prompt_ids)
-    stats.prefill_ns = oracle.prefill(cache, committed).prefill_ns
+    turn = Turn(
+        context=list(prompt_ids),
+        prompt_tokens=len(prompt_ids),
+        params=params,
+        seed=seed,
+        k=k,
+        stop=StopChecker(params, eos_token_ids, decode),
+        max_context=oracle.max_context,
+    )
     generated: list[int] = []
-    finish_reason: FinishReason | None = None
-    while finish_reason is None:
-        # Each round commits at most k_round + 1 tokens: stay within both budgets.
-        budget = min(params.max_new_tokens - len(generated), oracle.max_context - len(committed))
-        if budget <= 0:
-            finish_reason = FinishReason.LENGTH
-            break
-        new_tokens, round_stats = speculative_round(
-            oracle, cache, drafter, committed, min(k, budget - 1), params, seed
-        )
-        keep, finish_reason = stopper.feed(new_tokens)
-        stats.record(replace(round_stats, kept=keep))
-        generated.extend(new_tokens[:keep])
-        committed.extend(new_tokens[:keep])
-    return GenerationResult(tokens=generated, finish_reason=finish_reason, stats=stats)
+    rounds: list[RoundReport] = []
+
+    async def on_commit(tokens: list[int], report: RoundReport) -> None:
+        generated.extend(tokens)
+        rounds.append(report)
+
+    proposer = InlineProposer(drafter) if drafter is not None else None
+    reason, stats = asyncio.run(
+        run_turn(LocalOracleLink(oracle), proposer, turn, on_commit, policy=policy)
+    )
+    return GenerationResult(generated, reason, stats, rounds)

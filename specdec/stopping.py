@@ -42,6 +42,7 @@ class FinishReason(str, Enum):
     EOS = "eos"
     STOP_TOKEN = "stop_token"
     STOP_STRING = "stop_string"
+    CONTEXT_LIMIT = "context_limit"  # the model's context window is full (set by the loop)
 
 
 class StopResult(NamedTuple):

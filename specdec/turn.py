@@ -159,7 +159,7 @@ class Turn:
 def check_k(k: int) -> None:
     if not 0 <= k <= MAX_SPECULATIVE_TOKENS:
         raise InvalidArgument(
-            f"num_speculative_tokens must be in [0, {MAX_SPECULATIVE_TOKENS}], got {k}"
+            f"k (num_speculative_tokens) must be in [0, {MAX_SPECULATIVE_TOKENS}], got {k}"
         )
 
 
@@ -205,6 +205,8 @@ async def run_turn(
             if proposer is not None and k > 0
             else DraftBlock(token_ids=())
         )
+        if len(block) > k:  # a drafter may propose fewer than asked, never more
+            block = DraftBlock(block.token_ids[:k], None if block.q is None else block.q[:k])
         t1 = time.perf_counter_ns()
         result = await link.verify(round_index, len(committed), block, t1 - t0)
         rtt = time.perf_counter_ns() - t1

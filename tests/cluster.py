@@ -113,7 +113,7 @@ class Cluster:
                     if not service.alive() and service.process.returncode not in (0, -9):
                         raise RuntimeError(f"{service.name} died:\n{service.log()[-3000:]}")
                 with contextlib.suppress(Exception):
-                    kinds = [w.kind for w in client.list_workers()]
+                    kinds = [int(w.kind) for w in client.list_workers()]
                     if kinds.count(2) >= oracles and kinds.count(1) >= drafts:
                         return
                 time.sleep(0.2)

@@ -144,7 +144,7 @@ def test_close_draft_has_partial_and_full_acceptance(arch: str, loaded: Callable
     rounds = [
         r
         for length in (5, 17)
-        for r in speculative(loaded, arch, "close_draft", 4, make_prompt(length)).stats.round_stats
+        for r in speculative(loaded, arch, "close_draft", 4, make_prompt(length)).rounds
     ]
     assert any(r.accepted == r.proposed == 4 for r in rounds)  # bonus token
     assert any(0 < r.accepted < r.proposed for r in rounds)  # partial, recovered token
@@ -208,7 +208,7 @@ def test_stops_at_the_context_limit(arch: str, loaded: Callable[..., Any]) -> No
     for role, k in [("none", 0), ("close_draft", 8)]:
         result = speculative(loaded, arch, role, k, prompt, max_new_tokens=50, eos=())
         assert result.tokens == expected
-        assert result.finish_reason == FinishReason.LENGTH
+        assert result.finish_reason == FinishReason.CONTEXT_LIMIT
 
 
 # --------------------------------------------------------------------------- sampling path
@@ -306,8 +306,8 @@ def test_verify_timing_is_reported(loaded: Callable[..., Any]) -> None:
         ([3, VOCAB_SIZE], 2, "token id"),
         ([3, -1], 2, "token id"),
         ([3] * 128, 2, "context"),
-        ([3, 4], -1, "k must be"),
-        ([3, 4], 33, "k must be"),
+        ([3, 4], -1, "k \\(num_speculative_tokens\\) must be"),
+        ([3, 4], 33, "k \\(num_speculative_tokens\\) must be"),
     ],
 )
 def test_generate_rejects_bad_requests(

@@ -138,11 +138,11 @@ def test_top_k_is_applied_before_top_p() -> None:
 def test_matches_hf_logits_warpers(temperature: float, top_k: int, top_p: float) -> None:
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 50, generator=g) * 3
-    scores = TemperatureLogitsWarper(temperature)(None, logits.clone())  # type: ignore[arg-type]
+    scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
     if top_k:
-        scores = TopKLogitsWarper(top_k)(None, scores)  # type: ignore[arg-type]
+        scores = TopKLogitsWarper(top_k)(None, scores)
     if top_p < 1.0:
-        scores = TopPLogitsWarper(top_p)(None, scores)  # type: ignore[arg-type]
+        scores = TopPLogitsWarper(top_p)(None, scores)
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     torch.testing.assert_close(logits_to_probs(logits, params), torch.softmax(scores, -1))
 

@@ -24,8 +24,9 @@ _FINISH_TO_PB = {
     FinishReason.EOS: common_pb2.FINISH_REASON_EOS,
     FinishReason.STOP_TOKEN: common_pb2.FINISH_REASON_STOP_TOKEN,
     FinishReason.STOP_STRING: common_pb2.FINISH_REASON_STOP_STRING,
+    FinishReason.CONTEXT_LIMIT: common_pb2.FINISH_REASON_CONTEXT_LIMIT,
 }
-_FINISH_FROM_PB = {v: k for k, v in _FINISH_TO_PB.items()}
+_FINISH_FROM_PB: dict[int, FinishReason] = {int(v): k for k, v in _FINISH_TO_PB.items()}
 
 
 def sampling_from_pb(
@@ -108,7 +109,7 @@ def block_from_pb(
 def finish_reason_to_pb(reason: FinishReason | None) -> int:
     if reason is None:
         return common_pb2.FINISH_REASON_UNSPECIFIED
-    return _FINISH_TO_PB.get(reason, common_pb2.FINISH_REASON_CONTEXT_LIMIT)
+    return int(_FINISH_TO_PB[reason])
 
 
 def finish_reason_from_pb(value: int) -> FinishReason | None:
@@ -145,4 +146,5 @@ def stats_to_pb(
         draft_id=draft_id,
         drafter=drafter,  # type: ignore[arg-type]
         failovers=failovers,
+        mean_speculative_tokens=stats.proposed / stats.rounds if stats.rounds else 0.0,
     )

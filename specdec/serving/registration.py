@@ -57,6 +57,7 @@ async def stay_registered(
     """Run forever (until cancelled): keep this worker registered at the gateway."""
     connection = connection or GatewayConnection()
     backoff = BACKOFF_INITIAL_S
+    failures = 0  # consecutive: only the first is logged at INFO
     while True:
         channel = open_channel(gateway_address)
         reporter: asyncio.Task[None] | None = None
@@ -68,18 +69,23 @@ async def stay_registered(
                     log.info("registered at gateway %s", gateway_address)
                     connection.connected.set()
                     backoff = BACKOFF_INITIAL_S
+                    failures = 0
                     interval = max(message.registered.load_interval_ms, 100) / 1000
                     reporter = asyncio.create_task(_report_load(connection, load, interval))
                     continue
                 await on_message(message, connection)
             log.warning("gateway %s closed the worker stream", gateway_address)
         except grpc.aio.AioRpcError as exc:
-            level = logging.INFO if exc.code() == grpc.StatusCode.UNAVAILABLE else logging.WARNING
-            log.log(level, "gateway %s: %s %s", gateway_address, exc.code().name, exc.details())
-            if exc.code() in (
+            refused = exc.code() in (
                 grpc.StatusCode.FAILED_PRECONDITION,
                 grpc.StatusCode.INVALID_ARGUMENT,
-            ):
+                grpc.StatusCode.UNAUTHENTICATED,
+                grpc.StatusCode.PERMISSION_DENIED,
+            )
+            level = logging.WARNING if refused else logging.INFO if failures == 0 else logging.DEBUG
+            log.log(level, "gateway %s: %s %s", gateway_address, exc.code().name, exc.details())
+            failures += 1
+            if refused:
                 backoff = BACKOFF_MAX_S  # refused: do not hammer the gateway
         finally:
             connection.connected.clear()

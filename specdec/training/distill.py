@@ -252,6 +252,7 @@ def train_draft(
             student = _logits(draft, seqs)
         terms = distill_terms(teacher, student)
         loss = terms["fkl"] + cfg.tvd_weight * terms["tvd"]
+        terms = {k: v.detach() for k, v in terms.items()}
         loss.backward()
         torch.nn.utils.clip_grad_norm_(draft.parameters(), cfg.grad_clip)
         optimizer.step()

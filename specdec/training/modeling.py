@@ -141,4 +141,7 @@ def save_model(model: LlamaForCausalLM, folder: Path) -> int:
     copy = deepcopy(model).to("cpu", torch.bfloat16)
     copy.config.use_cache = True
     copy.save_pretrained(str(folder), safe_serialization=True)
-    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    weights = sorted(folder.glob("*.safetensors"))
+    for path in weights:
+        path.chmod(0o644)  # safetensors writes 0600; the folder is committed and shared
+    return sum(p.stat().st_size for p in weights)

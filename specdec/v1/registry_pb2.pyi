@@ -37,7 +37,7 @@ class ConnectResponse(_message.Message):
     def __init__(self, registered: _Optional[_Union[Registered, _Mapping]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., cancel: _Optional[_Union[CancelAssignment, _Mapping]] = ..., release: _Optional[_Union[ReleaseDraftSession, _Mapping]] = ...) -> None: ...
 
 class RegisterWorker(_message.Message):
-    __slots__ = ("worker_id", "kind", "model", "vocab_fingerprint", "address", "max_sessions", "device", "vocab_size", "max_context", "eos_token_ids")
+    __slots__ = ("worker_id", "kind", "model", "vocab_fingerprint", "address", "max_sessions", "device", "vocab_size", "max_context", "eos_token_ids", "public_address")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,7 @@ class RegisterWorker(_message.Message):
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     kind: _gateway_pb2.WorkerKind
     model: str
@@ -58,7 +59,8 @@ class RegisterWorker(_message.Message):
     vocab_size: int
     max_context: int
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, worker_id: _Optional[str] = ..., kind: _Optional[_Union[_gateway_pb2.WorkerKind, str]] = ..., model: _Optional[str] = ..., vocab_fingerprint: _Optional[str] = ..., address: _Optional[str] = ..., max_sessions: _Optional[int] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    public_address: str
+    def __init__(self, worker_id: _Optional[str] = ..., kind: _Optional[_Union[_gateway_pb2.WorkerKind, str]] = ..., model: _Optional[str] = ..., vocab_fingerprint: _Optional[str] = ..., address: _Optional[str] = ..., max_sessions: _Optional[int] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., public_address: _Optional[str] = ...) -> None: ...
 
 class Registered(_message.Message):
     __slots__ = ("load_interval_ms",)

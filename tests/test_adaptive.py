@@ -1,0 +1,88 @@
+"""Adaptive draft length: the formula, the estimator, and losslessness when k varies."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from specdec.adaptive import AdaptiveK, best_k, expected_tokens
+from specdec.drafters.model_drafter import ModelDrafter
+from specdec.generate import speculative_generate
+from specdec.oracle import Oracle
+from specdec.sampling import SamplingParams
+from specdec.turn import RoundReport
+
+
+def report(k: int, accepted: int, draft_ns: int, verify_ns: int, network_ns: int) -> RoundReport:
+    return RoundReport(
+        round=0, k=k, proposed=k, accepted=accepted, is_bonus=accepted == k, committed=accepted + 1,
+        committed_length=0, draft_ns=draft_ns, verify_ns=verify_ns, network_ns=network_ns,
+        queue_ns=0,
+    )  # fmt: skip
+
+
+def test_expected_tokens_matches_leviathan() -> None:
+    # E(k) = 1 + a + ... + a^k.
+    assert expected_tokens(0.5, 3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+    assert expected_tokens(0.8, 0) == pytest.approx(1.0)
+
+
+def brute_force(alpha: float, td: float, v0: float, v1: float, rtt: float, k_max: int) -> int:
+    def rate(k: int) -> float:
+        return sum(alpha**i for i in range(k + 1)) / (k * td + v0 + v1 * (k + 1) + rtt)
+
+    return max(range(k_max + 1), key=lambda k: (rate(k), -k))
+
+
+@pytest.mark.parametrize(
+    ("alpha", "td", "v0", "v1", "rtt"),
+    [(0.9, 1, 10, 0, 0), (0.5, 1, 10, 0, 0), (0.9, 1, 10, 0, 50), (0.3, 5, 10, 1, 0),
+     (0.95, 0.1, 2, 2, 0), (0.0, 1, 10, 0, 0)],
+)  # fmt: skip
+def test_best_k_maximises_tokens_per_second(
+    alpha: float, td: float, v0: float, v1: float, rtt: float
+) -> None:
+    assert best_k(alpha, td, v0, v1, rtt, 16) == brute_force(alpha, td, v0, v1, rtt, 16)
+
+
+def test_longer_round_trip_means_longer_blocks() -> None:
+    # The network cost is paid per round: amortise it over more tokens.
+    assert best_k(0.8, 1, 10, 0, 100, 32) > best_k(0.8, 1, 10, 0, 0, 32)
+
+
+def test_policy_learns_alpha_and_costs() -> None:
+    rng = random.Random(0)
+    alpha, td, v0, v1, rtt = 0.85, 2_000_000, 20_000_000, 500_000, 30_000_000
+    policy = AdaptiveK(k_max=16, k_start=2)
+    for _ in range(300):
+        k = policy.next_k()
+        accepted = 0
+        while accepted < k and rng.random() < alpha:
+            accepted += 1
+        policy.observe(report(k, accepted, td * k, int(v0 + v1 * (k + 1)), rtt))
+    assert policy.alpha == pytest.approx(alpha, abs=0.08)
+    target = best_k(alpha, td, v0, v1, rtt, 16)
+    assert abs(policy.next_k() - target) <= 2, (policy.next_k(), target)
+
+
+def test_policy_shrinks_k_for_a_bad_draft() -> None:
+    policy = AdaptiveK(k_max=8, k_start=8)
+    for _ in range(30):
+        policy.observe(report(policy.next_k(), 0, 5_000_000, 10_000_000, 0))
+    assert policy.next_k() == 1  # never 0: keeps measuring acceptance
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_adaptive_k_is_still_exact(arch: str, loaded: Callable[..., Any]) -> None:
+    oracle = Oracle(loaded(arch, "oracle"))
+    params = SamplingParams(max_new_tokens=40)
+    prompt = [1, 5, 9, 12, 7]
+    alone = speculative_generate(prompt, oracle, None, params, 0)
+    policy = AdaptiveK(k_max=8, k_start=1, warmup_rounds=1)
+    drafter = ModelDrafter(loaded(arch, "close_draft"))
+    result = speculative_generate(prompt, oracle, drafter, params, 8, policy=policy)
+    assert result.tokens == alone.tokens
+    assert len({r.k for r in result.rounds}) > 1  # k really changed between rounds
