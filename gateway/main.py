@@ -14,6 +14,7 @@ from gateway.registry import Registry, RegistryServicer
 from gateway.servicer import GatewayServicer
 from gateway.sessions import SessionTable
 from specdec.config import load_config
+from specdec.errors import NotFound
 from specdec.models import DEMO_ORACLE, vocab_fingerprint
 from specdec.serving.logs import configure_logging
 from specdec.serving.server import ServiceServer, start_server
@@ -25,11 +26,17 @@ log = logging.getLogger("gateway")
 async def start(config: GatewayConfig) -> ServiceServer:
     """Load the tokenizer, start serving; returns the running server."""
     source = config.tokenizer or str(DEMO_ORACLE)
-    tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, source)
+    try:
+        tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, source)
+    except (OSError, ValueError) as exc:
+        raise NotFound(
+            f"cannot load the tokenizer {source!r} ({exc}); set --tokenizer / "
+            "SPECDEC_TOKENIZER to the oracle model's folder or hub id"
+        ) from None
     registry = Registry(required_fingerprint=vocab_fingerprint(tokenizer))
     runner = TurnRunner(
         registry,
-        lambda ids: str(tokenizer.decode(list(ids))),
+        lambda ids: str(tokenizer.decode(list(ids), clean_up_tokenization_spaces=False)),
         lambda ids: str(tokenizer.decode(list(ids), skip_special_tokens=True)),
         max_failovers=config.max_failovers,
         worker_wait_s=config.worker_wait_s,

@@ -179,6 +179,12 @@ def _add_training(sub: Any) -> None:
     training_cli.add_eval_parser(sub)
 
 
+def _add_bench(sub: Any) -> None:
+    from specdec.bench.run import add_bench_parser
+
+    add_bench_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="specdec", description="Distributed speculative decoding for LLMs."
@@ -190,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_service(sub, name)
     _add_healthcheck(sub)
     _add_training(sub)
+    _add_bench(sub)
     return parser
 
 

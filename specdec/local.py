@@ -9,95 +9,44 @@ three processes on the way out.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import signal
-import subprocess
-import sys
+import tempfile
 import time
+from pathlib import Path
 
-from specdec.serving.healthcheck import check
-
-READY_TIMEOUT_S = 300.0
-
-
-def _spawn(command: str, flags: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "specdec.cli", command, *flags],
-        env=env,
-        start_new_session=True,  # Ctrl-C reaches us; we stop the children ourselves
-    )
-
-
-def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
-    for process in processes:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    for process in processes:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(max(0.1, deadline - time.monotonic()))
-        if process.poll() is None:
-            process.kill()
-
-
-def _wait_ready(address: str, want_draft: bool, processes: list[subprocess.Popen[bytes]]) -> None:
-    from specdec.client import Client
-
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    with Client(address, timeout=2) as client:
-        while time.monotonic() < deadline:
-            for process in processes:
-                if process.poll() is not None:
-                    raise SystemExit(f"a service exited with code {process.returncode}")
-            if check(address, timeout_s=1):
-                kinds = {w.kind for w in client.list_workers()}
-                if 2 in kinds and (1 in kinds or not want_draft):  # ORACLE, DRAFT
-                    return
-            time.sleep(0.25)
-    raise SystemExit(f"the services were not ready within {READY_TIMEOUT_S:.0f}s")
+from specdec.launch import cluster
 
 
 def run_local(args: argparse.Namespace) -> None:
-    gateway = f"localhost:{args.port}"
-    oracle_port = args.oracle_port or args.port + 1
-    env = dict(os.environ)
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    processes = [_spawn("gateway", ["--port", str(args.port)], env)]
-    try:
-        oracle_flags = [
-            "--port", str(oracle_port),
-            "--gateway", gateway,
-            "--advertise-address", f"localhost:{oracle_port}",
-            "--device", args.device,
-        ]  # fmt: skip
-        if args.oracle_model:
-            oracle_flags += ["--model", args.oracle_model]
-        processes.append(_spawn("oracle", oracle_flags, env))
-        if not args.no_draft:
-            draft_flags = ["--gateway", gateway, "--health-port", "-1"]
-            if args.draft_model:
-                draft_flags += ["--model", args.draft_model]
-            processes.append(_spawn("draft", draft_flags, env))
-        _wait_ready(gateway, not args.no_draft, processes)
-        print(
-            f"specdec is up: gateway {gateway}, oracle localhost:{oracle_port}"
-            f"{'' if args.no_draft else ', 1 draft'}",
-            flush=True,
-        )
-        if args.generate is not None:
-            from specdec.cli import main as cli_main
-
-            cli_main(
-                ["generate", args.generate, "--gateway", gateway,
-                 "--max-new-tokens", str(args.max_new_tokens)]
+    with tempfile.TemporaryDirectory(prefix="specdec-up-") as workdir, cluster(
+        Path(workdir), echo=True
+    ) as c:
+        try:
+            gateway_flags = ["--tokenizer", args.oracle_model] if args.oracle_model else []
+            c.start_gateway(*gateway_flags, port=args.port)
+            oracle = c.start_oracle(
+                args.oracle_model or None,
+                "--device", args.device,
+                port=args.oracle_port or args.port + 1,
             )  # fmt: skip
-            return
-        print("press Ctrl-C to stop", flush=True)
-        while all(p.poll() is None for p in processes):
-            time.sleep(0.5)
-        raise SystemExit("a service exited; stopping the others")
-    except KeyboardInterrupt:
-        print("\nstopping", flush=True)
-    finally:
-        _stop(processes)
+            if not args.no_draft:
+                c.start_draft(args.draft_model or None)
+            c.wait_workers(oracles=1, drafts=0 if args.no_draft else 1)
+            print(
+                f"specdec is up: gateway localhost:{args.port} (clients connect here), "
+                f"oracle 127.0.0.1:{oracle.port}{'' if args.no_draft else ', 1 draft'}",
+                flush=True,
+            )
+            if args.generate is not None:
+                from specdec.cli import main as cli_main
+
+                cli_main(
+                    ["generate", args.generate, "--gateway", f"localhost:{args.port}",
+                     "--max-new-tokens", str(args.max_new_tokens)]
+                )  # fmt: skip
+                return
+            print("press Ctrl-C to stop", flush=True)
+            while all(s.alive() for s in c.services):
+                time.sleep(0.5)
+            raise SystemExit("a service exited; stopping the others")
+        except KeyboardInterrupt:
+            print("\nstopping", flush=True)

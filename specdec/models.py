@@ -61,7 +61,7 @@ class LoadedModel:
 
     def decode(self, token_ids: list[int]) -> str:
         """Text of ``token_ids`` (special tokens kept, as HF's stop-string matching sees them)."""
-        return str(self.tokenizer.decode(token_ids))
+        return str(self.tokenizer.decode(token_ids, clean_up_tokenization_spaces=False))
 
 
 def vocab_fingerprint(tokenizer: Any) -> str:

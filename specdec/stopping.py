@@ -109,7 +109,7 @@ class StopChecker:
                 break
         # A stop string completed strictly earlier wins; on the same token the id wins.
         if self.stop_strings:
-            hit = self._first_string_stop(new[: end - 1] if reason else new)
+            hit = self._first_string_stop(new[: end - 1] if reason is not None else new)
             if hit is not None:
                 end, reason = hit[0] + 1, FinishReason.STOP_STRING
                 self.matched_stop = hit[1]

@@ -103,6 +103,7 @@ class TurnStats:
     rounds: int = 0
     proposed: int = 0
     accepted: int = 0
+    rejected_rounds: int = 0  # rounds that rejected a drafted token
     cached_tokens: int = 0
     prefilled_tokens: int = 0
     prefill_ns: int = 0
@@ -118,6 +119,7 @@ class TurnStats:
         self.rounds += 1
         self.proposed += report.proposed
         self.accepted += report.accepted
+        self.rejected_rounds += int(report.accepted < report.proposed)
         self.output_tokens += report.committed
         self.draft_ns += report.draft_ns
         self.verify_ns += report.verify_ns

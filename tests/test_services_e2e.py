@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from specdec.client import Client
-from tests.cluster import Cluster, cluster
+from specdec.launch import Cluster, cluster
 
 PROMPTS = [[1, 5, 9, 12], [1, 30, 31, 32, 33, 34, 35, 36, 37, 38, 40], [1, 7]]
 

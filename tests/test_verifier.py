@@ -214,3 +214,21 @@ def test_validate_block_honours_a_smaller_max_k() -> None:
 def test_logits_rows_must_match_block() -> None:
     with pytest.raises(AssertionError, match="k\\+1"):
         verify_block(torch.zeros(2, V), DraftBlock((1, 2)), GREEDY, 0, 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_logits_give_the_cpu_verdicts() -> None:
+    # Oracle logits live on the GPU; q and the generators stay on the CPU. Same draws, so
+    # the same verdicts (up to float rounding at a boundary, which 200 seeds do not hit).
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 1000, generator=g) * 2
+    qs = tuple(
+        SparseDist(torch.tensor([j, j + 1, j + 2]), torch.tensor([0.5, 0.3, 0.2])) for j in range(3)
+    )
+    block = DraftBlock((0, 1, 2), qs)
+    for params in (GREEDY, SAMPLE, SamplingParams(temperature=0.8, top_k=20, top_p=0.9)):
+        for mode in (block, DraftBlock(block.token_ids)):
+            for seed in range(200):
+                cpu = verify_block(logits, mode, params, position=3, seed=seed)
+                gpu = verify_block(logits.cuda(), mode, params, position=3, seed=seed)
+                assert cpu == gpu

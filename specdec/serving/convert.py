@@ -146,5 +146,6 @@ def stats_to_pb(
         draft_id=draft_id,
         drafter=drafter,  # type: ignore[arg-type]
         failovers=failovers,
+        rejected_rounds=stats.rejected_rounds,
         mean_speculative_tokens=stats.proposed / stats.rounds if stats.rounds else 0.0,
     )

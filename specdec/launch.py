@@ -1,4 +1,9 @@
-"""Run the three services as real processes over real sockets, for end-to-end tests."""
+"""Start the three services as separate local processes over real sockets.
+
+Used by `specdec up`, by `specdec bench` and by the end-to-end tests: a
+``Cluster`` starts a gateway, then oracles and drafts that dial into it, and
+waits until the gateway lists them.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-READY_TIMEOUT_S = 120.0
+READY_TIMEOUT_S = 300.0
 
 
 def free_port() -> int:
@@ -59,6 +63,7 @@ class Cluster:
 
     workdir: Path
     env: dict[str, str]
+    echo: bool = False  # services log to this terminal instead of files
     gateway: Service | None = None
     services: list[Service] = field(default_factory=list)
 
@@ -69,35 +74,47 @@ class Cluster:
 
     def _start(self, name: str, args: Sequence[str], port: int = 0) -> Service:
         log_path = self.workdir / f"{name}-{len(self.services)}.log"
-        handle = log_path.open("wb")
+        if self.echo:
+            handle = None
+        else:
+            handle = log_path.open("wb")
         process = subprocess.Popen(
             [sys.executable, "-m", "specdec.cli", *args],
             stdout=handle,
-            stderr=subprocess.STDOUT,
+            stderr=subprocess.STDOUT if handle else None,
+            start_new_session=True,  # Ctrl-C reaches the launcher, which stops everyone
             env=self.env,
-            cwd=ROOT,
         )
         service = Service(name, process, log_path, port)
         self.services.append(service)
         return service
 
     def start_gateway(self, *flags: str, port: int = 0) -> Service:
+        """A gateway on ``port`` (0 = a free one)."""
         port = port or free_port()
         self.gateway = self._start("gateway", ["gateway", "--port", str(port), *flags], port)
         return self.gateway
 
-    def start_oracle(self, model: Path | str, *flags: str, oracle_id: str = "") -> Service:
-        port = free_port()
+    def start_oracle(
+        self, model: Path | str | None, *flags: str, oracle_id: str = "", port: int = 0
+    ) -> Service:
+        """An oracle (model None = the demo oracle) registering at this cluster's gateway."""
+        port = port or free_port()
         args = [
-            "oracle", "--model", str(model), "--port", str(port), "--host", "127.0.0.1",
+            "oracle", "--port", str(port), "--host", "127.0.0.1",
             "--gateway", self.address, "--advertise-address", f"127.0.0.1:{port}",
         ]  # fmt: skip
+        if model is not None:
+            args += ["--model", str(model)]
         if oracle_id:
             args += ["--oracle-id", oracle_id]
         return self._start("oracle", [*args, *flags], port)
 
-    def start_draft(self, model: Path | str, *flags: str, draft_id: str = "") -> Service:
-        args = ["draft", "--model", str(model), "--gateway", self.address, "--health-port", "-1"]
+    def start_draft(self, model: Path | str | None, *flags: str, draft_id: str = "") -> Service:
+        """A draft (model None = the demo draft) dialling this cluster's gateway."""
+        args = ["draft", "--gateway", self.address, "--health-port", "-1"]
+        if model is not None:
+            args += ["--model", str(model)]
         if draft_id:
             args += ["--draft-id", draft_id]
         return self._start("draft", [*args, *flags])
@@ -111,7 +128,10 @@ class Cluster:
             while time.monotonic() < deadline:
                 for service in self.services:
                     if not service.alive() and service.process.returncode not in (0, -9):
-                        raise RuntimeError(f"{service.name} died:\n{service.log()[-3000:]}")
+                        raise RuntimeError(
+                            f"{service.name} exited with code {service.process.returncode}:\n"
+                            f"{service.log()[-3000:]}"
+                        )
                 with contextlib.suppress(Exception):
                     kinds = [int(w.kind) for w in client.list_workers()]
                     if kinds.count(2) >= oracles and kinds.count(1) >= drafts:
@@ -126,10 +146,17 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def cluster(workdir: Path, env: dict[str, str] | None = None) -> Iterator[Cluster]:
+def cluster(
+    workdir: Path, env: dict[str, str] | None = None, *, echo: bool = False
+) -> Iterator[Cluster]:
+    """A Cluster whose services are all stopped on exit.
+
+    Each process gets one compute thread unless ``env`` says otherwise: on a small
+    machine, several processes spinning OpenMP threads slow each other down tenfold.
+    """
     environment = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     environment.setdefault("SPECDEC_LOG_LEVEL", "info")
-    running = Cluster(workdir, environment)
+    running = Cluster(workdir, environment, echo)
     try:
         yield running
     finally:

@@ -1,0 +1,240 @@
+"""`specdec bench`: every configuration through the real gateway, side by side, in one run.
+
+Starts a gateway, an oracle and a draft (unless --gateway targets running
+ones), with a delay proxy between the draft and the oracle, then runs each
+prompt through every configuration in turn (prompt-major order, so drift on a
+noisy machine hits all configurations alike): the oracle alone (k = 0), fixed
+k, adaptive k, the n-gram drafter, each model-drafted configuration at every
+added round trip; plus two in-process baselines on the same models: HF
+``generate`` of the oracle alone and HF assisted generation. Prints a table
+and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from specdec.bench.measure import Result, Sample, table
+from specdec.bench.proxy import DelayProxy
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    k: int
+    adaptive: bool = False
+    drafter: str | None = None  # None: the gateway's choice (model when registered)
+    delay_ms: float = 0.0
+    hf: str = ""  # "alone" / "assisted": in-process baselines
+
+
+def add_bench_parser(sub: Any) -> None:
+    p = sub.add_parser("bench", help="benchmark speculation against the oracle alone and HF")
+    p.add_argument("--oracle-model", default="", help="default: the demo oracle")
+    p.add_argument("--draft-model", default="", help="default: the demo draft")
+    p.add_argument("--device", default="cpu", help="the oracle's device (cpu, cuda)")
+    p.add_argument("--draft-device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--prompt-tokens", type=int, default=192)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--long-tokens", type=int, default=512, help="long-output case (0 = skip)")
+    p.add_argument("--ks", default="2,4,8", help="fixed k values")
+    p.add_argument("--delays", default="0,10,50", help="added draft-oracle round trips, ms")
+    p.add_argument("--workloads", default="greedy,sample", help="greedy and/or sample (T=1)")
+    p.add_argument("--no-hf", action="store_true", help="skip the in-process HF baselines")
+    p.add_argument("--threads", type=int, default=1, help="compute threads per process")
+    p.add_argument("--out", default="bench_results/bench.json")
+    p.set_defaults(func=run_bench)
+
+
+class ProxyThread:
+    """A DelayProxy on its own event loop thread, controllable from this thread."""
+
+    def __init__(self, target_port: int) -> None:
+        self.proxy = DelayProxy("127.0.0.1", target_port)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self.port = asyncio.run_coroutine_threadsafe(self.proxy.start(), self._loop).result()
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.proxy.stop(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+def _gateway_sample(client: Any, prompt: list[int], cfg: Config, sampling: dict[str, Any]) -> Sample:
+    start = time.perf_counter()
+    last = start
+    sample = Sample(0, 0.0, 0.0)
+    for response in client.stream(
+        prompt, k=cfg.k, adaptive=cfg.adaptive, drafter=cfg.drafter, ignore_eos=True, **sampling
+    ):
+        now = time.perf_counter()
+        n = len(response.token_ids)
+        if n:
+            if sample.tokens == 0:
+                sample.ttft_s = now - start
+            else:
+                sample.itl_s.extend([(now - last) / n] * n)
+            last = now
+            sample.tokens += n
+            sample.token_ids.extend(response.token_ids)
+        if response.finish_reason:
+            sample.stats = response.stats
+    sample.seconds = time.perf_counter() - start
+    return sample
+
+
+class _Timer:
+    """A transformers streamer that records when tokens arrive (the first put is the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[tuple[float, int]] = []
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self.times.append((time.perf_counter(), int(value.numel())))
+
+    def end(self) -> None:
+        pass
+
+
+def _hf_sample(oracle: Any, draft: Any, prompt: list[int], cfg: Config, sampling: dict[str, Any],
+               max_new_tokens: int) -> Sample:  # fmt: skip
+    import torch
+
+    ids = torch.tensor([prompt], device=oracle.device)
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "min_new_tokens": max_new_tokens}
+    if sampling.get("temperature", 0.0) > 0:
+        kwargs.update(do_sample=True, temperature=sampling["temperature"], top_k=0, top_p=1.0)
+    else:
+        kwargs.update(do_sample=False)
+    if cfg.hf == "assisted":
+        kwargs["assistant_model"] = draft
+    timer = _Timer()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = oracle.generate(ids, streamer=timer, pad_token_id=0, **kwargs)
+    seconds = time.perf_counter() - start
+    generated = [int(t) for t in out[0, len(prompt) :]]
+    sample = Sample(len(generated), seconds, timer.times[0][0] - start if timer.times else seconds)
+    last = start + sample.ttft_s
+    for when, n in timer.times[1:]:
+        sample.itl_s.extend([(when - last) / n] * n)
+        last = when
+    sample.token_ids = generated
+    return sample
+
+
+def _configs(args: argparse.Namespace) -> list[Config]:
+    ks = [int(k) for k in args.ks.split(",") if k]
+    delays = [float(d) for d in args.delays.split(",") if d]
+    configs = [Config("oracle alone (k=0)", 0), Config("ngram k=4", 4, drafter="ngram")]
+    for delay in delays:
+        configs += [Config(f"draft k={k}", k, delay_ms=delay) for k in ks]
+        configs.append(Config("draft adaptive", max(ks), adaptive=True, delay_ms=delay))
+    if not args.no_hf:
+        configs += [Config("HF generate (oracle)", 0, hf="alone"),
+                    Config("HF assisted (draft)", 0, hf="assisted")]  # fmt: skip
+    return configs
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from specdec.bench.workload import heldout_prompts
+    from specdec.client import Client
+    from specdec.launch import cluster, free_port
+    from specdec.models import DEMO_DRAFT, DEMO_ORACLE
+
+    torch.set_num_threads(args.threads)
+    oracle_path = args.oracle_model or str(DEMO_ORACLE)
+    draft_path = args.draft_model or str(DEMO_DRAFT)
+    tokenizer = AutoTokenizer.from_pretrained(oracle_path)
+    prompts = heldout_prompts(
+        lambda text: tokenizer(text)["input_ids"], args.prompts, args.prompt_tokens
+    )
+    configs = _configs(args)
+    env = {"OMP_NUM_THREADS": str(args.threads), "SPECDEC_LOG_LEVEL": "warning"}
+    hf_oracle = hf_draft = None
+    if not args.no_hf:
+        hf_oracle = AutoModelForCausalLM.from_pretrained(oracle_path, dtype=getattr(torch, args.dtype)).to(args.device).eval()  # noqa: E501
+        hf_draft = AutoModelForCausalLM.from_pretrained(draft_path, dtype=getattr(torch, args.dtype)).to(args.device).eval()  # noqa: E501
+    oracle_port = free_port()
+    proxy = ProxyThread(oracle_port)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as workdir, cluster(Path(workdir), env) as c:
+        c.start_gateway("--tokenizer", oracle_path, "--default-max-new-tokens", "512")
+        c.start_oracle(
+            oracle_path, "--device", args.device, "--dtype", args.dtype,
+            "--public-address", f"127.0.0.1:{proxy.port}", port=oracle_port,
+        )  # fmt: skip
+        c.start_draft(draft_path, "--device", args.draft_device, "--dtype", args.dtype)
+        c.wait_workers(oracles=1, drafts=1)
+        with Client(c.address, timeout=600) as client:
+            workloads = [w for w in args.workloads.split(",") if w]
+            cases = [(w, args.max_new_tokens, configs) for w in workloads]
+            if args.long_tokens:
+                long_configs = [cf for cf in configs if cf.delay_ms == 0 and cf.k in (0, 4)]
+                cases.append(("greedy-long", args.long_tokens, long_configs))
+            for workload, max_new, case_configs in cases:
+                sampling = {"max_new_tokens": max_new}
+                if workload.startswith("sample"):
+                    sampling.update(temperature=1.0, seed=1234)
+                case_prompts = prompts if max_new <= 256 else prompts[: max(2, len(prompts) // 4)]
+                results = {cf: Result(cf.name, workload, cf.delay_ms, []) for cf in case_configs}
+                _gateway_sample(client, prompts[0][:16], configs[2], sampling)  # warm-up
+                for i, prompt in enumerate(case_prompts):
+                    for cf in case_configs:
+                        if cf.hf:
+                            s = _hf_sample(hf_oracle, hf_draft, prompt, cf, sampling, max_new)
+                        else:
+                            proxy.proxy.delay_s = cf.delay_ms / 1000
+                            before = proxy.proxy.bytes_total
+                            s = _gateway_sample(client, prompt, cf, sampling)
+                            results[cf].wire_bytes += proxy.proxy.bytes_total - before
+                        results[cf].samples.append(s)
+                    print(f"  {workload}: prompt {i + 1}/{len(case_prompts)} done", flush=True)
+                base = results[case_configs[0]]
+                hf_base = next((r for cf, r in results.items() if cf.hf == "alone"), None)
+                for cf, result in results.items():
+                    row = result.summary(base if cf.k or cf.hf else None)
+                    if hf_base is not None and cf.hf != "alone":
+                        row["vs_hf_generate"] = row["tokens_per_s"] / hf_base.summary(None)["tokens_per_s"]  # noqa: E501
+                    rows.append(row)
+                assisted = next((r for cf, r in results.items() if cf.hf == "assisted"), None)
+                if assisted is not None:
+                    hf_tps = assisted.summary(None)["tokens_per_s"]
+                    for row in rows[-len(results):]:
+                        row["vs_hf_assisted"] = row["tokens_per_s"] / hf_tps
+                print(table(rows[-len(results):]), flush=True)
+    proxy.stop()
+    report = {
+        "command": "specdec " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else sys.argv,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "device": args.device,
+                    "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else ""},
+        "models": {"oracle": oracle_path, "draft": draft_path},
+        "prompts": len(prompts),
+        "rows": rows,
+    }  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\n{table(rows)}\n\nwrote {out}")
