@@ -19,8 +19,19 @@ class DraftConfig:
     max_sessions: int = setting(8, "turns drafted at once; the gateway sends no more")
     max_cached_sessions: int = setting(64, "sessions whose draft KV cache is kept between turns")
     max_support: int = setting(32, "largest support of a sampled draft distribution q")
+    verify_timeout_s: float = setting(
+        30.0, "seconds to wait for each verdict (and the prefill) before failing the turn over"
+    )
     health_host: str = setting("127.0.0.1", "interface of the local health endpoint")
     health_port: int = setting(50053, "port of the local health endpoint (0 = any, -1 = off)")
     torch_threads: int = setting(0, "CPU threads for the model (0 = torch's default)")
     log_level: str = setting("info", "debug, info, warning or error")
     metrics_port: int = setting(0, "Prometheus scrape port (0 = off)")
+    # Security (docs/security.md): all off by default.
+    tls_cert: str = setting("", "PEM client certificate presented to gateway and oracles")
+    tls_key: str = setting("", "PEM private key of --tls-cert")
+    tls_ca: str = setting("", "PEM CA bundle verifying gateway and oracles (set: TLS on)")
+    tls_server_name: str = setting(
+        "", "name the servers' certificates must carry (default: the dialled host)"
+    )
+    auth_token: str = setting("", "worker token presented to the gateway and the oracles")

@@ -22,7 +22,9 @@ from specdec.config import load_config
 from specdec.models import DEMO_DRAFT, load_model
 from specdec.serving.logs import configure_logging
 from specdec.serving.registration import GatewayConnection, stay_registered
+from specdec.serving.security import ChannelSecurity
 from specdec.serving.server import ServiceServer, start_server
+from specdec.telemetry import configure_telemetry, observe
 
 log = logging.getLogger("draft")
 
@@ -30,6 +32,8 @@ log = logging.getLogger("draft")
 async def serve(config: DraftConfig) -> None:
     if config.torch_threads > 0:
         torch.set_num_threads(config.torch_threads)
+    telemetry = configure_telemetry("draft", config.metrics_port)
+    security = ChannelSecurity.of(config)  # TLS and worker token to gateway and oracles
     health: ServiceServer | None = None
     if config.health_port >= 0:
         health = await start_server(f"{config.health_host}:{config.health_port}", [])
@@ -38,7 +42,11 @@ async def serve(config: DraftConfig) -> None:
     log.info("loading draft model %s on %s ...", source, config.device)
     model = await asyncio.to_thread(load_model, source, config.device, config.dtype)
     worker_id = config.draft_id or f"draft-{socket.gethostname()}-{os.getpid()}"
-    worker = DraftWorker(config, model, worker_id)
+    worker = DraftWorker(config, model, worker_id, security)
+    observe(
+        active_sessions=lambda: worker.active_turns,
+        kv_cache_bytes=lambda: worker.load().kv_cache_bytes,
+    )
     if health is not None:
         await health.set_serving(True)
     log.info("draft %s ready (model %s); dialling gateway %s", worker_id, source, config.gateway)
@@ -51,6 +59,7 @@ async def serve(config: DraftConfig) -> None:
             worker.load,
             connection,
             worker.on_disconnect,
+            security,
         )
     )
     stop = asyncio.Event()
@@ -66,6 +75,7 @@ async def serve(config: DraftConfig) -> None:
     await worker.close()
     if health is not None:
         await health.stop(1.0)
+    await telemetry.shutdown()  # flushes the spans of the last rounds
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,7 +27,9 @@ from specdec.serving import convert
 from specdec.serving.channels import open_channel
 from specdec.serving.oracle_link import GrpcOracleLink, OracleRpcError
 from specdec.serving.registration import GatewayConnection
+from specdec.serving.security import ChannelSecurity
 from specdec.stopping import StopChecker
+from specdec.telemetry.rounds import round_tracer
 from specdec.turn import OpenResult, RoundReport, ThreadProposer, Turn, run_turn
 from specdec.v1 import gateway_pb2, oracle_pb2_grpc, registry_pb2
 
@@ -36,8 +39,15 @@ log = logging.getLogger(__name__)
 class DraftWorker:
     """State of one draft service: its model, per-session drafters, running turns."""
 
-    def __init__(self, config: DraftConfig, model: LoadedModel, worker_id: str) -> None:
+    def __init__(
+        self,
+        config: DraftConfig,
+        model: LoadedModel,
+        worker_id: str,
+        security: ChannelSecurity | None = None,  # TLS material and token to the oracles
+    ) -> None:
         self.config = config
+        self.security = security
         self.model = model
         self.worker_id = worker_id
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-model")
@@ -112,11 +122,20 @@ class DraftWorker:
     def _oracle(self, address: str) -> oracle_pb2_grpc.OracleStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = open_channel(address)
+            channel = self._channels[address] = open_channel(address, self.security)
         return oracle_pb2_grpc.OracleStub(channel)
 
     async def _run(self, a: registry_pb2.Assignment, connection: GatewayConnection) -> None:
-        link = GrpcOracleLink(self._oracle(a.oracle_address), a.session_id, a.grant)
+        # Rounds are traced under the gateway's request (None when telemetry is off).
+        rounds = round_tracer(a.session_id, a.trace_context, draft_metrics=True)
+        link = GrpcOracleLink(
+            self._oracle(a.oracle_address),
+            a.session_id,
+            a.grant,
+            trace_context=rounds.trace_context if rounds is not None else None,
+            # A stalled link sends nothing: only a deadline per round notices it.
+            round_timeout_s=self.config.verify_timeout_s or None,
+        )
         try:
             params = convert.sampling_from_pb(a.sampling)
             drafter = self._drafter(a.session_id)
@@ -162,7 +181,7 @@ class DraftWorker:
             proposer = ThreadProposer(drafter, self._executor)
             policy = AdaptiveK(turn.k) if a.adaptive and turn.k > 0 else None
             reason, stats = await run_turn(
-                link, proposer, turn, on_commit, policy=policy, on_open=on_open
+                link, proposer, turn, on_commit, policy=policy, on_open=on_open, observer=rounds
             )
             finished = registry_pb2.AssignmentFinished(
                 assignment_id=a.assignment_id,
@@ -173,9 +192,13 @@ class DraftWorker:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            if rounds is not None:
+                rounds.close(exc)
             await connection.send(registry_pb2.ConnectRequest(failed=_failure(a, exc)))
         finally:
             await link.close()
+            if rounds is not None:
+                rounds.close(sys.exc_info()[1])  # cancelled, or nothing open any more
 
 
 def _round_to_pb(report: RoundReport) -> registry_pb2.RoundReport:

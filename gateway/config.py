@@ -22,5 +22,32 @@ class GatewayConfig:
     worker_wait_s: float = setting(
         5.0, "how long a request waits for a worker to register before UNAVAILABLE"
     )
+    worker_silence_s: float = setting(
+        60.0,
+        "seconds a turn waits for the next report of its worker (a draft's commit, an oracle's "
+        "verdict) before failing over: a hung worker or a stalled link sends nothing",
+    )
     log_level: str = setting("info", "debug, info, warning or error")
     metrics_port: int = setting(0, "Prometheus scrape port (0 = off)")
+    # Security (docs/security.md): all off by default.
+    tls_cert: str = setting("", "PEM certificate of this server (with --tls-key: TLS)")
+    tls_key: str = setting("", "PEM private key of --tls-cert")
+    tls_ca: str = setting("", "PEM CA bundle: clients must present a certificate it signed (mTLS)")
+    tls_server_name: str = setting(
+        "", "name the oracles' certificates must carry (default: the dialled host)"
+    )
+    auth_token: str = setting(
+        "", "bearer token of applications (principal 'default') and, unless --worker-token, workers"
+    )
+    auth_tokens: str = setting(
+        "", "application tokens, each its own principal: alice:TOKEN1,bob:TOKEN2"
+    )
+    worker_token: str = setting(
+        "", "token oracles and drafts must present (their SPECDEC_AUTH_TOKEN); default --auth-token"
+    )
+    grant_secret: str = setting(
+        "", "secret shared with the oracles to sign session grants (empty = no grants)"
+    )
+    grant_ttl_s: float = setting(600.0, "seconds a session grant stays valid")
+    health_host: str = setting("127.0.0.1", "interface of the plaintext health endpoint")
+    health_port: int = setting(-1, "plaintext health-only port (-1 = off: health on --port)")

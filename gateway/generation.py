@@ -31,8 +31,10 @@ from specdec.sampling import SamplingParams, resolve_seed, validate_token_ids
 from specdec.serving import convert
 from specdec.serving.oracle_link import GrpcOracleLink, OracleRpcError
 from specdec.stopping import FinishReason, StopChecker
+from specdec.telemetry.gateway import record_round
+from specdec.telemetry.rounds import current_trace_context, round_tracer
 from specdec.turn import InlineProposer, OpenResult, RoundReport, Turn, TurnStats, check_k, run_turn
-from specdec.v1 import common_pb2, registry_pb2
+from specdec.v1 import common_pb2, oracle_pb2, registry_pb2
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ class TurnSummary:
     draft_id: str = ""
     drafter: int = common_pb2.DRAFTER_KIND_UNSPECIFIED
     failovers: int = 0
+    model: str = ""  # the oracle's model (the output is what it alone would produce)
 
 
 # Events of one attempt (one pair of workers).
@@ -109,12 +112,16 @@ class TurnRunner:
         *,
         max_failovers: int,
         worker_wait_s: float,
+        worker_silence_s: float = 60.0,
     ) -> None:
         self.registry = registry
         self._decode = decode  # for stop strings: special tokens kept, as HF matches them
         self._decode_text = decode_text  # for the streamed text: special tokens skipped
         self._max_failovers = max_failovers
         self._worker_wait_s = worker_wait_s
+        # A worker that sends nothing for this long is hung or cut off (a dead TCP peer
+        # behind a stalled link is silent, not disconnected): the turn fails over.
+        self._worker_silence_s = worker_silence_s
 
     # -- worker choice -------------------------------------------------------
 
@@ -187,6 +194,7 @@ class TurnRunner:
             remaining = dataclasses.replace(params, max_new_tokens=params.max_new_tokens - produced)
             attempt, draft = self._attempt(session, request, remaining, seed, oracle, excluded)
             summary.oracle_id = oracle.worker_id
+            summary.model = oracle.info.model
             summary.draft_id = draft.worker_id if draft else ""
             summary.drafter = _drafter_kind(request, draft)
             finish: FinishReason | None = None
@@ -214,6 +222,7 @@ class TurnRunner:
                     session.tokens.extend(tokens)
                     produced += keep
                     summary.stats.add(dataclasses.replace(event.report, committed=keep))
+                    record_round(event.report, summary.drafter)
                     if summary.stats.time_to_first_token_ns == 0 and tokens:
                         summary.stats.time_to_first_token_ns = int((loop.time() - t_start) * 1e9)
                     text = decoder.feed(tokens)
@@ -302,12 +311,20 @@ class TurnRunner:
             num_speculative_tokens=request.k,
             adaptive=request.adaptive,
             max_context=oracle.info.max_context,
+            grant=self.registry.grant(session.session_id, oracle),
+            trace_context=current_trace_context(),  # the Generate span: rounds hang under it
         )
         finished = False
         try:
             await draft.outbox.put(registry_pb2.ConnectResponse(assignment=assignment))
             while True:
-                message = await queue.get()
+                try:
+                    message = await asyncio.wait_for(queue.get(), self._worker_silence_s)
+                except TimeoutError:
+                    raise _Broke(
+                        draft,
+                        f"draft {draft.worker_id} reported nothing for {self._worker_silence_s}s",
+                    ) from None
                 kind = message.WhichOneof("kind")
                 if kind == "opened":
                     o = message.opened
@@ -324,10 +341,13 @@ class TurnRunner:
                     finished = True
                     code = _code(failed.status_code)
                     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN):
-                        culprit = (
-                            oracle if not oracle.alive or "oracle" in failed.message else draft
+                        # The draft's report alone cannot tell a dead oracle from a broken
+                        # draft -> oracle link: the gateway asks the oracle itself. Reachable:
+                        # the pair's link (or the draft) failed, the oracle stays in the turn.
+                        dead = not oracle.alive or (
+                            "oracle" in failed.message and not await _reachable(oracle)
                         )
-                        raise _Broke(culprit, failed.message)
+                        raise _Broke(oracle if dead else draft, failed.message)
                     error = OracleRpcError(code, failed.message)
                     raise error
         finally:
@@ -349,7 +369,14 @@ class TurnRunner:
         proposer = None
         if request.drafter == common_pb2.DRAFTER_KIND_NGRAM and request.k > 0:
             proposer = InlineProposer(NgramDrafter())
-        link = GrpcOracleLink(oracle.oracle_stub(), session.session_id)
+        rounds = round_tracer(session.session_id)  # None when tracing is off
+        link = GrpcOracleLink(
+            oracle.oracle_stub(),
+            session.session_id,
+            grant=self.registry.grant(session.session_id, oracle),
+            trace_context=rounds.trace_context if rounds is not None else None,
+            round_timeout_s=self._worker_silence_s,
+        )
         queue: asyncio.Queue[_Event] = asyncio.Queue()
         turn = Turn(
             context=list(session.tokens),
@@ -375,7 +402,9 @@ class TurnRunner:
 
         policy = AdaptiveK(turn.k) if request.adaptive and turn.k > 0 else None
         task = asyncio.create_task(
-            run_turn(link, proposer, turn, on_commit, policy=policy, on_open=on_open)
+            run_turn(
+                link, proposer, turn, on_commit, policy=policy, on_open=on_open, observer=rounds
+            )
         )
         oracle.assignments.add(id(task).__str__())
         try:
@@ -402,6 +431,17 @@ class TurnRunner:
             with contextlib.suppress(BaseException):
                 await task
             await link.close()
+            if rounds is not None:
+                rounds.close(None if task.cancelled() else task.exception())
+
+
+async def _reachable(oracle: Worker, timeout_s: float = 2.0) -> bool:
+    """Whether ``oracle`` answers GetInfo on the gateway's own channel to it."""
+    try:
+        await oracle.oracle_stub().GetInfo(oracle_pb2.GetInfoRequest(), timeout=timeout_s)
+    except grpc.aio.AioRpcError:
+        return False
+    return True
 
 
 def _prefer(workers: list[Worker], preferred_id: str) -> Worker:

@@ -16,8 +16,12 @@ from gateway.sessions import SessionTable
 from specdec.config import load_config
 from specdec.errors import NotFound
 from specdec.models import DEMO_ORACLE, vocab_fingerprint
+from specdec.serving.grants import GrantSigner
+from specdec.serving.health_endpoint import start_health_endpoint
 from specdec.serving.logs import configure_logging
+from specdec.serving.security import ChannelSecurity, gateway_auth, server_credentials
 from specdec.serving.server import ServiceServer, start_server
+from specdec.telemetry import configure_telemetry
 from specdec.v1 import gateway_pb2, gateway_pb2_grpc, registry_pb2, registry_pb2_grpc
 
 log = logging.getLogger("gateway")
@@ -25,6 +29,7 @@ log = logging.getLogger("gateway")
 
 async def start(config: GatewayConfig) -> ServiceServer:
     """Load the tokenizer, start serving; returns the running server."""
+    telemetry = configure_telemetry("gateway", config.metrics_port)  # before the server
     source = config.tokenizer or str(DEMO_ORACLE)
     try:
         tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, source)
@@ -33,13 +38,19 @@ async def start(config: GatewayConfig) -> ServiceServer:
             f"cannot load the tokenizer {source!r} ({exc}); set --tokenizer / "
             "SPECDEC_TOKENIZER to the oracle model's folder or hub id"
         ) from None
-    registry = Registry(required_fingerprint=vocab_fingerprint(tokenizer))
+    # Security (docs/security.md): each part off unless configured.
+    auth = gateway_auth(config.auth_token, config.auth_tokens, config.worker_token)
+    credentials = server_credentials(config)
+    grants = GrantSigner(config.grant_secret, config.grant_ttl_s) if config.grant_secret else None
+    dial_oracles = ChannelSecurity.of(config, token=config.worker_token or config.auth_token)
+    registry = Registry(vocab_fingerprint(tokenizer), security=dial_oracles, grants=grants)
     runner = TurnRunner(
         registry,
         lambda ids: str(tokenizer.decode(list(ids), clean_up_tokenization_spaces=False)),
         lambda ids: str(tokenizer.decode(list(ids), skip_special_tokens=True)),
         max_failovers=config.max_failovers,
         worker_wait_s=config.worker_wait_s,
+        worker_silence_s=config.worker_silence_s,
     )
     sessions = SessionTable(config.max_sessions, config.session_ttl_s)
     servicer = GatewayServicer(
@@ -63,7 +74,11 @@ async def start(config: GatewayConfig) -> ServiceServer:
                 registry_pb2.DESCRIPTOR.services_by_name["WorkerRegistry"].full_name,
             ),
         ],
+        credentials=credentials,
+        interceptors=[auth] if auth else [],
     )
+    await start_health_endpoint(config.health_host, config.health_port, server)
+    server.on_stop.append(telemetry.shutdown)  # flushes the spans of the last requests
     await server.set_serving(True)
     log.info("gateway listening on %s:%d (tokenizer %s)", config.host, server.port, source)
     return server

@@ -20,6 +20,8 @@ import grpc
 
 from specdec.errors import FailedPrecondition, InvalidArgument
 from specdec.serving.channels import open_channel
+from specdec.serving.grants import GrantSigner
+from specdec.serving.security import ChannelSecurity
 from specdec.v1 import gateway_pb2, oracle_pb2_grpc, registry_pb2, registry_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ class Worker:
     kv_cache_bytes: int = 0
     channel: grpc.aio.Channel | None = None  # oracles: the gateway's channel to it
     alive: bool = True
+    security: ChannelSecurity | None = None  # how the gateway dials it (TLS, token)
 
     @property
     def worker_id(self) -> str:
@@ -59,7 +62,7 @@ class Worker:
 
     def oracle_stub(self) -> oracle_pb2_grpc.OracleStub:
         if self.channel is None:
-            self.channel = open_channel(self.info.address)
+            self.channel = open_channel(self.info.address, self.security)
         return oracle_pb2_grpc.OracleStub(self.channel)
 
     def to_pb(self) -> gateway_pb2.WorkerInfo:
@@ -84,11 +87,22 @@ AssignmentEvent = registry_pb2.ConnectRequest
 class Registry:
     """The live workers, and the queues of assignments in flight."""
 
-    def __init__(self, required_fingerprint: str | None = None) -> None:
+    def __init__(
+        self,
+        required_fingerprint: str | None = None,
+        security: ChannelSecurity | None = None,
+        grants: GrantSigner | None = None,
+    ) -> None:
         self._workers: dict[str, Worker] = {}
         self._waiting: dict[str, asyncio.Queue[AssignmentEvent]] = {}
         self._required_fingerprint = required_fingerprint
+        self._security = security  # dialling oracles: TLS material and worker token
+        self._grants = grants
         self.changed = asyncio.Condition()
+
+    def grant(self, session_id: str, oracle: Worker) -> str:
+        """The OpenVerify.grant letting ``oracle`` serve ``session_id`` ("" without grants)."""
+        return self._grants.issue(session_id, oracle.worker_id) if self._grants else ""
 
     def workers(self) -> list[Worker]:
         return list(self._workers.values())
@@ -120,7 +134,7 @@ class Registry:
         if old is not None:
             log.info("worker %s re-registered; dropping its previous connection", info.worker_id)
             await self.unregister(old)
-        worker = Worker(info)
+        worker = Worker(info, security=self._security)
         self._workers[info.worker_id] = worker
         log.info(
             "%s %s registered (model %s, %s)",

@@ -10,17 +10,18 @@ from gateway.generation import Chunk, TurnRequest, TurnRunner
 from gateway.sessions import Session, SessionTable
 from specdec.errors import FailedPrecondition, InvalidArgument
 from specdec.serving import convert
+from specdec.serving.security import current_principal
+from specdec.telemetry.gateway import request_observer
 from specdec.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, oracle_pb2, registry_pb2
 
 log = logging.getLogger(__name__)
 
 
 def caller_of(context: Any) -> str:
-    """The principal a request runs as (set by the auth interceptor; "" when auth is off)."""
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-specdec-principal":
-            return str(value)
-    return ""
+    """The principal a request runs as: proven by its bearer token to the auth
+    interceptor ("" when authentication is off). Never read from request metadata,
+    which the client chooses."""
+    return current_principal()
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -78,14 +79,21 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise FailedPrecondition(
                 f"session {request.session_id!r} is already generating; one turn at a time"
             )
+        watch = request_observer(  # None when telemetry is off
+            session.session_id, len(turn.prompt_ids), turn.params, turn.k, not session.ephemeral
+        )
         try:
             async with session.lock:
                 session.touch()
                 async for chunk in self._runner.run(session, turn):
+                    if watch is not None:
+                        watch.chunk(chunk)
                     yield _response(chunk, "" if session.ephemeral else session.session_id)
                 session.turns += 1
                 session.touch()
         finally:
+            if watch is not None:
+                watch.close()
             if session.ephemeral:
                 self._sessions.discard(session)
                 await self.release_caches(session)
@@ -139,7 +147,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     )
                 except Exception as exc:
                     log.debug("release on %s failed: %s", worker.worker_id, exc)
-            elif worker.worker_id == session.draft_id:
+            else:
+                # Every draft, not only session.draft_id: a turn cancelled or failed over
+                # before it ended left caches on drafts the session never recorded.
                 release = registry_pb2.ReleaseDraftSession(session_id=session.session_id)
                 worker.outbox.put_nowait(registry_pb2.ConnectResponse(release=release))
 

@@ -44,6 +44,21 @@ class OracleConfig:
         "info", "log level", choices=("debug", "info", "warning", "error", "critical")
     )
     metrics_port: int = setting(0, "Prometheus metrics port (0 = no metrics endpoint)")
+    # Security (docs/security.md): all off by default.
+    tls_cert: str = setting("", "PEM certificate (served, and presented to the gateway)")
+    tls_key: str = setting("", "PEM private key of --tls-cert")
+    tls_ca: str = setting("", "PEM CA bundle: verifies the gateway; callers need a certificate")
+    tls_server_name: str = setting(
+        "", "name the gateway's certificate must carry (default: the dialled host)"
+    )
+    auth_token: str = setting(
+        "", "worker token: required of callers, presented to the gateway (empty = none)"
+    )
+    grant_secret: str = setting(
+        "", "the gateway's grant secret: serve only sessions it granted (empty = any)"
+    )
+    health_host: str = setting("127.0.0.1", "interface of the plaintext health endpoint")
+    health_port: int = setting(-1, "plaintext health-only port (-1 = off: health on --port)")
 
     def resolved_oracle_id(self) -> str:
         return self.oracle_id or f"{socket.gethostname()}-{os.getpid()}"

@@ -30,9 +30,14 @@ from specdec.config import add_arguments as add_config_arguments
 from specdec.config import from_namespace, load_config
 from specdec.errors import SpecdecError
 from specdec.models import LoadedModel, load_model
+from specdec.serving.grants import GrantSigner
+from specdec.serving.health_endpoint import start_health_endpoint
 from specdec.serving.logs import configure_logging
 from specdec.serving.registration import GatewayConnection, stay_registered
+from specdec.serving.security import ChannelSecurity, oracle_auth, server_credentials
 from specdec.serving.server import ServiceServer, start_server
+from specdec.telemetry import configure_telemetry
+from specdec.telemetry.oracle import observe_store
 from specdec.v1 import gateway_pb2, oracle_pb2_grpc, registry_pb2
 
 log = logging.getLogger("oracle_service")
@@ -57,6 +62,7 @@ class OracleService:
         self.oracle_id = config.resolved_oracle_id()
         self.engine: OracleEngine | None = None
         self._registration: asyncio.Task[None] | None = None
+        self.gateway_security: ChannelSecurity | None = None  # TLS and token to the gateway
         server.on_stop.append(self._on_stop)
 
     @property
@@ -78,6 +84,7 @@ class OracleService:
         )
         self.engine = engine
         self.servicer.engine = engine
+        observe_store(engine.sessions)
         await self.server.set_serving(True)
         log.info(
             "model %s loaded in %.1fs (vocab %d, context %d, fingerprint %s); serving as %s",
@@ -96,6 +103,7 @@ class OracleService:
                     self._on_gateway_message,
                     self.load_report,
                     connection=GatewayConnection(),
+                    security=self.gateway_security,
                 ),
                 name="oracle-registration",
             )
@@ -156,12 +164,23 @@ def _bind_address(host: str, port: int) -> str:
 async def start(config: OracleConfig) -> OracleService:
     """Bind and start the server (health NOT_SERVING); the model is not loaded yet."""
     config.validate()
-    servicer = OracleServicer()
+    telemetry = configure_telemetry("oracle", config.metrics_port)  # before the server: tracing
+    # Security (docs/security.md): each part off unless configured.
+    grants = GrantSigner(config.grant_secret) if config.grant_secret else None
+    auth = oracle_auth(config.auth_token)
+    credentials = server_credentials(config)
+    gateway_security = ChannelSecurity.of(config)
+    servicer = OracleServicer(grants=grants)
     server = await start_server(
         _bind_address(config.host, config.port),
         [(oracle_pb2_grpc.add_OracleServicer_to_server, servicer, SERVICE_NAME)],
+        credentials=credentials,
+        interceptors=[auth] if auth else [],
     )
+    await start_health_endpoint(config.health_host, config.health_port, server)
     service = OracleService(config, server, servicer)
+    service.gateway_security = gateway_security
+    server.on_stop.append(telemetry.shutdown)  # last: flushes the spans of the final requests
     log.info(
         "oracle listening on %s:%d (model %s, device %s)",
         config.host,
@@ -174,8 +193,6 @@ async def start(config: OracleConfig) -> OracleService:
 
 async def serve(config: OracleConfig, loader: ModelLoader = load_oracle_model) -> None:
     """Run the oracle until SIGTERM/SIGINT; raises the loader's error if the model fails to load."""
-    if config.metrics_port:
-        log.warning("--metrics-port is not implemented yet; no metrics endpoint is started")
     service = await start(config)
     loading = asyncio.create_task(service.load(loader), name="oracle-load")
 

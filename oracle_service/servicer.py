@@ -15,6 +15,8 @@ import grpc
 from oracle_service.engine import OracleEngine
 from specdec.errors import InvalidArgument, Unavailable
 from specdec.serving.convert import block_from_pb, sampling_from_pb
+from specdec.serving.grants import GrantSigner
+from specdec.telemetry.oracle import verify_observer
 from specdec.v1 import oracle_pb2, oracle_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -25,8 +27,11 @@ SERVICE_NAME = oracle_pb2.DESCRIPTOR.services_by_name["Oracle"].full_name
 class OracleServicer(oracle_pb2_grpc.OracleServicer):  # type: ignore[misc]
     """Serves ``engine``; until one is set (the model is loading) every call is UNAVAILABLE."""
 
-    def __init__(self, engine: OracleEngine | None = None) -> None:
+    def __init__(
+        self, engine: OracleEngine | None = None, grants: GrantSigner | None = None
+    ) -> None:
         self.engine = engine
+        self.grants = grants  # set: open only sessions the gateway granted to this oracle
 
     def _engine(self) -> OracleEngine:
         if self.engine is None:
@@ -48,11 +53,16 @@ class OracleServicer(oracle_pb2_grpc.OracleServicer):  # type: ignore[misc]
                 f"`{first.WhichOneof('kind') or 'nothing'}`"
             )
         request = first.open
+        if self.grants is not None:  # PERMISSION_DENIED before any GPU work
+            self.grants.verify(request.grant, request.session_id, engine.oracle_id)
         # Stopping fields do not matter to verification; EOS handling is the caller's.
         sampling = sampling_from_pb(request.sampling)
+        watch = verify_observer(engine.sessions, request.session_id)  # None: telemetry off
         lease, opened = await engine.open(
             request.session_id, request.token_ids, sampling, request.seed
         )
+        if watch is not None:
+            watch.opened(first.trace_context, opened, lease.reprefill)
         try:
             yield oracle_pb2.VerifyResponse(
                 opened=oracle_pb2.VerifyOpened(
@@ -71,7 +81,11 @@ class OracleServicer(oracle_pb2_grpc.OracleServicer):  # type: ignore[misc]
                     )
                 pb = message.block
                 block = block_from_pb(pb.token_ids, pb.draft_distributions)
+                if watch is not None:
+                    watch.mark()
                 result = await engine.verify(lease, pb.base_length, block)
+                if watch is not None:
+                    watch.verified(message.trace_context, pb.round, len(block), result)
                 verdict = result.verdict
                 log.debug(
                     "session %s round %d: %d/%d accepted, next %d",

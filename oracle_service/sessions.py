@@ -31,6 +31,8 @@ from specdec.errors import FailedPrecondition, ResourceExhausted
 from specdec.kv_cache import SequenceCache
 from specdec.sampling import SamplingParams
 
+EVICTED_IDS_KEPT = 4096
+
 
 @dataclass(eq=False)
 class OracleSession:
@@ -59,6 +61,7 @@ class Lease:
 
     session: OracleSession
     epoch: int
+    reprefill: bool = False  # the session's cache had been evicted: its context is recomputed
 
 
 @dataclass
@@ -91,6 +94,8 @@ class SessionStore:
         self._sessions: OrderedDict[str, OracleSession] = OrderedDict()
         self._active_streams = 0
         self._kv_bytes = 0
+        # Ids of recently evicted sessions (bounded), to tell a re-prefill from a first one.
+        self._evicted: OrderedDict[str, None] = OrderedDict()
 
     # -- event loop side ----------------------------------------------------
 
@@ -107,15 +112,18 @@ class SessionStore:
                     "another oracle, or start this one with a larger --max-sessions"
                 )
             session = self._sessions.get(session_id)
+            reprefill = False
             if session is None:
                 session = OracleSession(session_id, self._new_cache())
                 self._sessions[session_id] = session
+                reprefill = session_id in self._evicted
+                self._evicted.pop(session_id, None)
             self._sessions.move_to_end(session_id)
             session.epoch += 1
             session.active_streams += 1
             session.last_used = time.monotonic()
             self._active_streams += 1
-            return Lease(session, session.epoch)
+            return Lease(session, session.epoch, reprefill)
 
     def close(self, lease: Lease) -> None:
         """The stream of ``lease`` ended: its session stays cached, now evictable."""
@@ -176,6 +184,9 @@ class SessionStore:
                 self._drop_locked(session)
                 self.counters.evictions += 1
                 evicted.append(session)
+                self._evicted[session_id] = None
+                while len(self._evicted) > EVICTED_IDS_KEPT:
+                    self._evicted.popitem(last=False)
         for session in evicted:
             session.cache.reset()  # frees its tensors now, not at the next GC
         return [s.session_id for s in evicted]

@@ -4,6 +4,7 @@
     specdec generate "PROMPT"                       stream a generation through a gateway
     specdec gateway | oracle | draft [flags]        one service (flags or SPECDEC_* variables)
     specdec healthcheck HOST:PORT                   exit 0 iff the service is SERVING
+    specdec traces FILE [--trace-id ID | --last N]  a request round by round, from span files
     specdec train | eval-pair                       build and measure the demo model pair
 
 Imports are lazy so that `specdec train` needs only torch and transformers.
@@ -82,6 +83,12 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--drafter", choices=["model", "ngram", "none"], default=None)
     p.add_argument("--session", default="", help="continue this session")
     p.add_argument("--token", default=os.environ.get("SPECDEC_AUTH_TOKEN") or None)
+    env = os.environ.get
+    p.add_argument(
+        "--tls-ca", default=env("SPECDEC_TLS_CA") or None, help="CA verifying the gateway (TLS)"
+    )
+    p.add_argument("--tls-cert", default=env("SPECDEC_TLS_CERT") or None, help="client cert")
+    p.add_argument("--tls-key", default=env("SPECDEC_TLS_KEY") or None, help="its key")
     p.set_defaults(func=_generate)
 
 
@@ -89,10 +96,17 @@ def _generate(args: argparse.Namespace) -> None:
     import grpc
 
     from specdec.client import Client, Completion
+    from specdec.errors import SpecdecError
 
     completion = Completion()
     try:
-        with Client(args.gateway, token=args.token) as client:
+        if args.tls_ca or args.tls_cert:
+            client = Client.tls(
+                args.gateway, ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, token=args.token
+            )
+        else:
+            client = Client(args.gateway, token=args.token)
+        with client:
             for response in client.stream(
                 args.prompt,
                 session_id=args.session,
@@ -112,6 +126,8 @@ def _generate(args: argparse.Namespace) -> None:
                 sys.stdout.flush()
     except grpc.RpcError as exc:
         sys.exit(f"\nerror: {exc.code().name}: {exc.details()}")  # type: ignore[attr-defined]
+    except SpecdecError as exc:  # e.g. an unreadable --tls-ca
+        sys.exit(f"error: {exc}")
     print()
     print(format_stats(completion), file=sys.stderr)
 
@@ -170,6 +186,27 @@ def _healthcheck(args: argparse.Namespace) -> None:
     sys.exit(0 if ok else 1)
 
 
+def _add_traces(sub: Any) -> None:
+    p = sub.add_parser(
+        "traces", help="show a request round by round from a SPECDEC_TRACE_FILE (no backend)"
+    )
+    p.add_argument("file", help="the JSON-lines span file the services wrote")
+    p.add_argument("--trace-id", default=None, help="this trace (an id prefix is enough)")
+    p.add_argument("--last", type=int, default=1, help="the last N requests (default 1)")
+    p.add_argument("--json", action="store_true", help="one JSON object per trace")
+    p.set_defaults(func=_traces)
+
+
+def _traces(args: argparse.Namespace) -> None:
+    from specdec.errors import SpecdecError
+    from specdec.telemetry.report import show
+
+    try:
+        show(args.file, args.trace_id, args.last, as_json=args.json)
+    except SpecdecError as exc:
+        sys.exit(f"error: {exc}")
+
+
 def _add_training(sub: Any) -> None:
     try:
         from specdec.training import cli as training_cli
@@ -195,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in SERVICES:
         _add_service(sub, name)
     _add_healthcheck(sub)
+    _add_traces(sub)
     _add_training(sub)
     _add_bench(sub)
     return parser

@@ -9,17 +9,21 @@
         print(result.text, result.stats.acceptance_rate)
 
 Errors arrive as ``grpc.RpcError`` with the gateway's status code and message.
+Over TLS, with a token: ``Client.tls("gw:50051", ca="ca.crt", token=...)``
+(``cert=``/``key=`` too when the gateway requires client certificates).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from specdec.serving.channels import CHANNEL_OPTIONS
+from specdec.serving.security import tls_credentials
 from specdec.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 DRAFTERS = {
@@ -114,6 +118,20 @@ class Client:
         self._metadata = _metadata(token)
         self._timeout = timeout
 
+    @classmethod
+    def tls(
+        cls,
+        address: str,
+        *,
+        ca: str | Path | bytes | None = None,
+        cert: str | Path | bytes | None = None,
+        key: str | Path | bytes | None = None,
+        **kwargs: Any,
+    ) -> Client:
+        """A client over TLS: ``ca`` (path or PEM) verifies the gateway (None: the system's
+        roots); ``cert`` + ``key`` are a client certificate, for a gateway requiring mTLS."""
+        return cls(address, credentials=tls_credentials(ca, cert, key), **kwargs)
+
     def __enter__(self) -> Client:
         return self
 
@@ -182,6 +200,20 @@ class AsyncClient:
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._metadata = _metadata(token)
         self._timeout = timeout
+
+    @classmethod
+    def tls(
+        cls,
+        address: str,
+        *,
+        ca: str | Path | bytes | None = None,
+        cert: str | Path | bytes | None = None,
+        key: str | Path | bytes | None = None,
+        **kwargs: Any,
+    ) -> AsyncClient:
+        """A client over TLS: ``ca`` (path or PEM) verifies the gateway (None: the system's
+        roots); ``cert`` + ``key`` are a client certificate, for a gateway requiring mTLS."""
+        return cls(address, credentials=tls_credentials(ca, cert, key), **kwargs)
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -145,6 +145,18 @@ OnCommit = Callable[[list[int], RoundReport], Awaitable[None]]
 OnOpen = Callable[[OpenResult], Awaitable[None]]
 
 
+class RoundObserver(Protocol):
+    """Optional hooks around each round (tracing): called on the event loop, must be cheap.
+
+    ``round_started`` comes just before the drafter is asked for k tokens,
+    ``round_finished`` once the verdict is in and the round is folded into the stats.
+    """
+
+    def round_started(self, round_index: int, k: int) -> None: ...
+
+    def round_finished(self, report: RoundReport) -> None: ...
+
+
 @dataclass
 class Turn:
     """Everything one turn needs besides the link and the proposer."""
@@ -184,6 +196,7 @@ async def run_turn(
     on_commit: OnCommit,
     policy: KPolicy | None = None,
     on_open: OnOpen | None = None,
+    observer: RoundObserver | None = None,
 ) -> tuple[FinishReason, TurnStats]:
     """Run rounds until a stop condition; report each round's new tokens through on_commit."""
     check_k(turn.k)
@@ -201,6 +214,8 @@ async def run_turn(
         if len(committed) >= turn.max_context:
             return FinishReason.CONTEXT_LIMIT, _finish(stats, start)
         k = _round_k(turn, committed, produced, policy)
+        if observer is not None:
+            observer.round_started(round_index, k)
         t0 = time.perf_counter_ns()
         block = (
             await proposer.propose(committed, k, turn.params)
@@ -233,6 +248,8 @@ async def run_turn(
             queue_ns=result.queue_ns,
         )
         stats.add(report)
+        if observer is not None:
+            observer.round_finished(report)
         if policy is not None:
             policy.observe(report)
         if round_index == 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from specdec.serving.security import ChannelSecurity
 from specdec.serving.server import MAX_MESSAGE_BYTES
 
 CHANNEL_OPTIONS = [
@@ -16,6 +17,8 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def open_channel(address: str) -> grpc.aio.Channel:
-    """An aio channel to ``address`` ("host:port")."""
+def open_channel(address: str, security: ChannelSecurity | None = None) -> grpc.aio.Channel:
+    """An aio channel to ``address`` ("host:port"); ``security``: TLS and token (None: plain)."""
+    if security is not None:
+        return security.open(address, CHANNEL_OPTIONS)
     return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)

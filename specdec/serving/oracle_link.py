@@ -6,6 +6,7 @@ n-gram). One link = one Verify stream = one turn of one session.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable
 
@@ -17,6 +18,10 @@ from specdec.serving import convert
 from specdec.turn import OpenResult, VerifyResult
 from specdec.v1 import oracle_pb2, oracle_pb2_grpc
 from specdec.verifier import DraftBlock, Verdict
+
+# How long a closed stream may take to end on its own before it is cancelled.
+CLOSE_GRACE_S = 5.0
+_closing: set[asyncio.Task[None]] = set()
 
 # Statuses meaning "this oracle cannot go on": the turn may move to another one.
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
@@ -45,27 +50,46 @@ class GrpcOracleLink:
         grant: str = "",
         trace_context: Callable[[], dict[str, str]] | None = None,
         timeout_s: float | None = None,
+        round_timeout_s: float | None = None,
     ) -> None:
         self._stub = stub
         self._session_id = session_id
         self._grant = grant
         self._trace_context = trace_context or dict
-        self._timeout_s = timeout_s
+        self._timeout_s = timeout_s  # the whole stream's deadline
+        # Each exchange (open -> opened, block -> verdict): a stalled link or a hung oracle
+        # sends nothing at all, and only a deadline per exchange notices it.
+        self._round_timeout_s = round_timeout_s
         self._call: grpc.aio.StreamStreamCall | None = None
         self.oracle_id = ""
 
     async def _exchange(self, request: oracle_pb2.VerifyRequest) -> oracle_pb2.VerifyResponse:
         assert self._call is not None
         try:
-            await self._call.write(request)
-            response = await self._call.read()
+            response = await asyncio.wait_for(self._send(request), self._round_timeout_s)
+        except TimeoutError:
+            self._call.cancel()
+            raise OracleRpcError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"no answer within {self._round_timeout_s}s: the oracle or the link to it stalled",
+            ) from None
         except grpc.aio.AioRpcError as exc:
             raise OracleRpcError(exc.code(), exc.details() or exc.code().name) from exc
         if response is grpc.aio.EOF:
             code = await self._call.code()
             details = await self._call.details()
-            raise OracleRpcError(code or grpc.StatusCode.UNAVAILABLE, details or "stream ended")
+            if code in (None, grpc.StatusCode.OK):  # ended without a verdict: as good as gone
+                code = grpc.StatusCode.UNAVAILABLE
+            raise OracleRpcError(code, details or "stream ended")
         return response  # type: ignore[no-any-return]
+
+    async def _send(self, request: oracle_pb2.VerifyRequest) -> object:
+        assert self._call is not None
+        try:
+            await self._call.write(request)
+        except asyncio.InvalidStateError:
+            return grpc.aio.EOF  # the stream already ended (link dropped): its status says why
+        return await self._call.read()
 
     async def open(self, tokens: list[int], params: SamplingParams, seed: int) -> OpenResult:
         self._call = self._stub.Verify(timeout=self._timeout_s)
@@ -117,5 +141,21 @@ class GrpcOracleLink:
         if self._call is not None:
             with contextlib.suppress(Exception):
                 await self._call.done_writing()
-            self._call.cancel()
+            # The oracle ends the stream once our side is closed; read that end in the
+            # background (no wait here) so the RPC finishes OK and its client span ends.
+            task = asyncio.ensure_future(_finish(self._call))
+            _closing.add(task)
+            task.add_done_callback(_closing.discard)
             self._call = None
+
+
+async def _finish(call: grpc.aio.StreamStreamCall) -> None:
+    async def drain() -> None:
+        while await call.read() is not grpc.aio.EOF:
+            pass
+
+    try:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(drain(), CLOSE_GRACE_S)
+    finally:
+        call.cancel()

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from specdec.serving.channels import open_channel
+from specdec.serving.security import ChannelSecurity
 from specdec.v1 import registry_pb2, registry_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -53,13 +54,17 @@ async def stay_registered(
     load: Callable[[], registry_pb2.WorkerLoad],
     connection: GatewayConnection | None = None,
     on_disconnect: Callable[[], Awaitable[None]] | None = None,
+    security: ChannelSecurity | None = None,
 ) -> None:
-    """Run forever (until cancelled): keep this worker registered at the gateway."""
+    """Run forever (until cancelled): keep this worker registered at the gateway.
+
+    ``security``: TLS material and worker token for the gateway (None: plaintext).
+    """
     connection = connection or GatewayConnection()
     backoff = BACKOFF_INITIAL_S
     failures = 0  # consecutive: only the first is logged at INFO
     while True:
-        channel = open_channel(gateway_address)
+        channel = open_channel(gateway_address, security)
         reporter: asyncio.Task[None] | None = None
         try:
             stub = registry_pb2_grpc.WorkerRegistryStub(channel)

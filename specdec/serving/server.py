@@ -1,6 +1,7 @@
 """Start and stop a grpc.aio server the same way in every service.
 
-Every server gets: the error interceptor, the standard health service
+Every server gets: the error interceptor (and, when tracing is on, the
+OpenTelemetry interceptor, health checks excluded), the standard health service
 (NOT_SERVING until the service says it is ready), server reflection, and a
 graceful shutdown on SIGTERM/SIGINT (health goes NOT_SERVING, in-flight RPCs
 get ``grace_s`` to finish, then ``on_stop`` callbacks run).
@@ -21,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from specdec.serving.interceptors import ErrorInterceptor
+from specdec.telemetry import server_interceptors
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,8 @@ async def start_server(
     Health starts NOT_SERVING; call ``set_serving()`` once the model is loaded.
     """
     server = grpc.aio.server(
-        interceptors=[*interceptors, ErrorInterceptor()],
+        # Tracing outermost ([] when off): its span sees the status the others set.
+        interceptors=[*server_interceptors(), *interceptors, ErrorInterceptor()],
         options=SERVER_OPTIONS,
         maximum_concurrent_rpcs=maximum_concurrent_rpcs,
     )

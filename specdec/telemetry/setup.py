@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
@@ -257,3 +258,9 @@ def shutdown() -> None:
     meter_provider, _state.meter_provider, _state.metrics = _state.meter_provider, None, None
     if meter_provider is not None:
         meter_provider.shutdown()
+
+
+def observe(**values: Callable[[], float]) -> None:
+    """Report these values at every scrape (``metrics.OBSERVED`` names); no-op without metrics."""
+    if _state.metrics is not None:
+        _state.metrics.observe(**values)

@@ -65,7 +65,8 @@ def render(m: dict[str, Any]) -> str:
         "",
         "Two `llama`-architecture causal language models of Python source, trained from "
         "scratch by `specdec train` for speculative decoding: `oracle/` is the target, "
-        "`draft/` a one-layer model distilled from it. Both folders hold the same tokenizer "
+        f"`draft/` a {draft['size']['num_layers']}-layer model distilled from it. "
+        "Both folders hold the same tokenizer "
         "and load with `AutoModelForCausalLM` / `AutoTokenizer`. Weights are stored in "
         "bfloat16; on CPU load them as fp32 (exact):",
         "",
@@ -73,10 +74,13 @@ def render(m: dict[str, Any]) -> str:
         "import torch",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         'tok = AutoTokenizer.from_pretrained("specdec/demo_models/oracle")',
-        'oracle = AutoModelForCausalLM.from_pretrained("specdec/demo_models/oracle", dtype=torch.float32)',
+        "oracle = AutoModelForCausalLM.from_pretrained(",
+        '    "specdec/demo_models/oracle", dtype=torch.float32',
+        ")",
         "```",
         "",
-        "They are toys: small, trained for minutes on a few hundred MB of code, "
+        "They are toys: small, trained for minutes on "
+        f"{corpus['bytes']['train'] / 1e6:.0f} MB of code, "
         f"on {m['options']['oracle']['seq_len']}-token windows. They exist so the system "
         "has a real pair to run and measure without downloading anything.",
         "",
@@ -117,8 +121,8 @@ def render(m: dict[str, Any]) -> str:
         _table(["model", "hidden", "layers", "MLP", "heads/kv", "parameters", "weights"], sizes),
         "",
         "Tied input/output embeddings, RoPE, RMSNorm, SwiGLU, grouped-query attention. "
-        "The draft starts from the oracle's embedding, final norm and first layer "
-        f"({len(draft['initialised_from_oracle'])} tensors).",
+        "The draft starts from the oracle's embedding, final norm and first layers "
+        f"({len(draft['initialised_from_oracle'])} tensors copied).",
         "",
         "## Training",
         "",
@@ -146,9 +150,12 @@ def render(m: dict[str, Any]) -> str:
         f"test files, continued {acc['gen_len']} tokens by the oracle itself. Greedy: the "
         "share of positions where the draft's argmax equals the oracle's token, and tokens "
         "per round simulated exactly along those continuations. Temperature 1: mean of "
-        "Σ min(p, q) and (1 − α^(k+1))/(1 − α).",
+        "Σ min(p, q) and (1 − α^(k+1))/(1 − α). Measured where the pair was trained "
+        "(bf16 autocast on CUDA); `specdec eval-pair --pair DIR` measures again anywhere.",
         "",
-        _table(["decoding", "per-token acceptance"] + [f"tokens/round k={k}" for k in ks], acc_rows),
+        _table(
+            ["decoding", "per-token acceptance"] + [f"tokens/round k={k}" for k in ks], acc_rows
+        ),
         "",
     ]
     if m.get("timing"):
@@ -158,7 +165,8 @@ def render(m: dict[str, Any]) -> str:
             "",
             f"fp32, batch 1, {t['threads']} threads, HF forward with a {t['context']}-token KV "
             f"cache, median of {t['reps']} calls ({t['cpu']}, torch {t['torch']}): "
-            f"t_draft(1) = {_f(t['t_draft_1_ms'], 2)} ms, t_oracle(1) = {_f(t['t_oracle_1_ms'], 2)} ms, "
+            f"t_draft(1) = {_f(t['t_draft_1_ms'], 2)} ms, "
+            f"t_oracle(1) = {_f(t['t_oracle_1_ms'], 2)} ms, "
             + ", ".join(f"t_oracle({n}) = {_f(v, 2)} ms" for n, v in t["t_oracle_ms"].items())
             + ". Speedup = tokens_per_round(k) · t_oracle(1) / (k · t_draft(1) + t_oracle(k+1)):",
             "",

@@ -34,22 +34,37 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("max_corpus_tokens", "max_corpus_tokens", int, "cap on training tokens (whole files)"),
     ("vocab_size", "vocab_size", int, "BPE vocabulary size (default 8192)"),
     ("workers", "workers", int, "tokenizer threads (default 16)"),
-    ("oracle_minutes", "oracle.minutes", float, "oracle training budget (default 3.75)"),
+    ("oracle_minutes", "oracle.minutes", float, "oracle training budget (default 4.0)"),
     ("oracle_steps", "oracle.max_steps", int, "oracle steps instead of a time budget"),
     ("draft_minutes", "distill.minutes", float, "distillation budget (default 2.5)"),
     ("draft_steps", "distill.max_steps", int, "distillation steps instead of a time budget"),
     ("seq_len", "oracle.seq_len", int, "oracle training window (default 512)"),
     ("batch_size", "oracle.batch_size", int, "oracle sequences per step (default 128)"),
     ("lr", "oracle.lr", float, "oracle peak learning rate (default 2e-3)"),
-    ("gen_sequences", "distill.gen_sequences", int, "oracle continuations to distill on (default 16384)"),
+    (
+        "gen_sequences",
+        "distill.gen_sequences",
+        int,
+        "oracle continuations to distill on (default 16384)",
+    ),
     ("prompt_len", "distill.prompt_len", int, "prompt tokens of each continuation (default 64)"),
     ("gen_len", "distill.gen_len", int, "tokens the oracle generates per prompt (default 192)"),
     ("gen_batch", "distill.gen_batch", int, "sequences generated at once (default 2048)"),
-    ("distill_batch_size", "distill.batch_size", int, "distillation sequences per step (default 96)"),
+    (
+        "distill_batch_size",
+        "distill.batch_size",
+        int,
+        "distillation sequences per step (default 96)",
+    ),
     ("distill_lr", "distill.lr", float, "draft peak learning rate (default 2e-3)"),
     ("tvd_weight", "distill.tvd_weight", float, "loss = KL + w·TVD (default 1.0)"),
-    ("corpus_frac", "distill.corpus_frac", float, "share of corpus windows per batch (default 0.25)"),
-    ("total_minutes", "total_minutes", float, "deadline for the whole run (default 9.25)"),
+    (
+        "corpus_frac",
+        "distill.corpus_frac",
+        float,
+        "share of corpus windows per batch (default 0.25)",
+    ),
+    ("total_minutes", "total_minutes", float, "deadline for the whole run (default 9.0)"),
     ("eval_prompts", "eval_prompts", int, "held-out prompts for the final acceptance (default 64)"),
     ("eval_gen_len", "eval_gen_len", int, "oracle tokens per held-out prompt (default 128)"),
     ("timing_threads", "timing_threads", int, "CPU threads of the timing mode (default 2)"),
@@ -124,7 +139,8 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
         opts.oracle.compile = True
     if args.no_timing:
         opts.timing = False
-    opts.command = shlex.join(["specdec", *sys.argv[1:]])
+    argv = getattr(args, "argv", None)
+    opts.command = shlex.join(["specdec", *(sys.argv[1:] if argv is None else argv)])
     return opts
 
 
@@ -142,8 +158,10 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="comma-separated modules whose source is the corpus ('stdlib' = standard library)",
     )
     p.add_argument("--tokenizer-train-mb", type=float, help="text used to train BPE (default 48)")
-    p.add_argument("--oracle-size", help="HIDDEN,LAYERS,FFN,HEADS,KV_HEADS (default 256,24,704,4,2)")
-    p.add_argument("--draft-size", help="HIDDEN,LAYERS,FFN,HEADS,KV_HEADS (default 256,1,704,4,2)")
+    p.add_argument(
+        "--oracle-size", help="HIDDEN,LAYERS,FFN,HEADS,KV_HEADS (default 256,30,512,4,2)"
+    )
+    p.add_argument("--draft-size", help="HIDDEN,LAYERS,FFN,HEADS,KV_HEADS (default 256,2,512,4,2)")
     p.add_argument("--compile", action="store_true", help="torch.compile the oracle for training")
     p.add_argument("--no-timing", action="store_true", help="skip the CPU timing at the end")
     for dest, _, typ, help_text in _TRAIN_FLAGS:
@@ -182,6 +200,7 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="CPU threads of the timing mode")
     p.add_argument("--packages", help="corpus packages for the held-out prompts (default: all)")
     p.add_argument("--eval-permille", type=int, default=corpus.DEFAULT_EVAL_PERMILLE)
+    p.add_argument("--max-file-bytes", type=int, default=corpus.DEFAULT_MAX_FILE_BYTES)
     p.add_argument("--json", help="also write the result to this file")
     p.set_defaults(func=run_eval)
     return p
@@ -215,6 +234,7 @@ def run_eval(args: argparse.Namespace) -> int:
         threads=args.threads,
         packages=packages,
         eval_permille=args.eval_permille,
+        max_file_bytes=args.max_file_bytes,
     )
     text = json.dumps(result, indent=2)
     print(text, flush=True)
@@ -230,5 +250,6 @@ def main(argv: list[str] | None = None) -> int:
     add_train_parser(sub)
     add_eval_parser(sub)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in the model card
     code: int = args.func(args)
     return code

@@ -24,6 +24,7 @@ from specdec.training.loop import (
     Meter,
     autocast,
     batches,
+    decode_attention,
     fail_if_not_finite,
     log,
     lr_at,
@@ -88,17 +89,18 @@ def generate(
     cache = DynamicCache()
     prompts = prompts.to(device)
     greedy = greedy.to(device)
-    with autocast(device):
-        logits = forward_logits(model, prompts, cache, logits_to_keep=1, cache_arg=arg)[:, -1]
-    out = [prompts]
-    for i in range(n_new):
-        probs = torch.softmax(logits.float(), dim=-1)  # (B, V)
-        sampled = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        token = torch.where(greedy, probs.argmax(dim=-1), sampled)  # (B,)
-        out.append(token[:, None])
-        if i + 1 < n_new:
-            with autocast(device):
-                logits = forward_logits(model, token[:, None], cache, 1, arg)[:, -1]
+    with decode_attention(device):
+        with autocast(device):
+            logits = forward_logits(model, prompts, cache, 1, arg)[:, -1]  # (B, V)
+        out = [prompts]
+        for i in range(n_new):
+            probs = torch.softmax(logits.float(), dim=-1)  # (B, V)
+            sampled = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            token = torch.where(greedy, probs.argmax(dim=-1), sampled)  # (B,)
+            out.append(token[:, None])
+            if i + 1 < n_new:
+                with autocast(device):
+                    logits = forward_logits(model, token[:, None], cache, 1, arg)[:, -1]
     return torch.cat(out, dim=1)
 
 
@@ -112,7 +114,7 @@ def generate_many(
     device: torch.device,
     stage: str = "generate",
 ) -> torch.Tensor:
-    """``generate`` over many prompts in batches; the first ``greedy_frac`` of each batch is greedy."""
+    """``generate`` over many prompts in batches; the first ``greedy_frac`` of a batch is greedy."""
     gen = torch.Generator(device=device).manual_seed(seed)
     out = []
     for i, chunk in enumerate(batches(prompts, batch)):
@@ -139,7 +141,9 @@ def init_draft_from_oracle(draft: torch.nn.Module, oracle: torch.nn.Module) -> l
     return copied
 
 
-def distill_terms(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+def distill_terms(
+    teacher_logits: torch.Tensor, student_logits: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Per-position mean forward KL, TVD, and argmax agreement of logits (..., V)."""
     log_p = torch.log_softmax(teacher_logits.float(), dim=-1)
     log_q = torch.log_softmax(student_logits.float(), dim=-1)
@@ -229,7 +233,8 @@ def train_draft(
         log(
             "distill",
             f"eval step {step}: held-out agreement {metrics['agree']:.4f} "
-            f"(1-TVD {1 - metrics['tvd']:.4f}, KL {metrics['fkl']:.4f}; best agreement {best_agree:.4f})",
+            f"(1-TVD {1 - metrics['tvd']:.4f}, KL {metrics['fkl']:.4f}; "
+            f"best agreement {best_agree:.4f})",
         )
 
     log(
@@ -240,7 +245,10 @@ def train_draft(
     )
     evaluate_now()
     while not budget.done(step):
-        set_lr(optimizer, lr_at(step, budget.progress(step), cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio))
+        set_lr(
+            optimizer,
+            lr_at(step, budget.progress(step), cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio),
+        )
         pick = torch.randint(0, gen_seqs.shape[0], (n_gen,), generator=gen, device=device)
         parts = [gen_seqs[pick]]
         if n_corpus:
@@ -263,7 +271,7 @@ def train_draft(
         if meter.due() or budget.done(step):
             mean = float(loss_sum) / loss_count
             fail_if_not_finite("distill", step, mean)
-            meter.update(mean, seqs.numel() * loss_count)
+            meter.update(seqs.numel() * loss_count)
             loss_sum.zero_()
             loss_count = 0
             result.final_train_loss = mean
@@ -271,7 +279,8 @@ def train_draft(
                 "distill",
                 f"step {step} loss {mean:.4f} (KL {float(terms['fkl']):.3f} "
                 f"TVD {float(terms['tvd']):.3f} agree {float(terms['agree']):.3f}) "
-                f"{meter.rate():,.0f} tok/s elapsed {budget.elapsed():.0f}s eta {budget.eta(step):.0f}s",
+                f"{meter.rate():,.0f} tok/s elapsed {budget.elapsed():.0f}s "
+                f"eta {budget.eta(step):.0f}s",
             )
         if budget.elapsed() - last_eval_t >= cfg.eval_every_s:
             synchronize(device)
@@ -287,7 +296,11 @@ def train_draft(
     assert best_state is not None
     draft.load_state_dict(best_state)
     synchronize(device)
-    result.steps, result.tokens, result.seconds = step, step * cfg.batch_size * seq_len, budget.elapsed()
+    result.steps, result.tokens, result.seconds = (
+        step,
+        step * cfg.batch_size * seq_len,
+        budget.elapsed(),
+    )
     log(
         "distill",
         f"done: {step} steps in {result.seconds:.0f}s; best held-out agreement "

@@ -23,6 +23,7 @@ import time
 from collections.abc import Sequence
 from copy import deepcopy
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -101,8 +102,8 @@ def acceptance(
     seed: int = 0,
     batch: int = 64,
     ks: Sequence[int] = DEFAULT_KS,
-) -> dict[str, object]:
-    """Greedy and temperature-1 acceptance of ``draft`` on the oracle's continuations of prompts (N, P)."""
+) -> dict[str, Any]:
+    """Greedy and T=1 acceptance of ``draft`` on the oracle's continuations of prompts (N, P)."""
     oracle.to(device).eval()
     draft.to(device).eval()
     n, p_len = prompts.shape
@@ -140,10 +141,13 @@ def acceptance(
     }
 
 
-def _time_calls(
-    model: torch.nn.Module, n_tokens: int, cache: DynamicCache, arg: str
-) -> float:
-    x = torch.randint(0, model.config.vocab_size, (1, n_tokens))
+def _vocab_size(model: torch.nn.Module) -> int:
+    config: Any = model.config
+    return int(config.vocab_size)
+
+
+def _time_calls(model: torch.nn.Module, n_tokens: int, cache: DynamicCache, arg: str) -> float:
+    x = torch.randint(0, _vocab_size(model), (1, n_tokens))
     t0 = time.perf_counter()
     forward_logits(model, x, cache, logits_to_keep=n_tokens, cache_arg=arg)
     dt = time.perf_counter() - t0
@@ -159,7 +163,7 @@ def cpu_timing(
     threads: int = 2,
     context: int = 128,
     reps: int = 40,
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """Per-call latency (ms) on CPU, fp32, batch 1, with a ``context``-token KV cache.
 
     Calls of the two models and every size are interleaved, so background load hits them
@@ -174,7 +178,7 @@ def cpu_timing(
         args = {name: cache_kwarg(m) for name, m in models.items()}
         for name, m in models.items():
             caches[name] = DynamicCache()
-            ctx = torch.randint(0, m.config.vocab_size, (1, context))
+            ctx = torch.randint(0, _vocab_size(m), (1, context))
             forward_logits(m, ctx, caches[name], logits_to_keep=1, cache_arg=args[name])
         calls = [("draft", 1), ("oracle", 1)] + [("oracle", k + 1) for k in ks]
         samples: dict[tuple[str, int], list[float]] = {c: [] for c in calls}
@@ -200,11 +204,11 @@ def cpu_timing(
     }
 
 
-def speedups(timing: dict[str, object], tpr: dict[str, float]) -> dict[str, float]:
+def speedups(timing: dict[str, Any], tpr: dict[str, float]) -> dict[str, float]:
     """tokens_per_round(k)·t_oracle(1) / (k·t_draft(1) + t_oracle(k+1)) for each k in ``tpr``."""
-    t_d = float(timing["t_draft_1_ms"])  # type: ignore[arg-type]
-    t_o = float(timing["t_oracle_1_ms"])  # type: ignore[arg-type]
-    t_ok: dict[str, float] = timing["t_oracle_ms"]  # type: ignore[assignment]
+    t_d = float(timing["t_draft_1_ms"])
+    t_o = float(timing["t_oracle_1_ms"])
+    t_ok = timing["t_oracle_ms"]
     out = {}
     for k_str, tokens in tpr.items():
         k = int(k_str)
@@ -213,7 +217,7 @@ def speedups(timing: dict[str, object], tpr: dict[str, float]) -> dict[str, floa
 
 
 def heldout_prompts(
-    tokenizer: object,
+    tokenizer: Any,
     count: int,
     prompt_len: int,
     packages: Sequence[str] = DEFAULT_PACKAGES,
@@ -227,8 +231,8 @@ def heldout_prompts(
     """
     corpus = collect(packages, eval_permille, max_file_bytes)
     _, test = split_heldout(corpus.files)
-    backend = tokenizer.backend_tokenizer  # type: ignore[attr-defined]
-    eot = int(tokenizer.eos_token_id)  # type: ignore[attr-defined]
+    backend = tokenizer.backend_tokenizer
+    eot = int(tokenizer.eos_token_id)
     stream = build_stream(encode_texts(backend, [f.text for f in test]), eot)
     return spaced_windows(stream, count, prompt_len)
 
@@ -245,7 +249,8 @@ def evaluate_folders(
     threads: int = 2,
     packages: Sequence[str] = DEFAULT_PACKAGES,
     eval_permille: int = DEFAULT_EVAL_PERMILLE,
-) -> dict[str, object]:
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+) -> dict[str, Any]:
     """Load a saved pair (fp32) and measure acceptance on held-out prompts, plus CPU timing."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -253,20 +258,21 @@ def evaluate_folders(
     tok_d = AutoTokenizer.from_pretrained(str(draft_dir))
     if tok_o.get_vocab() != tok_d.get_vocab():
         raise VocabularyMismatch(
-            f"{oracle_dir} and {draft_dir} have different tokenizers; a draft must share the oracle's"
+            f"{oracle_dir} and {draft_dir} have different tokenizers; "
+            "a draft must use the oracle's tokenizer"
         )
     oracle = AutoModelForCausalLM.from_pretrained(str(oracle_dir), dtype=torch.float32)
     draft = AutoModelForCausalLM.from_pretrained(str(draft_dir), dtype=torch.float32)
     if oracle.config.vocab_size != draft.config.vocab_size:
         raise VocabularyMismatch(
-            f"vocab sizes differ: oracle {oracle.config.vocab_size}, draft {draft.config.vocab_size}"
+            f"vocab sizes differ: oracle {oracle.config.vocab_size}, "
+            f"draft {draft.config.vocab_size}"
         )
-    ids = heldout_prompts(tok_o, prompts, prompt_len, packages, eval_permille)
+    ids = heldout_prompts(tok_o, prompts, prompt_len, packages, eval_permille, max_file_bytes)
     torch.manual_seed(seed)
     result = acceptance(oracle, draft, ids, gen_len, device, seed=seed)
     if timing:
         t = cpu_timing(oracle, draft, threads=threads)
         result["timing"] = t
-        greedy: dict[str, dict[str, float]] = result["greedy"]  # type: ignore[assignment]
-        result["speedup"] = speedups(t, greedy["tokens_per_round"])
+        result["speedup"] = speedups(t, result["greedy"]["tokens_per_round"])
     return result

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from specdec.errors import InvalidArgument
 
@@ -48,6 +49,20 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def decode_attention(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """SDPA without the cuDNN backend, for incremental decoding on CUDA.
+
+    Decoding calls attention with a new key length at every step; cuDNN plans a graph
+    per new shape, which costs far more than the step itself at these sizes, while
+    flash / memory-efficient kernels need no planning.
+    """
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return sdpa_kernel(
+        [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    )
 
 
 def synchronize(device: torch.device) -> None:
@@ -96,7 +111,8 @@ def make_optimizer(
     model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device
 ) -> torch.optim.AdamW:
     """AdamW; decay on matrices only (not norms), fused kernels on CUDA."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     seen: set[int] = set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
@@ -134,7 +150,9 @@ def spaced_windows(stream: torch.Tensor, count: int, length: int) -> torch.Tenso
     n = stream.numel()
     count = min(count, n // length)
     if count < 1:
-        raise InvalidArgument(f"held-out stream of {n} tokens is shorter than one {length}-token window")
+        raise InvalidArgument(
+            f"held-out stream of {n} tokens is shorter than one {length}-token window"
+        )
     step = n // count
     starts = torch.arange(count, device=stream.device) * step
     idx = starts[:, None] + torch.arange(length, device=stream.device)[None, :]
@@ -147,16 +165,14 @@ def batches(data: torch.Tensor, batch: int) -> Iterator[torch.Tensor]:
 
 
 class Meter:
-    """Exponential moving average of the training loss and tokens/s between log lines."""
+    """When to print the next progress line, and tokens/s since the previous one."""
 
     def __init__(self, every_s: float) -> None:
         self.every_s = every_s
-        self.ema: float | None = None
         self.last_t = time.perf_counter()
         self.tokens = 0
 
-    def update(self, loss: float, tokens: int) -> None:
-        self.ema = loss if self.ema is None else 0.95 * self.ema + 0.05 * loss
+    def update(self, tokens: int) -> None:
         self.tokens += tokens
 
     def due(self) -> bool:

@@ -12,14 +12,23 @@ import json
 import os
 import platform
 import time
+from array import array
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from tokenizers import Tokenizer
+from transformers.utils import logging as hf_logging
 
 from specdec.errors import InvalidArgument
 from specdec.training import card, corpus, evaluate
-from specdec.training.distill import DistillConfig, generate_many, init_draft_from_oracle, train_draft
+from specdec.training.distill import (
+    DistillConfig,
+    generate_many,
+    init_draft_from_oracle,
+    train_draft,
+)
 from specdec.training.loop import log, random_windows, resolve_device, setup_device, spaced_windows
 from specdec.training.modeling import (
     DRAFT_SIZE,
@@ -30,7 +39,14 @@ from specdec.training.modeling import (
     llama_config,
     save_model,
 )
-from specdec.training.tokenizer import build_stream, encode_texts, save_tokenizer, to_hf, train_tokenizer
+from specdec.training.tokenizer import (
+    build_stream,
+    encode_texts,
+    eot_id,
+    save_tokenizer,
+    to_hf,
+    train_tokenizer,
+)
 from specdec.training.train_oracle import OracleTrainConfig, train_oracle
 
 # Seconds kept free after distillation for evaluation, timing and writing the card.
@@ -57,7 +73,7 @@ class TrainOptions:
     draft_size: ModelSize = DRAFT_SIZE
     oracle: OracleTrainConfig = field(default_factory=OracleTrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
-    total_minutes: float = 9.25
+    total_minutes: float = 9.0
     eval_prompts: int = 64
     eval_prompt_len: int = 64
     eval_gen_len: int = 128
@@ -66,7 +82,7 @@ class TrainOptions:
     timing_reps: int = 40
     command: str = ""
 
-    def as_dict(self) -> dict[str, object]:
+    def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["out"] = str(self.out)
         d["oracle_size"] = str(self.oracle_size)
@@ -85,8 +101,10 @@ def _remaining(start: float, total_minutes: float) -> float:
     return total_minutes * 60 - (time.perf_counter() - start)
 
 
-def _fit_budget(name: str, minutes: float, start: float, opts: TrainOptions, after_s: float) -> float:
-    """Minutes for a stage: as asked, or less so that ``after_s`` seconds remain before the deadline."""
+def _fit_budget(
+    name: str, minutes: float, start: float, opts: TrainOptions, after_s: float
+) -> float:
+    """Minutes for a stage: as asked, or fewer so that ``after_s`` s remain before the deadline."""
     avail = _remaining(start, opts.total_minutes) - after_s
     if avail >= minutes * 60:
         return minutes
@@ -95,24 +113,73 @@ def _fit_budget(name: str, minutes: float, start: float, opts: TrainOptions, aft
     return fitted
 
 
-def run(opts: TrainOptions) -> dict[str, object]:
+@dataclass
+class Streams:
+    """Token streams (int32, on the training device) of the three splits."""
+
+    train: torch.Tensor
+    valid: torch.Tensor
+    test: torch.Tensor
+    bytes_per_token: float
+
+
+def _token_streams(
+    corp: corpus.Corpus, tok: Tokenizer, max_tokens: int | None, device: torch.device
+) -> Streams:
+    """Encode every file (sets ``n_tokens``), apply the training-token cap, build the streams.
+
+    The cap keeps whole training files in stream order; the rest are marked "unused".
+    """
+    eot = eot_id(tok)
+    encoded = encode_texts(tok, [f.text for f in corp.files])
+    kept: list[array] = []
+    total = n_bytes = 0
+    for f, ids in zip(corp.files, encoded, strict=True):
+        f.n_tokens = len(ids)
+        if f.split != "train":
+            continue
+        if max_tokens is not None and kept and total + len(ids) > max_tokens:
+            f.split = "unused"  # listed in the file list, not trained on
+            continue
+        kept.append(ids)
+        total += len(ids) + 1
+        n_bytes += len(f.text.encode("utf-8"))
+    by_key = {f.key: ids for f, ids in zip(corp.files, encoded, strict=True)}
+    valid_files, test_files = corpus.split_heldout(corp.files)
+    train = build_stream(kept, eot)
+    return Streams(
+        train=train.to(device),
+        valid=build_stream([by_key[f.key] for f in valid_files], eot).to(device),
+        test=build_stream([by_key[f.key] for f in test_files], eot).to(device),
+        bytes_per_token=n_bytes / max(1, train.numel()),
+    )
+
+
+def run(opts: TrainOptions) -> dict[str, Any]:
     """Run every stage into ``opts.out``; returns the metrics also written to metrics.json."""
     start = time.perf_counter()
     stage_s: dict[str, float] = {}
     os.environ["RAYON_NUM_THREADS"] = str(max(1, opts.workers))  # tokenizers' pool size
+    hf_logging.disable_progress_bar()  # one log line per event; no carriage-return bars
+    # Decoding grows every KV cache by one position per step; expandable segments let the
+    # CUDA allocator grow a mapping instead of calling cudaMalloc for each new size.
+    # Read when CUDA first allocates, i.e. later than here.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     device = resolve_device(opts.device)
     setup_device(device)
     out = opts.out
     if out.exists() and any(out.iterdir()):
         raise InvalidArgument(f"--out {out} exists and is not empty; choose a new folder")
     out.mkdir(parents=True, exist_ok=True)
-    log("setup", f"device {device} ({_hardware(device)}), torch {torch.__version__}, seed {opts.seed}")
+    log(
+        "setup",
+        f"device {device} ({_hardware(device)}), torch {torch.__version__}, seed {opts.seed}",
+    )
 
     # 1. Corpus.
     t = time.perf_counter()
     corp = corpus.collect(opts.packages, opts.eval_permille, opts.max_file_bytes, opts.max_files)
     train_files = corp.split("train")
-    valid_files, test_files = corpus.split_heldout(corp.files)
     log(
         "corpus",
         f"{len(train_files)} training + {len(corp.split('eval'))} held-out files from "
@@ -122,32 +189,19 @@ def run(opts: TrainOptions) -> dict[str, object]:
 
     # 2. Tokenizer (trained on the training split only) and the token streams.
     t = time.perf_counter()
-    tok = train_tokenizer([f.text for f in train_files], opts.vocab_size, opts.tokenizer_train_bytes)
-    eot = 0
+    tok = train_tokenizer(
+        [f.text for f in train_files], opts.vocab_size, opts.tokenizer_train_bytes
+    )
+    eot = eot_id(tok)
     hf_tok = to_hf(tok, model_max_length=2 * opts.oracle.seq_len)
     log("tokenizer", f"vocab {tok.get_vocab_size()} trained in {time.perf_counter() - t:.1f}s")
     stage_s["tokenizer"] = time.perf_counter() - t
     t = time.perf_counter()
-    encoded = encode_texts(tok, [f.text for f in corp.files])
-    for f, ids in zip(corp.files, encoded, strict=True):
-        f.n_tokens = len(ids)
-    kept, total = [], 0
-    for f, ids in zip(corp.files, encoded, strict=True):
-        if f.split != "train":
-            continue
-        if opts.max_corpus_tokens is not None and total + len(ids) > opts.max_corpus_tokens and kept:
-            f.split = "unused"  # over the token cap: listed, not trained on
-            continue
-        kept.append(ids)
-        total += len(ids) + 1
-    by_key = {f.key: ids for f, ids in zip(corp.files, encoded, strict=True)}
-    train_stream = build_stream(kept, eot).to(device)
-    valid_stream = build_stream([by_key[f.key] for f in valid_files], eot).to(device)
-    test_stream = build_stream([by_key[f.key] for f in test_files], eot).to(device)
-    n_bytes = sum(len(f.text.encode("utf-8")) for f in corp.files if f.split == "train")
+    streams = _token_streams(corp, tok, opts.max_corpus_tokens, device)
+    train_stream, valid_stream, test_stream = streams.train, streams.valid, streams.test
     log(
         "tokenizer",
-        f"train {train_stream.numel():,} tokens ({n_bytes / max(1, train_stream.numel()):.2f} bytes/token), "
+        f"train {train_stream.numel():,} tokens ({streams.bytes_per_token:.2f} bytes/token), "
         f"validation {valid_stream.numel():,}, test {test_stream.numel():,}; "
         f"encoded in {time.perf_counter() - t:.1f}s",
     )
@@ -164,7 +218,9 @@ def run(opts: TrainOptions) -> dict[str, object]:
     ocfg.seed = opts.seed
     if ocfg.max_steps is None:
         distill_floor = min(opts.distill.minutes * 60, 60.0)
-        ocfg.minutes = _fit_budget("oracle", ocfg.minutes, start, opts, distill_floor + 45 + RESERVE_S)
+        ocfg.minutes = _fit_budget(
+            "oracle", ocfg.minutes, start, opts, distill_floor + 45 + RESERVE_S
+        )
     eval_windows = spaced_windows(valid_stream, 256, ocfg.seq_len + 1)
     oracle_result = train_oracle(oracle, train_stream, eval_windows, ocfg, device)
     oracle_bytes = save_model(oracle, out / "oracle")
@@ -188,12 +244,19 @@ def run(opts: TrainOptions) -> dict[str, object]:
     )
     assert gen_seqs.shape[1] == seq_total, gen_seqs.shape
     stage_s["generate"] = time.perf_counter() - t
-    log("generate", f"{gen_seqs.shape[0]} + {valid_seqs.shape[0]} sequences in {stage_s['generate']:.0f}s")
+    log(
+        "generate",
+        f"{gen_seqs.shape[0]} + {valid_seqs.shape[0]} sequences in {stage_s['generate']:.0f}s",
+    )
 
     t = time.perf_counter()
     draft = build_model(llama_config(opts.draft_size, vocab, eot, max_pos), opts.seed + 5)
     copied = init_draft_from_oracle(draft, oracle)
-    log("distill", f"draft {count_params(draft):,} parameters ({opts.draft_size}); {len(copied)} tensors from the oracle")
+    log(
+        "distill",
+        f"draft {count_params(draft):,} parameters ({opts.draft_size}); "
+        f"{len(copied)} tensors copied from the oracle",
+    )
     if dcfg.max_steps is None:
         dcfg.minutes = _fit_budget("distill", dcfg.minutes, start, opts, RESERVE_S)
     draft_result = train_draft(draft, oracle, gen_seqs, train_stream, valid_seqs, dcfg, device)
@@ -210,18 +273,17 @@ def run(opts: TrainOptions) -> dict[str, object]:
         oracle, draft, test_prompts, opts.eval_gen_len, device, seed=opts.seed + 6
     )
     log("eval", json.dumps({k: acc[k] for k in ("greedy", "t1")}))
-    timing: dict[str, object] | None = None
+    timing: dict[str, Any] | None = None
     speedup: dict[str, float] | None = None
     if opts.timing:
         timing = evaluate.cpu_timing(
             oracle, draft, threads=opts.timing_threads, reps=opts.timing_reps
         )
-        greedy: dict[str, dict[str, float]] = acc["greedy"]  # type: ignore[assignment]
-        speedup = evaluate.speedups(timing, greedy["tokens_per_round"])
+        speedup = evaluate.speedups(timing, acc["greedy"]["tokens_per_round"])
         log("eval", f"CPU timing {json.dumps(timing)}; theoretical greedy speedup {speedup}")
     stage_s["eval"] = time.perf_counter() - t
 
-    metrics: dict[str, object] = {
+    metrics: dict[str, Any] = {
         "command": opts.command,
         "seed": opts.seed,
         "hardware": _hardware(device),
@@ -242,7 +304,8 @@ def run(opts: TrainOptions) -> dict[str, object]:
             "file_list": "corpus_files.tsv.gz",
             "file_list_sha256": list_sha,
             "heldout_rule": (
-                f"held out iff int(sha256('<root>/<relpath>')[:8], 16) % 1000 < {opts.eval_permille}; "
+                "held out iff int(sha256('<root>/<relpath>')[:8], 16) % 1000 < "
+                f"{opts.eval_permille}; "
                 "held-out files alternate (stream order) between validation and test"
             ),
         },

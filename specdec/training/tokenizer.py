@@ -55,6 +55,14 @@ def train_tokenizer(
     return tok
 
 
+def eot_id(tok: Tokenizer) -> int:
+    """Id of ``<|endoftext|>`` (0 for tokenizers trained here)."""
+    tid = tok.token_to_id(EOT)
+    if tid is None:
+        raise InvalidArgument(f"tokenizer has no {EOT} token")
+    return int(tid)
+
+
 def to_hf(tok: Tokenizer, model_max_length: int) -> PreTrainedTokenizerFast:
     """Wrap as a PreTrainedTokenizerFast with BOS = EOS = PAD = ``<|endoftext|>``."""
     return PreTrainedTokenizerFast(
@@ -93,7 +101,7 @@ def encode_texts(tok: Tokenizer, texts: Sequence[str], chunk: int = 256) -> list
 
 
 def build_stream(encoded: Sequence[array], eot_id: int) -> torch.Tensor:
-    """One int32 stream: EOT, file 1, EOT, file 2, EOT, ... (EOT before every file and at the end)."""
+    """One int32 stream: EOT, file 1, EOT, file 2, ..., EOT (EOT between files and at both ends)."""
     total = sum(len(ids) for ids in encoded) + len(encoded) + 1
     buf = array("i", [eot_id])
     for ids in encoded:

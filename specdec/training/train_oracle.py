@@ -10,6 +10,7 @@ windows; the best weights are kept and restored at the end (early stopping after
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,7 @@ class OracleTrainConfig:
     warmup_steps: int = 200
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    minutes: float = 3.75
+    minutes: float = 4.0
     max_steps: int | None = None
     eval_every_s: float = 20.0
     eval_batch: int = 64
@@ -107,7 +108,7 @@ def train_oracle(
 ) -> StageResult:
     """Train ``model`` in place; on return it holds the weights with the best held-out loss."""
     model.to(device).train()
-    forward = torch.compile(model) if cfg.compile else model
+    forward = cast(torch.nn.Module, torch.compile(model)) if cfg.compile else model
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     budget = Budget(cfg.minutes * 60, cfg.max_steps)
@@ -140,7 +141,10 @@ def train_oracle(
         + (f"{cfg.max_steps} steps" if cfg.max_steps else f"{cfg.minutes:.2f} min"),
     )
     while not budget.done(step):
-        set_lr(optimizer, lr_at(step, budget.progress(step), cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio))
+        set_lr(
+            optimizer,
+            lr_at(step, budget.progress(step), cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio),
+        )
         windows = random_windows(train_stream, cfg.batch_size, cfg.seq_len + 1, gen)
         with autocast(device):
             loss = lm_loss(forward, windows)
@@ -155,7 +159,7 @@ def train_oracle(
         if meter.due() or budget.done(step):
             mean = float(loss_sum) / loss_count
             fail_if_not_finite("oracle", step, mean)
-            meter.update(mean, tokens_per_step * loss_count)
+            meter.update(tokens_per_step * loss_count)
             loss_sum.zero_()
             loss_count = 0
             log(

@@ -1,0 +1,123 @@
+"""Helpers shared by the fault, overload and fuzz tests: references, polling, counters.
+
+The services' own counters are the ground truth these tests assert on: the
+oracle's ``GetInfo`` (verify streams open, KV cache bytes), the gateway's
+``ListWorkers`` (each worker's sessions and KV bytes as it last reported them)
+and the processes' resident memory from /proc.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import torch
+
+from specdec.client import Client, build_request
+from specdec.v1 import gateway_pb2, gateway_pb2_grpc, oracle_pb2, oracle_pb2_grpc
+
+T = TypeVar("T")
+
+
+@functools.cache
+def _hf_model(model_path: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_path).eval()
+
+
+@functools.cache
+def _reference(model_path: str, prompt: tuple[int, ...], max_new_tokens: int) -> tuple[int, ...]:
+    model = _hf_model(model_path)
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([list(prompt)]),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return tuple(int(t) for t in out[0, len(prompt) :])
+
+
+def reference(model_path: Path, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
+    """HF greedy generate of the oracle alone (EOS ignored): what every greedy turn must equal."""
+    return list(_reference(str(model_path), tuple(prompt), max_new_tokens))
+
+
+def wait_until(
+    predicate: Callable[[], T], timeout: float = 20.0, what: str = "condition", step: float = 0.05
+) -> T:
+    """Poll ``predicate`` until it returns something truthy; its value, or TimeoutError."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+        except grpc.RpcError as exc:
+            last = exc
+        if last and not isinstance(last, Exception):
+            return last
+        time.sleep(step)
+    raise TimeoutError(f"{what} not reached in {timeout}s (last: {last!r})")
+
+
+def list_workers(address: str) -> dict[str, gateway_pb2.WorkerInfo]:
+    with Client(address, timeout=5) as client:
+        return {w.worker_id: w for w in client.list_workers()}
+
+
+def oracle_info(port: int) -> oracle_pb2.GetInfoResponse:
+    """The oracle's own view of its load (dialled directly, not through a proxy)."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = oracle_pb2_grpc.OracleStub(channel)
+        return stub.GetInfo(oracle_pb2.GetInfoRequest(), timeout=5)
+
+
+def quiescent(address: str, timeout: float = 30.0) -> dict[str, gateway_pb2.WorkerInfo]:
+    """Wait until no worker reports an active session (earlier tests' streams have ended)."""
+    return wait_until(
+        lambda: (w := list_workers(address)) and all(i.active_sessions == 0 for i in w.values()) and w,
+        timeout,
+        "all workers idle",
+    )
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of process ``pid`` (VmRSS of /proc/<pid>/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def generate_stream(address: str, timeout: float = 120.0, **request: Any) -> Any:
+    """A raw Generate call (an iterator of responses with ``cancel()``), prompt in ``request``."""
+    channel = grpc.insecure_channel(address)
+    stub = gateway_pb2_grpc.GatewayStub(channel)
+    prompt = request.pop("prompt")
+    call = stub.Generate(build_request(prompt, **request), timeout=timeout)
+    call._test_channel = channel  # kept alive with the call
+    return call
+
+
+def collect(
+    call: Any, after_chunks: int = 0, action: Callable[[], None] | None = None
+) -> tuple[list[int], gateway_pb2.GenerateResponse]:
+    """Every streamed token id in order and the last response; ``action`` runs once, after
+    ``after_chunks`` chunks carrying tokens have arrived (the fault lands mid-stream)."""
+    tokens: list[int] = []
+    last = gateway_pb2.GenerateResponse()
+    chunks = 0
+    for response in call:
+        tokens.extend(response.token_ids)
+        last = response
+        if response.token_ids:
+            chunks += 1
+            if action is not None and chunks == after_chunks:
+                action()
+    return tokens, last
