@@ -147,7 +147,12 @@ class DraftWorker:
                 params=params,
                 seed=a.seed,
                 k=a.num_speculative_tokens,
-                stop=StopChecker(params, self.model.eos_token_ids, decode),
+                # EOS is among the stop ids unless the request set ignore_eos.
+                stop=StopChecker(
+                    params,
+                    [t for t in self.model.eos_token_ids if t in params.stop_token_ids],
+                    decode,
+                ),
                 max_context=a.max_context or self.model.max_context,
             )
             base = [len(a.token_ids)]

@@ -130,7 +130,9 @@ class TurnRunner:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._worker_wait_s
         while True:
-            oracles = [o for o in self.registry.oracles() if o.worker_id not in excluded]
+            oracles = [
+                o for o in self.registry.oracles() if o.worker_id not in excluded and o.responsive
+            ]
             if oracles or loop.time() >= deadline:
                 return oracles
             with contextlib.suppress(TimeoutError):
@@ -141,6 +143,11 @@ class TurnRunner:
 
     async def pick_oracle(self, session: Session, excluded: set[str]) -> Worker:
         oracles = await self.wait_for_oracle(excluded)
+        if not oracles and excluded:
+            raise Unavailable(
+                f"no oracle left for this turn: {sorted(excluded)} failed during it and no "
+                "other responsive oracle is registered; retry later"
+            )
         if not oracles:
             raise Unavailable(
                 "no oracle is registered at the gateway; start one with "
@@ -156,7 +163,7 @@ class TurnRunner:
     def pick_draft(
         self, session: Session, oracle: Worker, request: TurnRequest, excluded: set[str]
     ) -> Worker | None:
-        drafts = [d for d in self.registry.drafts() if d.worker_id not in excluded]
+        drafts = [d for d in self.registry.drafts() if d.worker_id not in excluded and d.responsive]
         compatible = [
             d for d in drafts if d.info.vocab_fingerprint == oracle.info.vocab_fingerprint
         ]
@@ -175,7 +182,10 @@ class TurnRunner:
         """Stream the turn's chunks; commits land in ``session.tokens`` as they arrive."""
         check_k(request.k)
         params = request.params
-        stop = StopChecker(params, self.eos_token_ids(), self._decode if params.stop else None)
+        # EOS ends the turn only when it is among the stop ids (not with ignore_eos): the
+        # checker stops at every id it is given as EOS.
+        eos = [t for t in self.eos_token_ids() if t in params.stop_token_ids]
+        stop = StopChecker(params, eos, self._decode if params.stop else None)
         decoder = IncrementalDecoder(self._decode_text)
         summary = TurnSummary(TurnStats(prompt_tokens=len(request.prompt_ids)))
         seed = resolve_seed(params.seed)
@@ -385,7 +395,9 @@ class TurnRunner:
             seed=seed,
             k=request.k if proposer else 0,
             stop=StopChecker(
-                params, oracle.info.eos_token_ids, self._decode if params.stop else None
+                params,
+                [t for t in oracle.info.eos_token_ids if t in params.stop_token_ids],  # ignore_eos
+                self._decode if params.stop else None,
             ),
             max_context=oracle.info.max_context or 1 << 30,
         )

@@ -27,6 +27,9 @@ from specdec.v1 import gateway_pb2, oracle_pb2_grpc, registry_pb2, registry_pb2_
 log = logging.getLogger(__name__)
 
 LOAD_INTERVAL_MS = 1000
+# A worker reports its load every LOAD_INTERVAL_MS; one silent for this long is hung (or
+# its link stalled) even though its stream is open: it gets no new turns until it speaks.
+SILENT_AFTER_S = 3 * LOAD_INTERVAL_MS / 1000
 
 
 @dataclass(eq=False)
@@ -41,6 +44,7 @@ class Worker:
     kv_cache_bytes: int = 0
     channel: grpc.aio.Channel | None = None  # oracles: the gateway's channel to it
     alive: bool = True
+    last_seen: float = field(default_factory=time.monotonic)  # its last message, any kind
     security: ChannelSecurity | None = None  # how the gateway dials it (TLS, token)
 
     @property
@@ -55,6 +59,10 @@ class Worker:
     def load(self) -> int:
         """Sessions it serves now, as far as the gateway knows."""
         return max(len(self.assignments), self.reported_sessions)
+
+    @property
+    def responsive(self) -> bool:
+        return time.monotonic() - self.last_seen < SILENT_AFTER_S
 
     @property
     def has_capacity(self) -> bool:
@@ -189,6 +197,7 @@ class Registry:
             queue.put_nowait(event)
 
     def on_worker_message(self, worker: Worker, message: registry_pb2.ConnectRequest) -> None:
+        worker.last_seen = time.monotonic()
         kind = message.WhichOneof("kind")
         if kind == "load":
             worker.reported_sessions = message.load.active_sessions

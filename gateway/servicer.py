@@ -52,6 +52,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if not prompt_ids:
             raise InvalidArgument("the prompt is empty: set prompt or prompt_token_ids")
         speculation = request.speculation
+        if speculation.drafter not in common_pb2.DrafterKind.values():
+            raise InvalidArgument(
+                f"speculation.drafter must be one of {common_pb2.DrafterKind.keys()}, "
+                f"got {speculation.drafter}"
+            )
         k = (
             speculation.num_speculative_tokens
             if speculation.HasField("num_speculative_tokens")

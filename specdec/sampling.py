@@ -123,6 +123,13 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
         raise ValueError("logits_to_probs needs temperature > 0; greedy uses argmax")
     # z = logits / T, in float32 whatever the model's dtype.
     z = logits.to(torch.float32) / params.temperature
+    if bool(torch.isposinf(z).any()):
+        # T so small (subnormal) that a logit / T overflowed: softmax would compute
+        # inf - inf = NaN. Softmax and the top-k/top-p orders are shift invariant, so
+        # z = (logits - max) / T is the same distribution without the overflow: the
+        # limit T -> 0 is greedy, the argmax (ties shared) with probability 1.
+        shifted = logits.to(torch.float32)
+        z = (shifted - shifted.amax(dim=-1, keepdim=True)) / params.temperature
     vocab = z.shape[-1]
     if 0 < params.top_k < vocab:
         z = _mask_top_k(z, params.top_k)

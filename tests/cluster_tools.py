@@ -12,15 +12,13 @@ import functools
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import torch
 
 from specdec.client import Client, build_request
 from specdec.v1 import gateway_pb2, gateway_pb2_grpc, oracle_pb2, oracle_pb2_grpc
-
-T = TypeVar("T")
 
 
 @functools.cache
@@ -50,8 +48,8 @@ def reference(model_path: Path, prompt: Sequence[int], max_new_tokens: int) -> l
 
 
 def wait_until(
-    predicate: Callable[[], T], timeout: float = 20.0, what: str = "condition", step: float = 0.05
-) -> T:
+    predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition", step: float = 0.05
+) -> Any:
     """Poll ``predicate`` until it returns something truthy; its value, or TimeoutError."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -80,11 +78,13 @@ def oracle_info(port: int) -> oracle_pb2.GetInfoResponse:
 
 def quiescent(address: str, timeout: float = 30.0) -> dict[str, gateway_pb2.WorkerInfo]:
     """Wait until no worker reports an active session (earlier tests' streams have ended)."""
-    return wait_until(
-        lambda: (w := list_workers(address)) and all(i.active_sessions == 0 for i in w.values()) and w,
-        timeout,
-        "all workers idle",
-    )
+
+    def idle() -> dict[str, gateway_pb2.WorkerInfo] | None:
+        workers = list_workers(address)
+        return workers if all(w.active_sessions == 0 for w in workers.values()) else None
+
+    workers: dict[str, gateway_pb2.WorkerInfo] = wait_until(idle, timeout, "all workers idle")
+    return workers
 
 
 def rss_bytes(pid: int) -> int:

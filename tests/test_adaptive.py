@@ -75,14 +75,28 @@ def test_policy_shrinks_k_for_a_bad_draft() -> None:
     assert policy.next_k() == 1  # never 0: keeps measuring acceptance
 
 
+class CyclingK:
+    """A KPolicy that changes k every round, to exercise varying block sizes."""
+
+    def __init__(self, ks: list[int]) -> None:
+        self.ks, self.i = ks, 0
+
+    def next_k(self) -> int:
+        return self.ks[self.i % len(self.ks)]
+
+    def observe(self, report: RoundReport) -> None:
+        self.i += 1
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_adaptive_k_is_still_exact(arch: str, loaded: Callable[..., Any]) -> None:
+def test_varying_k_is_still_exact(arch: str, loaded: Callable[..., Any]) -> None:
     oracle = Oracle(loaded(arch, "oracle"))
     params = SamplingParams(max_new_tokens=40)
     prompt = [1, 5, 9, 12, 7]
     alone = speculative_generate(prompt, oracle, None, params, 0)
-    policy = AdaptiveK(k_max=8, k_start=1, warmup_rounds=1)
-    drafter = ModelDrafter(loaded(arch, "close_draft"))
-    result = speculative_generate(prompt, oracle, drafter, params, 8, policy=policy)
-    assert result.tokens == alone.tokens
-    assert len({r.k for r in result.rounds}) > 1  # k really changed between rounds
+    for policy in (CyclingK([1, 5, 2, 8, 3]), AdaptiveK(k_max=8, k_start=1, warmup_rounds=1)):
+        drafter = ModelDrafter(loaded(arch, "close_draft"))
+        result = speculative_generate(prompt, oracle, drafter, params, 8, policy=policy)
+        assert result.tokens == alone.tokens
+        if isinstance(policy, CyclingK):
+            assert len({r.k for r in result.rounds}) > 2  # k really changed between rounds

@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from specdec.client import Client
 from specdec.launch import Cluster, Service, cluster, free_port
 from tests.cluster_tools import (
     collect,
@@ -105,9 +106,7 @@ def rig(
     oracle_path = model_dir("llama", "oracle")
     with cluster(tmp_path_factory.mktemp("faults")) as c:
         built = Rig(c, oracle_path, model_dir("llama", "close_draft"))
-        c.start_gateway(
-            "--tokenizer", str(oracle_path), "--worker-silence-s", str(SILENCE_S)
-        )
+        c.start_gateway("--tokenizer", str(oracle_path), "--worker-silence-s", str(SILENCE_S))
         for oracle_id in ORACLES:
             port = built.ports[oracle_id] = free_port()
             built.to_oracle[oracle_id] = FaultProxy("127.0.0.1", port, DELAY_S)
@@ -119,6 +118,8 @@ def rig(
             c.wait_workers(oracles=2, drafts=2)
             yield built
         finally:
+            for service in c.services:
+                service.kill()  # a graceful stop waits out streams' grace periods
             for proxy in (*built.to_oracle.values(), *built.from_drafts.values()):
                 proxy.close()
 
@@ -136,6 +137,24 @@ def run_with_fault(
     tokens, last = collect(call, after_chunks=3, action=fault)
     assert last.finish_reason, "the stream ended without its final message"
     return tokens, last.stats.failovers, last.stats.oracle_id, last.stats.draft_id
+
+
+@pytest.mark.parametrize(("k", "drafter"), [(0, None), (4, None), (4, "ngram")])
+def test_ignore_eos_runs_past_eos_and_eos_ends_otherwise(
+    rig: Rig, k: int, drafter: str | None
+) -> None:
+    """Nothing lost at EOS either: with ignore_eos the output is all max_new_tokens of the
+    oracle alone, EOS included; without, it ends right after the EOS."""
+    prompt, eos = [1, 5, 9, 12, 62], 2  # its greedy continuation has EOS at index 18
+    expected = reference(rig.oracle_path, prompt, 40)
+    assert eos in expected[:-1]
+    rig.heal()
+    with Client(rig.address, timeout=60) as client:
+        result = client.generate(prompt, max_new_tokens=40, k=k, drafter=drafter, ignore_eos=True)
+        assert (result.token_ids, result.finish_reason) == (expected, "length")
+        result = client.generate(prompt, max_new_tokens=40, k=k, drafter=drafter)
+        end = expected.index(eos) + 1
+        assert (result.token_ids, result.finish_reason) == (expected[:end], "eos")
 
 
 @pytest.mark.parametrize("k", [0, 4])
@@ -211,12 +230,20 @@ def test_hung_draft_is_noticed_by_the_gateway(rig: Rig) -> None:
 
     try:
         tokens, failovers, _, draft_id = run_with_fault(rig, freeze_serving_draft, k=4)
+        assert tokens == reference(rig.oracle_path, PROMPT, LONG)
+        assert failovers >= 1
+        assert draft_id != stopped[0]
+        # Still frozen, and silent for longer than three load intervals: new turns skip it
+        # at once instead of each waiting out --worker-silence-s.
+        for prompt in ([1, 30, 31], [1, 40, 41], [1, 50]):
+            call = generate_stream(rig.address, prompt=prompt, max_new_tokens=8, k=4)
+            tokens, last = collect(call)
+            assert tokens == reference(rig.oracle_path, prompt, 8)[: len(tokens)]
+            assert last.stats.failovers == 0
+            assert last.stats.draft_id not in ("", stopped[0])
     finally:
         if stopped:
             rig.kill(stopped[0])  # SIGKILL works on a stopped process; heal() restarts it
-    assert tokens == reference(rig.oracle_path, PROMPT, LONG)
-    assert failovers >= 1
-    assert draft_id != stopped[0]
 
 
 def test_restarted_workers_re_register_and_take_new_work(rig: Rig) -> None:

@@ -95,7 +95,7 @@ class Secure:
         )
 
 
-def _wait_workers(secure: Secure, oracles: int, drafts: int, timeout: float = 120) -> None:
+def _wait_workers(secure: Secure, oracles: int, drafts: int, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     with secure.client(timeout=2) as client:
         while time.monotonic() < deadline:

@@ -55,6 +55,17 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--no-hf", action="store_true", help="skip the in-process HF baselines")
     p.add_argument("--threads", type=int, default=1, help="compute threads per process")
     p.add_argument("--out", default="bench_results/bench.json")
+    p.add_argument(
+        "--tracing-overhead",
+        action="store_true",
+        help="instead: tokens/s with tracing on against off, side by side",
+    )
+    p.add_argument("--tracing-reps", type=int, default=3)
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="instead: the core loop against HF generate, in this process",
+    )
     p.set_defaults(func=run_bench)
 
 
@@ -73,7 +84,9 @@ class ProxyThread:
         self._loop.call_soon_threadsafe(self._loop.stop)
 
 
-def _gateway_sample(client: Any, prompt: list[int], cfg: Config, sampling: dict[str, Any]) -> Sample:
+def _gateway_sample(
+    client: Any, prompt: list[int], cfg: Config, sampling: dict[str, Any]
+) -> Sample:
     start = time.perf_counter()
     last = start
     sample = Sample(0, 0.0, 0.0)
@@ -169,12 +182,34 @@ def run_bench(args: argparse.Namespace) -> None:
     prompts = heldout_prompts(
         lambda text: tokenizer(text)["input_ids"], args.prompts, args.prompt_tokens
     )
+    if args.in_process:
+        from specdec.bench.core import run_in_process
+
+        args.oracle_path, args.draft_path = oracle_path, draft_path
+        run_in_process(args, prompts)
+        return
+    if args.tracing_overhead:
+        from specdec.bench.tracing import run_tracing_overhead
+
+        args.oracle_path, args.draft_path = oracle_path, draft_path
+        overhead = run_tracing_overhead(args, prompts)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(overhead, indent=2))
+        return
     configs = _configs(args)
     env = {"OMP_NUM_THREADS": str(args.threads), "SPECDEC_LOG_LEVEL": "warning"}
     hf_oracle = hf_draft = None
     if not args.no_hf:
-        hf_oracle = AutoModelForCausalLM.from_pretrained(oracle_path, dtype=getattr(torch, args.dtype)).to(args.device).eval()  # noqa: E501
-        hf_draft = AutoModelForCausalLM.from_pretrained(draft_path, dtype=getattr(torch, args.dtype)).to(args.device).eval()  # noqa: E501
+        hf_oracle = (
+            AutoModelForCausalLM.from_pretrained(oracle_path, dtype=getattr(torch, args.dtype))
+            .to(args.device)
+            .eval()
+        )
+        hf_draft = (
+            AutoModelForCausalLM.from_pretrained(draft_path, dtype=getattr(torch, args.dtype))
+            .to(args.device)
+            .eval()
+        )
     oracle_port = free_port()
     proxy = ProxyThread(oracle_port)
     rows: list[dict[str, Any]] = []
@@ -215,14 +250,16 @@ def run_bench(args: argparse.Namespace) -> None:
                 for cf, result in results.items():
                     row = result.summary(base if cf.k or cf.hf else None)
                     if hf_base is not None and cf.hf != "alone":
-                        row["vs_hf_generate"] = row["tokens_per_s"] / hf_base.summary(None)["tokens_per_s"]  # noqa: E501
+                        row["vs_hf_generate"] = (
+                            row["tokens_per_s"] / hf_base.summary(None)["tokens_per_s"]
+                        )
                     rows.append(row)
                 assisted = next((r for cf, r in results.items() if cf.hf == "assisted"), None)
                 if assisted is not None:
                     hf_tps = assisted.summary(None)["tokens_per_s"]
-                    for row in rows[-len(results):]:
+                    for row in rows[-len(results) :]:
                         row["vs_hf_assisted"] = row["tokens_per_s"] / hf_tps
-                print(table(rows[-len(results):]), flush=True)
+                print(table(rows[-len(results) :]), flush=True)
     proxy.stop()
     report = {
         "command": "specdec " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else sys.argv,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -83,7 +84,7 @@ class GrpcOracleLink:
             raise OracleRpcError(code, details or "stream ended")
         return response  # type: ignore[no-any-return]
 
-    async def _send(self, request: oracle_pb2.VerifyRequest) -> object:
+    async def _send(self, request: oracle_pb2.VerifyRequest) -> Any:
         assert self._call is not None
         try:
             await self._call.write(request)
