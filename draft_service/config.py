@@ -19,6 +19,9 @@ class DraftConfig:
     max_sessions: int = setting(8, "turns drafted at once; the gateway sends no more")
     max_cached_sessions: int = setting(64, "sessions whose draft KV cache is kept between turns")
     max_support: int = setting(32, "largest support of a sampled draft distribution q")
+    draft_ahead: bool = setting(
+        True, "draft the next block while the current one is verified (hides the round trip)"
+    )
     verify_timeout_s: float = setting(
         30.0, "seconds to wait for each verdict (and the prefill) before failing the turn over"
     )

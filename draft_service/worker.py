@@ -154,6 +154,7 @@ class DraftWorker:
                     decode,
                 ),
                 max_context=a.max_context or self.model.max_context,
+                draft_ahead=self.config.draft_ahead,
             )
             base = [len(a.token_ids)]
 
@@ -216,6 +217,7 @@ def _round_to_pb(report: RoundReport) -> registry_pb2.RoundReport:
         verify_ns=report.verify_ns,
         network_ns=report.network_ns,
         queue_ns=report.queue_ns,
+        drafted_ahead=report.drafted_ahead,
     )
 
 

@@ -487,6 +487,7 @@ def _report(commit: registry_pb2.AssignmentCommit) -> RoundReport:
         verify_ns=r.verify_ns,
         network_ns=r.network_ns,
         queue_ns=r.queue_ns,
+        drafted_ahead=r.drafted_ahead,
     )
 
 

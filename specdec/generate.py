@@ -106,6 +106,7 @@ def speculative_generate(
     eos_token_ids: Sequence[int] = (),
     decode: Callable[[list[int]], str] | None = None,
     policy: KPolicy | None = None,
+    draft_ahead: bool = False,
 ) -> GenerationResult:
     """Generate after ``prompt_ids`` with ``oracle``, drafting ``k`` tokens per round.
 
@@ -127,6 +128,7 @@ def speculative_generate(
         k=k,
         stop=StopChecker(params, eos_token_ids, decode),
         max_context=oracle.max_context,
+        draft_ahead=draft_ahead,
     )
     generated: list[int] = []
     rounds: list[RoundReport] = []

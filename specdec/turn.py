@@ -92,6 +92,7 @@ class RoundReport:
     verify_ns: int
     network_ns: int
     queue_ns: int
+    drafted_ahead: bool = False  # the block was drafted during the previous verification
 
 
 @dataclass
@@ -104,6 +105,7 @@ class TurnStats:
     proposed: int = 0
     accepted: int = 0
     rejected_rounds: int = 0  # rounds that rejected a drafted token
+    ahead_hits: int = 0  # rounds whose block was drafted during the previous verification
     cached_tokens: int = 0
     prefilled_tokens: int = 0
     prefill_ns: int = 0
@@ -120,6 +122,7 @@ class TurnStats:
         self.proposed += report.proposed
         self.accepted += report.accepted
         self.rejected_rounds += int(report.accepted < report.proposed)
+        self.ahead_hits += int(report.drafted_ahead)
         self.output_tokens += report.committed
         self.draft_ns += report.draft_ns
         self.verify_ns += report.verify_ns
@@ -168,6 +171,11 @@ class Turn:
     k: int
     stop: StopChecker
     max_context: int
+    # Draft the next block while this one is being verified (PEARL's post-verify,
+    # SpecEdge's proactive drafting): the next block is drafted on the assumption that
+    # the whole block is accepted, with one more token as the guess of the bonus; it is
+    # used only when that assumption and guess turn out true, so the output is unchanged.
+    draft_ahead: bool = False
 
 
 def check_k(k: int) -> None:
@@ -210,6 +218,7 @@ async def run_turn(
         await on_open(opened)
     produced = 0
     round_index = 0
+    ahead: DraftBlock | None = None  # drafted during the last verification, valid for committed
     while True:
         if len(committed) >= turn.max_context:
             return FinishReason.CONTEXT_LIMIT, _finish(stats, start)
@@ -217,17 +226,32 @@ async def run_turn(
         if observer is not None:
             observer.round_started(round_index, k)
         t0 = time.perf_counter_ns()
-        block = (
-            await proposer.propose(committed, k, turn.params)
-            if proposer is not None and k > 0
-            else DraftBlock(token_ids=())
-        )
-        if len(block) > k:  # a drafter may propose fewer than asked, never more
-            block = DraftBlock(block.token_ids[:k], None if block.q is None else block.q[:k])
+        from_ahead = ahead is not None and len(ahead) > 0 and k > 0
+        if from_ahead:
+            assert ahead is not None
+            block = ahead
+        elif proposer is not None and k > 0:
+            block = await proposer.propose(committed, k, turn.params)
+        else:
+            block = DraftBlock(token_ids=())
+        ahead = None
+        block = _truncate(block, k)  # a drafter may propose fewer than asked, never more
         t1 = time.perf_counter_ns()
-        result = await link.verify(round_index, len(committed), block, t1 - t0)
-        rtt = time.perf_counter_ns() - t1
+        verifying = asyncio.ensure_future(link.verify(round_index, len(committed), block, t1 - t0))
+        drafting = None
+        if turn.draft_ahead and proposer is not None and len(block) == k > 0:
+            # k + 1 tokens after committed + block: the bonus guess, then the next block.
+            context = committed + list(block.token_ids)
+            drafting = asyncio.ensure_future(proposer.propose(context, k + 1, turn.params))
+        try:
+            result = await verifying
+        finally:
+            rtt = time.perf_counter_ns() - t1
+            guess = await drafting if drafting is not None else None
         verdict = result.verdict
+        if guess is not None and verdict.is_bonus and guess.token_ids[:1] == (verdict.next_token,):
+            ahead = DraftBlock(guess.token_ids[1:], None if guess.q is None else guess.q[1:])
+        draft_ns = (t1 - t0) + max(0, time.perf_counter_ns() - t1 - rtt)
         if proposer is not None and len(block):
             proposer.update(verdict.num_accepted)
         new = committed_tokens(block, verdict)
@@ -242,10 +266,11 @@ async def run_turn(
             is_bonus=verdict.is_bonus,
             committed=keep,
             committed_length=len(committed),
-            draft_ns=t1 - t0,
+            draft_ns=draft_ns,
             verify_ns=result.verify_ns,
             network_ns=max(0, rtt - result.verify_ns - result.queue_ns),
             queue_ns=result.queue_ns,
+            drafted_ahead=from_ahead,
         )
         stats.add(report)
         if observer is not None:
@@ -258,6 +283,12 @@ async def run_turn(
         round_index += 1
         if reason is not None:
             return reason, _finish(stats, start)
+
+
+def _truncate(block: DraftBlock, k: int) -> DraftBlock:
+    if len(block) <= k:
+        return block
+    return DraftBlock(block.token_ids[:k], None if block.q is None else block.q[:k])
 
 
 def _finish(stats: TurnStats, start_ns: int) -> TurnStats:

@@ -147,5 +147,6 @@ def stats_to_pb(
         drafter=drafter,  # type: ignore[arg-type]
         failovers=failovers,
         rejected_rounds=stats.rejected_rounds,
+        draft_ahead_hits=stats.ahead_hits,
         mean_speculative_tokens=stats.proposed / stats.rounds if stats.rounds else 0.0,
     )

@@ -128,7 +128,7 @@ class ReleaseDraftSession(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class RoundReport(_message.Message):
-    __slots__ = ("round", "proposed", "accepted", "is_bonus", "draft_ns", "verify_ns", "network_ns", "queue_ns")
+    __slots__ = ("round", "proposed", "accepted", "is_bonus", "draft_ns", "verify_ns", "network_ns", "queue_ns", "drafted_ahead")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     PROPOSED_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +137,7 @@ class RoundReport(_message.Message):
     VERIFY_NS_FIELD_NUMBER: _ClassVar[int]
     NETWORK_NS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_NS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_AHEAD_FIELD_NUMBER: _ClassVar[int]
     round: int
     proposed: int
     accepted: int
@@ -145,7 +146,8 @@ class RoundReport(_message.Message):
     verify_ns: int
     network_ns: int
     queue_ns: int
-    def __init__(self, round: _Optional[int] = ..., proposed: _Optional[int] = ..., accepted: _Optional[int] = ..., is_bonus: _Optional[bool] = ..., draft_ns: _Optional[int] = ..., verify_ns: _Optional[int] = ..., network_ns: _Optional[int] = ..., queue_ns: _Optional[int] = ...) -> None: ...
+    drafted_ahead: bool
+    def __init__(self, round: _Optional[int] = ..., proposed: _Optional[int] = ..., accepted: _Optional[int] = ..., is_bonus: _Optional[bool] = ..., draft_ns: _Optional[int] = ..., verify_ns: _Optional[int] = ..., network_ns: _Optional[int] = ..., queue_ns: _Optional[int] = ..., drafted_ahead: _Optional[bool] = ...) -> None: ...
 
 class AssignmentOpened(_message.Message):
     __slots__ = ("assignment_id", "cached_tokens", "prefilled_tokens", "prefill_ns", "oracle_id")
