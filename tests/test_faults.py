@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from gateway.registry import SILENT_AFTER_S
 from specdec.client import Client
 from specdec.launch import Cluster, Service, cluster, free_port
 from tests.cluster_tools import (
@@ -223,10 +225,12 @@ def test_hung_draft_is_noticed_by_the_gateway(rig: Rig) -> None:
     """SIGSTOP: the draft's connections stay open but it reports nothing; after
     --worker-silence-s the gateway moves the turn on."""
     stopped: list[str] = []
+    frozen_at: list[float] = []
 
     def freeze_serving_draft() -> None:
         stopped.append(rig.serving(DRAFTS))
         os.kill(rig.services[stopped[0]].process.pid, signal.SIGSTOP)
+        frozen_at.append(time.monotonic())
 
     try:
         tokens, failovers, _, draft_id = run_with_fault(rig, freeze_serving_draft, k=4)
@@ -235,6 +239,7 @@ def test_hung_draft_is_noticed_by_the_gateway(rig: Rig) -> None:
         assert draft_id != stopped[0]
         # Still frozen, and silent for longer than three load intervals: new turns skip it
         # at once instead of each waiting out --worker-silence-s.
+        time.sleep(max(0.0, frozen_at[0] + SILENT_AFTER_S + 0.5 - time.monotonic()))
         for prompt in ([1, 30, 31], [1, 40, 41], [1, 50]):
             call = generate_stream(rig.address, prompt=prompt, max_new_tokens=8, k=4)
             tokens, last = collect(call)

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import grpc
 
 from specdec.errors import InvalidArgument
+from specdec.serving.interceptors import rewrap
 
 # The principal of the RPC being handled. grpc.aio runs each RPC in its own task, so
 # a value set by the interceptor is seen by that RPC's handler and nobody else.
@@ -330,24 +331,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None or table is None:
             return handler
         check = self._check(service, table)
-        kwargs = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _guard_unary(handler.unary_unary, check), **kwargs
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _guard_unary(handler.stream_unary, check), **kwargs
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _guard_stream(handler.unary_stream, check), **kwargs
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            _guard_stream(handler.stream_stream, check), **kwargs
+        return rewrap(
+            handler,
+            lambda behavior: _guard_unary(behavior, check),
+            lambda behavior: _guard_stream(behavior, check),
         )
 
 
