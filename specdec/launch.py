@@ -74,10 +74,7 @@ class Cluster:
 
     def _start(self, name: str, args: Sequence[str], port: int = 0) -> Service:
         log_path = self.workdir / f"{name}-{len(self.services)}.log"
-        if self.echo:
-            handle = None
-        else:
-            handle = log_path.open("wb")
+        handle = None if self.echo else log_path.open("wb")
         process = subprocess.Popen(
             [sys.executable, "-m", "specdec.cli", *args],
             stdout=handle,

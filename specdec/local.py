@@ -17,9 +17,10 @@ from specdec.launch import cluster
 
 
 def run_local(args: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory(prefix="specdec-up-") as workdir, cluster(
-        Path(workdir), echo=True
-    ) as c:
+    with (
+        tempfile.TemporaryDirectory(prefix="specdec-up-") as workdir,
+        cluster(Path(workdir), echo=True) as c,
+    ):
         try:
             gateway_flags = ["--tokenizer", args.oracle_model] if args.oracle_model else []
             c.start_gateway(*gateway_flags, port=args.port)

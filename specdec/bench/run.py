@@ -262,7 +262,7 @@ def run_bench(args: argparse.Namespace) -> None:
                 print(table(rows[-len(results) :]), flush=True)
     proxy.stop()
     report = {
-        "command": "specdec " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else sys.argv,
+        "command": "specdec " + " ".join(sys.argv[1:]),
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "python": platform.python_version(), "torch": torch.__version__,
                     "device": args.device,
