@@ -419,6 +419,7 @@ class TurnRunner:
             )
         )
         oracle.assignments.add(id(task).__str__())
+        getter: asyncio.Future[_Event] | None = None
         try:
             while True:
                 getter = asyncio.ensure_future(queue.get())
@@ -439,6 +440,8 @@ class TurnRunner:
                 return
         finally:
             oracle.assignments.discard(id(task).__str__())
+            if getter is not None:
+                getter.cancel()  # closed mid-wait: no pending Queue.get task left behind
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task

@@ -253,6 +253,8 @@ def verify_streams(draw: st.DrawFn, real_session: str) -> list[Step]:
         block = oracle_pb2.VerifyBlock(round=round_index, token_ids=tokens, draft_distributions=q)
         steps.append(("relative", oracle_pb2.VerifyRequest(block=block)))
     for fault in draw(st.lists(st.sampled_from(STREAM_FAULTS), max_size=2)):
+        if not steps:  # "no_open" took the only message
+            break
         at = draw(st.integers(0, len(steps) - 1))
         kind, message = steps[at]
         block = message.block

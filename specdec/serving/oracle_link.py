@@ -66,19 +66,33 @@ class GrpcOracleLink:
 
     async def _exchange(self, request: oracle_pb2.VerifyRequest) -> oracle_pb2.VerifyResponse:
         assert self._call is not None
+        # Not wait_for: on timeout it waits for the cancelled exchange to end, and grpc's
+        # send on a dead transport may never end. The call is cancelled instead.
+        sending = asyncio.ensure_future(self._send(request))
         try:
-            response = await asyncio.wait_for(self._send(request), self._round_timeout_s)
-        except TimeoutError:
-            self._call.cancel()
+            await asyncio.wait({sending}, timeout=self._round_timeout_s)
+        finally:
+            if not sending.done():  # timed out, or this turn was cancelled
+                self._call.cancel()
+                sending.cancel()
+                sending.add_done_callback(_consume)
+        if not sending.done():
             raise OracleRpcError(
                 grpc.StatusCode.UNAVAILABLE,
                 f"no answer within {self._round_timeout_s}s: the oracle or the link to it stalled",
-            ) from None
+            )
+        if sending.cancelled():  # grpc cancelled the call (its channel closed), not us
+            raise OracleRpcError(grpc.StatusCode.CANCELLED, "the Verify stream was cancelled")
+        try:
+            response = sending.result()
         except grpc.aio.AioRpcError as exc:
+            self._call.cancel()  # a failed stream is not closed gracefully: see close()
             raise OracleRpcError(exc.code(), exc.details() or exc.code().name) from exc
         if response is grpc.aio.EOF:
-            code = await self._call.code()
-            details = await self._call.details()
+            code, details = grpc.StatusCode.UNAVAILABLE, "stream ended"
+            with contextlib.suppress(TimeoutError):  # a status that never comes: as gone
+                code, details = await asyncio.wait_for(_status(self._call), CLOSE_GRACE_S)
+            self._call.cancel()
             if code in (None, grpc.StatusCode.OK):  # ended without a verdict: as good as gone
                 code = grpc.StatusCode.UNAVAILABLE
             raise OracleRpcError(code, details or "stream ended")
@@ -139,24 +153,41 @@ class GrpcOracleLink:
         )
 
     async def close(self) -> None:
+        """Half-close the stream and return at once; the rest happens in the background.
+
+        Nothing here waits on the transport: on a broken connection grpc's half-close
+        (``done_writing``) can wait forever, and the turn must fail over, not hang.
+        """
         if self._call is not None:
-            with contextlib.suppress(Exception):
-                await self._call.done_writing()
             # The oracle ends the stream once our side is closed; read that end in the
-            # background (no wait here) so the RPC finishes OK and its client span ends.
+            # background so the RPC finishes OK and its client span ends.
             task = asyncio.ensure_future(_finish(self._call))
             _closing.add(task)
             task.add_done_callback(_closing.discard)
             self._call = None
 
 
+def _consume(task: asyncio.Future[Any]) -> None:
+    """Retrieve an abandoned exchange's outcome (no 'exception never retrieved' noise)."""
+    if not task.cancelled():
+        task.exception()
+
+
+async def _status(call: grpc.aio.StreamStreamCall) -> tuple[grpc.StatusCode, str]:
+    return await call.code(), await call.details()
+
+
 async def _finish(call: grpc.aio.StreamStreamCall) -> None:
     async def drain() -> None:
+        await call.done_writing()
         while await call.read() is not grpc.aio.EOF:
             pass
 
+    # Not wait_for: it would wait for the cancelled drain, which a dead transport can block.
+    closing = asyncio.ensure_future(drain())
     try:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(drain(), CLOSE_GRACE_S)
+        await asyncio.wait({closing}, timeout=CLOSE_GRACE_S)
     finally:
         call.cancel()
+        closing.cancel()
+        closing.add_done_callback(_consume)
