@@ -275,3 +275,12 @@ def run_bench(args: argparse.Namespace) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"\n{table(rows)}\n\nwrote {out}")
+
+
+def main(argv: list[str]) -> int:
+    """``specdec bench ...`` (argv starts with "bench")."""
+    parser = argparse.ArgumentParser(prog="specdec")
+    add_bench_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    args.func(args)
+    return 0
