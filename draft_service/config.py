@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from specdec.config import setting
+from specdec.config import MAX_PIPELINE_DEPTH, setting
+from specdec.errors import InvalidArgument
 
 
 @dataclass
@@ -22,6 +23,11 @@ class DraftConfig:
     draft_ahead: bool = setting(
         True, "draft the next block while the current one is verified (hides the round trip)"
     )
+    pipeline_depth: int = setting(
+        2,
+        "blocks in flight to the oracle at once: 2 sends the block drafted ahead before the "
+        "verdict it depends on, hiding the round trip when the guess is right (1 = off)",
+    )
     verify_timeout_s: float = setting(
         30.0, "seconds to wait for each verdict (and the prefill) before failing the turn over"
     )
@@ -38,3 +44,12 @@ class DraftConfig:
         "", "name the servers' certificates must carry (default: the dialled host)"
     )
     auth_token: str = setting("", "worker token presented to the gateway and the oracles")
+
+    def validate(self) -> None:
+        """Raise ``InvalidArgument`` naming the first setting out of range."""
+        if not 1 <= self.pipeline_depth <= MAX_PIPELINE_DEPTH:
+            raise InvalidArgument(
+                f"--pipeline-depth must be in [1, {MAX_PIPELINE_DEPTH}], got {self.pipeline_depth}"
+            )
+        if self.verify_timeout_s <= 0:
+            raise InvalidArgument(f"--verify-timeout-s must be > 0, got {self.verify_timeout_s}")

@@ -80,6 +80,7 @@ async def serve(config: DraftConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = load_config(DraftConfig, argv)
+    config.validate()
     configure_logging(config.log_level, "draft")
     asyncio.run(serve(config))
 

@@ -1,7 +1,7 @@
 """The draft worker: takes assignments from the gateway and drives draft -> verify rounds.
 
 For each assignment it dials the assigned oracle's Verify stream and runs the
-core loop (``specdec.turn.run_turn``) with a model drafter, reporting every
+core loop (``specdec.round_loop.run_turn``) with a model drafter, reporting every
 commit back to the gateway over the worker's Connect stream. Draft KV caches
 are kept per session (LRU) so the next turn of a session drafts without
 re-prefilling.
@@ -19,10 +19,11 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from draft_service.config import DraftConfig
-from specdec.adaptive import AdaptiveK
+from specdec.adaptive import AdaptiveMemory
 from specdec.drafters.model_drafter import ModelDrafter
 from specdec.errors import SpecdecError
 from specdec.models import LoadedModel
+from specdec.round_loop import run_turn
 from specdec.serving import convert
 from specdec.serving.channels import open_channel
 from specdec.serving.oracle_link import GrpcOracleLink, OracleRpcError
@@ -30,7 +31,7 @@ from specdec.serving.registration import GatewayConnection
 from specdec.serving.security import ChannelSecurity
 from specdec.stopping import StopChecker
 from specdec.telemetry.rounds import round_tracer
-from specdec.turn import OpenResult, RoundReport, ThreadProposer, Turn, run_turn
+from specdec.turn import OpenResult, RoundReport, ThreadProposer, Turn
 from specdec.v1 import gateway_pb2, oracle_pb2_grpc, registry_pb2
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class DraftWorker:
         self._drafters: OrderedDict[str, ModelDrafter] = OrderedDict()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._adaptive = AdaptiveMemory()  # per oracle: what earlier turns measured
 
     # -- registration --------------------------------------------------------
 
@@ -155,6 +157,7 @@ class DraftWorker:
                 ),
                 max_context=a.max_context or self.model.max_context,
                 draft_ahead=self.config.draft_ahead,
+                pipeline_depth=a.pipeline_depth or self.config.pipeline_depth,
             )
             base = [len(a.token_ids)]
 
@@ -185,10 +188,12 @@ class DraftWorker:
                 )
 
             proposer = ThreadProposer(drafter, self._executor)
-            policy = AdaptiveK(turn.k) if a.adaptive and turn.k > 0 else None
+            policy = self._adaptive.policy(a.oracle_id, turn.k) if a.adaptive and turn.k else None
             reason, stats = await run_turn(
                 link, proposer, turn, on_commit, policy=policy, on_open=on_open, observer=rounds
             )
+            if policy is not None:
+                self._adaptive.remember(a.oracle_id, policy)
             finished = registry_pb2.AssignmentFinished(
                 assignment_id=a.assignment_id,
                 finish_reason=convert.finish_reason_to_pb(reason),  # type: ignore[arg-type]
@@ -218,6 +223,8 @@ def _round_to_pb(report: RoundReport) -> registry_pb2.RoundReport:
         network_ns=report.network_ns,
         queue_ns=report.queue_ns,
         drafted_ahead=report.drafted_ahead,
+        pipelined=report.pipelined,
+        skipped_blocks=report.skipped_blocks,
     )
 
 

@@ -24,16 +24,17 @@ import grpc
 from gateway.detokenize import IncrementalDecoder
 from gateway.registry import Registry, Worker
 from gateway.sessions import Session
-from specdec.adaptive import AdaptiveK
+from specdec.adaptive import AdaptiveMemory
 from specdec.drafters.ngram import NgramDrafter
 from specdec.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from specdec.round_loop import run_turn
 from specdec.sampling import SamplingParams, resolve_seed, validate_token_ids
 from specdec.serving import convert
 from specdec.serving.oracle_link import GrpcOracleLink, OracleRpcError
 from specdec.stopping import FinishReason, StopChecker
 from specdec.telemetry.gateway import record_round
 from specdec.telemetry.rounds import current_trace_context, round_tracer
-from specdec.turn import InlineProposer, OpenResult, RoundReport, Turn, TurnStats, check_k, run_turn
+from specdec.turn import InlineProposer, OpenResult, RoundReport, Turn, TurnStats, check_k
 from specdec.v1 import common_pb2, oracle_pb2, registry_pb2
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class TurnRequest:
     k: int
     adaptive: bool
     drafter: int  # common_pb2.DrafterKind
+    pipeline_depth: int = 0  # blocks in flight to the oracle (0 = the draft's default)
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,7 @@ class TurnRunner:
         # A worker that sends nothing for this long is hung or cut off (a dead TCP peer
         # behind a stalled link is silent, not disconnected): the turn fails over.
         self._worker_silence_s = worker_silence_s
+        self._adaptive = AdaptiveMemory()  # n-gram turns, per oracle
 
     # -- worker choice -------------------------------------------------------
 
@@ -320,6 +323,7 @@ class TurnRunner:
             seed=seed,
             num_speculative_tokens=request.k,
             adaptive=request.adaptive,
+            pipeline_depth=request.pipeline_depth,
             max_context=oracle.info.max_context,
             grant=self.registry.grant(session.session_id, oracle),
             trace_context=current_trace_context(),  # the Generate span: rounds hang under it
@@ -412,7 +416,8 @@ class TurnRunner:
                 _Opened(opened.cached_tokens, opened.computed_tokens, opened.prefill_ns)
             )
 
-        policy = AdaptiveK(turn.k) if request.adaptive and turn.k > 0 else None
+        key = f"{request.drafter}:{oracle.worker_id}"
+        policy = self._adaptive.policy(key, turn.k) if request.adaptive and turn.k else None
         task = asyncio.create_task(
             run_turn(
                 link, proposer, turn, on_commit, policy=policy, on_open=on_open, observer=rounds
@@ -440,6 +445,8 @@ class TurnRunner:
                 return
         finally:
             oracle.assignments.discard(id(task).__str__())
+            if policy is not None:
+                self._adaptive.remember(key, policy)
             if getter is not None:
                 getter.cancel()  # closed mid-wait: no pending Queue.get task left behind
             task.cancel()
@@ -491,6 +498,8 @@ def _report(commit: registry_pb2.AssignmentCommit) -> RoundReport:
         network_ns=r.network_ns,
         queue_ns=r.queue_ns,
         drafted_ahead=r.drafted_ahead,
+        pipelined=r.pipelined,
+        skipped_blocks=r.skipped_blocks,
     )
 
 

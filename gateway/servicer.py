@@ -8,6 +8,7 @@ from typing import Any
 
 from gateway.generation import Chunk, TurnRequest, TurnRunner
 from gateway.sessions import Session, SessionTable
+from specdec.config import MAX_PIPELINE_DEPTH
 from specdec.errors import FailedPrecondition, InvalidArgument
 from specdec.serving import convert
 from specdec.serving.security import current_principal
@@ -69,7 +70,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             default_max_new_tokens=self._default_max_new_tokens,
             eos_token_ids=self._runner.eos_token_ids(),
         )
-        return TurnRequest(prompt_ids, params, k, speculation.adaptive, speculation.drafter)
+        depth = speculation.pipeline_depth if speculation.HasField("pipeline_depth") else 0
+        if speculation.HasField("pipeline_depth") and not 1 <= depth <= MAX_PIPELINE_DEPTH:
+            raise InvalidArgument(
+                f"speculation.pipeline_depth must be in [1, {MAX_PIPELINE_DEPTH}], got {depth}"
+            )
+        return TurnRequest(prompt_ids, params, k, speculation.adaptive, speculation.drafter, depth)
 
     async def Generate(
         self, request: gateway_pb2.GenerateRequest, context: Any

@@ -40,6 +40,9 @@ class OracleConfig:
         64, "verify streams served at once; more are refused with RESOURCE_EXHAUSTED"
     )
     max_cached_sessions: int = setting(1024, "sessions whose KV cache is kept between turns")
+    max_batch: int = setting(
+        16, "most blocks of different sessions verified in one forward pass (1 = one at a time)"
+    )
     log_level: str = setting(
         "info", "log level", choices=("debug", "info", "warning", "error", "critical")
     )
@@ -88,6 +91,8 @@ class OracleConfig:
             raise InvalidArgument(
                 f"--max-cached-sessions must be >= 0, got {self.max_cached_sessions}"
             )
+        if self.max_batch < 1:
+            raise InvalidArgument(f"--max-batch must be >= 1, got {self.max_batch}")
         if self.kv_budget_mb < 0:
             raise InvalidArgument(f"--kv-budget-mb must be >= 0, got {self.kv_budget_mb}")
         if not 0 <= self.metrics_port <= 65535:

@@ -1,12 +1,19 @@
 """The oracle engine: validates requests and runs every forward pass in one model thread.
 
 One model must not run two forward passes at once (they would contend for the
-same device and, on CPU, the same cores, and later work batches verification
-across sessions), so all torch work goes through a single-worker thread pool
-and the event loop stays free for the gRPC streams. Each call is timed twice:
+same device and, on CPU, the same cores), so all torch work goes through a
+single-worker thread pool and the event loop stays free for the gRPC streams.
 
-    queue_ns   = start in the model thread - submission   (waiting behind other sessions)
-    compute_ns = end - start                              (prefill or verify itself)
+Blocks are verified in batches across sessions: ``verify`` queues its block
+(``scheduler.BlockQueue``) and awaits it; one batcher task takes up to
+``max_batch`` queued blocks, at most one per session, oldest first, and runs
+them in the model thread as one job whose forward covers all of them
+(``specdec.batched.verify_batch``: each row's verdict is exactly the one the
+session would get alone). Opens, releases and evictions go through the same
+model thread, between batches. Each call is timed twice:
+
+    queue_ns   = start in the model thread - submission   (waiting behind other work)
+    compute_ns = end - start                              (prefill, or the whole batch)
 
 Requests are checked before they reach the queue where that needs no session
 state (ids in vocabulary, block well formed, context room); the committed
@@ -18,6 +25,8 @@ nothing: the session's committed tokens and cache stay as they were.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -25,18 +34,32 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
-from oracle_service.sessions import Lease, SessionStore
-from specdec.errors import FailedPrecondition, InvalidArgument
+from oracle_service.scheduler import BatchCounters, BlockQueue, PendingBlock
+from oracle_service.sessions import Lease, OracleSession, SessionStore
+from specdec.batched import BatchItem, verify_batch
+from specdec.errors import FailedPrecondition, InvalidArgument, Unavailable
 from specdec.models import LoadedModel
 from specdec.oracle import Oracle, PrefillResult
 from specdec.sampling import SamplingParams, validate_token_ids
+from specdec.telemetry.setup import metrics
 from specdec.turn import OpenResult, VerifyResult
-from specdec.verifier import DraftBlock, Verdict, committed_tokens, validate_block
+from specdec.verifier import (
+    MAX_SPECULATIVE_TOKENS,
+    DraftBlock,
+    Verdict,
+    committed_tokens,
+    validate_block,
+)
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_SEED = (1 << 64) - 1
+DEFAULT_MAX_BATCH = 16
+
+# A block's outcome in the model thread: (verdict or None when skipped, committed length
+# afterwards), or the error that refused it.
+Outcome = tuple[Verdict | None, int] | BaseException
 
 
 @dataclass(frozen=True)
@@ -67,7 +90,11 @@ class OracleEngine:
         kv_budget_bytes: int,
         max_sessions: int,
         max_cached_sessions: int,
+        max_batch: int = DEFAULT_MAX_BATCH,
     ) -> None:
+        """``max_batch``: the most blocks (of different sessions) verified in one forward."""
+        if max_batch < 1:
+            raise InvalidArgument(f"max_batch must be >= 1, got {max_batch}")
         self.model = model
         self.oracle = Oracle(model)
         self.oracle_id = oracle_id
@@ -79,6 +106,12 @@ class OracleEngine:
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oracle-model")
         self._closed = False
+        self.max_batch = max_batch
+        self.batch_counters = BatchCounters()
+        self._queue = BlockQueue(max_batch)
+        self._wakeup: asyncio.Event | None = None
+        self._batcher: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -166,29 +199,156 @@ class OracleEngine:
 
     # -- verify -------------------------------------------------------------
 
-    async def verify(self, lease: Lease, base_length: int, block: DraftBlock) -> VerifyResult:
+    async def verify(
+        self, lease: Lease, base_length: int, block: DraftBlock, assumed: Sequence[int] = ()
+    ) -> VerifyResult:
         """Verify ``block``, drafted after the first ``base_length`` committed tokens.
 
         Raises ``FailedPrecondition`` (and changes nothing) unless ``base_length``
         is the session's committed length: the block is stale, duplicated or out
         of order. ``InvalidArgument`` for a malformed block or one that would
         run past the context.
+
+        ``assumed`` (pipelining): the last committed tokens the block takes for
+        granted, sent before their verdict was known. If the session's tokens
+        do not end with them at ``base_length``, the block is skipped: the
+        result's verdict is None and nothing changes.
+
+        The block waits in the batch queue; a session's blocks are verified in
+        the order their ``verify`` calls were made.
         """
         validate_block(block, self.vocab_size)
-        verdict, queue_ns, compute_ns = await self._run(
-            lambda: self._verify(lease, base_length, block)
+        assumed = _check_assumed(assumed, base_length, self.vocab_size)
+        if self._closed:
+            raise Unavailable("this oracle is shutting down; open the session on another oracle")
+        loop = asyncio.get_running_loop()
+        pending = PendingBlock(
+            lease, base_length, block, assumed, loop.create_future(), time.perf_counter_ns()
         )
-        committed_length = base_length + verdict.num_accepted + 1
-        return VerifyResult(
-            verdict=verdict,
-            committed_length=committed_length,
-            verify_ns=compute_ns,
-            queue_ns=queue_ns,
-        )
+        self._queue.put(pending)
+        self._start_batcher(loop)
+        assert self._wakeup is not None
+        self._wakeup.set()
+        return await pending.future
 
-    def _verify(self, lease: Lease, base_length: int, block: DraftBlock) -> Verdict:
-        session = self.sessions.check(lease)
+    def _start_batcher(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._batcher is None or self._batcher.done() or self._loop is not loop:
+            self._loop = loop
+            self._wakeup = asyncio.Event()
+            self._batcher = loop.create_task(self._batch_loop(), name="oracle-batcher")
+
+    async def _batch_loop(self) -> None:
+        """Take batches off the queue and run them, one at a time, in the model thread."""
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            batch = self._queue.take()
+            if not batch:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            try:
+                outcomes, start_ns, compute_ns, rows, forward_rows = await loop.run_in_executor(
+                    self._executor, functools.partial(self._verify_batch, batch)
+                )
+            except asyncio.CancelledError:
+                for pending in batch:  # shutting down: queued work is dropped
+                    pending.future.cancel()
+                raise
+            except BaseException as exc:  # the executor is gone, or a bug: fail this batch only
+                log.exception("a verify batch of %d blocks failed", len(batch))
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(exc)
+                continue
+            self._count(len(batch), rows, forward_rows)
+            for pending, outcome in zip(batch, outcomes, strict=True):
+                if pending.future.done():
+                    continue  # its caller gave up; the work is done all the same
+                if isinstance(outcome, BaseException):
+                    pending.future.set_exception(outcome)
+                    continue
+                verdict, committed_length = outcome
+                pending.future.set_result(
+                    VerifyResult(
+                        verdict=verdict,
+                        committed_length=committed_length,
+                        verify_ns=compute_ns,
+                        queue_ns=start_ns - pending.enqueued_ns,
+                    )
+                )
+
+    def _count(self, blocks: int, rows: int, forward_rows: int) -> None:
+        counters = self.batch_counters
+        counters.batches += 1
+        counters.blocks += blocks
+        counters.verified += rows
+        if forward_rows > 1:
+            counters.batched_forwards += 1
+            counters.batched_rows += forward_rows
+            counters.largest_forward = max(counters.largest_forward, forward_rows)
+        recorder = metrics()
+        if recorder is not None and rows:
+            recorder.oracle_batch_size.record(rows)
+
+    def _verify_batch(self, batch: list[PendingBlock]) -> tuple[list[Outcome], int, int, int, int]:
+        """Model thread: check every block, verify the admitted ones together.
+
+        -> (one outcome per block, start ns, compute ns, blocks verified, rows of the
+        batched forward: 0 when they ran one by one).
+        """
+        start = time.perf_counter_ns()
+        outcomes: list[Outcome] = []
+        admitted: list[tuple[int, OracleSession, PendingBlock]] = []
+        for pending in batch:
+            try:
+                session = self._admit(pending)
+            except Exception as exc:  # refused: nothing changes
+                outcomes.append(exc)
+                continue
+            if session is None:  # the pipelined guess was wrong: skip, the draft re-drafts
+                outcomes.append((None, len(pending.session.committed)))
+                continue
+            admitted.append((len(outcomes), session, pending))
+            outcomes.append((None, 0))  # placeholder, set below
+        forward_rows = 0
+        if admitted:
+            items = [
+                BatchItem(session.cache, session.committed, p.block, session.params, session.seed)
+                for _, session, p in admitted
+            ]
+            try:
+                verification = verify_batch(self.oracle, items)
+            finally:
+                for _, session, _ in admitted:
+                    self.sessions.account(session)
+            forward_rows = verification.forward_rows
+            verified = False
+            for (index, session, pending), result in zip(
+                admitted, verification.results, strict=True
+            ):
+                if isinstance(result, BaseException):
+                    outcomes[index] = result
+                    continue
+                verdict, timing = result
+                # The oracle's invariant: the cache now holds the new committed[:-1].
+                session.committed.extend(committed_tokens(pending.block, verdict))
+                if timing.prefill_computed:
+                    self.sessions.record_prefill(0, timing.prefill_computed)
+                self.sessions.touch(session)
+                outcomes[index] = (verdict, len(session.committed))
+                verified = True
+            if verified:
+                self._evict()
+        return outcomes, start, time.perf_counter_ns() - start, len(admitted), forward_rows
+
+    def _admit(self, pending: PendingBlock) -> OracleSession | None:
+        """The block's session if the block may be verified now; None: skip it; raises: refuse."""
+        session = self.sessions.check(pending.lease)
         have = len(session.committed)
+        base_length, block, assumed = pending.base_length, pending.block, pending.assumed
+        if assumed and not _ends_with(session.committed, base_length, assumed):
+            return None
         if base_length != have:
             raise FailedPrecondition(
                 f"block extends length {base_length} but session {session.session_id!r} has "
@@ -202,19 +362,7 @@ class OracleEngine:
                 f"context of {self.max_context}; send at most "
                 f"{max(0, self.max_context - have - 1)} tokens"
             )
-        try:
-            verdict, timing = self.oracle.verify_timed(
-                session.cache, session.committed, block, session.params, session.seed
-            )
-        finally:
-            self.sessions.account(session)
-        # The oracle's invariant: the cache now holds the new committed[:-1].
-        session.committed.extend(committed_tokens(block, verdict))
-        if timing.prefill_computed:
-            self.sessions.record_prefill(0, timing.prefill_computed)
-        self.sessions.touch(session)
-        self._evict()
-        return verdict
+        return session
 
     # -- session lifetime -------------------------------------------------------
 
@@ -264,3 +412,49 @@ class OracleEngine:
         """Stop the model thread (queued work is dropped; the running call finishes)."""
         self._closed = True
         self._executor.shutdown(wait=False, cancel_futures=True)
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        if _running_loop() is loop:
+            self._stop_batcher()
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop stopped meanwhile
+                loop.call_soon_threadsafe(self._stop_batcher)
+
+    def _stop_batcher(self) -> None:
+        """Event loop: cancel the blocks still queued and the batcher."""
+        for pending in self._queue.drain():
+            pending.future.cancel()
+        if self._batcher is not None:
+            self._batcher.cancel()
+
+
+# A pipelined block assumes at most a few blocks' worth of tokens.
+MAX_ASSUMED_TOKENS = 4 * (MAX_SPECULATIVE_TOKENS + 1)
+
+
+def _check_assumed(assumed: Sequence[int], base_length: int, vocab_size: int) -> tuple[int, ...]:
+    assumed = tuple(int(t) for t in assumed)
+    if len(assumed) > MAX_ASSUMED_TOKENS:
+        raise InvalidArgument(
+            f"a block may assume at most {MAX_ASSUMED_TOKENS} tokens, got {len(assumed)}"
+        )
+    if len(assumed) > base_length:
+        raise InvalidArgument(
+            f"a block extending length {base_length} cannot assume {len(assumed)} tokens"
+        )
+    if assumed:
+        validate_token_ids(assumed, vocab_size, "VerifyBlock.assumed_token_ids")
+    return assumed
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _ends_with(committed: Sequence[int], length: int, tail: Sequence[int]) -> bool:
+    """committed has exactly ``length`` tokens and its last ones are ``tail``."""
+    return len(committed) == length and list(committed[length - len(tail) :]) == list(tail)

@@ -81,6 +81,7 @@ class OracleService:
             kv_budget_bytes=config.kv_budget_bytes,
             max_sessions=config.max_sessions,
             max_cached_sessions=config.max_cached_sessions,
+            max_batch=config.max_batch,
         )
         self.engine = engine
         self.servicer.engine = engine

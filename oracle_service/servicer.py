@@ -83,10 +83,21 @@ class OracleServicer(oracle_pb2_grpc.OracleServicer):  # type: ignore[misc]
                 block = block_from_pb(pb.token_ids, pb.draft_distributions)
                 if watch is not None:
                     watch.mark()
-                result = await engine.verify(lease, pb.base_length, block)
+                result = await engine.verify(lease, pb.base_length, block, pb.assumed_token_ids)
+                verdict = result.verdict
+                if verdict is None:  # a pipelined block whose assumption failed
+                    log.debug("session %s round %d: skipped", request.session_id, pb.round)
+                    yield oracle_pb2.VerifyResponse(
+                        verdict=oracle_pb2.VerifyVerdict(
+                            round=pb.round,
+                            skipped=True,
+                            committed_length=result.committed_length,
+                            queue_ns=result.queue_ns,
+                        )
+                    )
+                    continue
                 if watch is not None:
                     watch.verified(message.trace_context, pb.round, len(block), result)
-                verdict = result.verdict
                 log.debug(
                     "session %s round %d: %d/%d accepted, next %d",
                     request.session_id,

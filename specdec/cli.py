@@ -81,6 +81,12 @@ def _add_generate(sub: Any) -> None:
     )
     p.add_argument("--adaptive", action="store_true", help="adapt k per round")
     p.add_argument("--drafter", choices=["model", "ngram", "none"], default=None)
+    p.add_argument(
+        "--pipeline-depth",
+        type=int,
+        default=None,
+        help="blocks in flight to the oracle (1 = wait for each verdict; default: the draft's)",
+    )
     p.add_argument("--session", default="", help="continue this session")
     p.add_argument("--token", default=os.environ.get("SPECDEC_AUTH_TOKEN") or None)
     env = os.environ.get
@@ -120,6 +126,7 @@ def _generate(args: argparse.Namespace) -> None:
                 k=args.num_speculative_tokens,
                 adaptive=args.adaptive,
                 drafter=args.drafter,
+                pipeline_depth=args.pipeline_depth,
             ):
                 completion.add(response)
                 sys.stdout.write(response.text)

@@ -69,6 +69,7 @@ def build_request(
     k: int | None = None,
     adaptive: bool = False,
     drafter: str | None = None,
+    pipeline_depth: int | None = None,
 ) -> gateway_pb2.GenerateRequest:
     """A GenerateRequest from keyword arguments (k=None: the gateway's default; 0: oracle alone)."""
     sampling = common_pb2.SamplingParams(
@@ -85,6 +86,8 @@ def build_request(
     speculation = common_pb2.SpeculationParams(adaptive=adaptive, drafter=DRAFTERS[drafter])
     if k is not None:
         speculation.num_speculative_tokens = k
+    if pipeline_depth is not None:
+        speculation.pipeline_depth = pipeline_depth
     request = gateway_pb2.GenerateRequest(
         session_id=session_id, sampling=sampling, speculation=speculation
     )

@@ -21,6 +21,11 @@ T = TypeVar("T")
 ENV_PREFIX = "SPECDEC_"
 
 
+# Blocks in flight to an oracle at once (a draft setting and a request field);
+# deeper guesses are rarely all right.
+MAX_PIPELINE_DEPTH = 4
+
+
 def setting(default: Any, help: str, *, choices: Sequence[str] | None = None) -> Any:
     """A config field: its default, the help text of its flag, allowed values."""
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices})

@@ -1,6 +1,6 @@
 """The in-process speculative loop: the shared round loop with the oracle in this process.
 
-``speculative_generate`` runs ``specdec.turn.run_turn`` — the very loop the
+``speculative_generate`` runs ``specdec.round_loop.run_turn`` — the very loop the
 draft service and the gateway run over gRPC — with ``LocalOracleLink``, which
 calls the ``Oracle`` directly. The greedy-equivalence tests therefore check
 the production loop, not a copy of it.
@@ -22,18 +22,19 @@ from specdec.drafters import Drafter
 from specdec.errors import InvalidArgument
 from specdec.models import LoadedModel, check_compatible
 from specdec.oracle import Oracle
+from specdec.round_loop import run_turn
 from specdec.sampling import SamplingParams, resolve_seed, validate_token_ids
 from specdec.stopping import FinishReason, StopChecker
 from specdec.turn import (
     InlineProposer,
     KPolicy,
     OpenResult,
+    OracleLink,
     RoundReport,
     Turn,
     TurnStats,
     VerifyResult,
     check_k,
-    run_turn,
 )
 from specdec.verifier import DraftBlock
 
@@ -64,8 +65,18 @@ class LocalOracleLink:
         return OpenResult(result.reused, result.computed, result.prefill_ns)
 
     async def verify(
-        self, round_index: int, base_length: int, block: DraftBlock, draft_ns: int
+        self,
+        round_index: int,
+        base_length: int,
+        block: DraftBlock,
+        draft_ns: int,
+        assumed: tuple[int, ...] = (),
     ) -> VerifyResult:
+        if assumed and (
+            base_length != len(self._committed)
+            or self._committed[base_length - len(assumed) :] != list(assumed)
+        ):
+            return VerifyResult(None, len(self._committed), 0)  # a wrong pipelining guess
         assert base_length == len(self._committed), (base_length, len(self._committed))
         verdict, timing = self._oracle.verify_timed(
             self._cache, self._committed, block, self._params, self._seed
@@ -107,11 +118,14 @@ def speculative_generate(
     decode: Callable[[list[int]], str] | None = None,
     policy: KPolicy | None = None,
     draft_ahead: bool = False,
+    pipeline_depth: int = 1,
+    link: OracleLink | None = None,
 ) -> GenerationResult:
     """Generate after ``prompt_ids`` with ``oracle``, drafting ``k`` tokens per round.
 
     ``decode`` (ids -> text) is needed for stop strings; it defaults to the oracle's tokenizer.
     ``policy`` chooses k per round (``specdec.adaptive.AdaptiveK``); k is then its upper bound.
+    ``link`` replaces the in-process link to ``oracle`` (e.g. one with a round trip).
     """
     validate_request(prompt_ids, oracle, drafter, params, k)
     if decode is None and params.stop:
@@ -129,6 +143,7 @@ def speculative_generate(
         stop=StopChecker(params, eos_token_ids, decode),
         max_context=oracle.max_context,
         draft_ahead=draft_ahead,
+        pipeline_depth=pipeline_depth,
     )
     generated: list[int] = []
     rounds: list[RoundReport] = []
@@ -139,6 +154,6 @@ def speculative_generate(
 
     proposer = InlineProposer(drafter) if drafter is not None else None
     reason, stats = asyncio.run(
-        run_turn(LocalOracleLink(oracle), proposer, turn, on_commit, policy=policy)
+        run_turn(link or LocalOracleLink(oracle), proposer, turn, on_commit, policy=policy)
     )
     return GenerationResult(generated, reason, stats, rounds)

@@ -40,6 +40,26 @@ def _forward_signature(model_class: Any) -> tuple[str, bool]:
     return _SIGNATURES[model_class]
 
 
+def forward_arguments(model: LoadedModel) -> tuple[str, bool]:
+    """(cache argument name, whether ``logits_to_keep`` is accepted) of ``model``'s forward."""
+    return _forward_signature(type(model.model))
+
+
+def dynamic_cache_of(kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """A ``DynamicCache`` whose layer i holds ``kv[i]`` = (keys, values), kept as given (no copy).
+
+    ``update`` on a fresh layer initialises it (dtype, device) and concatenates; it is
+    given zero positions, then the tensors themselves are installed, so building a
+    cache costs no copy kernel per layer. An empty ``kv`` gives an empty cache.
+    """
+    cache = _new_cache()
+    for index, (keys, values) in enumerate(kv):
+        cache.update(keys[..., :0, :], values[..., :0, :], index)
+        layer = cache.layers[index]
+        layer.keys, layer.values = keys, values
+    return cache
+
+
 def _new_cache() -> Any:
     from transformers import DynamicCache
 
@@ -132,6 +152,77 @@ class SequenceCache:
         """Drop everything (fresh cache)."""
         self.tokens = []
         self._cache = _new_cache()
+
+    def layer_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Per layer, the (keys, values) of the cached tokens, each [1, H, len(self), D].
+
+        [] while nothing is cached; None when a layer is not a plain full-attention
+        ``DynamicLayer`` holding exactly len(self) positions (sliding or indexed layers,
+        recurrent state): such a cache cannot be lined up with others in a batch.
+        """
+        if not self.tokens:
+            return []
+        from transformers.cache_utils import DynamicLayer
+
+        layers = getattr(self._cache, "layers", None)
+        if not layers:
+            return None
+        kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for layer in layers:
+            keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+            if type(layer) is not DynamicLayer or not (
+                isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor)
+            ):
+                return None
+            if keys.dim() != 4 or keys.shape[0] != 1 or keys.shape[-2] != len(self.tokens):
+                return None
+            if values.dim() != 4 or values.shape[:3] != keys.shape[:3]:
+                return None
+            kv.append((keys, values))
+        return kv
+
+    def replace_kv(
+        self, tokens: Sequence[int], kv: Sequence[tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
+        """Make the cache hold ``tokens``, whose keys/values were computed elsewhere.
+
+        kv[i] = (keys, values) of layer i, each [1, H, len(tokens), D], e.g. one row of
+        a batched forward. The tensors are kept as given (not copied); the caller must
+        not write to them afterwards.
+        """
+        n = len(tokens)
+        if n == 0:
+            raise InvalidArgument("replace_kv needs at least one token (use reset to empty)")
+        if not kv:
+            raise InvalidArgument("replace_kv needs the keys/values of at least one layer")
+        kept = len(self.tokens)
+        # Usually the cached tokens plus a few: check only what is new.
+        _check_ids(
+            tokens[kept:] if list(tokens[:kept]) == self.tokens else tokens, self.model.vocab_size
+        )
+        if n > self.model.max_context:
+            raise InvalidArgument(
+                f"{n} tokens exceed the context of {self.model.name!r} "
+                f"({self.model.max_context} positions)"
+            )
+        for index, (keys, values) in enumerate(kv):
+            if keys.dim() != 4 or keys.shape[0] != 1 or keys.shape[-2] != n:
+                raise InvalidArgument(
+                    f"layer {index}: keys must be [1, H, {n}, D], got {tuple(keys.shape)}"
+                )
+            if values.dim() != 4 or values.shape[:3] != keys.shape[:3]:
+                raise InvalidArgument(
+                    f"layer {index}: values must be [1, H, {n}, D], got {tuple(values.shape)}"
+                )
+        layers = getattr(self._cache, "layers", None) or []
+        if len(layers) == len(kv) and all(
+            getattr(layer, "is_initialized", False) for layer in layers
+        ):
+            for layer, (keys, values) in zip(layers, kv, strict=True):  # no new cache objects
+                layer.keys, layer.values = keys, values
+        else:
+            self._cache = dynamic_cache_of(kv)
+        self.tokens = [int(t) for t in tokens]
 
     def memory_bytes(self) -> int:
         """Bytes held by the cached keys and values."""

@@ -1,8 +1,8 @@
-"""One turn of speculative decoding over any transport: draft, verify, commit, repeat.
+"""One turn of speculative decoding over any transport: its rounds, types and timing.
 
 The draft service (model drafter, oracle over gRPC), the gateway (oracle
-alone or n-gram, oracle over gRPC) and the in-process loop run this same
-code; only the ``OracleLink`` differs. A round is:
+alone or n-gram, oracle over gRPC) and the in-process loop run the same loop
+(``specdec.round_loop.run_turn``); only the ``OracleLink`` differs. A round is:
 
     block   = propose(committed, k)                 # k drafted tokens (k may be 0)
     verdict = verify(len(committed), block)         # one oracle forward over k+1 positions
@@ -12,13 +12,13 @@ code; only the ``OracleLink`` differs. A round is:
 
 Timing of a round as the drafting side sees it: the round trip is measured
 from sending the block to receiving the verdict; network = round trip -
-verify compute - queueing at the oracle.
+verify compute - queueing at the oracle. With pipelining (see round_loop.py) a
+block's round trip starts when the oracle could start on it: at the previous verdict.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -27,8 +27,8 @@ from typing import Protocol
 from specdec.drafters import Drafter
 from specdec.errors import InvalidArgument
 from specdec.sampling import SamplingParams
-from specdec.stopping import FinishReason, StopChecker
-from specdec.verifier import MAX_SPECULATIVE_TOKENS, DraftBlock, Verdict, committed_tokens
+from specdec.stopping import StopChecker
+from specdec.verifier import MAX_SPECULATIVE_TOKENS, DraftBlock, Verdict
 
 
 @dataclass(frozen=True)
@@ -43,9 +43,13 @@ class OpenResult:
 
 @dataclass(frozen=True)
 class VerifyResult:
-    """A verdict and what it cost at the oracle."""
+    """A verdict and what it cost at the oracle; ``verdict`` None: the block was skipped.
 
-    verdict: Verdict
+    Only a pipelined block (one sent with assumed tokens) can be skipped: its
+    assumption about the verdict before it did not hold, so it was not verified.
+    """
+
+    verdict: Verdict | None
     committed_length: int
     verify_ns: int
     queue_ns: int = 0
@@ -57,8 +61,20 @@ class OracleLink(Protocol):
     async def open(self, tokens: list[int], params: SamplingParams, seed: int) -> OpenResult: ...
 
     async def verify(
-        self, round_index: int, base_length: int, block: DraftBlock, draft_ns: int
-    ) -> VerifyResult: ...
+        self,
+        round_index: int,
+        base_length: int,
+        block: DraftBlock,
+        draft_ns: int,
+        assumed: tuple[int, ...] = (),
+    ) -> VerifyResult:
+        """Verify ``block`` after the first ``base_length`` tokens.
+
+        ``assumed``: the last of those tokens, not yet committed when the block was
+        sent (pipelining); the oracle skips the block (verdict None) if they were not.
+        Calls may overlap; the oracle answers them in the order they were made.
+        """
+        ...
 
 
 class Proposer(Protocol):
@@ -93,6 +109,9 @@ class RoundReport:
     network_ns: int
     queue_ns: int
     drafted_ahead: bool = False  # the block was drafted during the previous verification
+    pipelined: bool = False  # ... and sent before that verification's verdict came back
+    skipped_blocks: int = 0  # blocks sent ahead that this round's verdict made stale
+    wall_ns: int = 0  # since the previous verdict (the first round: since the open)
 
 
 @dataclass
@@ -106,6 +125,8 @@ class TurnStats:
     accepted: int = 0
     rejected_rounds: int = 0  # rounds that rejected a drafted token
     ahead_hits: int = 0  # rounds whose block was drafted during the previous verification
+    pipelined_rounds: int = 0  # ... and sent before the previous verdict came back
+    skipped_blocks: int = 0  # blocks sent ahead of a verdict that proved them stale
     cached_tokens: int = 0
     prefilled_tokens: int = 0
     prefill_ns: int = 0
@@ -123,6 +144,8 @@ class TurnStats:
         self.accepted += report.accepted
         self.rejected_rounds += int(report.accepted < report.proposed)
         self.ahead_hits += int(report.drafted_ahead)
+        self.pipelined_rounds += int(report.pipelined)
+        self.skipped_blocks += report.skipped_blocks
         self.output_tokens += report.committed
         self.draft_ns += report.draft_ns
         self.verify_ns += report.verify_ns
@@ -151,13 +174,17 @@ OnOpen = Callable[[OpenResult], Awaitable[None]]
 class RoundObserver(Protocol):
     """Optional hooks around each round (tracing): called on the event loop, must be cheap.
 
-    ``round_started`` comes just before the drafter is asked for k tokens,
-    ``round_finished`` once the verdict is in and the round is folded into the stats.
+    ``round_started`` comes as the round's block is sent (after ``draft_ns`` of
+    waiting for the drafter), ``round_finished`` once the verdict is in and the round
+    is folded into the stats, ``round_skipped`` instead when a pipelined block proved
+    stale or the turn ended before its verdict. With pipelining rounds overlap.
     """
 
-    def round_started(self, round_index: int, k: int) -> None: ...
+    def round_started(self, round_index: int, k: int, draft_ns: int) -> None: ...
 
     def round_finished(self, report: RoundReport) -> None: ...
+
+    def round_skipped(self, round_index: int) -> None: ...
 
 
 @dataclass
@@ -176,6 +203,9 @@ class Turn:
     # the whole block is accepted, with one more token as the guess of the bonus; it is
     # used only when that assumption and guess turn out true, so the output is unchanged.
     draft_ahead: bool = False
+    # Blocks in flight at once (needs draft_ahead): 2 sends the block drafted ahead
+    # before the verdict it depends on, hiding the round trip when the guess is right.
+    pipeline_depth: int = 1
 
 
 def check_k(k: int) -> None:
@@ -183,117 +213,6 @@ def check_k(k: int) -> None:
         raise InvalidArgument(
             f"k (num_speculative_tokens) must be in [0, {MAX_SPECULATIVE_TOKENS}], got {k}"
         )
-
-
-def _round_k(turn: Turn, committed: list[int], produced: int, policy: KPolicy | None) -> int:
-    """k for the next round: the policy's choice, never past max_new_tokens or the context.
-
-    Drafting beyond the tokens still allowed is wasted work: the round commits at
-    most k+1 tokens, so k = remaining - 1 suffices.
-    """
-    k = policy.next_k() if policy is not None else turn.k
-    remaining = turn.params.max_new_tokens - produced
-    room = turn.max_context - len(committed)
-    return max(0, min(k, remaining - 1, room - 1))
-
-
-async def run_turn(
-    link: OracleLink,
-    proposer: Proposer | None,
-    turn: Turn,
-    on_commit: OnCommit,
-    policy: KPolicy | None = None,
-    on_open: OnOpen | None = None,
-    observer: RoundObserver | None = None,
-) -> tuple[FinishReason, TurnStats]:
-    """Run rounds until a stop condition; report each round's new tokens through on_commit."""
-    check_k(turn.k)
-    start = time.perf_counter_ns()
-    committed = list(turn.context)
-    stats = TurnStats(prompt_tokens=turn.prompt_tokens)
-    opened = await link.open(committed, turn.params, turn.seed)
-    stats.cached_tokens, stats.prefilled_tokens = opened.cached_tokens, opened.computed_tokens
-    stats.prefill_ns = opened.prefill_ns
-    if on_open is not None:
-        await on_open(opened)
-    produced = 0
-    round_index = 0
-    ahead: DraftBlock | None = None  # drafted during the last verification, valid for committed
-    while True:
-        if len(committed) >= turn.max_context:
-            return FinishReason.CONTEXT_LIMIT, _finish(stats, start)
-        k = _round_k(turn, committed, produced, policy)
-        if observer is not None:
-            observer.round_started(round_index, k)
-        t0 = time.perf_counter_ns()
-        from_ahead = ahead is not None and len(ahead) > 0 and k > 0
-        if from_ahead:
-            assert ahead is not None
-            block = ahead
-        elif proposer is not None and k > 0:
-            block = await proposer.propose(committed, k, turn.params)
-        else:
-            block = DraftBlock(token_ids=())
-        ahead = None
-        block = _truncate(block, k)  # a drafter may propose fewer than asked, never more
-        t1 = time.perf_counter_ns()
-        verifying = asyncio.ensure_future(link.verify(round_index, len(committed), block, t1 - t0))
-        drafting = None
-        if turn.draft_ahead and proposer is not None and len(block) == k > 0:
-            # k + 1 tokens after committed + block: the bonus guess, then the next block.
-            context = committed + list(block.token_ids)
-            drafting = asyncio.ensure_future(proposer.propose(context, k + 1, turn.params))
-        try:
-            result = await verifying
-        finally:
-            rtt = time.perf_counter_ns() - t1
-            guess = await drafting if drafting is not None else None
-        verdict = result.verdict
-        if guess is not None and verdict.is_bonus and guess.token_ids[:1] == (verdict.next_token,):
-            ahead = DraftBlock(guess.token_ids[1:], None if guess.q is None else guess.q[1:])
-        draft_ns = (t1 - t0) + max(0, time.perf_counter_ns() - t1 - rtt)
-        if proposer is not None and len(block):
-            proposer.update(verdict.num_accepted)
-        new = committed_tokens(block, verdict)
-        keep, reason = turn.stop.feed(new)
-        committed.extend(new[:keep])
-        produced += keep
-        report = RoundReport(
-            round=round_index,
-            k=k,
-            proposed=len(block),
-            accepted=verdict.num_accepted,
-            is_bonus=verdict.is_bonus,
-            committed=keep,
-            committed_length=len(committed),
-            draft_ns=draft_ns,
-            verify_ns=result.verify_ns,
-            network_ns=max(0, rtt - result.verify_ns - result.queue_ns),
-            queue_ns=result.queue_ns,
-            drafted_ahead=from_ahead,
-        )
-        stats.add(report)
-        if observer is not None:
-            observer.round_finished(report)
-        if policy is not None:
-            policy.observe(report)
-        if round_index == 0:
-            stats.time_to_first_token_ns = time.perf_counter_ns() - start
-        await on_commit(new[:keep], report)
-        round_index += 1
-        if reason is not None:
-            return reason, _finish(stats, start)
-
-
-def _truncate(block: DraftBlock, k: int) -> DraftBlock:
-    if len(block) <= k:
-        return block
-    return DraftBlock(block.token_ids[:k], None if block.q is None else block.q[:k])
-
-
-def _finish(stats: TurnStats, start_ns: int) -> TurnStats:
-    stats.total_ns = time.perf_counter_ns() - start_ns
-    return stats
 
 
 class InlineProposer:

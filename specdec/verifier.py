@@ -132,8 +132,12 @@ def validate_block(block: DraftBlock, vocab_size: int, max_k: int = MAX_SPECULAT
 
 def verify_greedy(logits: torch.Tensor, block: DraftBlock) -> Verdict:
     """logits [k+1, V]: accept while x_i == argmax p_i; then argmax at the mismatch, or row k."""
+    return greedy_verdict(logits.argmax(dim=-1).tolist(), block)
+
+
+def greedy_verdict(target: list[int], block: DraftBlock) -> Verdict:
+    """target[i] = argmax p_i for i in [0, k] (more entries are ignored) -> the verdict."""
     k = len(block.token_ids)
-    target = logits.argmax(dim=-1).tolist()  # [k+1] oracle's greedy choice per position
     n = 0
     while n < k and block.token_ids[n] == target[n]:
         n += 1

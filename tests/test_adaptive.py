@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import random
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from specdec.adaptive import AdaptiveK, best_k, expected_tokens
+from specdec.adaptive import AdaptiveK, AdaptiveMemory, best_k, expected_tokens
 from specdec.drafters.model_drafter import ModelDrafter
 from specdec.generate import speculative_generate
 from specdec.oracle import Oracle
@@ -127,3 +129,95 @@ def test_drafting_during_verification_changes_nothing(
             # Sampled bonus tokens rarely match the draft's guess; greedy ones often do.
             assert runs[1].stats.ahead_hits > 0  # blocks drafted ahead were really used
             assert runs[1].tokens == speculative_generate(prompt, oracle, None, params, 0).tokens
+
+
+def text_acceptance(regimes: list[float], tokens: int, seed: int) -> list[float]:
+    """Per position of a text, the chance the draft's token is accepted: stretches of ~30
+    tokens of one regime (boilerplate is easy, names and numbers are hard)."""
+    rng = random.Random(seed)
+    alphas: list[float] = []
+    while len(alphas) < tokens + 64:
+        alphas += [rng.choice(regimes)] * int(rng.expovariate(1 / 30) + 1)
+    return alphas
+
+
+def throughput(
+    policy: Any, alphas: list[float], tokens: int, c0: float, c1: float, seed: int
+) -> float:
+    """Tokens per second of ``policy`` generating ``tokens`` tokens of the text."""
+    rng = random.Random(seed)
+    position, elapsed = 0, 0.0
+    while position < tokens:
+        k = policy.next_k()
+        accepted = 0
+        while accepted < k and rng.random() < alphas[position + accepted]:
+            accepted += 1
+        wall = c0 + c1 * k
+        # The measured parts leave out a fixed cost per round only the wall time shows.
+        r = report(k, accepted, int(c1 * k), 1_000_000, 0)
+        policy.observe(dataclasses.replace(r, wall_ns=int(wall)))
+        position += accepted + 1
+        elapsed += wall
+    return position / elapsed
+
+
+class FixedK:
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def next_k(self) -> int:
+        return self.k
+
+    def observe(self, report: RoundReport) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("regimes", "c0", "c1"),
+    [([0.97, 0.3], 40e6, 2e6),  # bursty: long runs of easy tokens
+     ([0.6], 20e6, 4e6),  # i.i.d., expensive drafting
+     ([0.99, 0.5, 0.5], 60e6, 1e6),  # a large fixed cost per round
+     ([0.9, 0.2], 10e6, 3e6)],  # cheap rounds, costly drafting
+)  # fmt: skip
+def test_policy_is_within_five_percent_of_the_best_fixed_k(
+    regimes: list[float], c0: float, c1: float
+) -> None:
+    # Each policy generates the same texts (same acceptance per position, same draws).
+    def total(make: Callable[[], Any]) -> float:
+        return sum(
+            throughput(make(), text_acceptance(regimes, 600, seed), 600, c0, c1, seed)
+            for seed in range(6)
+        )
+
+    fixed = {k: total(functools.partial(FixedK, k)) for k in range(1, 13)}
+    adaptive = total(functools.partial(AdaptiveK, k_max=12))
+    best = max(fixed, key=fixed.__getitem__)
+    assert adaptive >= 0.95 * fixed[best], (adaptive / fixed[best], best)
+
+
+def simulate(policy: AdaptiveK, alpha: float, c0: float, c1: float, rounds: int) -> None:
+    throughput(policy, [alpha] * (rounds * 14), rounds, c0, c1, 0)
+
+
+def test_wall_time_overhead_lengthens_blocks() -> None:
+    # The same acceptance and parts, but rounds cost 50 ms more than their parts: with
+    # the fixed cost per round that much higher, longer blocks pay.
+    lean, heavy = AdaptiveK(k_max=16, k_start=2), AdaptiveK(k_max=16, k_start=2)
+    simulate(lean, 0.8, 2e6, 2e6, 200)
+    simulate(heavy, 0.8, 52e6, 2e6, 200)
+    assert heavy.next_k() > lean.next_k()
+
+
+def test_a_new_turn_starts_from_what_earlier_turns_learnt() -> None:
+    memory = AdaptiveMemory()
+    first = memory.policy("oracle-a", 12)
+    assert first.next_k() == 4  # nothing known yet
+    simulate(first, 0.95, 40e6, 1e6, 100)
+    memory.remember("oracle-a", first)
+    second = memory.policy("oracle-a", 12)
+    assert second.next_k() == first.next_k() > 4  # no warm-up needed
+    assert memory.policy("oracle-b", 12).next_k() == 4  # another oracle: nothing known
+    # What was inherited weighs little: a much worse draft pulls k down within a few rounds.
+    simulate(second, 0.2, 40e6, 1e6, 8)
+    assert second.next_k() < first.next_k()
+    assert memory.policy("oracle-a", 3).k_max == 3

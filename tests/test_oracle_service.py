@@ -115,6 +115,30 @@ class VerifyStream:
         assert response.HasField("verdict")
         return response.verdict
 
+    async def write_block(
+        self,
+        round_index: int,
+        base_length: int,
+        tokens: Sequence[int] = (),
+        assumed: Sequence[int] = (),
+    ) -> None:
+        """Send a block without waiting for its verdict (pipelining); read it with read()."""
+        await self.call.write(
+            oracle_pb2.VerifyRequest(
+                block=oracle_pb2.VerifyBlock(
+                    round=round_index,
+                    base_length=base_length,
+                    token_ids=list(tokens),
+                    assumed_token_ids=list(assumed),
+                )
+            )
+        )
+
+    async def read_verdict(self) -> oracle_pb2.VerifyVerdict:
+        response = await self.call.read()
+        assert response is not grpc.aio.EOF and response.HasField("verdict")
+        return response.verdict
+
     async def decode(self, committed: list[int], n: int, first_round: int = 0) -> list[int]:
         """n zero-token rounds (plain decoding): extends ``committed``, returns the new tokens."""
         new: list[int] = []
@@ -266,6 +290,61 @@ async def test_sampled_verification_uses_the_sessions_seed_and_temperature(
         tokens.append(verdict.next_token)
         expected.append(verdict.next_token)
     assert produced == expected
+
+
+# ---------------------------------------------------------------------------
+# pipelining: blocks sent before the verdict they depend on
+# ---------------------------------------------------------------------------
+
+
+async def test_oracle_verifies_a_pipelined_block_whose_assumption_held(
+    make_oracle: Callable[..., Awaitable[Running]], reference: list[int]
+) -> None:
+    oracle = await make_oracle()
+    stream = oracle.stream()
+    await stream.open("p1", PROMPT)
+    base = len(PROMPT)
+    # Both blocks go out before either verdict: the second assumes the first is accepted
+    # in full and that its bonus is reference[2].
+    await stream.write_block(0, base, reference[:2])
+    await stream.write_block(1, base + 3, reference[3:5], assumed=reference[:3])
+    v1, v2 = await stream.read_verdict(), await stream.read_verdict()
+    assert (v1.num_accepted, v1.is_bonus, v1.next_token_id) == (2, True, reference[2])
+    assert not v2.skipped
+    assert (v2.num_accepted, v2.next_token_id) == (2, reference[5])
+    assert v2.committed_length == base + 6
+    await stream.finish()
+
+
+async def test_oracle_skips_a_pipelined_block_whose_assumption_failed(
+    make_oracle: Callable[..., Awaitable[Running]], reference: list[int]
+) -> None:
+    oracle = await make_oracle()
+    stream = oracle.stream()
+    await stream.open("p2", PROMPT)
+    base = len(PROMPT)
+    wrong = (reference[0] + 1) % 100
+    await stream.write_block(0, base, [reference[0], wrong])  # rejected at position 1
+    await stream.write_block(1, base + 3, reference[3:5], assumed=[reference[0], wrong, 0])
+    v1, v2 = await stream.read_verdict(), await stream.read_verdict()
+    assert (v1.num_accepted, v1.next_token_id) == (1, reference[1])
+    assert v2.skipped and v2.committed_length == base + 2  # nothing changed
+    # The stream goes on from what was really committed.
+    v3 = await stream.block(2, base + 2, reference[2:4])
+    assert (v3.num_accepted, v3.next_token_id) == (2, reference[4])
+    await stream.finish()
+
+
+async def test_bad_assumed_tokens_are_invalid(
+    make_oracle: Callable[..., Awaitable[Running]],
+) -> None:
+    oracle = await make_oracle()
+    for assumed, needle in (([10**6], "not a token id"), (list(range(40)), "cannot assume")):
+        stream = oracle.stream()
+        await stream.open("p3", PROMPT)
+        await stream.write_block(0, len(PROMPT), [], assumed=assumed)
+        details = await expect_status(grpc.StatusCode.INVALID_ARGUMENT, stream.read_verdict())
+        assert needle in details
 
 
 # ---------------------------------------------------------------------------

@@ -36,6 +36,7 @@ class Config:
     drafter: str | None = None  # None: the gateway's choice (model when registered)
     delay_ms: float = 0.0
     hf: str = ""  # "alone" / "assisted": in-process baselines
+    pipeline_depth: int | None = None  # None: the draft's default
 
 
 def add_bench_parser(sub: Any) -> None:
@@ -52,9 +53,18 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--ks", default="2,4,8", help="fixed k values")
     p.add_argument("--delays", default="0,10,50", help="added draft-oracle round trips, ms")
     p.add_argument("--workloads", default="greedy,sample", help="greedy and/or sample (T=1)")
+    p.add_argument(
+        "--pipeline-depths",
+        default="",
+        help="compare blocks in flight, e.g. 1,2 (default: the draft's setting only)",
+    )
     p.add_argument("--no-hf", action="store_true", help="skip the in-process HF baselines")
     p.add_argument("--threads", type=int, default=1, help="compute threads per process")
-    p.add_argument("--out", default="bench_results/bench.json")
+    p.add_argument(
+        "--out",
+        default="",
+        help="default: bench_results/bench.json (concurrency.json with --sessions)",
+    )
     p.add_argument(
         "--tracing-overhead",
         action="store_true",
@@ -65,6 +75,25 @@ def add_bench_parser(sub: Any) -> None:
         "--in-process",
         action="store_true",
         help="instead: the core loop against HF generate, in this process",
+    )
+    p.add_argument(
+        "--sessions",
+        default="",
+        help="instead: this many concurrent sessions each, e.g. 1,16 (specdec.bench.concurrency)",
+    )
+    p.add_argument("--session-ks", default="0,4", help="with --sessions: k values")
+    p.add_argument("--drafts", type=int, default=1, help="with --sessions: draft services")
+    p.add_argument("--adaptive", action="store_true", help="with --sessions: adaptive k (<= k)")
+    p.add_argument(
+        "--oracle-max-batch",
+        default="",
+        help="with --sessions: oracle --max-batch values, e.g. 1,16 (default: the oracle's own)",
+    )
+    p.add_argument(
+        "--requests-per-session",
+        type=int,
+        default=2,
+        help="with --sessions: counted requests per session (more when N < --prompts)",
     )
     p.set_defaults(func=run_bench)
 
@@ -91,8 +120,9 @@ def _gateway_sample(
     last = start
     sample = Sample(0, 0.0, 0.0)
     for response in client.stream(
-        prompt, k=cfg.k, adaptive=cfg.adaptive, drafter=cfg.drafter, ignore_eos=True, **sampling
-    ):
+        prompt, k=cfg.k, adaptive=cfg.adaptive, drafter=cfg.drafter, ignore_eos=True,
+        pipeline_depth=cfg.pipeline_depth, **sampling,
+    ):  # fmt: skip
         now = time.perf_counter()
         n = len(response.token_ids)
         if n:
@@ -156,10 +186,17 @@ def _hf_sample(oracle: Any, draft: Any, prompt: list[int], cfg: Config, sampling
 def _configs(args: argparse.Namespace) -> list[Config]:
     ks = [int(k) for k in args.ks.split(",") if k]
     delays = [float(d) for d in args.delays.split(",") if d]
+    depths = [int(d) for d in args.pipeline_depths.split(",") if d] or [0]
     configs = [Config("oracle alone (k=0)", 0), Config("ngram k=4", 4, drafter="ngram")]
     for delay in delays:
-        configs += [Config(f"draft k={k}", k, delay_ms=delay) for k in ks]
-        configs.append(Config("draft adaptive", max(ks), adaptive=True, delay_ms=delay))
+        for depth in depths:
+            tag = f" pipe={depth}" if len(depths) > 1 else ""
+            pipe = depth or None
+            configs += [Config(f"draft k={k}{tag}", k, delay_ms=delay, pipeline_depth=pipe)
+                        for k in ks]  # fmt: skip
+            configs.append(
+                Config(f"draft adaptive{tag}", max(ks), True, delay_ms=delay, pipeline_depth=pipe)
+            )
     if not args.no_hf:
         configs += [Config("HF generate (oracle)", 0, hf="alone"),
                     Config("HF assisted (draft)", 0, hf="assisted")]  # fmt: skip
@@ -176,6 +213,8 @@ def run_bench(args: argparse.Namespace) -> None:
     from specdec.models import DEMO_DRAFT, DEMO_ORACLE
 
     torch.set_num_threads(args.threads)
+    if not args.out:
+        args.out = "bench_results/concurrency.json" if args.sessions else "bench_results/bench.json"
     oracle_path = args.oracle_model or str(DEMO_ORACLE)
     draft_path = args.draft_model or str(DEMO_DRAFT)
     tokenizer = AutoTokenizer.from_pretrained(oracle_path)
@@ -187,6 +226,12 @@ def run_bench(args: argparse.Namespace) -> None:
 
         args.oracle_path, args.draft_path = oracle_path, draft_path
         run_in_process(args, prompts)
+        return
+    if args.sessions:
+        from specdec.bench.concurrency import run_concurrency
+
+        args.oracle_path, args.draft_path = oracle_path, draft_path
+        run_concurrency(args, prompts)
         return
     if args.tracing_overhead:
         from specdec.bench.tracing import run_tracing_overhead

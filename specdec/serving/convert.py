@@ -148,5 +148,7 @@ def stats_to_pb(
         failovers=failovers,
         rejected_rounds=stats.rejected_rounds,
         draft_ahead_hits=stats.ahead_hits,
+        pipelined_rounds=stats.pipelined_rounds,
+        skipped_blocks=stats.skipped_blocks,
         mean_speculative_tokens=stats.proposed / stats.rounds if stats.rounds else 0.0,
     )

@@ -49,19 +49,23 @@ class GrpcOracleLink:
         stub: oracle_pb2_grpc.OracleStub,
         session_id: str,
         grant: str = "",
-        trace_context: Callable[[], dict[str, str]] | None = None,
+        trace_context: Callable[[int | None], dict[str, str]] | None = None,
         timeout_s: float | None = None,
         round_timeout_s: float | None = None,
     ) -> None:
         self._stub = stub
         self._session_id = session_id
         self._grant = grant
-        self._trace_context = trace_context or dict
+        # The trace context of a round (None: of the turn, for the open message).
+        self._trace_context = trace_context or _no_trace_context
         self._timeout_s = timeout_s  # the whole stream's deadline
         # Each exchange (open -> opened, block -> verdict): a stalled link or a hung oracle
         # sends nothing at all, and only a deadline per exchange notices it.
         self._round_timeout_s = round_timeout_s
         self._call: grpc.aio.StreamStreamCall | None = None
+        # Pipelined verifies overlap: requests go out, and answers are read, in call order.
+        self._writing = asyncio.Lock()
+        self._reading = asyncio.Lock()
         self.oracle_id = ""
 
     async def _exchange(self, request: oracle_pb2.VerifyRequest) -> oracle_pb2.VerifyResponse:
@@ -101,10 +105,12 @@ class GrpcOracleLink:
     async def _send(self, request: oracle_pb2.VerifyRequest) -> Any:
         assert self._call is not None
         try:
-            await self._call.write(request)
+            async with self._writing:
+                await self._call.write(request)
         except asyncio.InvalidStateError:
             return grpc.aio.EOF  # the stream already ended (link dropped): its status says why
-        return await self._call.read()
+        async with self._reading:
+            return await self._call.read()
 
     async def open(self, tokens: list[int], params: SamplingParams, seed: int) -> OpenResult:
         self._call = self._stub.Verify(timeout=self._timeout_s)
@@ -116,7 +122,7 @@ class GrpcOracleLink:
                 seed=seed,
                 grant=self._grant,
             ),
-            trace_context=self._trace_context(),
+            trace_context=self._trace_context(None),
         )
         opened = (await self._exchange(request)).opened
         self.oracle_id = opened.oracle_id
@@ -128,7 +134,12 @@ class GrpcOracleLink:
         )
 
     async def verify(
-        self, round_index: int, base_length: int, block: DraftBlock, draft_ns: int
+        self,
+        round_index: int,
+        base_length: int,
+        block: DraftBlock,
+        draft_ns: int,
+        assumed: tuple[int, ...] = (),
     ) -> VerifyResult:
         request = oracle_pb2.VerifyRequest(
             block=oracle_pb2.VerifyBlock(
@@ -137,12 +148,15 @@ class GrpcOracleLink:
                 token_ids=list(block.token_ids),
                 draft_distributions=[convert.sparse_to_pb(q) for q in block.q or ()],
                 draft_ns=draft_ns,
+                assumed_token_ids=list(assumed),
             ),
-            trace_context=self._trace_context(),
+            trace_context=self._trace_context(round_index),
         )
         verdict = (await self._exchange(request)).verdict
         return VerifyResult(
-            verdict=Verdict(
+            verdict=None
+            if verdict.skipped
+            else Verdict(
                 num_accepted=verdict.num_accepted,
                 next_token=verdict.next_token_id,
                 is_bonus=verdict.is_bonus,
@@ -165,6 +179,10 @@ class GrpcOracleLink:
             _closing.add(task)
             task.add_done_callback(_closing.discard)
             self._call = None
+
+
+def _no_trace_context(round_index: int | None) -> dict[str, str]:
+    return {}
 
 
 def _consume(task: asyncio.Future[Any]) -> None:

@@ -19,7 +19,8 @@ round of every request, so request and round metrics are recorded there, once:
 
 Labelled with ``drafter`` (model | ngram | none) where it separates populations.
 The oracle adds its own view (specdec_oracle_{prefill,verify,queue}_seconds,
-specdec_kv_rollback_tokens_total) and, observed at scrape time,
+specdec_kv_rollback_tokens_total, specdec_oracle_batch_size: blocks verified in one
+batch) and, observed at scrape time,
 specdec_active_sessions (open verify streams), specdec_cached_sessions,
 specdec_kv_cache_bytes, specdec_kv_cache_budget_bytes, specdec_kv_evictions_total,
 specdec_prefill_tokens_total{source=cached|computed}. The draft adds
@@ -41,6 +42,8 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 # Accepted draft tokens in one round: 0 .. MAX_SPECULATIVE_TOKENS (32).
 LENGTH_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32)
+# Blocks verified in one batch of the oracle (1 = alone).
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
 
 Gauge = Callable[[], float]
 
@@ -113,6 +116,12 @@ class Metrics:
         )
         self.kv_rollback = counter(
             "specdec_kv_rollback_tokens", "{token}", "rejected draft tokens rolled back"
+        )
+        self.oracle_batch_size = histogram(
+            "specdec_oracle_batch_size",
+            "{block}",
+            "blocks of different sessions verified together (one forward when batched)",
+            explicit_bucket_boundaries_advisory=BATCH_BUCKETS,
         )
         # -- draft --
         self.draft_propose = self._seconds("specdec_draft_propose_seconds", "one block's drafting")

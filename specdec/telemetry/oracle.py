@@ -123,6 +123,7 @@ class VerifyObserver:
         self, carrier: Mapping[str, str], round_index: int, k: int, result: VerifyResult
     ) -> None:
         verdict = result.verdict
+        assert verdict is not None, "a skipped block is not a verification"
         rejected = k - verdict.num_accepted  # rolled back out of the cache
         if self._metrics is not None:
             self._metrics.oracle_verify.record(result.verify_ns / 1e9)

@@ -50,6 +50,7 @@ class TraceSummary:
     duration_ms: float
     services: list[str]
     rounds: int = 0
+    skipped: int = 0  # pipelined blocks not verified (stale, or unneeded at the end)
     proposed: int = 0
     accepted: int = 0
     committed: int = 0
@@ -120,7 +121,9 @@ def rounds_of(spans: Sequence[SpanRecord]) -> list[RoundRow]:
                 k=int(a.get(names.ROUND_K, 0)),
                 proposed=int(a.get(names.ROUND_PROPOSED, 0)),
                 accepted=int(a.get(names.ROUND_ACCEPTED, 0)),
-                extra=str(a.get(names.ROUND_EXTRA_TOKEN, "?")),
+                extra="skipped"
+                if a.get(names.ROUND_SKIPPED)
+                else str(a.get(names.ROUND_EXTRA_TOKEN, "?")),
                 committed=int(a.get(names.ROUND_COMMITTED, 0)),
                 length=int(a.get(names.ROUND_COMMITTED_LENGTH, 0)),
                 draft_ms=_ms(a.get(names.ROUND_DRAFT_NS)),
@@ -154,6 +157,9 @@ def summarize(trace_id: str, spans: Sequence[SpanRecord]) -> tuple[TraceSummary,
         request={k: root.attributes[k] for k in REQUEST_KEYS if k in root.attributes},
     )
     for row in rows:
+        if row.extra == "skipped":
+            summary.skipped += 1
+            continue
         summary.rounds += 1
         summary.proposed += row.proposed
         summary.accepted += row.accepted
@@ -203,7 +209,9 @@ def format_trace(summary: TraceSummary, rows: Sequence[RoundRow]) -> str:
         lines.append("(no specdec.round spans in this trace)")
     s = summary
     lines.append(
-        f"services: {', '.join(s.services)} | {s.rounds} rounds, {s.proposed} proposed, "
+        f"services: {', '.join(s.services)} | {s.rounds} rounds"
+        + (f" (+{s.skipped} skipped)" if s.skipped else "")
+        + f", {s.proposed} proposed, "
         f"{s.accepted} accepted ({100 * s.acceptance_rate:.1f}%), {s.committed} committed, "
         f"{s.tokens_per_round:.2f} tokens/round | draft {s.draft_ms:.1f} ms, verify "
         f"{s.verify_ms:.1f} ms, network {s.network_ms:.1f} ms, queue {s.queue_ms:.1f} ms | "

@@ -55,6 +55,7 @@ def round_attributes(report: RoundReport) -> dict[str, int | str]:
         names.ROUND_VERIFY_NS: report.verify_ns,
         names.ROUND_NETWORK_NS: report.network_ns,
         names.ROUND_QUEUE_NS: report.queue_ns,
+        names.ROUND_PIPELINED: report.pipelined,
     }
 
 
@@ -80,51 +81,61 @@ class RoundTracer:
             parent = trace.set_span_in_context(self._turn_span, parent)
         self._parent = parent
         self._turn_carrier = inject(parent) if tracer is not None else {}
-        self._carrier = self._turn_carrier
-        self._span: Span | None = None
-        self._start_ns = 0
+        # Open rounds by index: with pipelining a round starts before the last one ends.
+        self._rounds: dict[int, tuple[Span, dict[str, str], int]] = {}
 
-    def trace_context(self) -> dict[str, str]:
-        """For the oracle link: the open round's context, else the turn's (OpenVerify)."""
-        return self._carrier
+    def trace_context(self, round_index: int | None = None) -> dict[str, str]:
+        """For the oracle link: the context of an open round, else the turn's (OpenVerify)."""
+        open_round = self._rounds.get(round_index) if round_index is not None else None
+        return open_round[1] if open_round is not None else self._turn_carrier
 
-    def round_started(self, round_index: int, k: int) -> None:
+    def round_started(self, round_index: int, k: int, draft_ns: int) -> None:
         if self._tracer is None:
             return
-        self._start_ns = time.time_ns()
-        self._span = self._tracer.start_span(
+        # The round began when its drafting did (the loop waited draft_ns for it).
+        start_ns = time.time_ns() - draft_ns
+        span = self._tracer.start_span(
             names.ROUND_SPAN,
             context=self._parent,
-            start_time=self._start_ns,
+            start_time=start_ns,
             attributes={
                 names.SESSION_ID: self._session_id,
                 names.ROUND_INDEX: round_index,
                 names.ROUND_K: k,
             },
         )
-        self._carrier = inject(trace.set_span_in_context(self._span))
+        self._rounds[round_index] = (span, inject(trace.set_span_in_context(span)), start_ns)
 
     def round_finished(self, report: RoundReport) -> None:
         if self._metrics is not None and report.k > 0:
             self._metrics.draft_propose.record(report.draft_ns / 1e9)
-        span, self._span = self._span, None
-        if span is None or self._tracer is None:
+        open_round = self._rounds.pop(report.round, None)
+        if open_round is None or self._tracer is None:
             return
-        self._carrier = self._turn_carrier
+        span, _, start_ns = open_round
         if report.k > 0:  # the drafter ran (k = 0: oracle alone, nothing drafted)
             draft = self._tracer.start_span(
                 names.DRAFT_SPAN,
                 context=trace.set_span_in_context(span),
-                start_time=self._start_ns,
+                start_time=start_ns,
                 attributes={names.ROUND_K: report.k, names.ROUND_PROPOSED: report.proposed},
             )
-            draft.end(end_time=self._start_ns + report.draft_ns)
+            draft.end(end_time=start_ns + report.draft_ns)
         span.set_attributes(round_attributes(report))
         span.end()
 
+    def round_skipped(self, round_index: int) -> None:
+        """A pipelined block proved stale, or the turn ended before its verdict."""
+        open_round = self._rounds.pop(round_index, None)
+        if open_round is not None:
+            open_round[0].set_attribute(names.ROUND_SKIPPED, True)
+            open_round[0].end()
+
     def close(self, error: BaseException | None = None) -> None:
         """End what is still open: a round cut short by ``error``, the fallback turn span."""
-        for span in (self._span, self._turn_span):
+        spans = [span for span, _, _ in self._rounds.values()]
+        self._rounds.clear()
+        for span in (*spans, self._turn_span):
             if span is None:
                 continue
             if isinstance(error, Exception):
@@ -133,7 +144,7 @@ class RoundTracer:
             elif error is not None:  # cancelled: the gateway ended the turn, not a failure
                 span.set_attribute("specdec.cancelled", True)
             span.end()
-        self._span = self._turn_span = None
+        self._turn_span = None
 
 
 def round_tracer(

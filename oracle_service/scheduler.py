@@ -1,0 +1,109 @@
+"""The oracle's queue of blocks waiting for the model, and the rule that forms a batch.
+
+Blocks of all sessions wait in one queue in arrival order. When the model is
+free, the next batch is taken by one scan from the oldest block on:
+
+* a block joins the batch unless its session already has one in it: a session
+  may have two blocks queued (pipelining sends the next block before the previous
+  verdict), and the second extends the first's verdict, so it must run in a later
+  batch. Skipping it also keeps every later block of that session behind it, so
+  each session's blocks still run in the order they arrived;
+* the scan stops at ``max_batch`` blocks.
+
+Nobody starves: a block is passed over only for older blocks (max_batch of them
+per batch) or because an older block of its own session is in the batch, never
+for younger ones, so a session that keeps sending only adds blocks behind it.
+With max_batch = 1 the queue is plain first come, first served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass
+
+from oracle_service.sessions import Lease, OracleSession
+from specdec.turn import VerifyResult
+from specdec.verifier import DraftBlock
+
+
+@dataclass(eq=False)
+class PendingBlock:
+    """One VerifyBlock waiting for the model; ``future`` gets its result.
+
+    enqueued_ns: ``time.perf_counter_ns()`` when it was queued (queue_ns starts there).
+    """
+
+    lease: Lease
+    base_length: int
+    block: DraftBlock
+    assumed: tuple[int, ...]
+    future: asyncio.Future[VerifyResult]
+    enqueued_ns: int
+
+    @property
+    def session(self) -> OracleSession:
+        return self.lease.session
+
+
+@dataclass
+class BatchCounters:
+    """Totals since start (the event loop updates them after each batch).
+
+    batches: batches taken from the queue (one model-thread job each).
+    blocks: blocks in them, refused and skipped ones included.
+    verified: blocks that reached verification (not refused or skipped before compute).
+    batched_forwards: forwards that verified more than one block at once.
+    batched_rows: blocks verified in those forwards.
+    largest_forward: the most blocks verified in one forward.
+    """
+
+    batches: int = 0
+    blocks: int = 0
+    verified: int = 0
+    batched_forwards: int = 0
+    batched_rows: int = 0
+    largest_forward: int = 0
+
+
+class BlockQueue:
+    """Blocks waiting for the model, oldest first (event loop only)."""
+
+    def __init__(self, max_batch: int) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.max_batch = max_batch
+        self._waiting: deque[PendingBlock] = deque()
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def put(self, pending: PendingBlock) -> None:
+        self._waiting.append(pending)
+
+    def take(self) -> list[PendingBlock]:
+        """The next batch (see the module doc); [] when nothing waits.
+
+        Blocks whose caller gave up (future cancelled) are dropped here.
+        """
+        batch: list[PendingBlock] = []
+        sessions: set[OracleSession] = set()
+        kept: deque[PendingBlock] = deque()
+        while self._waiting and len(batch) < self.max_batch:
+            pending = self._waiting.popleft()
+            if pending.future.done():
+                continue
+            if pending.session in sessions:
+                kept.append(pending)  # after its session's block in this batch
+                continue
+            sessions.add(pending.session)
+            batch.append(pending)
+        kept.extend(self._waiting)
+        self._waiting = kept
+        return batch
+
+    def drain(self) -> list[PendingBlock]:
+        """Every waiting block, removed (shutdown)."""
+        drained = list(self._waiting)
+        self._waiting.clear()
+        return drained

@@ -1,0 +1,382 @@
+"""The round loop of one turn: draft, verify, commit, repeat, with blocks pipelined.
+
+``run_turn`` is the loop every transport runs (see ``specdec.turn`` for a round,
+its types and its timing). On top of the plain round it overlaps the parts that
+do not depend on each other:
+
+* drafting during verification (``Turn.draft_ahead``; PEARL's post-verify,
+  SpecEdge's proactive drafting): while block n is verified, the draft proposes
+  k + 1 tokens after it as if it were accepted in full: a guess of its bonus
+  token, then block n+1. Used only if that assumption and the guess come true.
+* pipelining (``Turn.pipeline_depth`` > 1): block n+1 is sent as soon as it is
+  drafted, with the tokens it assumes (block n and the guess), before verdict n
+  is back. The oracle verifies it straight after verdict n if the assumption
+  held, else skips it. A round then costs max(verify, draft) instead of
+  verify + round trip + draft whenever the draft guessed right; a wrong guess
+  costs what no pipelining costs.
+
+The output is unchanged by either: a block is only ever verified against the
+exact sequence it was drafted after, and every draw depends only on (seed,
+position), not on how positions are grouped into rounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from asyncio import FIRST_COMPLETED
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from specdec.config import MAX_PIPELINE_DEPTH
+from specdec.errors import FailedPrecondition
+from specdec.stopping import FinishReason
+from specdec.turn import (
+    KPolicy,
+    OnCommit,
+    OnOpen,
+    OracleLink,
+    Proposer,
+    RoundObserver,
+    RoundReport,
+    Turn,
+    TurnStats,
+    VerifyResult,
+    check_k,
+)
+from specdec.verifier import DraftBlock, committed_tokens
+
+
+async def run_turn(
+    link: OracleLink,
+    proposer: Proposer | None,
+    turn: Turn,
+    on_commit: OnCommit,
+    policy: KPolicy | None = None,
+    on_open: OnOpen | None = None,
+    observer: RoundObserver | None = None,
+) -> tuple[FinishReason, TurnStats]:
+    """Run rounds until a stop condition; report each round's new tokens through on_commit."""
+    check_k(turn.k)
+    return await _RoundLoop(link, proposer, turn, on_commit, policy, observer).run(on_open)
+
+
+@dataclass
+class _Sent:
+    """A block sent to the oracle whose verdict is not folded in yet.
+
+    It extends committed[:start] + assumed: ``start`` is the committed length when it
+    was sent, ``assumed`` the tokens after that it takes as committed (empty unless
+    it was pipelined ahead of a verdict).
+    """
+
+    round: int
+    k: int
+    block: DraftBlock
+    start: int
+    assumed: tuple[int, ...]
+    draft_ns: int  # time the loop waited on the drafter for this block
+    drafted_ahead: bool
+    sent_ns: int
+    result: asyncio.Future[VerifyResult]
+
+    @property
+    def base(self) -> int:
+        return self.start + len(self.assumed)
+
+
+@dataclass
+class _Ahead:
+    """A proposal drafted during verification: a guess of the bonus token, then a block.
+
+    Drafted after committed[:start] + assumed, i.e. as if everything in flight is
+    accepted in full.
+    """
+
+    start: int
+    assumed: tuple[int, ...]
+    task: asyncio.Future[DraftBlock]  # up to k + 1 tokens
+
+
+def _consistent(committed: list[int], start: int, tokens: Sequence[int]) -> bool:
+    """committed agrees with ``tokens`` (claimed from position ``start``) wherever both exist."""
+    n = min(len(committed) - start, len(tokens))
+    return n <= 0 or committed[start : start + n] == list(tokens[:n])
+
+
+class _RoundLoop:
+    """The rounds of one turn; the ladder is ``run``: send, draft ahead, await, commit."""
+
+    def __init__(
+        self,
+        link: OracleLink,
+        proposer: Proposer | None,
+        turn: Turn,
+        on_commit: OnCommit,
+        policy: KPolicy | None,
+        observer: RoundObserver | None,
+    ) -> None:
+        self.link, self.proposer, self.turn = link, proposer, turn
+        self.on_commit, self.policy, self.observer = on_commit, policy, observer
+        self.committed = list(turn.context)
+        self.stats = TurnStats(prompt_tokens=turn.prompt_tokens)
+        self.in_flight: deque[_Sent] = deque()
+        self.ahead: _Ahead | None = None
+        self.next_round = 0
+        self.last_verdict_ns = 0
+        # Blocks in flight at once: 1 = wait for each verdict before sending the next.
+        depth = min(max(1, turn.pipeline_depth), MAX_PIPELINE_DEPTH)
+        self.depth = depth if turn.draft_ahead else 1
+
+    async def run(self, on_open: OnOpen | None) -> tuple[FinishReason, TurnStats]:
+        start = time.perf_counter_ns()
+        turn, stats = self.turn, self.stats
+        opened = await self.link.open(self.committed, turn.params, turn.seed)
+        stats.cached_tokens, stats.prefilled_tokens = opened.cached_tokens, opened.computed_tokens
+        stats.prefill_ns = opened.prefill_ns
+        if on_open is not None:
+            await on_open(opened)
+        self.last_verdict_ns = time.perf_counter_ns()
+        try:
+            while True:
+                if not self.in_flight:
+                    if len(self.committed) >= turn.max_context:
+                        return FinishReason.CONTEXT_LIMIT, _finish(stats, start)
+                    await self._send_next()
+                self._draft_ahead()
+                head = self.in_flight[0]
+                while not head.result.done() and self._may_pipeline():
+                    assert self.ahead is not None
+                    waiting: set[asyncio.Future[Any]] = {head.result, self.ahead.task}
+                    await asyncio.wait(waiting, return_when=FIRST_COMPLETED)
+                    if not head.result.done():  # the next block is ready first: send it now
+                        self._send_ahead()
+                        self._draft_ahead()
+                result = await head.result
+                received = time.perf_counter_ns()
+                self.in_flight.popleft()
+                reason = await self._commit(head, result, received)
+                if stats.rounds == 1:
+                    stats.time_to_first_token_ns = time.perf_counter_ns() - start
+                if reason is not None:
+                    return reason, _finish(stats, start)
+        finally:
+            self._abandon()
+
+    # -- sending -----------------------------------------------------------------
+
+    def _k_for(self, length: int) -> int:
+        """k for a block extending a sequence of ``length`` tokens: the policy's choice,
+        never past max_new_tokens or the context.
+
+        Drafting beyond the tokens still allowed is wasted work: the round commits at
+        most k+1 tokens, so k = remaining - 1 suffices.
+        """
+        turn = self.turn
+        k = self.policy.next_k() if self.policy is not None else turn.k
+        remaining = turn.params.max_new_tokens - (length - len(turn.context))
+        room = turn.max_context - length
+        return max(0, min(k, remaining - 1, room - 1))
+
+    async def _send_next(self) -> None:
+        """Nothing valid is in flight: send a block extending the committed tokens."""
+        k = self._k_for(len(self.committed))
+        t0 = time.perf_counter_ns()
+        block = await self._take_ahead()
+        drafted_ahead = block is not None and k > 0
+        if not drafted_ahead:
+            if self.proposer is not None and k > 0:
+                block = await self.proposer.propose(self.committed, k, self.turn.params)
+            else:
+                block = DraftBlock(token_ids=())
+        assert block is not None
+        self._send(_truncate(block, k), k, (), time.perf_counter_ns() - t0, drafted_ahead)
+
+    async def _take_ahead(self) -> DraftBlock | None:
+        """The block drafted ahead, if its assumptions and guessed bonus all came true."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is None:
+            return None
+        proposal = await ahead.task
+        guessed = (*ahead.assumed, *proposal.token_ids[:1])
+        if len(self.committed) != ahead.start + len(guessed) or not _consistent(
+            self.committed, ahead.start, guessed
+        ):
+            return None
+        return _tail(proposal)
+
+    def _send(
+        self,
+        block: DraftBlock,
+        k: int,
+        assumed: tuple[int, ...],
+        draft_ns: int,
+        drafted_ahead: bool,
+    ) -> None:
+        round_index, self.next_round = self.next_round, self.next_round + 1
+        start = len(self.committed)
+        if self.observer is not None:
+            self.observer.round_started(round_index, k, draft_ns)
+        result = asyncio.ensure_future(
+            self.link.verify(round_index, start + len(assumed), block, draft_ns, assumed)
+        )
+        self.in_flight.append(
+            _Sent(
+                round_index, k, block, start, assumed, draft_ns, drafted_ahead,
+                time.perf_counter_ns(), result,
+            )
+        )  # fmt: skip
+
+    # -- drafting ahead ----------------------------------------------------------
+
+    def _draft_ahead(self) -> None:
+        """Start drafting after the newest block in flight, as if it will be fully accepted.
+
+        The proposal's first token guesses that block's bonus token; the rest is the
+        next block. Only after a full block: a short one means the drafter had nothing
+        better, and a k = 0 round has no drafter.
+        """
+        if not self.turn.draft_ahead or self.proposer is None or self.ahead is not None:
+            return
+        if len(self.in_flight) >= max(self.depth, 2):
+            return
+        tail = self.in_flight[-1]
+        if tail.k == 0 or len(tail.block) < tail.k:
+            return
+        context = [*self.committed[: tail.start], *tail.assumed, *tail.block.token_ids]
+        k = self._k_for(len(context) + 1)  # after the guessed bonus
+        if k < 1:
+            return
+        task = asyncio.ensure_future(self.proposer.propose(context, k + 1, self.turn.params))
+        start = len(self.committed)
+        self.ahead = _Ahead(start, tuple(context[start:]), task)
+
+    def _may_pipeline(self) -> bool:
+        return self.ahead is not None and len(self.in_flight) < self.depth
+
+    def _send_ahead(self) -> None:
+        """Send the finished ahead proposal's block before the verdicts it depends on."""
+        ahead, self.ahead = self.ahead, None
+        assert ahead is not None and ahead.task.done()
+        proposal = ahead.task.result()
+        block = _tail(proposal)
+        guessed = (*ahead.assumed, *proposal.token_ids[:1])
+        if block is None or not _consistent(self.committed, ahead.start, guessed):
+            return
+        assumed = guessed[len(self.committed) - ahead.start :]
+        k = self._k_for(ahead.start + len(guessed))
+        # Drafting it cost the loop nothing: it ran while the oracle was busy.
+        self._send(_truncate(block, k), k, assumed, 0, True)
+
+    # -- verdicts ----------------------------------------------------------------
+
+    async def _commit(
+        self, head: _Sent, result: VerifyResult, received_ns: int
+    ) -> FinishReason | None:
+        """Fold ``head``'s verdict into the committed tokens; drop what it proved stale."""
+        verdict = result.verdict
+        if verdict is None:
+            raise FailedPrecondition(
+                f"the oracle skipped round {head.round}, which extends the committed tokens "
+                "as they are; the draft and the oracle disagree about the session"
+            )
+        block = head.block
+        if self.proposer is not None and len(block):
+            self.proposer.update(verdict.num_accepted)
+        new = committed_tokens(block, verdict)
+        keep, reason = self.turn.stop.feed(new)
+        self.committed.extend(new[:keep])
+        skipped = self._drop_stale() if reason is None else 0
+        # A pipelined block's wait starts when the oracle could start on it: at the
+        # previous verdict, not when it was sent.
+        waited = received_ns - max(head.sent_ns, self.last_verdict_ns)
+        wall_ns = received_ns - self.last_verdict_ns
+        self.last_verdict_ns = received_ns
+        report = RoundReport(
+            round=head.round,
+            k=head.k,
+            proposed=len(block),
+            accepted=verdict.num_accepted,
+            is_bonus=verdict.is_bonus,
+            committed=keep,
+            committed_length=len(self.committed),
+            draft_ns=head.draft_ns,
+            verify_ns=result.verify_ns,
+            network_ns=max(0, waited - result.verify_ns - result.queue_ns),
+            queue_ns=result.queue_ns,
+            drafted_ahead=head.drafted_ahead,
+            pipelined=bool(head.assumed),
+            skipped_blocks=skipped,
+            wall_ns=wall_ns,
+        )
+        self.stats.add(report)
+        if self.observer is not None:
+            self.observer.round_finished(report)
+        if self.policy is not None:
+            self.policy.observe(report)
+        await self.on_commit(new[:keep], report)
+        return reason
+
+    def _drop_stale(self) -> int:
+        """Forget blocks in flight and drafts ahead that the new verdict contradicts."""
+        skipped = 0
+        if self.in_flight:
+            head = self.in_flight[0]
+            if len(self.committed) != head.base or not _consistent(
+                self.committed, head.start, head.assumed
+            ):
+                # The oracle skips them too (their assumed tokens were not committed).
+                for sent in self.in_flight:
+                    sent.result.add_done_callback(_consume)
+                    if self.observer is not None:
+                        self.observer.round_skipped(sent.round)
+                skipped = len(self.in_flight)
+                self.in_flight.clear()
+        ahead = self.ahead
+        if ahead is not None and (
+            len(self.committed) > ahead.start + len(ahead.assumed) + 1
+            or not _consistent(self.committed, ahead.start, ahead.assumed)
+        ):
+            ahead.task.add_done_callback(_consume)
+            self.ahead = None
+        return skipped
+
+    def _abandon(self) -> None:
+        """The turn ended: nothing still in flight or being drafted is wanted."""
+        for sent in self.in_flight:
+            sent.result.cancel()
+            sent.result.add_done_callback(_consume)
+            if self.observer is not None:
+                self.observer.round_skipped(sent.round)
+        self.in_flight.clear()
+        if self.ahead is not None:
+            self.ahead.task.cancel()
+            self.ahead.task.add_done_callback(_consume)
+            self.ahead = None
+
+
+def _tail(proposal: DraftBlock) -> DraftBlock | None:
+    """The block after an ahead proposal's guessed bonus (None when there is none)."""
+    if len(proposal) < 2:
+        return None
+    q = None if proposal.q is None else proposal.q[1:]
+    return DraftBlock(proposal.token_ids[1:], q)
+
+
+def _truncate(block: DraftBlock, k: int) -> DraftBlock:
+    if len(block) <= k:
+        return block
+    return DraftBlock(block.token_ids[:k], None if block.q is None else block.q[:k])
+
+
+def _finish(stats: TurnStats, start_ns: int) -> TurnStats:
+    stats.total_ns = time.perf_counter_ns() - start_ns
+    return stats
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    """Retrieve an abandoned task's outcome (no 'exception never retrieved' noise)."""
+    if not task.cancelled():
+        task.exception()

@@ -1,0 +1,88 @@
+"""`specdec bench --sessions`: concurrent sessions through the real services, tiny models."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from specdec.bench.concurrency import Plan, _arrival_gaps, add_ratios, parse_ints
+from specdec.cli import main
+from specdec.errors import InvalidArgument
+
+NEW_TOKENS = 8
+REQUESTS = 2
+
+
+def test_concurrency_mode_end_to_end(tmp_path: Path, model_dir: Callable[[str, str], Path]) -> None:
+    out = tmp_path / "concurrency.json"
+    argv = [
+        "bench", "--sessions", "1,2", "--session-ks", "0,4", "--prompts", "1",
+        "--prompt-tokens", "32", "--max-new-tokens", str(NEW_TOKENS),
+        "--requests-per-session", str(REQUESTS),
+        "--oracle-model", str(model_dir("llama", "oracle")),
+        "--draft-model", str(model_dir("llama", "close_draft")), "--out", str(out),
+    ]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+    report = json.loads(out.read_text())
+    assert report["complete"] is True
+    assert report["environment"]["cpu_count"] >= 1 and report["environment"]["torch"]
+    rows = {(r["k"], r["sessions"]): r for r in report["rows"]}
+    assert sorted(rows) == [(0, 1), (0, 2), (4, 1), (4, 2)]
+    for (k, n), row in rows.items():
+        # ignore_eos fixes every request's length: filler must never be counted.
+        assert row["requests"] == n * REQUESTS, row
+        assert row["output_tokens"] == n * REQUESTS * NEW_TOKENS, row
+        assert row["window_tokens"] >= row["output_tokens"]
+        assert row["aggregate_tokens_per_s"] > 0 and row["session_tokens_per_s"] > 0
+        assert 0 < row["itl_p50_ms"] <= row["itl_p99_ms"]
+        # Greedy output is the oracle's alone whatever k and the concurrency.
+        assert row["mismatched_outputs"] == 0, row
+        assert row["fallback_requests"] == 0, row
+        assert row["baseline_sessions"] == 1
+        base = rows[k, 1]
+        assert math.isclose(
+            row["aggregate_vs_base"],
+            row["aggregate_tokens_per_s"] / base["aggregate_tokens_per_s"],
+        )
+        assert math.isclose(row["itl_p99_vs_base"], row["itl_p99_ms"] / base["itl_p99_ms"])
+        if k:
+            assert row["draft_requests"] == {"draft-0": n * REQUESTS}, row
+            assert row["acceptance_rate"] > 0
+        else:
+            assert row["acceptance_rate"] is None
+    assert rows[0, 1]["aggregate_vs_base"] == 1.0
+
+
+def test_chunk_arrivals_read_as_one_gap_then_zeros() -> None:
+    # Chunks of 2, 1 and 3 tokens at t = 0, 1 and 3 s: 5 gaps for 6 tokens.
+    assert _arrival_gaps([(0.0, 2), (1.0, 1), (3.0, 3)]) == [0.0, 1.0, 2.0, 0.0, 0.0]
+
+
+def test_every_prompt_is_used_at_every_session_count() -> None:
+    plan = Plan([[1]] * 4, max_new_tokens=8, requests_per_session=2, adaptive=False)
+    assert [plan.requests_for(n) for n in (1, 2, 3, 16)] == [4, 2, 2, 2]
+
+
+def test_ratios_are_against_the_smallest_session_count_of_the_same_k() -> None:
+    rows = [
+        {"max_batch": 16, "k": 4, "sessions": n, "aggregate_tokens_per_s": agg,
+         "itl_p99_ms": p99, "itl_arrival_p99_ms": p99}
+        for n, agg, p99 in ((1, 10.0, 20.0), (16, 70.0, 30.0))
+    ]  # fmt: skip
+    add_ratios(rows)
+    assert rows[1]["aggregate_vs_base"] == 7.0 and rows[1]["itl_p99_vs_base"] == 1.5
+    assert rows[1]["issue7_target_met"] is True
+    assert "issue7_target_met" not in rows[0]
+
+
+def test_session_lists_are_validated() -> None:
+    assert parse_ints("16,1,1", "--sessions", 1) == [1, 16]
+    for bad in ("", "0,4", "a"):
+        with pytest.raises(InvalidArgument, match="--sessions"):
+            parse_ints(bad, "--sessions", 1)

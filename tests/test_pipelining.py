@@ -1,0 +1,127 @@
+"""Pipelining: blocks sent before the verdict they depend on change nothing in the output.
+
+The in-process tests put a round trip on the link to the oracle (each verify waits
+for the previous one, as the oracle's stream does, and answers after ``rtt_s``),
+so that a block drafted ahead is ready before the verdict and goes out pipelined.
+The oracle's side of the protocol (a pipelined block whose assumed tokens were not
+committed is skipped, not refused) is tested in test_oracle_service.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from specdec.drafters.model_drafter import ModelDrafter
+from specdec.drafters.ngram import NgramDrafter
+from specdec.generate import LocalOracleLink, speculative_generate
+from specdec.oracle import Oracle
+from specdec.sampling import SamplingParams
+from specdec.turn import VerifyResult
+from specdec.verifier import DraftBlock
+
+
+class RoundTripLink(LocalOracleLink):
+    """The in-process oracle behind a round trip: FIFO like a Verify stream, rtt_s late."""
+
+    def __init__(self, oracle: Oracle, rtt_s: float) -> None:
+        super().__init__(oracle)
+        self.rtt_s = rtt_s
+        self._previous: asyncio.Future[None] | None = None
+        self.skipped = 0
+
+    async def verify(
+        self,
+        round_index: int,
+        base_length: int,
+        block: DraftBlock,
+        draft_ns: int,
+        assumed: tuple[int, ...] = (),
+    ) -> VerifyResult:
+        previous, done = self._previous, asyncio.get_running_loop().create_future()
+        self._previous = done
+        await asyncio.sleep(self.rtt_s / 2)  # on its way to the oracle
+        if previous is not None:
+            await previous  # the oracle answers a stream's blocks in order
+        try:
+            result = await super().verify(round_index, base_length, block, draft_ns, assumed)
+        finally:
+            done.set_result(None)
+        self.skipped += result.verdict is None
+        await asyncio.sleep(self.rtt_s / 2)  # and back
+        return result
+
+
+def generate(
+    oracle: Oracle,
+    drafter: Any,
+    params: SamplingParams,
+    k: int,
+    depth: int,
+    rtt_s: float,
+    prompt: tuple[int, ...] = (1, 5, 9, 12, 7),
+    **options: Any,
+) -> tuple[Any, RoundTripLink]:
+    link = RoundTripLink(oracle, rtt_s)
+    result = speculative_generate(
+        list(prompt), oracle, drafter, params, k,
+        draft_ahead=True, pipeline_depth=depth, link=link, **options,
+    )  # fmt: skip
+    return result, link
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_pipelined_greedy_output_is_the_oracles(arch: str, loaded: Callable[..., Any]) -> None:
+    oracle = Oracle(loaded(arch, "oracle"))
+    params = SamplingParams(max_new_tokens=64)
+    alone = speculative_generate([1, 5, 9, 12, 7], oracle, None, params, 0)
+    for k in (1, 3, 6):
+        run, link = generate(oracle, ModelDrafter(loaded(arch, "close_draft")), params, k, 2, 0.01)
+        assert run.tokens == alone.tokens, k
+        stats = run.stats
+        assert stats.pipelined_rounds > 0, k  # blocks really went out before their verdict
+        assert stats.skipped_blocks == link.skipped  # the loop and the oracle agree
+        assert stats.output_tokens == 64
+
+
+def test_wrong_guesses_are_skipped_and_redrafted(loaded: Callable[..., Any]) -> None:
+    # A far draft guesses wrong often: skipped blocks must happen, and cost nothing in output.
+    oracle = Oracle(loaded("llama", "oracle"))
+    params = SamplingParams(max_new_tokens=48)
+    alone = speculative_generate([1, 5, 9, 12, 7], oracle, None, params, 0)
+    run, link = generate(oracle, ModelDrafter(loaded("llama", "draft")), params, 2, 2, 0.01)
+    assert run.tokens == alone.tokens
+    assert run.stats.skipped_blocks > 0 and link.skipped == run.stats.skipped_blocks
+
+
+@pytest.mark.parametrize("seed", [3, 11])
+def test_pipelined_sampling_draws_the_same_tokens(seed: int, loaded: Callable[..., Any]) -> None:
+    # Draws are per position, so pipelining (which regroups positions) changes no token.
+    oracle = Oracle(loaded("qwen2", "oracle"))
+    params = SamplingParams(max_new_tokens=48, temperature=1.0, top_k=20, seed=seed)
+    runs = [
+        generate(oracle, ModelDrafter(loaded("qwen2", "close_draft")), params, 3, depth, 0.01)[0]
+        for depth in (1, 2)
+    ]
+    assert runs[0].tokens == runs[1].tokens
+    assert runs[0].stats.pipelined_rounds == 0
+
+
+def test_ngram_and_stop_conditions_with_pipelining(loaded: Callable[..., Any]) -> None:
+    oracle = Oracle(loaded("llama", "oracle"))
+    prompt = (1, 5, 9, 12, 7, 1, 5, 9)
+    for params in (SamplingParams(max_new_tokens=7), SamplingParams(max_new_tokens=40)):
+        alone = speculative_generate(list(prompt), oracle, None, params, 0)
+        run, _ = generate(oracle, NgramDrafter(), params, 4, 2, 0.005, prompt)
+        assert run.tokens == alone.tokens  # never past max_new_tokens
+    # A stop token in the middle of a block ends the turn there, blocks in flight or not.
+    params = SamplingParams(max_new_tokens=40)
+    full = speculative_generate(list(prompt), oracle, None, params, 0).tokens
+    eos = full[len(full) // 2]
+    drafter = ModelDrafter(loaded("llama", "close_draft"))
+    run, _ = generate(oracle, drafter, params, 4, 2, 0.005, prompt, eos_token_ids=[eos])
+    assert run.tokens == full[: full.index(eos) + 1]
+    assert run.finish_reason.name == "EOS"
