@@ -43,6 +43,11 @@ class OracleConfig:
     max_batch: int = setting(
         16, "most blocks of different sessions verified in one forward pass (1 = one at a time)"
     )
+    batch_wait_ms: float = setting(
+        5.0,
+        "when fewer sessions have a block waiting than have a verify stream open, wait up to "
+        "this long for theirs before starting a batch (0 = never wait)",
+    )
     log_level: str = setting(
         "info", "log level", choices=("debug", "info", "warning", "error", "critical")
     )
@@ -93,6 +98,8 @@ class OracleConfig:
             )
         if self.max_batch < 1:
             raise InvalidArgument(f"--max-batch must be >= 1, got {self.max_batch}")
+        if not 0 <= self.batch_wait_ms <= 1000:
+            raise InvalidArgument(f"--batch-wait-ms must be in [0, 1000], got {self.batch_wait_ms}")
         if self.kv_budget_mb < 0:
             raise InvalidArgument(f"--kv-budget-mb must be >= 0, got {self.kv_budget_mb}")
         if not 0 <= self.metrics_port <= 65535:

@@ -91,6 +91,7 @@ class OracleEngine:
         max_sessions: int,
         max_cached_sessions: int,
         max_batch: int = DEFAULT_MAX_BATCH,
+        batch_wait_s: float = 0.0,
     ) -> None:
         """``max_batch``: the most blocks (of different sessions) verified in one forward."""
         if max_batch < 1:
@@ -107,6 +108,7 @@ class OracleEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oracle-model")
         self._closed = False
         self.max_batch = max_batch
+        self.batch_wait_s = batch_wait_s
         self.batch_counters = BatchCounters()
         self._queue = BlockQueue(max_batch)
         self._wakeup: asyncio.Event | None = None
@@ -242,6 +244,7 @@ class OracleEngine:
         assert self._wakeup is not None
         loop = asyncio.get_running_loop()
         while not self._closed:
+            await self._let_batch_fill()
             batch = self._queue.take()
             if not batch:
                 self._wakeup.clear()
@@ -277,6 +280,28 @@ class OracleEngine:
                         queue_ns=start_ns - pending.enqueued_ns,
                     )
                 )
+
+    async def _let_batch_fill(self) -> None:
+        """Before a batch: while fewer sessions have a block waiting than have a stream
+        open, wait for theirs (at most ``batch_wait_s``).
+
+        Sessions answer a verdict at different times (network, drafting), so a batch
+        started the moment the model is free holds only the quickest; the others then
+        wait a whole forward for the next one. A short wait fills the batch instead:
+        one forward of B rows costs about one of a single row when the GPU is launch-bound.
+        """
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.batch_wait_s
+        while (
+            0 < self._queue.sessions_waiting() < min(self.max_batch, self.sessions.active_streams)
+        ):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
 
     def _count(self, blocks: int, rows: int, forward_rows: int) -> None:
         counters = self.batch_counters

@@ -82,6 +82,7 @@ class OracleService:
             max_sessions=config.max_sessions,
             max_cached_sessions=config.max_cached_sessions,
             max_batch=config.max_batch,
+            batch_wait_s=config.batch_wait_ms / 1000,
         )
         self.engine = engine
         self.servicer.engine = engine

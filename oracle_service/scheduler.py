@@ -78,6 +78,10 @@ class BlockQueue:
     def __len__(self) -> int:
         return len(self._waiting)
 
+    def sessions_waiting(self) -> int:
+        """Sessions with a block waiting (a pipelining session may have two blocks)."""
+        return len({pending.session for pending in self._waiting if not pending.future.done()})
+
     def put(self, pending: PendingBlock) -> None:
         self._waiting.append(pending)
 

@@ -313,7 +313,7 @@ async def make_engine(
 ) -> AsyncIterator[Callable[..., OracleEngine]]:
     engines: list[OracleEngine] = []
 
-    def make(max_batch: int) -> OracleEngine:
+    def make(max_batch: int, batch_wait_s: float = 0.0) -> OracleEngine:
         engine = OracleEngine(
             loaded("llama", "oracle"),
             oracle_id="batch-test",
@@ -321,6 +321,7 @@ async def make_engine(
             max_sessions=16,
             max_cached_sessions=64,
             max_batch=max_batch,
+            batch_wait_s=batch_wait_s,
         )
         engines.append(engine)
         return engine
@@ -372,6 +373,28 @@ async def test_a_session_that_keeps_sending_does_not_starve_another(
     counters = engine.batch_counters
     assert counters.blocks == 25
     assert counters.largest_forward == (0 if max_batch == 1 else 2)
+
+
+@pytest.mark.parametrize("wait_s", [0.0, 2.0])
+async def test_a_batch_waits_for_the_other_open_streams_blocks(
+    make_engine: Callable[..., OracleEngine], wait_s: float
+) -> None:
+    # Four streams open; their blocks arrive 30 ms apart. With a wait the first batch
+    # holds all four; without, the first block goes alone as soon as it arrives.
+    engine = make_engine(8, batch_wait_s=wait_s)
+    leases = {name: await opened(engine, name, tokens) for name, tokens in PROMPTS.items()}
+
+    async def send(name: str, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        result = await engine.verify(leases[name], len(PROMPTS[name]), DraftBlock(()))
+        assert result.verdict is not None
+
+    await asyncio.gather(*(send(name, 0.03 * i) for i, name in enumerate(PROMPTS)))
+    counters = engine.batch_counters
+    if wait_s:
+        assert (counters.batches, counters.largest_forward) == (1, 4)
+    else:
+        assert counters.batches >= 2 and counters.largest_forward < 4
 
 
 async def test_pipelined_blocks_of_one_session_run_in_separate_batches_in_order(
