@@ -72,11 +72,12 @@ class Cluster:
         assert self.gateway is not None
         return f"127.0.0.1:{self.gateway.port}"
 
-    def _start(self, name: str, args: Sequence[str], port: int = 0) -> Service:
+    def _start(self, name: str, args: Sequence[str], port: int = 0, nice: int = 0) -> Service:
         log_path = self.workdir / f"{name}-{len(self.services)}.log"
         handle = None if self.echo else log_path.open("wb")
+        command = [sys.executable, "-m", "specdec.cli", *args]
         process = subprocess.Popen(
-            [sys.executable, "-m", "specdec.cli", *args],
+            ["nice", "-n", str(nice), *command] if nice else command,
             stdout=handle,
             stderr=subprocess.STDOUT if handle else None,
             start_new_session=True,  # Ctrl-C reaches the launcher, which stops everyone
@@ -107,14 +108,20 @@ class Cluster:
             args += ["--oracle-id", oracle_id]
         return self._start("oracle", [*args, *flags], port)
 
-    def start_draft(self, model: Path | str | None, *flags: str, draft_id: str = "") -> Service:
-        """A draft (model None = the demo draft) dialling this cluster's gateway."""
+    def start_draft(
+        self, model: Path | str | None, *flags: str, draft_id: str = "", nice: int = 0
+    ) -> Service:
+        """A draft (model None = the demo draft) dialling this cluster's gateway.
+
+        nice > 0 lowers its CPU priority: drafts that share a benchmark host with the
+        oracle then do not slow the oracle's (CPU-bound, launch-bound) forward passes.
+        """
         args = ["draft", "--gateway", self.address, "--health-port", "-1"]
         if model is not None:
             args += ["--model", str(model)]
         if draft_id:
             args += ["--draft-id", draft_id]
-        return self._start("draft", [*args, *flags])
+        return self._start("draft", [*args, *flags], nice=nice)
 
     def wait_workers(self, oracles: int, drafts: int, timeout: float = READY_TIMEOUT_S) -> None:
         """Until the gateway lists this many workers of each kind."""

@@ -472,7 +472,7 @@ def run_concurrency(args: argparse.Namespace, prompts: list[list[int]]) -> dict[
         for i in range(args.drafts):
             c.start_draft(
                 args.draft_path, "--device", args.draft_device, "--dtype", args.dtype,
-                "--max-sessions", str(per_draft), draft_id=f"draft-{i}",
+                "--max-sessions", str(per_draft), draft_id=f"draft-{i}", nice=args.draft_nice,
             )  # fmt: skip
         asyncio.run(_measure_all(c, args, plan, batches, ks, sessions, save))
     report.update(complete=True, wall_s=time.perf_counter() - started)

@@ -83,6 +83,13 @@ def add_bench_parser(sub: Any) -> None:
     )
     p.add_argument("--session-ks", default="0,4", help="with --sessions: k values")
     p.add_argument("--drafts", type=int, default=1, help="with --sessions: draft services")
+    p.add_argument(
+        "--draft-nice",
+        type=int,
+        default=0,
+        help="with --sessions: CPU niceness of the drafts (they stand in for edge devices: "
+        "keep them from slowing the oracle's host)",
+    )
     p.add_argument("--adaptive", action="store_true", help="with --sessions: adaptive k (<= k)")
     p.add_argument(
         "--oracle-max-batch",
