@@ -55,7 +55,7 @@ class DraftWorker:
         self._drafters: OrderedDict[str, ModelDrafter] = OrderedDict()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self._adaptive = AdaptiveMemory()  # per oracle: what earlier turns measured
+        self._adaptive = AdaptiveMemory()  # learnt costs, per oracle and pipeline depth
 
     # -- registration --------------------------------------------------------
 
@@ -188,12 +188,14 @@ class DraftWorker:
                 )
 
             proposer = ThreadProposer(drafter, self._executor)
-            policy = self._adaptive.policy(a.oracle_id, turn.k) if a.adaptive and turn.k else None
+            # Costs differ per oracle and with pipelining: learn them per pair.
+            key = f"{a.oracle_id}:{turn.pipeline_depth}"
+            policy = self._adaptive.policy(key, turn.k) if a.adaptive and turn.k else None
             reason, stats = await run_turn(
                 link, proposer, turn, on_commit, policy=policy, on_open=on_open, observer=rounds
             )
             if policy is not None:
-                self._adaptive.remember(a.oracle_id, policy)
+                self._adaptive.remember(key, policy)
             finished = registry_pb2.AssignmentFinished(
                 assignment_id=a.assignment_id,
                 finish_reason=convert.finish_reason_to_pb(reason),  # type: ignore[arg-type]

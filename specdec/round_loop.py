@@ -125,6 +125,7 @@ class _RoundLoop:
         self.in_flight: deque[_Sent] = deque()
         self.ahead: _Ahead | None = None
         self.next_round = 0
+        self.drafted_after = -1  # the round whose block the last ahead proposal follows
         self.last_verdict_ns = 0
         # Blocks in flight at once: 1 = wait for each verdict before sending the next.
         depth = min(max(1, turn.pipeline_depth), MAX_PIPELINE_DEPTH)
@@ -243,12 +244,13 @@ class _RoundLoop:
         if len(self.in_flight) >= max(self.depth, 2):
             return
         tail = self.in_flight[-1]
-        if tail.k == 0 or len(tail.block) < tail.k:
-            return
+        if tail.k == 0 or len(tail.block) < tail.k or tail.round == self.drafted_after:
+            return  # (once per block: a proposal too short to use is not asked for again)
         context = [*self.committed[: tail.start], *tail.assumed, *tail.block.token_ids]
         k = self._k_for(len(context) + 1)  # after the guessed bonus
         if k < 1:
             return
+        self.drafted_after = tail.round
         task = asyncio.ensure_future(self.proposer.propose(context, k + 1, self.turn.params))
         start = len(self.committed)
         self.ahead = _Ahead(start, tuple(context[start:]), task)

@@ -49,6 +49,20 @@ def system(
         yield c, oracle_path
 
 
+def test_pipeline_depth_is_per_request_and_changes_no_token(system: tuple[Cluster, Path]) -> None:
+    c, oracle_path = system
+    with Client(c.address, timeout=60) as client:
+        for prompt in PROMPTS:
+            expected = reference(oracle_path, prompt, 24)
+            for depth in (1, 2, 4):
+                result = client.generate(
+                    prompt, max_new_tokens=24, k=3, ignore_eos=True, pipeline_depth=depth
+                )
+                assert result.token_ids == expected, (depth, prompt)
+                if depth == 1:  # each block waits for the verdict before it
+                    assert result.stats.pipelined_rounds == result.stats.skipped_blocks == 0
+
+
 @pytest.mark.parametrize("k", [0, 1, 4, 8])
 def test_greedy_output_equals_oracle_alone(system: tuple[Cluster, Path], k: int) -> None:
     c, oracle_path = system
@@ -147,6 +161,8 @@ def test_concurrent_sessions_do_not_interfere(system: tuple[Cluster, Path]) -> N
         ({"prompt": [1, 5], "temperature": -0.5}, grpc.StatusCode.INVALID_ARGUMENT),
         ({"prompt": [1, 5], "top_p": 1.5}, grpc.StatusCode.INVALID_ARGUMENT),
         ({"prompt": [1] * 200}, grpc.StatusCode.INVALID_ARGUMENT),  # longer than the context
+        ({"prompt": [1, 5], "k": 4, "pipeline_depth": 0}, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"prompt": [1, 5], "k": 4, "pipeline_depth": 5}, grpc.StatusCode.INVALID_ARGUMENT),
     ],
 )
 def test_bad_requests_get_clear_statuses(
