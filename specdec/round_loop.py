@@ -106,6 +106,15 @@ def _consistent(committed: list[int], start: int, tokens: Sequence[int]) -> bool
     return n <= 0 or committed[start : start + n] == list(tokens[:n])
 
 
+# Drafting ahead pays only when its guesses come true. Sampled bonus tokens seldom match
+# the draft's guess, so at T = 1 most of that drafting (and, pipelined, its wire bytes) is
+# wasted: below this hit rate the loop drafts ahead only every AHEAD_PROBE-th round, which
+# is enough to notice when it pays again.
+MIN_AHEAD_HIT_RATE = 0.05
+AHEAD_PROBE = 4
+AHEAD_DECAY = 0.95  # weight of the past in the hit rate, per proposal drafted ahead
+
+
 class _RoundLoop:
     """The rounds of one turn; the ladder is ``run``: send, draft ahead, await, commit."""
 
@@ -126,6 +135,8 @@ class _RoundLoop:
         self.ahead: _Ahead | None = None
         self.next_round = 0
         self.drafted_after = -1  # the round whose block the last ahead proposal follows
+        self.ahead_drafted = 0.0  # proposals drafted ahead (decayed) ...
+        self.ahead_used = 0.0  # ... and rounds that used one
         self.last_verdict_ns = 0
         # Blocks in flight at once: 1 = wait for each verdict before sending the next.
         depth = min(max(1, turn.pipeline_depth), MAX_PIPELINE_DEPTH)
@@ -246,14 +257,22 @@ class _RoundLoop:
         tail = self.in_flight[-1]
         if tail.k == 0 or len(tail.block) < tail.k or tail.round == self.drafted_after:
             return  # (once per block: a proposal too short to use is not asked for again)
+        if self._ahead_rarely_pays() and tail.round % AHEAD_PROBE:
+            return
         context = [*self.committed[: tail.start], *tail.assumed, *tail.block.token_ids]
         k = self._k_for(len(context) + 1)  # after the guessed bonus
         if k < 1:
             return
         self.drafted_after = tail.round
+        self.ahead_drafted = AHEAD_DECAY * self.ahead_drafted + 1
+        self.ahead_used *= AHEAD_DECAY
         task = asyncio.ensure_future(self.proposer.propose(context, k + 1, self.turn.params))
         start = len(self.committed)
         self.ahead = _Ahead(start, tuple(context[start:]), task)
+
+    def _ahead_rarely_pays(self) -> bool:
+        enough = self.ahead_drafted >= 4
+        return enough and self.ahead_used < MIN_AHEAD_HIT_RATE * self.ahead_drafted
 
     def _may_pipeline(self) -> bool:
         return self.ahead is not None and len(self.in_flight) < self.depth
@@ -314,6 +333,7 @@ class _RoundLoop:
             wall_ns=wall_ns,
         )
         self.stats.add(report)
+        self.ahead_used += report.drafted_ahead
         if self.observer is not None:
             self.observer.round_finished(report)
         if self.policy is not None:

@@ -125,3 +125,39 @@ def test_ngram_and_stop_conditions_with_pipelining(loaded: Callable[..., Any]) -
     run, _ = generate(oracle, drafter, params, 4, 2, 0.005, prompt, eos_token_ids=[eos])
     assert run.tokens == full[: full.index(eos) + 1]
     assert run.finish_reason.name == "EOS"
+
+
+class CountingDrafter:
+    """A real drafter, counting the tokens it is asked for."""
+
+    def __init__(self, drafter: Any) -> None:
+        self.drafter, self.asked = drafter, 0
+
+    def propose(self, context: list[int], k: int, params: SamplingParams) -> DraftBlock:
+        self.asked += k
+        block: DraftBlock = self.drafter.propose(context, k, params)
+        return block
+
+    def update(self, num_accepted: int) -> None:
+        self.drafter.update(num_accepted)
+
+
+def test_drafting_ahead_backs_off_while_its_guesses_fail(loaded: Callable[..., Any]) -> None:
+    # Sampled with a far draft, the guessed bonus is almost never drawn: drafting ahead
+    # would double the drafting for nothing, so the loop mostly stops doing it. Greedy
+    # with a close draft the guesses come true and it keeps drafting ahead every round.
+    oracle = Oracle(loaded("llama", "oracle"))
+    sampled = SamplingParams(max_new_tokens=64, temperature=1.0, seed=5)
+    far = CountingDrafter(ModelDrafter(loaded("llama", "draft")))
+    run, _ = generate(oracle, far, sampled, 3, 2, 0.002)
+    alone = speculative_generate([1, 5, 9, 12, 7], oracle, None, sampled, 0)
+    assert len(run.tokens) == len(alone.tokens) == 64
+    # Every round drafts its own 3 tokens (or takes them from ahead); ahead proposals (4
+    # tokens each) come on top: at most the first few rounds and one probe in 4.
+    ahead_tokens = far.asked - 3 * run.stats.rounds
+    assert ahead_tokens <= 4 * (6 + run.stats.rounds // 4), (far.asked, run.stats.rounds)
+
+    greedy = SamplingParams(max_new_tokens=64)
+    close = CountingDrafter(ModelDrafter(loaded("llama", "close_draft")))
+    run, _ = generate(oracle, close, greedy, 3, 2, 0.002)
+    assert run.stats.ahead_hits > run.stats.rounds // 3
