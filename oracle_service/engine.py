@@ -245,7 +245,8 @@ class OracleEngine:
         loop = asyncio.get_running_loop()
         while not self._closed:
             await self._let_batch_fill()
-            batch = self._queue.take()
+            batch, skipped = self._queue.take(self._known_stale)
+            self._skip(skipped)
             if not batch:
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -366,6 +367,28 @@ class OracleEngine:
             if verified:
                 self._evict()
         return outcomes, start, time.perf_counter_ns() - start, len(admitted), forward_rows
+
+    @staticmethod
+    def _known_stale(pending: PendingBlock) -> bool:
+        """A pipelined block whose assumption the session's committed tokens already refute.
+
+        Read on the event loop between batches: a session's committed tokens change only
+        in a batch (not running now) or when its stream opens (before any of its blocks).
+        """
+        committed = pending.session.committed
+        return bool(pending.assumed) and not _ends_with(
+            committed, pending.base_length, pending.assumed
+        )
+
+    def _skip(self, skipped: list[PendingBlock]) -> None:
+        """Answer stale pipelined blocks without the model: nothing changes for them."""
+        now = time.perf_counter_ns()
+        for pending in skipped:
+            self.batch_counters.blocks += 1
+            result = VerifyResult(
+                None, len(pending.session.committed), 0, now - pending.enqueued_ns
+            )
+            pending.future.set_result(result)
 
     def _admit(self, pending: PendingBlock) -> OracleSession | None:
         """The block's session if the block may be verified now; None: skip it; raises: refuse."""

@@ -8,7 +8,11 @@ free, the next batch is taken by one scan from the oldest block on:
   verdict), and the second extends the first's verdict, so it must run in a later
   batch. Skipping it also keeps every later block of that session behind it, so
   each session's blocks still run in the order they arrived;
-* the scan stops at ``max_batch`` blocks.
+* the scan stops at ``max_batch`` blocks;
+* a pipelined block that is already known to be stale (its session's committed
+  tokens do not end with what it assumed) is answered "skipped" on the spot
+  instead of taking a place: otherwise it would keep its session's next block,
+  the re-drafted one, out of this batch and cost that session a whole forward.
 
 Nobody starves: a block is passed over only for older blocks (max_batch of them
 per batch) or because an older block of its own session is in the batch, never
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from oracle_service.sessions import Lease, OracleSession
@@ -85,12 +90,17 @@ class BlockQueue:
     def put(self, pending: PendingBlock) -> None:
         self._waiting.append(pending)
 
-    def take(self) -> list[PendingBlock]:
-        """The next batch (see the module doc); [] when nothing waits.
+    def take(
+        self, stale: Callable[[PendingBlock], bool] = lambda pending: False
+    ) -> tuple[list[PendingBlock], list[PendingBlock]]:
+        """(the next batch, the stale blocks passed over); ([], []) when nothing waits.
 
-        Blocks whose caller gave up (future cancelled) are dropped here.
+        ``stale`` is asked only of a session's first waiting block, the one its
+        committed tokens are final for. Blocks whose caller gave up (future
+        cancelled) are dropped here.
         """
         batch: list[PendingBlock] = []
+        skipped: list[PendingBlock] = []
         sessions: set[OracleSession] = set()
         kept: deque[PendingBlock] = deque()
         while self._waiting and len(batch) < self.max_batch:
@@ -100,11 +110,14 @@ class BlockQueue:
             if pending.session in sessions:
                 kept.append(pending)  # after its session's block in this batch
                 continue
+            if stale(pending):
+                skipped.append(pending)  # its session's next block may take the place
+                continue
             sessions.add(pending.session)
             batch.append(pending)
         kept.extend(self._waiting)
         self._waiting = kept
-        return batch
+        return batch, skipped
 
     def drain(self) -> list[PendingBlock]:
         """Every waiting block, removed (shutdown)."""

@@ -433,6 +433,32 @@ async def test_pipelined_blocks_of_one_session_run_in_separate_batches_in_order(
     assert engine.batch_counters.verified == verified + 1
 
 
+async def test_a_stale_pipelined_block_does_not_hold_its_sessions_next_block_back(
+    make_engine: Callable[..., OracleEngine], loaded: Callable[[str, str], LoadedModel]
+) -> None:
+    # a's first block is rejected; its pipelined block (assuming full acceptance) is then
+    # stale, and a's re-drafted block, queued behind it, must share the next batch with
+    # b's block instead of waiting for a third one.
+    engine = make_engine(8)
+    prompt = PROMPTS["a"]
+    reference = greedy_generate(loaded("llama", "oracle"), prompt, 6)
+    a, b = await opened(engine, "a", prompt), await opened(engine, "b", PROMPTS["b"])
+    base = len(prompt)
+    wrong = (reference[0] + 1) % engine.vocab_size
+    head = asyncio.ensure_future(engine.verify(a, base, DraftBlock((wrong,))))
+    stale = asyncio.ensure_future(engine.verify(a, base + 2, DraftBlock((4,)), (wrong, 5)))
+    first_b = asyncio.ensure_future(engine.verify(b, len(PROMPTS["b"]), DraftBlock(())))
+    assert (await head).verdict == Verdict(0, reference[0], False)
+    redrafted = asyncio.ensure_future(engine.verify(a, base + 1, DraftBlock(tuple(reference[1:3]))))
+    second_b = asyncio.ensure_future(engine.verify(b, len(PROMPTS["b"]) + 1, DraftBlock(())))
+    assert (await stale).verdict is None
+    assert (await redrafted).verdict == Verdict(2, reference[3], True)
+    await first_b, await second_b
+    counters = engine.batch_counters
+    assert counters.verified == 4  # the stale block never reached the model thread
+    assert counters.batches == 2 and counters.largest_forward == 2
+
+
 async def test_refused_blocks_stay_out_of_the_forward_and_fail_alone(
     make_engine: Callable[..., OracleEngine], loaded: Callable[[str, str], LoadedModel]
 ) -> None:
