@@ -24,6 +24,9 @@ from specdec.verifier import DraftBlock, Verdict
 CLOSE_GRACE_S = 5.0
 _closing: set[asyncio.Task[None]] = set()
 
+# What grpc core reports for an operation on a stream whose transport failed under it.
+CORE_INTERNAL = "Internal error from Core"
+
 # Statuses meaning "this oracle cannot go on": the turn may move to another one.
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
 
@@ -66,10 +69,14 @@ class GrpcOracleLink:
         # Pipelined verifies overlap: requests go out, and answers are read, in call order.
         self._writing = asyncio.Lock()
         self._reading = asyncio.Lock()
+        # Why this link cancelled its call (a stalled exchange): the other exchanges in
+        # flight on it then fail for the same reason, not as "cancelled".
+        self._broken: OracleRpcError | None = None
         self.oracle_id = ""
 
     async def _exchange(self, request: oracle_pb2.VerifyRequest) -> oracle_pb2.VerifyResponse:
-        assert self._call is not None
+        call = self._call  # (close() may drop it while a pipelined exchange waits)
+        assert call is not None
         # Not wait_for: on timeout it waits for the cancelled exchange to end, and grpc's
         # send on a dead transport may never end. The call is cancelled instead.
         sending = asyncio.ensure_future(self._send(request))
@@ -77,40 +84,53 @@ class GrpcOracleLink:
             await asyncio.wait({sending}, timeout=self._round_timeout_s)
         finally:
             if not sending.done():  # timed out, or this turn was cancelled
-                self._call.cancel()
+                call.cancel()
                 sending.cancel()
                 sending.add_done_callback(_consume)
         if not sending.done():
-            raise OracleRpcError(
-                grpc.StatusCode.UNAVAILABLE,
-                f"no answer within {self._round_timeout_s}s: the oracle or the link to it stalled",
+            if self._broken is None:
+                self._broken = OracleRpcError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"no answer within {self._round_timeout_s}s: the oracle or the link to it "
+                    "stalled",
+                )
+            raise self._broken
+        if sending.cancelled():
+            # Another exchange of this link gave up on the call, or grpc cancelled it (its
+            # channel closed), not us.
+            raise self._broken or OracleRpcError(
+                grpc.StatusCode.CANCELLED, "the Verify stream was cancelled"
             )
-        if sending.cancelled():  # grpc cancelled the call (its channel closed), not us
-            raise OracleRpcError(grpc.StatusCode.CANCELLED, "the Verify stream was cancelled")
         try:
             response = sending.result()
         except grpc.aio.AioRpcError as exc:
-            self._call.cancel()  # a failed stream is not closed gracefully: see close()
-            raise OracleRpcError(exc.code(), exc.details() or exc.code().name) from exc
+            call.cancel()  # a failed stream is not closed gracefully: see close()
+            code, details = exc.code(), exc.details() or exc.code().name
+            if code == grpc.StatusCode.INTERNAL and details == CORE_INTERNAL:
+                # grpc core's answer to a read or write racing a transport that just died
+                # (pipelined exchanges overlap): the link broke, the oracle did not fail.
+                code = grpc.StatusCode.UNAVAILABLE
+            raise OracleRpcError(code, details) from exc
         if response is grpc.aio.EOF:
             code, details = grpc.StatusCode.UNAVAILABLE, "stream ended"
             with contextlib.suppress(TimeoutError):  # a status that never comes: as gone
-                code, details = await asyncio.wait_for(_status(self._call), CLOSE_GRACE_S)
-            self._call.cancel()
+                code, details = await asyncio.wait_for(_status(call), CLOSE_GRACE_S)
+            call.cancel()
             if code in (None, grpc.StatusCode.OK):  # ended without a verdict: as good as gone
                 code = grpc.StatusCode.UNAVAILABLE
             raise OracleRpcError(code, details or "stream ended")
         return response  # type: ignore[no-any-return]
 
     async def _send(self, request: oracle_pb2.VerifyRequest) -> Any:
-        assert self._call is not None
+        call = self._call  # (close() may drop it while a pipelined exchange waits)
+        assert call is not None
         try:
             async with self._writing:
-                await self._call.write(request)
+                await call.write(request)
         except asyncio.InvalidStateError:
             return grpc.aio.EOF  # the stream already ended (link dropped): its status says why
         async with self._reading:
-            return await self._call.read()
+            return await call.read()
 
     async def open(self, tokens: list[int], params: SamplingParams, seed: int) -> OpenResult:
         self._call = self._stub.Verify(timeout=self._timeout_s)
