@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from specdec.config import MAX_PIPELINE_DEPTH, setting
+from specdec.config import MAX_BRANCHES, MAX_PIPELINE_DEPTH, setting
 from specdec.errors import InvalidArgument
 
 
@@ -27,6 +27,11 @@ class DraftConfig:
         2,
         "blocks in flight to the oracle at once: 2 sends the block drafted ahead before the "
         "verdict it depends on, hiding the round trip when the guess is right (1 = off)",
+    )
+    branches: int = setting(
+        3,
+        "greedy: also draft ahead for this many likely corrections of each block in flight, "
+        f"so a rejection too finds its next block ready (0 = off, at most {MAX_BRANCHES})",
     )
     verify_timeout_s: float = setting(
         30.0, "seconds to wait for each verdict (and the prefill) before failing the turn over"
@@ -51,5 +56,7 @@ class DraftConfig:
             raise InvalidArgument(
                 f"--pipeline-depth must be in [1, {MAX_PIPELINE_DEPTH}], got {self.pipeline_depth}"
             )
+        if not 0 <= self.branches <= MAX_BRANCHES:
+            raise InvalidArgument(f"--branches must be in [0, {MAX_BRANCHES}], got {self.branches}")
         if self.verify_timeout_s <= 0:
             raise InvalidArgument(f"--verify-timeout-s must be > 0, got {self.verify_timeout_s}")

@@ -158,6 +158,7 @@ class DraftWorker:
                 max_context=a.max_context or self.model.max_context,
                 draft_ahead=self.config.draft_ahead,
                 pipeline_depth=a.pipeline_depth or self.config.pipeline_depth,
+                branches=a.branches if a.HasField("branches") else self.config.branches,
             )
             base = [len(a.token_ids)]
 
@@ -227,6 +228,7 @@ def _round_to_pb(report: RoundReport) -> registry_pb2.RoundReport:
         drafted_ahead=report.drafted_ahead,
         pipelined=report.pipelined,
         skipped_blocks=report.skipped_blocks,
+        branch=report.branch,
     )
 
 

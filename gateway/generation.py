@@ -50,6 +50,7 @@ class TurnRequest:
     adaptive: bool
     drafter: int  # common_pb2.DrafterKind
     pipeline_depth: int = 0  # blocks in flight to the oracle (0 = the draft's default)
+    branches: int | None = None  # likely corrections drafted ahead (None = the draft's default)
 
 
 @dataclass(frozen=True)
@@ -328,6 +329,8 @@ class TurnRunner:
             grant=self.registry.grant(session.session_id, oracle),
             trace_context=current_trace_context(),  # the Generate span: rounds hang under it
         )
+        if request.branches is not None:
+            assignment.branches = request.branches
         finished = False
         try:
             await draft.outbox.put(registry_pb2.ConnectResponse(assignment=assignment))
@@ -500,6 +503,7 @@ def _report(commit: registry_pb2.AssignmentCommit) -> RoundReport:
         drafted_ahead=r.drafted_ahead,
         pipelined=r.pipelined,
         skipped_blocks=r.skipped_blocks,
+        branch=r.branch,
     )
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from gateway.generation import Chunk, TurnRequest, TurnRunner
 from gateway.sessions import Session, SessionTable
-from specdec.config import MAX_PIPELINE_DEPTH
+from specdec.config import MAX_BRANCHES, MAX_PIPELINE_DEPTH
 from specdec.errors import FailedPrecondition, InvalidArgument
 from specdec.serving import convert
 from specdec.serving.security import current_principal
@@ -75,7 +75,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise InvalidArgument(
                 f"speculation.pipeline_depth must be in [1, {MAX_PIPELINE_DEPTH}], got {depth}"
             )
-        return TurnRequest(prompt_ids, params, k, speculation.adaptive, speculation.drafter, depth)
+        branches = speculation.branches if speculation.HasField("branches") else None
+        if branches is not None and not 0 <= branches <= MAX_BRANCHES:
+            raise InvalidArgument(
+                f"speculation.branches must be in [0, {MAX_BRANCHES}], got {branches}"
+            )
+        return TurnRequest(
+            prompt_ids, params, k, speculation.adaptive, speculation.drafter, depth, branches
+        )
 
     async def Generate(
         self, request: gateway_pb2.GenerateRequest, context: Any

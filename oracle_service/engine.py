@@ -294,9 +294,13 @@ class OracleEngine:
         assert self._wakeup is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.batch_wait_s
-        while (
-            0 < self._queue.sessions_waiting() < min(self.max_batch, self.sessions.active_streams)
-        ):
+        # A session whose waiting blocks are all stale (drafted for outcomes its verdict
+        # did not have) has nothing to run: answer them first, then count it as not ready.
+        while True:
+            self._skip(self._queue.prune(self._known_stale))
+            waiting = self._queue.sessions_waiting()
+            if not 0 < waiting < min(self.max_batch, self.sessions.active_streams):
+                return
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return

@@ -90,6 +90,27 @@ class BlockQueue:
     def put(self, pending: PendingBlock) -> None:
         self._waiting.append(pending)
 
+    def prune(self, stale: Callable[[PendingBlock], bool]) -> list[PendingBlock]:
+        """Remove and return the stale blocks at the front of each session's line.
+
+        Only between batches, when every session's committed tokens are final for its
+        first waiting block: a session whose blocks were all drafted for outcomes its
+        verdict did not have then counts as having nothing waiting.
+        """
+        pruned: list[PendingBlock] = []
+        ready: set[OracleSession] = set()
+        kept: deque[PendingBlock] = deque()
+        for pending in self._waiting:
+            if pending.future.done():
+                continue
+            if pending.session not in ready and stale(pending):
+                pruned.append(pending)
+                continue
+            ready.add(pending.session)
+            kept.append(pending)
+        self._waiting = kept
+        return pruned
+
     def take(
         self, stale: Callable[[PendingBlock], bool] = lambda pending: False
     ) -> tuple[list[PendingBlock], list[PendingBlock]]:

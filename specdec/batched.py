@@ -53,6 +53,7 @@ import torch
 
 from specdec.errors import InvalidArgument
 from specdec.kv_cache import SequenceCache, dynamic_cache_of, forward_arguments
+from specdec.models import LoadedModel
 from specdec.oracle import Oracle, PrefillResult, VerifyTiming
 from specdec.sampling import SamplingParams
 from specdec.verifier import DraftBlock, Verdict, greedy_verdict, validate_block, verify_block
@@ -90,16 +91,16 @@ class BatchVerification:
     fallback: str | None = None
 
 
-def batch_unsupported(oracle: Oracle) -> str | None:
-    """Why ``oracle``'s model cannot verify padded rows in one forward, or None if it can."""
-    model = oracle.model.model
+def batch_unsupported(loaded: LoadedModel) -> str | None:
+    """Why ``loaded`` cannot run padded (or holed) rows in one forward, or None if it can."""
+    model = loaded.model
     config = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     window = getattr(text, "sliding_window", None)
     if getattr(text, "use_sliding_window", True) is False:
         window = None
-    if isinstance(window, int) and window < oracle.max_context:
-        return f"sliding window of {window} < context of {oracle.max_context}"
+    if isinstance(window, int) and window < loaded.max_context:
+        return f"sliding window of {window} < context of {loaded.max_context}"
     layer_types = getattr(text, "layer_types", None)
     if layer_types and any(kind != "full_attention" for kind in layer_types):
         return f"layer types {sorted(set(layer_types))} are not all full attention"
@@ -128,7 +129,7 @@ def verify_batch(oracle: Oracle, items: Sequence[BatchItem]) -> BatchVerificatio
     caches = {id(item.cache) for item in items}
     if len(caches) != len(items):
         raise InvalidArgument("the items of a batch must have different caches (sessions)")
-    reason = batch_unsupported(oracle) if len(items) > 1 else None
+    reason = batch_unsupported(oracle.model) if len(items) > 1 else None
     if len(items) <= 1 or reason is not None:
         return BatchVerification([_verify_alone(oracle, item) for item in items], 0, reason)
 

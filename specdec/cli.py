@@ -87,6 +87,12 @@ def _add_generate(sub: Any) -> None:
         default=None,
         help="blocks in flight to the oracle (1 = wait for each verdict; default: the draft's)",
     )
+    p.add_argument(
+        "--branches",
+        type=int,
+        default=None,
+        help="likely corrections drafted ahead per block, greedy (0 = none; default: the draft's)",
+    )
     p.add_argument("--session", default="", help="continue this session")
     p.add_argument("--token", default=os.environ.get("SPECDEC_AUTH_TOKEN") or None)
     env = os.environ.get
@@ -127,6 +133,7 @@ def _generate(args: argparse.Namespace) -> None:
                 adaptive=args.adaptive,
                 drafter=args.drafter,
                 pipeline_depth=args.pipeline_depth,
+                branches=args.branches,
             ):
                 completion.add(response)
                 sys.stdout.write(response.text)

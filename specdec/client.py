@@ -70,6 +70,7 @@ def build_request(
     adaptive: bool = False,
     drafter: str | None = None,
     pipeline_depth: int | None = None,
+    branches: int | None = None,
 ) -> gateway_pb2.GenerateRequest:
     """A GenerateRequest from keyword arguments (k=None: the gateway's default; 0: oracle alone)."""
     sampling = common_pb2.SamplingParams(
@@ -88,6 +89,8 @@ def build_request(
         speculation.num_speculative_tokens = k
     if pipeline_depth is not None:
         speculation.pipeline_depth = pipeline_depth
+    if branches is not None:
+        speculation.branches = branches
     request = gateway_pb2.GenerateRequest(
         session_id=session_id, sampling=sampling, speculation=speculation
     )

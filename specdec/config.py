@@ -24,6 +24,9 @@ ENV_PREFIX = "SPECDEC_"
 # Blocks in flight to an oracle at once (a draft setting and a request field);
 # deeper guesses are rarely all right.
 MAX_PIPELINE_DEPTH = 4
+# Likely corrections drafted ahead per block in flight (a draft setting and a request
+# field); beyond a few, each adds less than it costs to draft and send.
+MAX_BRANCHES = 8
 
 
 def setting(default: Any, help: str, *, choices: Sequence[str] | None = None) -> Any:

@@ -120,12 +120,14 @@ def speculative_generate(
     draft_ahead: bool = False,
     pipeline_depth: int = 1,
     link: OracleLink | None = None,
+    branches: int = 0,
 ) -> GenerationResult:
     """Generate after ``prompt_ids`` with ``oracle``, drafting ``k`` tokens per round.
 
     ``decode`` (ids -> text) is needed for stop strings; it defaults to the oracle's tokenizer.
     ``policy`` chooses k per round (``specdec.adaptive.AdaptiveK``); k is then its upper bound.
     ``link`` replaces the in-process link to ``oracle`` (e.g. one with a round trip).
+    ``draft_ahead``, ``pipeline_depth`` and ``branches``: see ``specdec.turn.Turn``.
     """
     validate_request(prompt_ids, oracle, drafter, params, k)
     if decode is None and params.stop:
@@ -144,6 +146,7 @@ def speculative_generate(
         max_context=oracle.max_context,
         draft_ahead=draft_ahead,
         pipeline_depth=pipeline_depth,
+        branches=branches,
     )
     generated: list[int] = []
     rounds: list[RoundReport] = []

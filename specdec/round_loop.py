@@ -8,12 +8,18 @@ do not depend on each other:
   SpecEdge's proactive drafting): while block n is verified, the draft proposes
   k + 1 tokens after it as if it were accepted in full: a guess of its bonus
   token, then block n+1. Used only if that assumption and the guess come true.
-* pipelining (``Turn.pipeline_depth`` > 1): block n+1 is sent as soon as it is
-  drafted, with the tokens it assumes (block n and the guess), before verdict n
-  is back. The oracle verifies it straight after verdict n if the assumption
-  held, else skips it. A round then costs max(verify, draft) instead of
-  verify + round trip + draft whenever the draft guessed right; a wrong guess
-  costs what no pipelining costs.
+* drafting for the likely corrections too (``Turn.branches``, greedy): besides
+  full acceptance, the draft drafts ahead after the likeliest rejections of block
+  n, each corrected by its runner-up there (``specdec.drafters.branches``), all in
+  one batched pass. Whichever of these outcomes verdict n turns out to be, its
+  next block is ready.
+* pipelining (``Turn.pipeline_depth`` > 1): the blocks drafted ahead are sent as
+  soon as they are drafted, each with the tokens it assumes (block n's accepted
+  prefix and the guessed next token), before verdict n is back. The oracle
+  verifies the one whose assumption held straight after verdict n and skips the
+  others. A round then costs max(verify, draft) instead of
+  verify + round trip + draft whenever one of the guesses was right; when none
+  was, it costs what no pipelining costs.
 
 The output is unchanged by either: a block is only ever verified against the
 exact sequence it was drafted after, and every draw depends only on (seed,
@@ -30,7 +36,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from specdec.config import MAX_PIPELINE_DEPTH
+from specdec.config import MAX_BRANCHES, MAX_PIPELINE_DEPTH
+from specdec.drafters.branches import Branch
 from specdec.errors import FailedPrecondition
 from specdec.stopping import FinishReason
 from specdec.turn import (
@@ -63,7 +70,7 @@ async def run_turn(
     return await _RoundLoop(link, proposer, turn, on_commit, policy, observer).run(on_open)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Sent:
     """A block sent to the oracle whose verdict is not folded in yet.
 
@@ -79,6 +86,7 @@ class _Sent:
     assumed: tuple[int, ...]
     draft_ns: int  # time the loop waited on the drafter for this block
     drafted_ahead: bool
+    branch: bool  # drafted for a guessed correction of the block before it
     sent_ns: int
     result: asyncio.Future[VerifyResult]
 
@@ -89,15 +97,21 @@ class _Sent:
 
 @dataclass
 class _Ahead:
-    """A proposal drafted during verification: a guess of the bonus token, then a block.
+    """Blocks drafted during verification for the likely outcomes of one block in flight.
 
-    Drafted after committed[:start] + assumed, i.e. as if everything in flight is
-    accepted in full.
+    That block extends committed[:start] + prefix; branch b's block extends
+    committed[:start] + prefix + b.assumed. The first branch is the block's full
+    acceptance with a guessed bonus, any others its likely corrections.
     """
 
     start: int
-    assumed: tuple[int, ...]
-    task: asyncio.Future[DraftBlock]  # up to k + 1 tokens
+    prefix: tuple[int, ...]
+    reach: int  # committed lengths beyond this leave no branch that could still apply
+    task: asyncio.Future[list[Branch]]
+
+    def guessed(self, branch: Branch) -> tuple[int, ...]:
+        """The tokens after committed[:start] that ``branch`` takes as committed."""
+        return (*self.prefix, *branch.assumed)
 
 
 def _consistent(committed: list[int], start: int, tokens: Sequence[int]) -> bool:
@@ -138,9 +152,11 @@ class _RoundLoop:
         self.ahead_drafted = 0.0  # proposals drafted ahead (decayed) ...
         self.ahead_used = 0.0  # ... and rounds that used one
         self.last_verdict_ns = 0
-        # Blocks in flight at once: 1 = wait for each verdict before sending the next.
+        # Blocks in flight one after another: 1 = wait for each verdict before sending
+        # the next (alternatives drafted for the same verdict count once).
         depth = min(max(1, turn.pipeline_depth), MAX_PIPELINE_DEPTH)
         self.depth = depth if turn.draft_ahead else 1
+        self.width = min(max(0, turn.branches), MAX_BRANCHES) if turn.params.greedy else 0
 
     async def run(self, on_open: OnOpen | None) -> tuple[FinishReason, TurnStats]:
         start = time.perf_counter_ns()
@@ -196,28 +212,30 @@ class _RoundLoop:
         """Nothing valid is in flight: send a block extending the committed tokens."""
         k = self._k_for(len(self.committed))
         t0 = time.perf_counter_ns()
-        block = await self._take_ahead()
-        drafted_ahead = block is not None and k > 0
-        if not drafted_ahead:
+        found = await self._take_ahead()
+        drafted_ahead = found is not None and k > 0
+        if found is not None and k > 0:
+            block, branch = found
+        else:
+            branch = False
             if self.proposer is not None and k > 0:
                 block = await self.proposer.propose(self.committed, k, self.turn.params)
             else:
                 block = DraftBlock(token_ids=())
-        assert block is not None
-        self._send(_truncate(block, k), k, (), time.perf_counter_ns() - t0, drafted_ahead)
+        draft_ns = time.perf_counter_ns() - t0
+        self._send(block.truncated(k), k, (), draft_ns, drafted_ahead, branch)
 
-    async def _take_ahead(self) -> DraftBlock | None:
-        """The block drafted ahead, if its assumptions and guessed bonus all came true."""
+    async def _take_ahead(self) -> tuple[DraftBlock, bool] | None:
+        """(block, drafted for a correction) drafted ahead for exactly what was committed."""
         ahead, self.ahead = self.ahead, None
         if ahead is None:
             return None
-        proposal = await ahead.task
-        guessed = (*ahead.assumed, *proposal.token_ids[:1])
-        if len(self.committed) != ahead.start + len(guessed) or not _consistent(
-            self.committed, ahead.start, guessed
-        ):
-            return None
-        return _tail(proposal)
+        for index, branch in enumerate(await ahead.task):
+            guessed = ahead.guessed(branch)
+            exact = len(self.committed) == ahead.start + len(guessed)
+            if exact and len(branch.block) and _consistent(self.committed, ahead.start, guessed):
+                return branch.block, index > 0
+        return None
 
     def _send(
         self,
@@ -226,6 +244,7 @@ class _RoundLoop:
         assumed: tuple[int, ...],
         draft_ns: int,
         drafted_ahead: bool,
+        branch: bool,
     ) -> None:
         round_index, self.next_round = self.next_round, self.next_round + 1
         start = len(self.committed)
@@ -236,7 +255,7 @@ class _RoundLoop:
         )
         self.in_flight.append(
             _Sent(
-                round_index, k, block, start, assumed, draft_ns, drafted_ahead,
+                round_index, k, block, start, assumed, draft_ns, drafted_ahead, branch,
                 time.perf_counter_ns(), result,
             )
         )  # fmt: skip
@@ -244,52 +263,75 @@ class _RoundLoop:
     # -- drafting ahead ----------------------------------------------------------
 
     def _draft_ahead(self) -> None:
-        """Start drafting after the newest block in flight, as if it will be fully accepted.
+        """Start drafting after the newest block in flight, for its likely outcomes.
 
-        The proposal's first token guesses that block's bonus token; the rest is the
-        next block. Only after a full block: a short one means the drafter had nothing
-        better, and a k = 0 round has no drafter.
+        Its full acceptance (a guess of the bonus token, then the next block) and,
+        greedy, its ``width`` likeliest corrections. Only after a full block: a short
+        one means the drafter had nothing better, and a k = 0 round has no drafter.
         """
         if not self.turn.draft_ahead or self.proposer is None or self.ahead is not None:
             return
-        if len(self.in_flight) >= max(self.depth, 2):
+        if self._levels() >= max(self.depth, 2):
             return
-        tail = self.in_flight[-1]
+        tail = self._tail()
         if tail.k == 0 or len(tail.block) < tail.k or tail.round == self.drafted_after:
             return  # (once per block: a proposal too short to use is not asked for again)
         if self._ahead_rarely_pays() and tail.round % AHEAD_PROBE:
             return
-        context = [*self.committed[: tail.start], *tail.assumed, *tail.block.token_ids]
-        k = self._k_for(len(context) + 1)  # after the guessed bonus
+        context = [*self.committed[: tail.start], *tail.assumed]  # what tail's block extends
+        k = self._k_for(len(context) + len(tail.block) + 1)  # after the guessed bonus
         if k < 1:
             return
         self.drafted_after = tail.round
         self.ahead_drafted = AHEAD_DECAY * self.ahead_drafted + 1
         self.ahead_used *= AHEAD_DECAY
-        task = asyncio.ensure_future(self.proposer.propose(context, k + 1, self.turn.params))
+        task = asyncio.ensure_future(
+            self.proposer.branch(context, tail.block, k, self.turn.params, self.width)
+        )
         start = len(self.committed)
-        self.ahead = _Ahead(start, tuple(context[start:]), task)
+        reach = len(context) + len(tail.block) + 1
+        self.ahead = _Ahead(start, tuple(context[start:]), reach, task)
+
+    def _levels(self) -> int:
+        """Blocks in flight one after another (the alternatives for one verdict count once)."""
+        return sum(1 for index, sent in enumerate(self.in_flight) if index == 0 or not sent.branch)
+
+    def _tail(self) -> _Sent:
+        """The newest block in flight that the next blocks are drafted after: the newest
+        full-acceptance block (the alternatives to it are dead ends)."""
+        for index in range(len(self.in_flight) - 1, 0, -1):
+            if not self.in_flight[index].branch:
+                return self.in_flight[index]
+        return self.in_flight[0]
 
     def _ahead_rarely_pays(self) -> bool:
         enough = self.ahead_drafted >= 4
         return enough and self.ahead_used < MIN_AHEAD_HIT_RATE * self.ahead_drafted
 
     def _may_pipeline(self) -> bool:
-        return self.ahead is not None and len(self.in_flight) < self.depth
+        return self.ahead is not None and self._levels() < self.depth
 
     def _send_ahead(self) -> None:
-        """Send the finished ahead proposal's block before the verdicts it depends on."""
+        """Send the blocks drafted ahead before the verdicts they depend on.
+
+        The alternatives go first and the full acceptance last: blocks drafted after
+        it follow it on the wire. The oracle verifies the one whose assumption holds.
+        """
         ahead, self.ahead = self.ahead, None
         assert ahead is not None and ahead.task.done()
-        proposal = ahead.task.result()
-        block = _tail(proposal)
-        guessed = (*ahead.assumed, *proposal.token_ids[:1])
-        if block is None or not _consistent(self.committed, ahead.start, guessed):
-            return
-        assumed = guessed[len(self.committed) - ahead.start :]
-        k = self._k_for(ahead.start + len(guessed))
-        # Drafting it cost the loop nothing: it ran while the oracle was busy.
-        self._send(_truncate(block, k), k, assumed, 0, True)
+        branches = ahead.task.result()
+        for index in [*range(1, len(branches)), 0][: len(branches)]:
+            branch = branches[index]
+            guessed = ahead.guessed(branch)
+            base = ahead.start + len(guessed)
+            if not len(branch.block) or base < len(self.committed):
+                continue
+            if not _consistent(self.committed, ahead.start, guessed):
+                continue
+            assumed = guessed[len(self.committed) - ahead.start :]
+            k = self._k_for(base)
+            # Drafting it cost the loop nothing: it ran while the oracle was busy.
+            self._send(branch.block.truncated(k), k, assumed, 0, True, index > 0)
 
     # -- verdicts ----------------------------------------------------------------
 
@@ -329,6 +371,7 @@ class _RoundLoop:
             queue_ns=result.queue_ns,
             drafted_ahead=head.drafted_ahead,
             pipelined=bool(head.assumed),
+            branch=head.branch,
             skipped_blocks=skipped,
             wall_ns=wall_ns,
         )
@@ -342,28 +385,33 @@ class _RoundLoop:
         return reason
 
     def _drop_stale(self) -> int:
-        """Forget blocks in flight and drafts ahead that the new verdict contradicts."""
-        skipped = 0
-        if self.in_flight:
-            head = self.in_flight[0]
-            if len(self.committed) != head.base or not _consistent(
-                self.committed, head.start, head.assumed
-            ):
-                # The oracle skips them too (their assumed tokens were not committed).
-                for sent in self.in_flight:
-                    sent.result.add_done_callback(_consume)
-                    if self.observer is not None:
-                        self.observer.round_skipped(sent.round)
-                skipped = len(self.in_flight)
-                self.in_flight.clear()
+        """Forget blocks in flight and drafts ahead that the new verdict contradicts.
+
+        A block in flight stays if it extends exactly the committed tokens (the next
+        head) or assumes more tokens that agree with them so far; the oracle skips the
+        others too (their assumed tokens were not committed).
+        """
+        committed = self.committed
+        kept = [
+            sent
+            for sent in self.in_flight
+            if sent.base >= len(committed) and _consistent(committed, sent.start, sent.assumed)
+        ]
+        if kept and kept[0].base != len(committed):
+            kept = []  # none extends the committed tokens: the rest wait for nothing
+        stale = [sent for sent in self.in_flight if sent not in kept]
+        for sent in stale:
+            sent.result.add_done_callback(_consume)
+            if self.observer is not None:
+                self.observer.round_skipped(sent.round)
+        self.in_flight = deque(kept)
         ahead = self.ahead
         if ahead is not None and (
-            len(self.committed) > ahead.start + len(ahead.assumed) + 1
-            or not _consistent(self.committed, ahead.start, ahead.assumed)
+            len(committed) > ahead.reach or not _consistent(committed, ahead.start, ahead.prefix)
         ):
             ahead.task.add_done_callback(_consume)
             self.ahead = None
-        return skipped
+        return len(stale)
 
     def _abandon(self) -> None:
         """The turn ended: nothing still in flight or being drafted is wanted."""
@@ -377,20 +425,6 @@ class _RoundLoop:
             self.ahead.task.cancel()
             self.ahead.task.add_done_callback(_consume)
             self.ahead = None
-
-
-def _tail(proposal: DraftBlock) -> DraftBlock | None:
-    """The block after an ahead proposal's guessed bonus (None when there is none)."""
-    if len(proposal) < 2:
-        return None
-    q = None if proposal.q is None else proposal.q[1:]
-    return DraftBlock(proposal.token_ids[1:], q)
-
-
-def _truncate(block: DraftBlock, k: int) -> DraftBlock:
-    if len(block) <= k:
-        return block
-    return DraftBlock(block.token_ids[:k], None if block.q is None else block.q[:k])
 
 
 def _finish(stats: TurnStats, start_ns: int) -> TurnStats:

@@ -24,7 +24,8 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from specdec.drafters import Drafter
+from specdec.drafters import BranchingDrafter, Drafter
+from specdec.drafters.branches import Branch, full_acceptance_branch
 from specdec.errors import InvalidArgument
 from specdec.sampling import SamplingParams
 from specdec.stopping import StopChecker
@@ -82,6 +83,13 @@ class Proposer(Protocol):
 
     async def propose(self, context: list[int], k: int, params: SamplingParams) -> DraftBlock: ...
 
+    async def branch(
+        self, context: list[int], block: DraftBlock, k: int, params: SamplingParams, width: int
+    ) -> list[Branch]:
+        """Blocks drafted ahead for the likely outcomes of verifying ``block`` after
+        ``context`` (see ``specdec.drafters.branches``); full acceptance first."""
+        ...
+
     def update(self, num_accepted: int) -> None: ...
 
 
@@ -110,6 +118,7 @@ class RoundReport:
     queue_ns: int
     drafted_ahead: bool = False  # the block was drafted during the previous verification
     pipelined: bool = False  # ... and sent before that verification's verdict came back
+    branch: bool = False  # ... for a guessed correction of that block, not its full acceptance
     skipped_blocks: int = 0  # blocks sent ahead that this round's verdict made stale
     wall_ns: int = 0  # since the previous verdict (the first round: since the open)
 
@@ -126,6 +135,7 @@ class TurnStats:
     rejected_rounds: int = 0  # rounds that rejected a drafted token
     ahead_hits: int = 0  # rounds whose block was drafted during the previous verification
     pipelined_rounds: int = 0  # ... and sent before the previous verdict came back
+    branch_rounds: int = 0  # ... drafted for a guessed correction, not a full acceptance
     skipped_blocks: int = 0  # blocks sent ahead of a verdict that proved them stale
     cached_tokens: int = 0
     prefilled_tokens: int = 0
@@ -145,6 +155,7 @@ class TurnStats:
         self.rejected_rounds += int(report.accepted < report.proposed)
         self.ahead_hits += int(report.drafted_ahead)
         self.pipelined_rounds += int(report.pipelined)
+        self.branch_rounds += int(report.branch)
         self.skipped_blocks += report.skipped_blocks
         self.output_tokens += report.committed
         self.draft_ns += report.draft_ns
@@ -206,6 +217,10 @@ class Turn:
     # Blocks in flight at once (needs draft_ahead): 2 sends the block drafted ahead
     # before the verdict it depends on, hiding the round trip when the guess is right.
     pipeline_depth: int = 1
+    # Greedy only (needs draft_ahead): besides the full acceptance, draft ahead for this
+    # many likely corrections of each block in flight (specdec.drafters.branches), so
+    # that a rejection, too, finds its next block drafted (and, pipelined, sent).
+    branches: int = 0
 
 
 def check_k(k: int) -> None:
@@ -224,6 +239,11 @@ class InlineProposer:
     async def propose(self, context: list[int], k: int, params: SamplingParams) -> DraftBlock:
         return self.drafter.propose(context, k, params)
 
+    async def branch(
+        self, context: list[int], block: DraftBlock, k: int, params: SamplingParams, width: int
+    ) -> list[Branch]:
+        return branch_ahead(self.drafter, context, block, k, params, width)
+
     def update(self, num_accepted: int) -> None:
         self.drafter.update(num_accepted)
 
@@ -238,3 +258,26 @@ class ThreadProposer(InlineProposer):
     async def propose(self, context: list[int], k: int, params: SamplingParams) -> DraftBlock:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.drafter.propose, context, k, params)
+
+    async def branch(
+        self, context: list[int], block: DraftBlock, k: int, params: SamplingParams, width: int
+    ) -> list[Branch]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor, branch_ahead, self.drafter, context, block, k, params, width
+        )
+
+
+def branch_ahead(
+    drafter: Drafter,
+    context: list[int],
+    block: DraftBlock,
+    k: int,
+    params: SamplingParams,
+    width: int,
+) -> list[Branch]:
+    """What ``drafter`` drafts ahead of ``block``'s verdict: its branches if it has any,
+    else the full-acceptance branch only."""
+    if isinstance(drafter, BranchingDrafter):
+        return drafter.branch(context, block, k, params, width)
+    return full_acceptance_branch(drafter, context, block, k, params)

@@ -37,7 +37,7 @@ because P(reject) = 1 - sum_b min(p(b), q(b)) = sum_b max(0, p(b) - q(b)).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -71,9 +71,43 @@ class DraftBlock:
 
     token_ids: tuple[int, ...]
     q: tuple[SparseDist, ...] | None = None
+    # Greedy drafters may add, per proposed token, their second choice there: what the
+    # correction most likely is if that token is rejected. Drafting only; never sent.
+    runner_ups: tuple[RunnerUp, ...] | None = field(default=None, compare=False)
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    def truncated(self, k: int) -> DraftBlock:
+        """The first k proposed tokens, with what belongs to them."""
+        if len(self) <= k:
+            return self
+        return DraftBlock(
+            self.token_ids[:k],
+            None if self.q is None else self.q[:k],
+            None if self.runner_ups is None else self.runner_ups[:k],
+        )
+
+    def after_first(self) -> DraftBlock:
+        """The proposal without its first token (whatever follows a guessed token)."""
+        return DraftBlock(
+            self.token_ids[1:],
+            None if self.q is None else self.q[1:],
+            None if self.runner_ups is None else self.runner_ups[1:],
+        )
+
+
+@dataclass(frozen=True)
+class RunnerUp:
+    """A greedy draft's second choice at one position of its block.
+
+    token_id: the second most likely id there; p_chosen, p_runner_up: the draft's
+    probabilities of the token it proposed and of this one.
+    """
+
+    token_id: int
+    p_chosen: float
+    p_runner_up: float
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,7 @@ from specdec.sampling import (
     truncate_to_sparse,
 )
 from specdec.serving.server import start_server
+from specdec.turn import VerifyResult
 from specdec.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
 from specdec.verifier import DraftBlock, Verdict, committed_tokens
 
@@ -150,7 +151,7 @@ def test_batched_verdicts_equal_per_session_verdicts(
 ) -> None:
     model = loaded(arch, "oracle")
     oracle = Oracle(model)
-    assert batch_unsupported(oracle) is None
+    assert batch_unsupported(oracle.model) is None
     accepted: set[int] = set()
     for seed in (11, 12, 13):
         rows = make_rows(model, oracle, mode, seed, ROWS)
@@ -281,7 +282,7 @@ def test_sliding_window_models_verify_row_by_row(
 ) -> None:
     model = loaded("mistral", "oracle")  # window 12, shorter than the rows
     oracle = Oracle(model)
-    reason = batch_unsupported(oracle)
+    reason = batch_unsupported(oracle.model)
     assert reason is not None and "sliding window" in reason
     rows = make_rows(model, oracle, "greedy", 8, ROWS)
     result = verify_batch(oracle, rows.batched)
@@ -457,6 +458,43 @@ async def test_a_stale_pipelined_block_does_not_hold_its_sessions_next_block_bac
     counters = engine.batch_counters
     assert counters.verified == 4  # the stale block never reached the model thread
     assert counters.batches == 2 and counters.largest_forward == 2
+
+
+async def test_a_session_with_only_stale_blocks_waiting_does_not_cut_the_batch_wait(
+    make_engine: Callable[..., OracleEngine], loaded: Callable[[str, str], LoadedModel]
+) -> None:
+    # a's block is rejected; the blocks it sent ahead for other outcomes are then stale.
+    # They must not count as a's block waiting: the next batch waits (up to 1 s) for a's
+    # re-drafted block and b's, and verifies both in one forward, not b's alone.
+    engine = make_engine(8, batch_wait_s=1.0)
+    prompt = PROMPTS["a"]
+    reference = greedy_generate(loaded("llama", "oracle"), prompt, 4)
+    a, b = await opened(engine, "a", prompt), await opened(engine, "b", PROMPTS["b"])
+    base = len(prompt)
+    wrong = (reference[0] + 1) % engine.vocab_size
+    other = (reference[0] + 2) % engine.vocab_size
+    head = asyncio.ensure_future(engine.verify(a, base, DraftBlock((wrong,))))
+    ahead = [
+        asyncio.ensure_future(engine.verify(a, base + 2, DraftBlock((4,)), (wrong, 5))),
+        asyncio.ensure_future(engine.verify(a, base + 1, DraftBlock((4,)), (other,))),
+    ]  # drafted for a full acceptance and for a wrong correction
+    first_b = asyncio.ensure_future(engine.verify(b, len(PROMPTS["b"]), DraftBlock(())))
+    assert (await head).verdict == Verdict(0, reference[0], False)
+    await first_b
+    batches = engine.batch_counters.batches
+
+    async def later(delay_s: float, call: Awaitable[VerifyResult]) -> VerifyResult:
+        await asyncio.sleep(delay_s)
+        return await call
+
+    second = await asyncio.gather(
+        later(0.05, engine.verify(b, len(PROMPTS["b"]) + 1, DraftBlock(()))),
+        later(0.2, engine.verify(a, base + 1, DraftBlock(tuple(reference[1:3])))),
+    )
+    assert second[1].verdict == Verdict(2, reference[3], True)
+    assert [(await stale).verdict for stale in ahead] == [None, None]
+    counters = engine.batch_counters
+    assert counters.batches == batches + 1 and counters.largest_forward == 2
 
 
 async def test_refused_blocks_stay_out_of_the_forward_and_fail_alone(

@@ -8,11 +8,12 @@ from typing import Any
 import pytest
 import torch
 
+from specdec.drafters.branches import likeliest_corrections
 from specdec.drafters.model_drafter import ModelDrafter
 from specdec.drafters.ngram import NgramDrafter
 from specdec.errors import InvalidArgument
 from specdec.sampling import SamplingParams
-from specdec.verifier import validate_block
+from specdec.verifier import RunnerUp, validate_block
 
 GREEDY = SamplingParams()
 
@@ -177,3 +178,55 @@ def test_drafter_stops_at_its_context_limit(loaded: Callable[..., Any]) -> None:
     assert len(drafter.propose([5] * draft.max_context, 4, GREEDY).token_ids) == 1
     with pytest.raises(InvalidArgument):
         drafter.propose([], 4, GREEDY)
+
+
+# --------------------------------------------------------------------------- branches
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_branches_are_the_drafts_greedy_blocks_after_each_outcome(
+    arch: str, loaded: Callable[..., Any]
+) -> None:
+    # All branches come from one batched pass over a shared cache with holes in the mask;
+    # each must be exactly what the draft drafts alone after the outcome it assumes.
+    draft = loaded(arch, "draft")
+    drafter = ModelDrafter(draft)
+    context = [5, 9, 14, 3, 22, 7]
+    block = drafter.propose(context, 5, GREEDY)
+    assert block.runner_ups is not None and len(block.runner_ups) == 5
+    assert all(r.token_id != t for r, t in zip(block.runner_ups, block.token_ids, strict=True))
+    branches = drafter.branch(context, block, 4, GREEDY, width=3)
+    assert len(branches) == 4
+    full, *corrections = branches
+    assert full.assumed[:-1] == block.token_ids  # full acceptance, then the guessed bonus
+    points = likeliest_corrections(block.runner_ups, 3)
+    for branch, j in zip(corrections, points, strict=True):
+        assert branch.assumed == (*block.token_ids[:j], block.runner_ups[j].token_id)
+    for branch in branches:
+        alone = ModelDrafter(draft).propose([*context, *branch.assumed], 4, GREEDY)
+        assert branch.block.token_ids == alone.token_ids, branch.assumed
+    # The drafter's own cache is left consistent: its next proposal is unchanged.
+    assert drafter.propose(context, 5, GREEDY) == block
+
+
+def test_likeliest_corrections_follow_the_drafts_probabilities() -> None:
+    # P(first rejection at j, runner-up right) ≈ p_1 ... p_{j-1} r_j.
+    ups = [RunnerUp(1, 0.9, 0.05), RunnerUp(2, 0.5, 0.4), RunnerUp(3, 0.6, 0.3)]
+    # scores: 0.05, 0.9 * 0.4 = 0.36, 0.9 * 0.5 * 0.3 = 0.135
+    assert likeliest_corrections(ups, 3) == [1, 2, 0]
+    assert likeliest_corrections(ups, 1) == [1]
+    assert likeliest_corrections(ups, 0) == []
+
+
+def test_sampled_and_context_limited_branches(loaded: Callable[..., Any]) -> None:
+    draft = loaded("llama", "draft")
+    drafter = ModelDrafter(draft)
+    sampled = SamplingParams(temperature=1.0, seed=3)
+    block = drafter.propose([5, 9, 14], 3, sampled)
+    assert block.runner_ups is None
+    branches = drafter.branch([5, 9, 14], block, 3, sampled, width=3)
+    assert len(branches) == 1 and branches[0].assumed[:-1] == block.token_ids  # no corrections
+    # No room after the block for the bonus and a token: nothing to draft ahead.
+    context = [5] * (draft.max_context - 3)
+    block = drafter.propose(context, 3, GREEDY)
+    assert drafter.branch(context, block, 3, GREEDY, width=3) == []

@@ -153,11 +153,52 @@ def test_drafting_ahead_backs_off_while_its_guesses_fail(loaded: Callable[..., A
     alone = speculative_generate([1, 5, 9, 12, 7], oracle, None, sampled, 0)
     assert len(run.tokens) == len(alone.tokens) == 64
     # Every round drafts its own 3 tokens (or takes them from ahead); ahead proposals (4
-    # tokens each) come on top: at most the first few rounds and one probe in 4.
+    # tokens each) come on top: at most the first few rounds and one probe in 4 round
+    # indices (blocks sent ahead and skipped have indices too).
     ahead_tokens = far.asked - 3 * run.stats.rounds
-    assert ahead_tokens <= 4 * (6 + run.stats.rounds // 4), (far.asked, run.stats.rounds)
+    indices = run.stats.rounds + run.stats.skipped_blocks
+    assert ahead_tokens <= 4 * (6 + indices // 4), (far.asked, run.stats.rounds, indices)
 
     greedy = SamplingParams(max_new_tokens=64)
     close = CountingDrafter(ModelDrafter(loaded("llama", "close_draft")))
     run, _ = generate(oracle, close, greedy, 3, 2, 0.002)
     assert run.stats.ahead_hits > run.stats.rounds // 3
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_blocks_drafted_for_corrections_change_no_token(
+    depth: int, loaded: Callable[..., Any]
+) -> None:
+    # The close draft errs in about half its rounds: blocks drafted for its likely
+    # corrections must get used (pipelined when depth > 1), the wrong ones skipped, and
+    # the output stay the oracle's.
+    oracle = Oracle(loaded("llama", "oracle"))
+    params = SamplingParams(max_new_tokens=64)
+    alone = speculative_generate([1, 5, 9, 12, 7], oracle, None, params, 0)
+    drafter = ModelDrafter(loaded("llama", "close_draft"))
+    run, link = generate(oracle, drafter, params, 4, depth, 0.01, branches=3)
+    assert run.tokens == alone.tokens
+    stats = run.stats
+    assert stats.branch_rounds > 0  # some verdicts were corrections guessed ahead
+    assert stats.skipped_blocks == link.skipped
+    if depth > 1:
+        assert stats.pipelined_rounds > 0 and stats.skipped_blocks > 0
+    # Without branches no round is one, and fewer rounds find their block drafted ahead.
+    drafter = ModelDrafter(loaded("llama", "close_draft"))
+    plain, _ = generate(oracle, drafter, params, 4, depth, 0.01)
+    assert plain.tokens == alone.tokens and plain.stats.branch_rounds == 0
+    assert plain.stats.ahead_hits < stats.ahead_hits
+
+
+def test_sampled_turns_draft_no_correction_branches(loaded: Callable[..., Any]) -> None:
+    # A sampled correction is a draw from norm(max(0, p - q)), not the draft's runner-up:
+    # branches are greedy only, and asking for them changes no sampled token.
+    oracle = Oracle(loaded("qwen2", "oracle"))
+    params = SamplingParams(max_new_tokens=32, temperature=1.0, seed=7)
+    runs = [
+        generate(oracle, ModelDrafter(loaded("qwen2", "close_draft")), params, 3, 2, 0.005,
+                 branches=width)[0]
+        for width in (0, 3)
+    ]  # fmt: skip
+    assert runs[0].tokens == runs[1].tokens
+    assert runs[1].stats.branch_rounds == 0

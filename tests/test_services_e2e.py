@@ -63,6 +63,26 @@ def test_pipeline_depth_is_per_request_and_changes_no_token(system: tuple[Cluste
                     assert result.stats.pipelined_rounds == result.stats.skipped_blocks == 0
 
 
+def test_branches_are_per_request_and_change_no_token(system: tuple[Cluster, Path]) -> None:
+    # Blocks drafted for likely corrections go out next to the full-acceptance block;
+    # the oracle verifies at most one of them per verdict and skips the rest.
+    c, oracle_path = system
+    skipped = {0: 0, 3: 0}
+    with Client(c.address, timeout=60) as client:
+        for prompt in PROMPTS:
+            expected = reference(oracle_path, prompt, 24)
+            for branches in (0, 3):
+                result = client.generate(
+                    prompt, max_new_tokens=24, k=3, ignore_eos=True, pipeline_depth=2,
+                    branches=branches,
+                )  # fmt: skip
+                assert result.token_ids == expected, (branches, prompt)
+                skipped[branches] += result.stats.skipped_blocks
+                if branches == 0:
+                    assert result.stats.branch_rounds == 0
+    assert skipped[3] > skipped[0]  # the alternatives really went out
+
+
 @pytest.mark.parametrize("k", [0, 1, 4, 8])
 def test_greedy_output_equals_oracle_alone(system: tuple[Cluster, Path], k: int) -> None:
     c, oracle_path = system
@@ -163,6 +183,8 @@ def test_concurrent_sessions_do_not_interfere(system: tuple[Cluster, Path]) -> N
         ({"prompt": [1] * 200}, grpc.StatusCode.INVALID_ARGUMENT),  # longer than the context
         ({"prompt": [1, 5], "k": 4, "pipeline_depth": 0}, grpc.StatusCode.INVALID_ARGUMENT),
         ({"prompt": [1, 5], "k": 4, "pipeline_depth": 5}, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"prompt": [1, 5], "k": 4, "branches": -1}, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"prompt": [1, 5], "k": 4, "branches": 9}, grpc.StatusCode.INVALID_ARGUMENT),
     ],
 )
 def test_bad_requests_get_clear_statuses(

@@ -220,6 +220,7 @@ def check_tree(spans: list[Span], parent_id: str, completion: Completion) -> dic
     assert sum(a[names.ROUND_ACCEPTED] for a in attrs) == stats.accepted_tokens
     assert sum(a[names.ROUND_COMMITTED] for a in attrs) == stats.output_tokens
     assert attrs[-1][names.ROUND_COMMITTED_LENGTH] == len(PROMPT) + stats.output_tokens
+    assert sum(bool(a.get(names.ROUND_BRANCH)) for a in attrs) == stats.branch_rounds
     for a in attrs:
         assert a[names.ROUND_EXTRA_TOKEN] == (
             names.BONUS if a[names.ROUND_ACCEPTED] == a[names.ROUND_PROPOSED] else names.CORRECTION

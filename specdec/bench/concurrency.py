@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -66,6 +67,7 @@ class Point:
     max_batch: int | None  # None: the oracle's own default
     k: int
     sessions: int
+    branches: int | None = None  # likely corrections drafted ahead (None: the draft's default)
 
 
 @dataclass
@@ -114,16 +116,17 @@ def parse_ints(text: str, flag: str, minimum: int) -> list[int]:
 
 
 async def _request(
-    client: Any, prompt: list[int], k: int, plan: Plan, max_new_tokens: int,
+    client: Any, prompt: list[int], point: Point, plan: Plan, max_new_tokens: int,
     arrivals: list[tuple[float, int]],
 ) -> Sample:  # fmt: skip
     """Stream one greedy request; chunk arrivals go to ``arrivals`` as they come."""
     start = time.perf_counter()
     last = start
     sample = Sample(0, 0.0, 0.0)
+    k = point.k
     stream = client.stream(
         prompt, k=k, adaptive=plan.adaptive and k > 0, max_new_tokens=max_new_tokens,
-        ignore_eos=True,
+        ignore_eos=True, branches=point.branches,
     )  # fmt: skip
     async with contextlib.aclosing(stream):
         async for response in stream:
@@ -150,7 +153,7 @@ async def _warm_up(clients: list[Any], point: Point, plan: Plan) -> None:
     short = min(plan.warmup_tokens, plan.max_new_tokens)
     await asyncio.gather(
         *(
-            _request(client, plan.prompts[i % len(plan.prompts)], point.k, plan, short, [])
+            _request(client, plan.prompts[i % len(plan.prompts)], point, plan, short, [])
             for i, client in enumerate(clients)
         )
     )
@@ -186,7 +189,7 @@ async def _window(clients: list[Any], point: Point, plan: Plan) -> Window:
             if j >= r:
                 filler_started[0] += 1
             sample = await _request(
-                clients[i], plan.prompts[prompt], point.k, plan, plan.max_new_tokens, arrivals
+                clients[i], plan.prompts[prompt], point, plan, plan.max_new_tokens, arrivals
             )
             if j < r:
                 counted[i].append(Request(sample, prompt, arrivals))
@@ -233,7 +236,10 @@ def summarize(point: Point, window: Window, plan: Plan) -> dict[str, Any]:
     """The row of one Point (JSON-ready); ratios are added by ``add_ratios``."""
     requests = [req for session in window.requests for req in session]
     samples = [req.sample for req in requests]
-    row = Result(f"k={point.k} N={point.sessions}", "greedy", 0.0, samples).summary(None)
+    name = f"k={point.k} N={point.sessions}"
+    if point.branches is not None:
+        name += f" br={point.branches}"
+    row = Result(name, "greedy", 0.0, samples).summary(None)
     counted_tokens = row["output_tokens"]
     arrival_itl = [gap for req in requests for gap in _arrival_gaps(req.arrivals)]
     session_tps = [
@@ -245,6 +251,7 @@ def summarize(point: Point, window: Window, plan: Plan) -> dict[str, Any]:
     row.update(
         max_batch=point.max_batch,
         k=point.k,
+        branches=point.branches,
         adaptive=plan.adaptive and point.k > 0,
         sessions=point.sessions,
         requests_per_session=plan.requests_for(point.sessions),
@@ -284,9 +291,10 @@ def _arrival_gaps(arrivals: list[tuple[float, int]]) -> list[float]:
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Each row against the smallest N of the same (max_batch, k), in place."""
+    """Each row against the smallest N of the same (max_batch, k, branches), in place."""
     for row in rows:
-        same = [r for r in rows if (r["max_batch"], r["k"]) == (row["max_batch"], row["k"])]
+        key = (row["max_batch"], row["k"], row.get("branches"))
+        same = [r for r in rows if (r["max_batch"], r["k"], r.get("branches")) == key]
         base = min(same, key=lambda r: r["sessions"])
         row["baseline_sessions"] = base["sessions"]
         row["aggregate_vs_base"] = row["aggregate_tokens_per_s"] / base["aggregate_tokens_per_s"]
@@ -315,6 +323,7 @@ def mark_mismatches(rows: list[dict[str, Any]], outputs: list[list[list[Request]
 COLUMNS = [
     ("max_batch", "max_batch", "{}"),
     ("k", "k", "{}"),
+    ("branches", "br", "{}"),
     ("sessions", "N", "{}"),
     ("requests", "reqs", "{}"),
     ("aggregate_tokens_per_s", "agg tok/s", "{:.1f}"),
@@ -409,21 +418,21 @@ async def _measure_all(
         oracle_id = f"oracle-mb{max_batch if max_batch is not None else 'default'}"
         oracle = c.start_oracle(args.oracle_path, *flags, oracle_id=oracle_id)
         await asyncio.to_thread(_await_oracle, c, oracle, oracle_id, args.drafts if any(ks) else 0)
-        for k in ks:
-            for n in sessions:
-                point = Point(max_batch, k, n)
-                window = await _measure_point(c.address, point, plan)
-                await _quiet(c.address)
-                row = summarize(point, window, plan)
-                rows.append(row)
-                outputs.append(window.requests)
-                save(rows, outputs)
-                print(
-                    f"  max_batch={max_batch} k={k} N={n}: "
-                    f"{row['aggregate_tokens_per_s']:.1f} tok/s aggregate, "
-                    f"ITL p99 {row['itl_p99_ms']:.1f} ms, {row['window_s']:.1f}s window",
-                    flush=True,
-                )
+        widths: list[int | None] = [int(b) for b in args.branches.split(",") if b] or [None]
+        for k, width, n in itertools.product(ks, widths, sessions):
+            point = Point(max_batch, k, n, width)
+            window = await _measure_point(c.address, point, plan)
+            await _quiet(c.address)
+            row = summarize(point, window, plan)
+            rows.append(row)
+            outputs.append(window.requests)
+            save(rows, outputs)
+            print(
+                f"  max_batch={max_batch} k={k} branches={width} N={n}: "
+                f"{row['aggregate_tokens_per_s']:.1f} tok/s aggregate, "
+                f"ITL p99 {row['itl_p99_ms']:.1f} ms, {row['window_s']:.1f}s window",
+                flush=True,
+            )
 
 
 def run_concurrency(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, Any]:

@@ -91,6 +91,8 @@ class Result:
                 # Rounds whose block went out before the previous verdict; stale blocks sent.
                 pipelined_share=sum(st.pipelined_rounds for st in stats) / max(rounds, 1),
                 skipped_blocks=sum(st.skipped_blocks for st in stats),
+                # Rounds whose block was drafted ahead for a guessed correction.
+                branch_share=sum(st.branch_rounds for st in stats) / max(rounds, 1),
             )
         if baseline is not None:
             pairs = zip(self.samples, baseline.samples, strict=False)
@@ -126,6 +128,7 @@ COLUMNS = [
     ("mean_accepted_per_round", "acc/rnd", "{:.2f}"),
     ("rounds", "rounds", "{}"),
     ("pipelined_share", "piped", "{:.2f}"),
+    ("branch_share", "branch", "{:.2f}"),
     ("skipped_blocks", "skip", "{}"),
     ("wire_bytes_per_token", "B/tok", "{:.0f}"),
 ]

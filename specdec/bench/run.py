@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import platform
 import sys
@@ -37,6 +38,7 @@ class Config:
     delay_ms: float = 0.0
     hf: str = ""  # "alone" / "assisted": in-process baselines
     pipeline_depth: int | None = None  # None: the draft's default
+    branches: int | None = None  # None: the draft's default
 
 
 def add_bench_parser(sub: Any) -> None:
@@ -57,6 +59,11 @@ def add_bench_parser(sub: Any) -> None:
         "--pipeline-depths",
         default="",
         help="compare blocks in flight, e.g. 1,2 (default: the draft's setting only)",
+    )
+    p.add_argument(
+        "--branches",
+        default="",
+        help="compare likely corrections drafted ahead, e.g. 0,3 (default: the draft's only)",
     )
     p.add_argument("--no-hf", action="store_true", help="skip the in-process HF baselines")
     p.add_argument("--threads", type=int, default=1, help="compute threads per process")
@@ -128,7 +135,7 @@ def _gateway_sample(
     sample = Sample(0, 0.0, 0.0)
     for response in client.stream(
         prompt, k=cfg.k, adaptive=cfg.adaptive, drafter=cfg.drafter, ignore_eos=True,
-        pipeline_depth=cfg.pipeline_depth, **sampling,
+        pipeline_depth=cfg.pipeline_depth, branches=cfg.branches, **sampling,
     ):  # fmt: skip
         now = time.perf_counter()
         n = len(response.token_ids)
@@ -194,16 +201,22 @@ def _configs(args: argparse.Namespace) -> list[Config]:
     ks = [int(k) for k in args.ks.split(",") if k]
     delays = [float(d) for d in args.delays.split(",") if d]
     depths = [int(d) for d in args.pipeline_depths.split(",") if d] or [0]
+    widths = [int(b) for b in args.branches.split(",") if b] or [-1]
     configs = [Config("oracle alone (k=0)", 0), Config("ngram k=4", 4, drafter="ngram")]
     for delay in delays:
-        for depth in depths:
+        for depth, width in itertools.product(depths, widths):
             tag = f" pipe={depth}" if len(depths) > 1 else ""
-            pipe = depth or None
-            configs += [Config(f"draft k={k}{tag}", k, delay_ms=delay, pipeline_depth=pipe)
-                        for k in ks]  # fmt: skip
+            tag += f" br={width}" if len(widths) > 1 else ""
+            pipe, branches = depth or None, None if width < 0 else width
+            configs += [
+                Config(f"draft k={k}{tag}", k, delay_ms=delay, pipeline_depth=pipe,
+                       branches=branches)
+                for k in ks
+            ]  # fmt: skip
             configs.append(
-                Config(f"draft adaptive{tag}", max(ks), True, delay_ms=delay, pipeline_depth=pipe)
-            )
+                Config(f"draft adaptive{tag}", max(ks), True, delay_ms=delay,
+                       pipeline_depth=pipe, branches=branches)
+            )  # fmt: skip
     if not args.no_hf:
         configs += [Config("HF generate (oracle)", 0, hf="alone"),
                     Config("HF assisted (draft)", 0, hf="assisted")]  # fmt: skip

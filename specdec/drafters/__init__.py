@@ -6,10 +6,13 @@ Modelled on transformers' ``CandidateGenerator``: ``propose`` then ``update``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from specdec.sampling import SamplingParams
 from specdec.verifier import DraftBlock
+
+if TYPE_CHECKING:
+    from specdec.drafters.branches import Branch
 
 
 class Drafter(Protocol):
@@ -21,4 +24,21 @@ class Drafter(Protocol):
 
     def update(self, num_accepted: int) -> None:
         """Learn how many of the last proposal's tokens the oracle accepted."""
+        ...
+
+
+@runtime_checkable
+class BranchingDrafter(Drafter, Protocol):
+    """A drafter that can draft ahead for several outcomes of a verification at once."""
+
+    def branch(
+        self,
+        context: Sequence[int],
+        block: DraftBlock,
+        k: int,
+        params: SamplingParams,
+        width: int,
+    ) -> list[Branch]:
+        """Blocks for the likely outcomes of verifying ``block`` after ``context``: full
+        acceptance first, then up to ``width`` likely corrections."""
         ...

@@ -9,7 +9,9 @@ token when all were accepted). That forward's last row gives q_0; each later
 step feeds one token. So k forwards per round, the first over a few tokens.
 
 Greedy: x_i = argmax of the draft logits, token-only block (q=None): the oracle
-accepts iff it would have chosen x_i itself.
+accepts iff it would have chosen x_i itself. The block also records the draft's
+runner-up at each position, the likeliest correction if x_i is rejected, and
+``branch`` drafts ahead for those corrections (see ``specdec.drafters.branches``).
 Sampling: q_i = the draft's distribution under the request's temperature,
 top-k and top-p, truncated to its ``max_support`` most likely ids and
 renormalised; x_i ~ q_i. The truncated q is what the block carries, so the
@@ -22,6 +24,12 @@ from collections.abc import Sequence
 
 import torch
 
+from specdec.drafters.branches import (
+    Branch,
+    draft_branches,
+    full_acceptance_branch,
+    greedy_choices,
+)
 from specdec.errors import InvalidArgument
 from specdec.kv_cache import SequenceCache
 from specdec.models import LoadedModel
@@ -34,7 +42,7 @@ from specdec.sampling import (
     sample_sparse,
     truncate_to_sparse,
 )
-from specdec.verifier import DraftBlock
+from specdec.verifier import DraftBlock, RunnerUp
 
 # Random stream of draft proposals (0 is the oracle's verification stream).
 DRAFT_STREAM = 1
@@ -73,14 +81,35 @@ class ModelDrafter:
         logits = self._catch_up(context)  # [V]
         tokens: list[int] = []
         dists: list[SparseDist] = []
+        runner_ups: list[RunnerUp] = []
         for i in range(k):
             if i > 0:
                 logits = self.cache.extend([tokens[-1]])[-1]  # [V]
-            token, q = self._choose(logits, params, position=len(context) + i)
-            tokens.append(token)
-            if q is not None:
+            if params.greedy:
+                (token,), (runner_up,) = greedy_choices(logits[None])
+                runner_ups.append(runner_up)
+            else:
+                token, q = self._sample(logits, params, position=len(context) + i)
                 dists.append(q)
-        return DraftBlock(token_ids=tuple(tokens), q=None if params.greedy else tuple(dists))
+            tokens.append(token)
+        if params.greedy:
+            return DraftBlock(tuple(tokens), None, tuple(runner_ups))
+        return DraftBlock(tuple(tokens), tuple(dists))
+
+    def branch(
+        self,
+        context: Sequence[int],
+        block: DraftBlock,
+        k: int,
+        params: SamplingParams,
+        width: int,
+    ) -> list[Branch]:
+        """Blocks of up to k tokens for the likely outcomes of verifying ``block`` after
+        ``context``: full acceptance first, then (greedy) the ``width`` likeliest
+        corrections. Empty when not even the bonus guess fits."""
+        if params.greedy:
+            return draft_branches(self.cache, context, block, k, width)
+        return full_acceptance_branch(self, context, block, k, params)
 
     def update(self, num_accepted: int) -> None:
         """Record how many tokens of the last proposal the oracle accepted."""
@@ -93,12 +122,10 @@ class ModelDrafter:
         self.cache.rollback(reused)
         return self.cache.extend(context[reused:], logits_to_keep=1)[-1]
 
-    def _choose(
+    def _sample(
         self, logits: torch.Tensor, params: SamplingParams, position: int
-    ) -> tuple[int, SparseDist | None]:
-        """logits [V] -> (x, q): argmax when greedy, else x ~ q = truncated draft distribution."""
+    ) -> tuple[int, SparseDist]:
+        """logits [V] -> (x, q): x ~ q = the truncated draft distribution."""
         assert logits.dim() == 1, tuple(logits.shape)
-        if params.greedy:
-            return int(logits.argmax()), None
         q = truncate_to_sparse(logits_to_probs(logits, params), self.max_support)
         return sample_sparse(q, position_generator(self.seed, position, DRAFT_STREAM)), q

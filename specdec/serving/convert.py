@@ -150,5 +150,6 @@ def stats_to_pb(
         draft_ahead_hits=stats.ahead_hits,
         pipelined_rounds=stats.pipelined_rounds,
         skipped_blocks=stats.skipped_blocks,
+        branch_rounds=stats.branch_rounds,
         mean_speculative_tokens=stats.proposed / stats.rounds if stats.rounds else 0.0,
     )

@@ -77,7 +77,7 @@ class WorkerLoad(_message.Message):
     def __init__(self, active_sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("assignment_id", "session_id", "oracle_id", "oracle_address", "token_ids", "prompt_tokens", "sampling", "seed", "num_speculative_tokens", "adaptive", "grant", "trace_context", "max_context", "pipeline_depth")
+    __slots__ = ("assignment_id", "session_id", "oracle_id", "oracle_address", "token_ids", "prompt_tokens", "sampling", "seed", "num_speculative_tokens", "adaptive", "grant", "trace_context", "max_context", "pipeline_depth", "branches")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class Assignment(_message.Message):
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     PIPELINE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    BRANCHES_FIELD_NUMBER: _ClassVar[int]
     assignment_id: str
     session_id: str
     oracle_id: str
@@ -113,7 +114,8 @@ class Assignment(_message.Message):
     trace_context: _containers.ScalarMap[str, str]
     max_context: int
     pipeline_depth: int
-    def __init__(self, assignment_id: _Optional[str] = ..., session_id: _Optional[str] = ..., oracle_id: _Optional[str] = ..., oracle_address: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., prompt_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., num_speculative_tokens: _Optional[int] = ..., adaptive: _Optional[bool] = ..., grant: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., max_context: _Optional[int] = ..., pipeline_depth: _Optional[int] = ...) -> None: ...
+    branches: int
+    def __init__(self, assignment_id: _Optional[str] = ..., session_id: _Optional[str] = ..., oracle_id: _Optional[str] = ..., oracle_address: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., prompt_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., num_speculative_tokens: _Optional[int] = ..., adaptive: _Optional[bool] = ..., grant: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., max_context: _Optional[int] = ..., pipeline_depth: _Optional[int] = ..., branches: _Optional[int] = ...) -> None: ...
 
 class CancelAssignment(_message.Message):
     __slots__ = ("assignment_id", "reason")
@@ -130,7 +132,7 @@ class ReleaseDraftSession(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class RoundReport(_message.Message):
-    __slots__ = ("round", "proposed", "accepted", "is_bonus", "draft_ns", "verify_ns", "network_ns", "queue_ns", "drafted_ahead", "pipelined", "skipped_blocks")
+    __slots__ = ("round", "proposed", "accepted", "is_bonus", "draft_ns", "verify_ns", "network_ns", "queue_ns", "drafted_ahead", "pipelined", "skipped_blocks", "branch")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     PROPOSED_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +144,7 @@ class RoundReport(_message.Message):
     DRAFTED_AHEAD_FIELD_NUMBER: _ClassVar[int]
     PIPELINED_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_FIELD_NUMBER: _ClassVar[int]
     round: int
     proposed: int
     accepted: int
@@ -153,7 +156,8 @@ class RoundReport(_message.Message):
     drafted_ahead: bool
     pipelined: bool
     skipped_blocks: int
-    def __init__(self, round: _Optional[int] = ..., proposed: _Optional[int] = ..., accepted: _Optional[int] = ..., is_bonus: _Optional[bool] = ..., draft_ns: _Optional[int] = ..., verify_ns: _Optional[int] = ..., network_ns: _Optional[int] = ..., queue_ns: _Optional[int] = ..., drafted_ahead: _Optional[bool] = ..., pipelined: _Optional[bool] = ..., skipped_blocks: _Optional[int] = ...) -> None: ...
+    branch: bool
+    def __init__(self, round: _Optional[int] = ..., proposed: _Optional[int] = ..., accepted: _Optional[int] = ..., is_bonus: _Optional[bool] = ..., draft_ns: _Optional[int] = ..., verify_ns: _Optional[int] = ..., network_ns: _Optional[int] = ..., queue_ns: _Optional[int] = ..., drafted_ahead: _Optional[bool] = ..., pipelined: _Optional[bool] = ..., skipped_blocks: _Optional[int] = ..., branch: _Optional[bool] = ...) -> None: ...
 
 class AssignmentOpened(_message.Message):
     __slots__ = ("assignment_id", "cached_tokens", "prefilled_tokens", "prefill_ns", "oracle_id")

@@ -1,0 +1,184 @@
+"""Drafting ahead for the likely outcomes of a verification, not only for full acceptance.
+
+While a block x_1..x_k drafted after context c is verified, the verdict will commit
+x_1..x_j and one more token y: the correction (j < k, y != x_{j+1}) or the bonus
+(j = k). A block drafted ahead is useful only if it was drafted after exactly that
+outcome. Pipelining alone drafts after one outcome, full acceptance with y = the
+draft's guess of the bonus. A greedy draft knows more: where the oracle rejects its
+token, the oracle's token is most often the draft's second choice there. With the
+draft's probabilities p_i of its token and r_i of its runner-up at position i,
+
+    P(first rejection at j+1, correction = runner-up_{j+1}) ≈ p_1 ··· p_j · r_{j+1}
+
+so the ``width`` likeliest corrections get a block too. On the demo pair at k = 4..8,
+three of them take the share of verdicts that some block sent ahead extends from
+25–45% to 55–70%.
+
+All branches are drafted together, one forward per step: they share the KV of
+c + x_1..x_k, expanded to one row each, and row j masks the positions after its
+branch point (an attention mask with a hole, its own position ids). A model whose
+padded rows may differ from single ones (``batch_unsupported``) drafts only the
+full-acceptance branch. None of this affects the output: the oracle verifies every
+block against the tokens it really committed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from specdec.batched import batch_unsupported
+from specdec.drafters import Drafter
+from specdec.kv_cache import SequenceCache, dynamic_cache_of, forward_arguments
+from specdec.sampling import SamplingParams
+from specdec.verifier import DraftBlock, RunnerUp
+
+
+@dataclass(frozen=True)
+class Branch:
+    """A block drafted for one outcome of verifying the block in flight.
+
+    assumed: the tokens that outcome commits after the context the block in flight
+    extends (its accepted prefix, then the correction or the guessed bonus).
+    block: the next block, drafted after them.
+    """
+
+    assumed: tuple[int, ...]
+    block: DraftBlock
+
+
+def full_acceptance_branch(
+    drafter: Drafter, context: Sequence[int], block: DraftBlock, k: int, params: SamplingParams
+) -> list[Branch]:
+    """The one branch any drafter can draft: a guess of the bonus token, then k tokens."""
+    proposal = drafter.propose([*context, *block.token_ids], k + 1, params)
+    if len(proposal) < 2:
+        return []
+    return [Branch((*block.token_ids, proposal.token_ids[0]), proposal.after_first())]
+
+
+def greedy_choices(logits: torch.Tensor) -> tuple[list[int], list[RunnerUp]]:
+    """logits [B, V] -> per row the argmax id and the runner-up behind it."""
+    assert logits.dim() == 2 and logits.shape[-1] >= 2, tuple(logits.shape)
+    top = logits.float().softmax(-1).topk(2, dim=-1)  # values, indices: [B, 2]
+    values, indices = top.values.tolist(), top.indices.tolist()
+    chosen = [int(row[0]) for row in indices]
+    runner_ups = [
+        RunnerUp(int(ids[1]), float(p[0]), float(p[1]))
+        for ids, p in zip(indices, values, strict=True)
+    ]
+    return chosen, runner_ups
+
+
+def likeliest_corrections(runner_ups: Sequence[RunnerUp], width: int) -> list[int]:
+    """The block positions (0-based) where a rejection corrected by the runner-up is
+    likeliest, most likely first: at most ``width``, scored p_1 ··· p_j · r_{j+1}."""
+    scores: list[tuple[float, int]] = []
+    reach = 1.0  # P(x_1..x_j all accepted)
+    for j, runner_up in enumerate(runner_ups):
+        scores.append((reach * runner_up.p_runner_up, j))
+        reach *= runner_up.p_chosen
+    return [j for _, j in sorted(scores, key=lambda s: (-s[0], s[1]))[: max(0, width)]]
+
+
+@torch.inference_mode()
+def draft_branches(
+    cache: SequenceCache, context: Sequence[int], block: DraftBlock, k: int, width: int
+) -> list[Branch]:
+    """Greedy blocks of up to k tokens for the outcomes of verifying ``block`` after ``context``.
+
+    First the full acceptance (assumed = block + the guessed bonus), then up to
+    ``width`` likeliest corrections (assumed = block[:j] + runner-up_j). ``cache`` is
+    the drafter's: it is left holding context + block; the branches run on copies.
+    Empty when the draft's context has no room for another token.
+    """
+    model = cache.model
+    sequence = [*context, *block.token_ids]
+    start, end = len(context), len(sequence)
+    # The full-acceptance row feeds the bonus at position `end`, then k - 1 more tokens.
+    k = min(k, model.max_context - end)
+    if k < 1 or start == 0:
+        return []
+    reused = min(cache.sync(sequence), end - 1)
+    cache.rollback(reused)
+    logits = cache.extend(sequence[reused:], logits_to_keep=1)[-1:]  # [1, V]
+    (bonus,), _ = greedy_choices(logits)
+
+    kv = cache.layer_kv()
+    runner_ups = block.runner_ups or ()
+    alternatives: list[int] = []
+    if runner_ups and kv and batch_unsupported(model) is None:
+        alternatives = likeliest_corrections(runner_ups[: len(block)], width)
+    # Row 0: the full acceptance; row 1 + i: the correction at block position alternatives[i].
+    first_tokens = [bonus, *(runner_ups[j].token_id for j in alternatives)]
+    positions = [end, *(start + j for j in alternatives)]
+    rows = _draft_rows(cache, kv or [], first_tokens, positions, k)
+    branches = [Branch((*block.token_ids, bonus), rows[0])]
+    for j, drafted in zip(alternatives, rows[1:], strict=True):
+        branches.append(Branch((*block.token_ids[:j], runner_ups[j].token_id), drafted))
+    return branches
+
+
+def _draft_rows(
+    cache: SequenceCache,
+    kv: list[tuple[torch.Tensor, torch.Tensor]],
+    first_tokens: list[int],
+    positions: list[int],
+    k: int,
+) -> list[DraftBlock]:
+    """k greedy tokens per row: row b feeds first_tokens[b] at positions[b], seeing the
+    cached tokens before positions[b] only; one batched forward per step."""
+    model = cache.model
+    device = model.device
+    rows, end = len(first_tokens), len(cache)
+    if rows == 1:  # no hole needed: plain decoding on the cache itself
+        return [_draft_alone(cache, first_tokens[0], k)]
+    layers = [
+        (keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1)) for keys, values in kv
+    ]  # [B, H, end, D] views: the first step's concatenation copies them
+    past: Any = dynamic_cache_of(layers)
+    mask = torch.ones(rows, end, dtype=torch.long, device=device)  # [B, end]
+    for b, branch_point in enumerate(positions):
+        mask[b, branch_point:] = 0  # the hole: the proposal's tokens after the branch point
+    tokens = torch.tensor(first_tokens, dtype=torch.long, device=device)  # [B]
+    position = torch.tensor(positions, dtype=torch.long, device=device)  # [B]
+    cache_argument, has_logits_to_keep = forward_arguments(model)
+    extra: dict[str, Any] = {"logits_to_keep": 1} if has_logits_to_keep else {}
+    drafted: list[list[int]] = [[] for _ in range(rows)]
+    runner_ups: list[list[RunnerUp]] = [[] for _ in range(rows)]
+    for _ in range(k):
+        mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)  # [B, end + step + 1]
+        output = model.model(
+            input_ids=tokens[:, None],
+            position_ids=position[:, None],
+            attention_mask=mask,
+            use_cache=True,
+            **{cache_argument: past},
+            **extra,
+        )
+        chosen, seconds = greedy_choices(output.logits[:, -1])  # [B, V] -> B ids
+        for b in range(rows):
+            drafted[b].append(chosen[b])
+            runner_ups[b].append(seconds[b])
+        tokens = torch.tensor(chosen, dtype=torch.long, device=device)
+        position = position + 1
+    return [
+        DraftBlock(tuple(ids), None, tuple(seconds))
+        for ids, seconds in zip(drafted, runner_ups, strict=True)
+    ]
+
+
+def _draft_alone(cache: SequenceCache, first: int, k: int) -> DraftBlock:
+    """k greedy tokens after the cached tokens + ``first``, on the cache itself."""
+    tokens: list[int] = []
+    runner_ups: list[RunnerUp] = []
+    feed = first
+    for _ in range(k):
+        (token,), (second,) = greedy_choices(cache.extend([feed])[-1:])
+        tokens.append(token)
+        runner_ups.append(second)
+        feed = token
+    return DraftBlock(tuple(tokens), None, tuple(runner_ups))
