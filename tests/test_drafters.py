@@ -195,13 +195,19 @@ def test_branches_are_the_drafts_greedy_blocks_after_each_outcome(
     block = drafter.propose(context, 5, GREEDY)
     assert block.runner_ups is not None and len(block.runner_ups) == 5
     assert all(r.token_id != t for r, t in zip(block.runner_ups, block.token_ids, strict=True))
-    branches = drafter.branch(context, block, 4, GREEDY, width=3)
-    assert len(branches) == 4
+    # Every position is a likely correction here (width 6): the 5 of the block, the bonus.
+    branches = drafter.branch(context, block, 4, GREEDY, width=6)
+    assert len(branches) == 7
     full, *corrections = branches
     assert full.assumed[:-1] == block.token_ids  # full acceptance, then the guessed bonus
-    points = likeliest_corrections(block.runner_ups, 3)
+    bonus = full.assumed[-1]
+    bonus_runner_up = ModelDrafter(draft).propose([*context, *block.token_ids], 1, GREEDY)
+    assert bonus_runner_up.token_ids == (bonus,) and bonus_runner_up.runner_ups is not None
+    runner_ups = (*block.runner_ups, *bonus_runner_up.runner_ups)  # position 5: the bonus
+    points = likeliest_corrections(runner_ups, 6)
+    assert sorted(points) == list(range(6))
     for branch, j in zip(corrections, points, strict=True):
-        assert branch.assumed == (*block.token_ids[:j], block.runner_ups[j].token_id)
+        assert branch.assumed == (*block.token_ids[:j], runner_ups[j].token_id)
     for branch in branches:
         alone = ModelDrafter(draft).propose([*context, *branch.assumed], 4, GREEDY)
         assert branch.block.token_ids == alone.token_ids, branch.assumed

@@ -64,10 +64,10 @@ def test_pipeline_depth_is_per_request_and_changes_no_token(system: tuple[Cluste
 
 
 def test_branches_are_per_request_and_change_no_token(system: tuple[Cluster, Path]) -> None:
-    # Blocks drafted for likely corrections go out next to the full-acceptance block;
-    # the oracle verifies at most one of them per verdict and skips the rest.
+    # Blocks drafted for likely corrections: some verdicts find theirs ready (the close
+    # draft's runner-up is often the oracle's token), and no token changes.
     c, oracle_path = system
-    skipped = {0: 0, 3: 0}
+    branch_rounds = {0: 0, 3: 0}
     with Client(c.address, timeout=60) as client:
         for prompt in PROMPTS:
             expected = reference(oracle_path, prompt, 24)
@@ -77,10 +77,8 @@ def test_branches_are_per_request_and_change_no_token(system: tuple[Cluster, Pat
                     branches=branches,
                 )  # fmt: skip
                 assert result.token_ids == expected, (branches, prompt)
-                skipped[branches] += result.stats.skipped_blocks
-                if branches == 0:
-                    assert result.stats.branch_rounds == 0
-    assert skipped[3] > skipped[0]  # the alternatives really went out
+                branch_rounds[branches] += result.stats.branch_rounds
+    assert branch_rounds[0] == 0 and branch_rounds[3] > 0, branch_rounds
 
 
 @pytest.mark.parametrize("k", [0, 1, 4, 8])

@@ -10,9 +10,10 @@ draft's probabilities p_i of its token and r_i of its runner-up at position i,
 
     P(first rejection at j+1, correction = runner-up_{j+1}) ≈ p_1 ··· p_j · r_{j+1}
 
-so the ``width`` likeliest corrections get a block too. On the demo pair at k = 4..8,
-three of them take the share of verdicts that some block sent ahead extends from
-25–45% to 55–70%.
+so the ``width`` likeliest corrections get a block too (position k+1 stands for the
+bonus: all accepted, and the bonus is the runner-up rather than the guess). On the
+demo pair at k = 4..8, three of them take the share of verdicts that some block
+drafted ahead extends from 25–45% to 55–73%.
 
 All branches are drafted together, one forward per step: they share the KV of
 c + x_1..x_k, expanded to one row each, and row j masks the positions after its
@@ -74,8 +75,9 @@ def greedy_choices(logits: torch.Tensor) -> tuple[list[int], list[RunnerUp]]:
 
 
 def likeliest_corrections(runner_ups: Sequence[RunnerUp], width: int) -> list[int]:
-    """The block positions (0-based) where a rejection corrected by the runner-up is
-    likeliest, most likely first: at most ``width``, scored p_1 ··· p_j · r_{j+1}."""
+    """The positions (0-based; the last may be the bonus) where a rejection corrected by
+    the runner-up is likeliest, most likely first: at most ``width``, scored
+    p_1 ··· p_j · r_{j+1}."""
     scores: list[tuple[float, int]] = []
     reach = 1.0  # P(x_1..x_j all accepted)
     for j, runner_up in enumerate(runner_ups):
@@ -91,9 +93,10 @@ def draft_branches(
     """Greedy blocks of up to k tokens for the outcomes of verifying ``block`` after ``context``.
 
     First the full acceptance (assumed = block + the guessed bonus), then up to
-    ``width`` likeliest corrections (assumed = block[:j] + runner-up_j). ``cache`` is
-    the drafter's: it is left holding context + block; the branches run on copies.
-    Empty when the draft's context has no room for another token.
+    ``width`` likeliest corrections (assumed = block[:j] + runner-up_j; j = k: the
+    bonus's runner-up). ``cache`` is the drafter's: it is left holding context + block;
+    the branches run on copies. Empty when the draft's context has no room for another
+    token.
     """
     model = cache.model
     sequence = [*context, *block.token_ids]
@@ -105,14 +108,15 @@ def draft_branches(
     reused = min(cache.sync(sequence), end - 1)
     cache.rollback(reused)
     logits = cache.extend(sequence[reused:], logits_to_keep=1)[-1:]  # [1, V]
-    (bonus,), _ = greedy_choices(logits)
+    (bonus,), (bonus_runner_up,) = greedy_choices(logits)
 
     kv = cache.layer_kv()
-    runner_ups = block.runner_ups or ()
+    # Position k is the bonus: full acceptance, then the runner-up instead of the guess.
+    runner_ups = (*block.runner_ups[: len(block)], bonus_runner_up) if block.runner_ups else ()
     alternatives: list[int] = []
     if runner_ups and kv and batch_unsupported(model) is None:
-        alternatives = likeliest_corrections(runner_ups[: len(block)], width)
-    # Row 0: the full acceptance; row 1 + i: the correction at block position alternatives[i].
+        alternatives = likeliest_corrections(runner_ups, width)
+    # Row 0: the full acceptance; row 1 + i: the correction at position alternatives[i].
     first_tokens = [bonus, *(runner_ups[j].token_id for j in alternatives)]
     positions = [end, *(start + j for j in alternatives)]
     rows = _draft_rows(cache, kv or [], first_tokens, positions, k)
