@@ -453,6 +453,12 @@ def test_traces_command_shows_a_request_round_by_round(
     assert sum(int(r[3]) for r in rows) == stats.accepted_tokens
     assert sum(int(r[5]) for r in rows) == stats.output_tokens
     assert {r[4] for r in rows} <= {"bonus", "correction", "skipped"}
+    # The last column says how each block was drafted, and agrees with the stats.
+    assert all(r[-1] == "-" for r in skipped)
+    blocks = [r[-1] for r in rows if r[4] != "skipped"]
+    assert sum(b.startswith("branch") for b in blocks) == stats.branch_rounds
+    assert sum(b.endswith("piped") for b in blocks) == stats.pipelined_rounds
+    assert sum(b != "fresh" for b in blocks) == stats.draft_ahead_hits
     summary = lines[-1]
     assert summary.startswith(f"services: {DRAFT}, {GATEWAY}, {ORACLE} |")
     rounds = f"{stats.rounds} rounds" + (f" (+{len(skipped)} skipped)" if skipped else "")

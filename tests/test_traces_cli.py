@@ -35,6 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # (k, proposed, accepted, committed): a correction, a bonus, a full rejection, a k=0 round.
 ROUNDS = [(4, 4, 2, 3), (4, 4, 4, 5), (3, 3, 0, 1), (0, 0, 0, 1)]
+# How each round's block was drafted: (drafted ahead, pipelined, for a guessed correction).
+ORIGINS = [(False, False, False), (True, True, False), (True, False, True), (False, False, False)]
 
 
 class FakeCounters:
@@ -78,7 +80,8 @@ def write_request(path: Path, session: str = "s1", length: int = 10) -> str:
                 round=i, k=k, proposed=proposed, accepted=accepted,
                 is_bonus=accepted == proposed, committed=committed, committed_length=length,
                 draft_ns=1_500_000 * (k > 0), verify_ns=2_000_000, network_ns=500_000,
-                queue_ns=100_000,
+                queue_ns=100_000, drafted_ahead=ORIGINS[i][0], pipelined=ORIGINS[i][1],
+                branch=ORIGINS[i][2],
             )
         )  # fmt: skip
     rounds.close()
@@ -102,7 +105,8 @@ def test_the_table_adds_up(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         ["2", "3", "3", "0", "correction", "1", "19"],
         ["3", "0", "0", "0", "bonus", "1", "20"],
     ]
-    assert rows[0][7:] == ["1.50", "2.00", "0.50", "0.10"]
+    assert rows[0][7:] == ["1.50", "2.00", "0.50", "0.10", "fresh"]
+    assert [r[-1] for r in rows] == ["fresh", "piped", "branch", "fresh"]
     assert lines[-1] == (
         "services: specdec-draft, specdec-gateway, specdec-oracle | 4 rounds, 11 proposed, "
         "6 accepted (54.5%), 10 committed, 2.50 tokens/round | draft 4.5 ms, verify 8.0 ms, "

@@ -39,6 +39,8 @@ class RoundRow:
     network_ms: float
     queue_ms: float
     service: str
+    block: str = "fresh"  # how it was drafted: fresh | ahead | piped | branch | branch+piped
+    # ("-" for a skipped block)
 
 
 @dataclass
@@ -131,9 +133,20 @@ def rounds_of(spans: Sequence[SpanRecord]) -> list[RoundRow]:
                 network_ms=_ms(a.get(names.ROUND_NETWORK_NS)),
                 queue_ms=_ms(a.get(names.ROUND_QUEUE_NS)),
                 service=span.service,
+                block="-" if a.get(names.ROUND_SKIPPED) else _block_origin(a),
             )
         )
     return rows
+
+
+def _block_origin(a: Any) -> str:
+    """fresh: drafted after the previous verdict; ahead: during its verification; piped:
+    also sent before it; branch: drafted for a guessed correction of the previous block."""
+    if a.get(names.ROUND_BRANCH):
+        return "branch+piped" if a.get(names.ROUND_PIPELINED) else "branch"
+    if a.get(names.ROUND_PIPELINED):
+        return "piped"
+    return "ahead" if a.get(names.ROUND_DRAFTED_AHEAD) else "fresh"
 
 
 REQUEST_KEYS = (
@@ -186,6 +199,7 @@ def summarize(trace_id: str, spans: Sequence[SpanRecord]) -> tuple[TraceSummary,
 COLUMNS = (
     ("round", 5), ("k", 3), ("proposed", 8), ("accepted", 8), ("extra", 10), ("committed", 9),
     ("length", 6), ("draft ms", 9), ("verify ms", 9), ("network ms", 10), ("queue ms", 9),
+    ("block", 12),
 )  # fmt: skip
 
 
@@ -203,6 +217,7 @@ def format_trace(summary: TraceSummary, rows: Sequence[RoundRow]) -> str:
         cells = (
             r.round, r.k, r.proposed, r.accepted, r.extra, r.committed, r.length,
             f"{r.draft_ms:.2f}", f"{r.verify_ms:.2f}", f"{r.network_ms:.2f}", f"{r.queue_ms:.2f}",
+            r.block,
         )  # fmt: skip
         lines.append("  ".join(f"{c:>{w}}" for c, (_, w) in zip(cells, COLUMNS, strict=True)))
     if not rows:
