@@ -202,3 +202,15 @@ def test_sampled_turns_draft_no_correction_branches(loaded: Callable[..., Any]) 
     ]  # fmt: skip
     assert runs[0].tokens == runs[1].tokens
     assert runs[1].stats.branch_rounds == 0
+
+
+def test_a_long_round_trip_with_branches_changes_no_token(loaded: Callable[..., Any]) -> None:
+    # Blocks pipelined across a round trip longer than a verification: same output.
+    oracle = Oracle(loaded("llama", "oracle"))
+    params = SamplingParams(max_new_tokens=40)
+    alone = speculative_generate([1, 5, 9, 12, 7], oracle, None, params, 0)
+    run, link = generate(
+        oracle, ModelDrafter(loaded("llama", "close_draft")), params, 4, 2, 0.06, branches=3
+    )
+    assert run.tokens == alone.tokens
+    assert run.stats.skipped_blocks == link.skipped and run.stats.pipelined_rounds > 0
