@@ -418,7 +418,9 @@ async def _measure_all(
         oracle_id = f"oracle-mb{max_batch if max_batch is not None else 'default'}"
         oracle = c.start_oracle(args.oracle_path, *flags, oracle_id=oracle_id)
         await asyncio.to_thread(_await_oracle, c, oracle, oracle_id, args.drafts if any(ks) else 0)
-        widths: list[int | None] = [int(b) for b in args.branches.split(",") if b] or [None]
+        widths: list[int | None] = (
+            list(parse_ints(args.branches, "--branches", 0)) if args.branches else [None]
+        )
         for k, width, n in itertools.product(ks, widths, sessions):
             point = Point(max_batch, k, n, width)
             window = await _measure_point(c.address, point, plan)
