@@ -213,15 +213,13 @@ class _RoundLoop:
         k = self._k_for(len(self.committed))
         t0 = time.perf_counter_ns()
         found = await self._take_ahead()
-        drafted_ahead = found is not None and k > 0
+        drafted_ahead, branch = found is not None and k > 0, False
         if found is not None and k > 0:
             block, branch = found
+        elif self.proposer is not None and k > 0:
+            block = await self.proposer.propose(self.committed, k, self.turn.params)
         else:
-            branch = False
-            if self.proposer is not None and k > 0:
-                block = await self.proposer.propose(self.committed, k, self.turn.params)
-            else:
-                block = DraftBlock(token_ids=())
+            block = DraftBlock(token_ids=())
         draft_ns = time.perf_counter_ns() - t0
         self._send(block.truncated(k), k, (), draft_ns, drafted_ahead, branch)
 
