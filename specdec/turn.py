@@ -122,6 +122,17 @@ class RoundReport:
     skipped_blocks: int = 0  # blocks sent ahead that this round's verdict made stale
     wall_ns: int = 0  # since the previous verdict (the first round: since the open)
 
+    @property
+    def block_origin(self) -> str:
+        """How the block was drafted: fresh (after the previous verdict), ahead (during
+        its verification), piped (and sent before it), branch (for a guessed correction),
+        branch+piped."""
+        if self.branch:
+            return "branch+piped" if self.pipelined else "branch"
+        if self.pipelined:
+            return "piped"
+        return "ahead" if self.drafted_ahead else "fresh"
+
 
 @dataclass
 class TurnStats:

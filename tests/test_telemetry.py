@@ -220,7 +220,9 @@ def check_tree(spans: list[Span], parent_id: str, completion: Completion) -> dic
     assert sum(a[names.ROUND_ACCEPTED] for a in attrs) == stats.accepted_tokens
     assert sum(a[names.ROUND_COMMITTED] for a in attrs) == stats.output_tokens
     assert attrs[-1][names.ROUND_COMMITTED_LENGTH] == len(PROMPT) + stats.output_tokens
-    assert sum(bool(a.get(names.ROUND_BRANCH)) for a in attrs) == stats.branch_rounds
+    origins = [a[names.ROUND_BLOCK] for a in attrs]
+    assert sum(o.startswith("branch") for o in origins) == stats.branch_rounds
+    assert sum(o.endswith("piped") for o in origins) == stats.pipelined_rounds
     for a in attrs:
         assert a[names.ROUND_EXTRA_TOKEN] == (
             names.BONUS if a[names.ROUND_ACCEPTED] == a[names.ROUND_PROPOSED] else names.CORRECTION
@@ -335,13 +337,16 @@ def test_health_checks_and_worker_streams_are_not_traced(system: System) -> None
 
 
 def scrape(port: int) -> dict[str, float]:
-    """Sample name -> value summed over label sets."""
+    """Sample name -> value summed over label sets; also "name[block]" per block label."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
         text = reply.read().decode()
     totals: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+            if "block" in sample.labels:
+                key = f"{sample.name}[{sample.labels['block']}]"
+                totals[key] = totals.get(key, 0.0) + sample.value
     return totals
 
 
@@ -360,6 +365,14 @@ def test_metrics_move_with_the_stats(system: System) -> None:
     assert delta(g0, g1, "specdec_draft_tokens_total") == stats.proposed_tokens
     assert delta(g0, g1, "specdec_accepted_tokens_total") == stats.accepted_tokens
     assert delta(g0, g1, "specdec_rounds_total") == stats.rounds
+    rounds_by_block = {
+        block: delta(g0, g1, f"specdec_rounds_total[{block}]")
+        for block in ("fresh", "ahead", "piped", "branch", "branch+piped")
+    }
+    assert sum(rounds_by_block.values()) == stats.rounds
+    assert rounds_by_block["branch"] + rounds_by_block["branch+piped"] == stats.branch_rounds
+    assert rounds_by_block["piped"] + rounds_by_block["branch+piped"] == stats.pipelined_rounds
+    assert stats.rounds - rounds_by_block["fresh"] == stats.draft_ahead_hits
     assert delta(g0, g1, "specdec_output_tokens_total") == stats.output_tokens == 20
     assert delta(g0, g1, "specdec_prompt_tokens_total") == len(PROMPT)
     assert delta(g0, g1, "specdec_requests_total") == 1

@@ -33,12 +33,20 @@ def drafter_name(kind: int) -> str:
 
 _LABELS: dict[int, dict[str, str]] = {}
 _POSITION_LABELS: dict[tuple[int, int], dict[str, str]] = {}
+_BLOCK_LABELS: dict[tuple[int, str], dict[str, str]] = {}
 
 
 def _labels(drafter: int) -> dict[str, str]:
     labels = _LABELS.get(drafter)
     if labels is None:
         labels = _LABELS[drafter] = {"drafter": drafter_name(drafter)}
+    return labels
+
+
+def _block_labels(drafter: int, origin: str) -> dict[str, str]:
+    labels = _BLOCK_LABELS.get((drafter, origin))
+    if labels is None:
+        labels = _BLOCK_LABELS[drafter, origin] = {**_labels(drafter), "block": origin}
     return labels
 
 
@@ -55,7 +63,7 @@ def record_round(report: RoundReport, drafter: int) -> None:
     if recorder is None:
         return
     labels = _labels(drafter)
-    recorder.rounds.add(1, labels)
+    recorder.rounds.add(1, _block_labels(drafter, report.block_origin))
     if report.proposed:
         recorder.draft_tokens.add(report.proposed, labels)
         recorder.accepted_tokens.add(report.accepted, labels)

@@ -67,7 +67,12 @@ class Metrics:
         # -- gateway: requests and rounds --
         self.requests = counter("specdec_requests", "{request}", "Generate requests finished")
         self.failovers = counter("specdec_failovers", "{failover}", "turns moved to another worker")
-        self.rounds = counter("specdec_rounds", "{round}", "verification rounds")
+        self.rounds = counter(
+            "specdec_rounds",
+            "{round}",
+            "verification rounds, by how their block was drafted (label block: fresh, ahead, "
+            "piped, branch, branch+piped)",
+        )
         self.draft_tokens = counter("specdec_draft_tokens", "{token}", "draft tokens verified")
         self.accepted_tokens = counter(
             "specdec_accepted_tokens", "{token}", "draft tokens the oracle accepted"

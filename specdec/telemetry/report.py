@@ -39,8 +39,7 @@ class RoundRow:
     network_ms: float
     queue_ms: float
     service: str
-    block: str = "fresh"  # how it was drafted: fresh | ahead | piped | branch | branch+piped
-    # ("-" for a skipped block)
+    block: str = "fresh"  # RoundReport.block_origin ("-" for a skipped block)
 
 
 @dataclass
@@ -133,20 +132,10 @@ def rounds_of(spans: Sequence[SpanRecord]) -> list[RoundRow]:
                 network_ms=_ms(a.get(names.ROUND_NETWORK_NS)),
                 queue_ms=_ms(a.get(names.ROUND_QUEUE_NS)),
                 service=span.service,
-                block="-" if a.get(names.ROUND_SKIPPED) else _block_origin(a),
+                block="-" if a.get(names.ROUND_SKIPPED) else str(a.get(names.ROUND_BLOCK, "?")),
             )
         )
     return rows
-
-
-def _block_origin(a: Any) -> str:
-    """fresh: drafted after the previous verdict; ahead: during its verification; piped:
-    also sent before it; branch: drafted for a guessed correction of the previous block."""
-    if a.get(names.ROUND_BRANCH):
-        return "branch+piped" if a.get(names.ROUND_PIPELINED) else "branch"
-    if a.get(names.ROUND_PIPELINED):
-        return "piped"
-    return "ahead" if a.get(names.ROUND_DRAFTED_AHEAD) else "fresh"
 
 
 REQUEST_KEYS = (

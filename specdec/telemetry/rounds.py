@@ -55,9 +55,8 @@ def round_attributes(report: RoundReport) -> dict[str, int | str]:
         names.ROUND_VERIFY_NS: report.verify_ns,
         names.ROUND_NETWORK_NS: report.network_ns,
         names.ROUND_QUEUE_NS: report.queue_ns,
-        names.ROUND_DRAFTED_AHEAD: report.drafted_ahead,
         names.ROUND_PIPELINED: report.pipelined,
-        names.ROUND_BRANCH: report.branch,
+        names.ROUND_BLOCK: report.block_origin,
     }
 
 
