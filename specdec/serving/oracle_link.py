@@ -105,12 +105,8 @@ class GrpcOracleLink:
             response = sending.result()
         except grpc.aio.AioRpcError as exc:
             call.cancel()  # a failed stream is not closed gracefully: see close()
-            code, details = exc.code(), exc.details() or exc.code().name
-            if code == grpc.StatusCode.INTERNAL and details == CORE_INTERNAL:
-                # grpc core's answer to a read or write racing a transport that just died
-                # (pipelined exchanges overlap): the link broke, the oracle did not fail.
-                code = grpc.StatusCode.UNAVAILABLE
-            raise OracleRpcError(code, details) from exc
+            details = exc.details() or exc.code().name
+            raise OracleRpcError(_link_status(exc.code(), details), details) from exc
         if response is grpc.aio.EOF:
             code, details = grpc.StatusCode.UNAVAILABLE, "stream ended"
             with contextlib.suppress(TimeoutError):  # a status that never comes: as gone
@@ -118,7 +114,7 @@ class GrpcOracleLink:
             call.cancel()
             if code in (None, grpc.StatusCode.OK):  # ended without a verdict: as good as gone
                 code = grpc.StatusCode.UNAVAILABLE
-            raise OracleRpcError(code, details or "stream ended")
+            raise OracleRpcError(_link_status(code, details), details or "stream ended")
         return response  # type: ignore[no-any-return]
 
     async def _send(self, request: oracle_pb2.VerifyRequest) -> Any:
@@ -209,6 +205,18 @@ def _consume(task: asyncio.Future[Any]) -> None:
     """Retrieve an abandoned exchange's outcome (no 'exception never retrieved' noise)."""
     if not task.cancelled():
         task.exception()
+
+
+def _link_status(code: grpc.StatusCode, details: str) -> grpc.StatusCode:
+    """The status a failed exchange stands for.
+
+    INTERNAL "Internal error from Core" is grpc core's answer to a read or write racing a
+    transport that just died (a reset link; pipelined exchanges overlap), as the error of
+    the operation or as the stream's final status: the link broke, the oracle did not fail.
+    """
+    if code == grpc.StatusCode.INTERNAL and details == CORE_INTERNAL:
+        return grpc.StatusCode.UNAVAILABLE
+    return code
 
 
 async def _status(call: grpc.aio.StreamStreamCall) -> tuple[grpc.StatusCode, str]:
