@@ -33,6 +33,11 @@ class DraftConfig:
         "greedy: also draft ahead for this many likely corrections of each block in flight, "
         f"so a rejection too finds its next block ready (0 = off, at most {MAX_BRANCHES})",
     )
+    lean_forward: bool = setting(
+        True,
+        "draft Llama-family models (llama, mistral, qwen2) on specdec's lean forward, "
+        "without HF's per-call overhead (off: HF's forward)",
+    )
     verify_timeout_s: float = setting(
         30.0, "seconds to wait for each verdict (and the prefill) before failing the turn over"
     )

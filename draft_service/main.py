@@ -19,6 +19,7 @@ import torch
 from draft_service.config import DraftConfig
 from draft_service.worker import DraftWorker
 from specdec.config import load_config
+from specdec.lean_forward import lean_unsupported
 from specdec.models import DEMO_DRAFT, load_model
 from specdec.serving.logs import configure_logging
 from specdec.serving.registration import GatewayConnection, stay_registered
@@ -41,6 +42,9 @@ async def serve(config: DraftConfig) -> None:
     source = config.model or str(DEMO_DRAFT)
     log.info("loading draft model %s on %s ...", source, config.device)
     model = await asyncio.to_thread(load_model, source, config.device, config.dtype)
+    unsupported = lean_unsupported(model)
+    if config.lean_forward and unsupported:
+        log.info("drafting on HF's forward: the lean forward does not take %s", unsupported)
     worker_id = config.draft_id or f"draft-{socket.gethostname()}-{os.getpid()}"
     worker = DraftWorker(config, model, worker_id, security)
     observe(

@@ -115,7 +115,11 @@ class DraftWorker:
     def _drafter(self, session_id: str) -> ModelDrafter:
         drafter = self._drafters.pop(session_id, None)
         if drafter is None:
-            drafter = ModelDrafter(self.model, max_support=self.config.max_support)
+            drafter = ModelDrafter(
+                self.model,
+                max_support=self.config.max_support,
+                lean=self.config.lean_forward,
+            )
         self._drafters[session_id] = drafter  # most recently used last
         while len(self._drafters) > self.config.max_cached_sessions:
             self._drafters.popitem(last=False)

@@ -92,18 +92,8 @@ class SequenceCache:
         Returns float32 logits [n, V] for the n new positions (row i predicts the
         token after new_tokens[i]), or only the last ``logits_to_keep`` rows.
         """
-        n = len(new_tokens)
-        if n == 0:
-            raise InvalidArgument("extend needs at least one new token")
-        if logits_to_keep is not None and not 1 <= logits_to_keep <= n:
-            raise InvalidArgument(f"logits_to_keep must be in [1, {n}], got {logits_to_keep}")
-        _check_ids(new_tokens, self.model.vocab_size)
-        past = len(self.tokens)
-        if past + n > self.model.max_context:
-            raise InvalidArgument(
-                f"{past} cached + {n} new tokens exceed the context of {self.model.name!r} "
-                f"({self.model.max_context} positions)"
-            )
+        self.check_extend(new_tokens, logits_to_keep)
+        n, past = len(new_tokens), len(self.tokens)
         device = self.model.device
         input_ids = torch.tensor([list(new_tokens)], dtype=torch.long, device=device)  # [1, n]
         position_ids = torch.arange(past, past + n, device=device).unsqueeze(0)  # [1, n]
@@ -124,11 +114,29 @@ class SequenceCache:
         assert logits.shape[-1] == self.model.vocab_size, (logits.shape, self.model.vocab_size)
         return logits.float()
 
+    def check_extend(self, new_tokens: Sequence[int], logits_to_keep: int | None) -> None:
+        """Raise ``InvalidArgument`` unless ``extend(new_tokens, logits_to_keep)`` may run."""
+        n = len(new_tokens)
+        if n == 0:
+            raise InvalidArgument("extend needs at least one new token")
+        if logits_to_keep is not None and not 1 <= logits_to_keep <= n:
+            raise InvalidArgument(f"logits_to_keep must be in [1, {n}], got {logits_to_keep}")
+        _check_ids(new_tokens, self.model.vocab_size)
+        if len(self.tokens) + n > self.model.max_context:
+            raise InvalidArgument(
+                f"{len(self.tokens)} cached + {n} new tokens exceed the context of "
+                f"{self.model.name!r} ({self.model.max_context} positions)"
+            )
+
+    def check_rollback(self, length: int) -> None:
+        """Raise ``InvalidArgument`` unless 0 <= length <= len(self)."""
+        if not 0 <= length <= len(self.tokens):
+            raise InvalidArgument(f"cannot roll back to {length}: cache holds {len(self.tokens)}")
+
     @torch.inference_mode()
     def rollback(self, length: int) -> None:
         """Forget every cached token from position ``length`` on (0 <= length <= len(self))."""
-        if not 0 <= length <= len(self.tokens):
-            raise InvalidArgument(f"cannot roll back to {length}: cache holds {len(self.tokens)}")
+        self.check_rollback(length)
         removed = len(self.tokens) - length
         if removed == 0:
             return

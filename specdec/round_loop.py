@@ -10,8 +10,8 @@ do not depend on each other:
   token, then block n+1. Used only if that assumption and the guess come true.
 * drafting for the likely corrections too (``Turn.branches``, greedy): besides
   full acceptance, the draft drafts ahead after the likeliest rejections of block
-  n, each corrected by its runner-up there (``specdec.drafters.branches``), all in
-  one batched pass. Whichever of these outcomes verdict n turns out to be, its
+  n, each corrected by one of its next choices there (``specdec.drafters.branches``),
+  all in one batched pass. Whichever of these outcomes verdict n turns out to be, its
   next block is ready.
 * pipelining (``Turn.pipeline_depth`` > 1): the blocks drafted ahead are sent as
   soon as they are drafted, each with the tokens it assumes (block n's accepted

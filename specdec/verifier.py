@@ -71,9 +71,9 @@ class DraftBlock:
 
     token_ids: tuple[int, ...]
     q: tuple[SparseDist, ...] | None = None
-    # Greedy drafters may add, per proposed token, their second choice there: what the
+    # Greedy drafters may add, per proposed token, their next choices there: what the
     # correction most likely is if that token is rejected. Drafting only; never sent.
-    runner_ups: tuple[RunnerUp, ...] | None = field(default=None, compare=False)
+    runner_ups: tuple[RunnerUps, ...] | None = field(default=None, compare=False)
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -98,16 +98,16 @@ class DraftBlock:
 
 
 @dataclass(frozen=True)
-class RunnerUp:
-    """A greedy draft's second choice at one position of its block.
+class RunnerUps:
+    """A greedy draft's choices behind the token it proposed, at one position of its block.
 
-    token_id: the second most likely id there; p_chosen, p_runner_up: the draft's
-    probabilities of the token it proposed and of this one.
+    token_ids: the next likeliest ids there, likeliest first (the runner-up, the third...);
+    probs: the draft's probability of each; p_chosen: that of the token it proposed.
     """
 
-    token_id: int
     p_chosen: float
-    p_runner_up: float
+    token_ids: tuple[int, ...]
+    probs: tuple[float, ...]
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from specdec.drafters.model_drafter import ModelDrafter
 from specdec.drafters.ngram import NgramDrafter
 from specdec.errors import InvalidArgument
 from specdec.sampling import SamplingParams
-from specdec.verifier import RunnerUp, validate_block
+from specdec.verifier import RunnerUps, validate_block
 
 GREEDY = SamplingParams()
 
@@ -183,44 +183,55 @@ def test_drafter_stops_at_its_context_limit(loaded: Callable[..., Any]) -> None:
 # --------------------------------------------------------------------------- branches
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize(
+    ("arch", "lean"), [("llama", True), ("llama", False), ("gpt2", False), ("qwen2", True)]
+)
 def test_branches_are_the_drafts_greedy_blocks_after_each_outcome(
-    arch: str, loaded: Callable[..., Any]
+    arch: str, lean: bool, loaded: Callable[..., Any]
 ) -> None:
-    # All branches come from one batched pass over a shared cache with holes in the mask;
-    # each must be exactly what the draft drafts alone after the outcome it assumes.
+    # All branches come from one batched pass over a shared cache with holes in the mask
+    # (HF's forward or the lean one); each must be exactly what the draft drafts alone
+    # after the outcome it assumes.
     draft = loaded(arch, "draft")
-    drafter = ModelDrafter(draft)
+    drafter = ModelDrafter(draft, lean=lean)
     context = [5, 9, 14, 3, 22, 7]
     block = drafter.propose(context, 5, GREEDY)
     assert block.runner_ups is not None and len(block.runner_ups) == 5
-    assert all(r.token_id != t for r, t in zip(block.runner_ups, block.token_ids, strict=True))
-    # Every position is a likely correction here (width 6): the 5 of the block, the bonus.
-    branches = drafter.branch(context, block, 4, GREEDY, width=6)
-    assert len(branches) == 7
+    assert all(
+        len(r.token_ids) == 2 and t not in r.token_ids
+        for r, t in zip(block.runner_ups, block.token_ids, strict=True)
+    )
+    # Every choice is a likely correction here (width 12): 2 behind each of the 5
+    # positions of the block and behind the bonus.
+    branches = drafter.branch(context, block, 4, GREEDY, width=12)
+    assert len(branches) == 13
     full, *corrections = branches
     assert full.assumed[:-1] == block.token_ids  # full acceptance, then the guessed bonus
     bonus = full.assumed[-1]
-    bonus_runner_up = ModelDrafter(draft).propose([*context, *block.token_ids], 1, GREEDY)
-    assert bonus_runner_up.token_ids == (bonus,) and bonus_runner_up.runner_ups is not None
-    runner_ups = (*block.runner_ups, *bonus_runner_up.runner_ups)  # position 5: the bonus
-    points = likeliest_corrections(runner_ups, 6)
-    assert sorted(points) == list(range(6))
-    for branch, j in zip(corrections, points, strict=True):
-        assert branch.assumed == (*block.token_ids[:j], runner_ups[j].token_id)
+    after_block = ModelDrafter(draft).propose([*context, *block.token_ids], 1, GREEDY)
+    assert after_block.token_ids == (bonus,) and after_block.runner_ups is not None
+    runner_ups = (*block.runner_ups, *after_block.runner_ups)  # position 5: the bonus
+    picks = likeliest_corrections(runner_ups, 12)
+    assert sorted(picks) == sorted((j, t) for j, r in enumerate(runner_ups) for t in r.token_ids)
+    for branch, (j, token) in zip(corrections, picks, strict=True):
+        assert branch.assumed == (*block.token_ids[:j], token)
     for branch in branches:
-        alone = ModelDrafter(draft).propose([*context, *branch.assumed], 4, GREEDY)
+        alone = ModelDrafter(draft, lean=lean).propose([*context, *branch.assumed], 4, GREEDY)
         assert branch.block.token_ids == alone.token_ids, branch.assumed
     # The drafter's own cache is left consistent: its next proposal is unchanged.
     assert drafter.propose(context, 5, GREEDY) == block
 
 
 def test_likeliest_corrections_follow_the_drafts_probabilities() -> None:
-    # P(first rejection at j, runner-up right) ≈ p_1 ... p_{j-1} r_j.
-    ups = [RunnerUp(1, 0.9, 0.05), RunnerUp(2, 0.5, 0.4), RunnerUp(3, 0.6, 0.3)]
-    # scores: 0.05, 0.9 * 0.4 = 0.36, 0.9 * 0.5 * 0.3 = 0.135
-    assert likeliest_corrections(ups, 3) == [1, 2, 0]
-    assert likeliest_corrections(ups, 1) == [1]
+    # P(first rejection at j, correction y) ≈ p_1 ... p_{j-1} r_j(y).
+    ups = [
+        RunnerUps(0.9, (1, 11), (0.05, 0.01)),
+        RunnerUps(0.5, (2, 12), (0.4, 0.05)),
+        RunnerUps(0.6, (3, 13), (0.3, 0.1)),
+    ]
+    # scores: 0.05, 0.01; 0.9 * 0.4 = 0.36, 0.045; 0.45 * 0.3 = 0.135, 0.045
+    assert likeliest_corrections(ups, 4) == [(1, 2), (2, 3), (0, 1), (1, 12)]
+    assert likeliest_corrections(ups, 1) == [(1, 2)]
     assert likeliest_corrections(ups, 0) == []
 
 

@@ -1,7 +1,8 @@
 """`specdec bench --in-process`: the core speculative loop against HF greedy generate, one process.
 
 No services, no network: ``speculative_generate`` (the same round loop the
-services run) with the demo draft at several k, against HF ``generate`` of the
+services run) with the demo draft at several k (and once on HF's forward instead of
+the lean one), against HF ``generate`` of the
 oracle alone, on the same prompts, alternating per prompt. Prints a table and
 writes JSON.
 """
@@ -32,7 +33,14 @@ def run_in_process(args: argparse.Namespace, prompts: list[list[int]]) -> dict[s
     draft = load_model(args.draft_path, args.draft_device, args.dtype)
     runner = Oracle(oracle)
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
-    names = ["HF generate (oracle alone)", "core loop k=0", "core k=4", "core k=8", "core adaptive"]
+    names = [
+        "HF generate (oracle alone)",
+        "core loop k=0",
+        "core k=4",
+        "core k=4, HF draft forward",
+        "core k=8",
+        "core adaptive",
+    ]
     speeds: dict[str, list[float]] = {n: [] for n in names}
     ratios: dict[str, list[float]] = {n: [] for n in names}
     for prompt in prompts:
@@ -47,13 +55,14 @@ def run_in_process(args: argparse.Namespace, prompts: list[list[int]]) -> dict[s
                 pad_token_id=0,
             )
         row[names[0]] = (out.shape[1] - len(prompt)) / (time.perf_counter() - start)
-        for name, k, policy in [
-            (names[1], 0, None),
-            (names[2], 4, None),
-            (names[3], 8, None),
-            (names[4], 8, AdaptiveK(8)),
+        for name, k, policy, lean in [
+            (names[1], 0, None, True),
+            (names[2], 4, None, True),
+            (names[3], 4, None, False),  # the draft's forward without specdec.lean_forward
+            (names[4], 8, None, True),
+            (names[5], 8, AdaptiveK(8), True),
         ]:
-            drafter = ModelDrafter(draft) if k else None
+            drafter = ModelDrafter(draft, lean=lean) if k else None
             start = time.perf_counter()
             result = speculative_generate(prompt, runner, drafter, params, k, policy=policy)
             row[name] = len(result.tokens) / (time.perf_counter() - start)

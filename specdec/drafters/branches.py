@@ -5,15 +5,17 @@ x_1..x_j and one more token y: the correction (j < k, y != x_{j+1}) or the bonus
 (j = k). A block drafted ahead is useful only if it was drafted after exactly that
 outcome. Pipelining alone drafts after one outcome, full acceptance with y = the
 draft's guess of the bonus. A greedy draft knows more: where the oracle rejects its
-token, the oracle's token is most often the draft's second choice there. With the
-draft's probabilities p_i of its token and r_i of its runner-up at position i,
+token, the oracle's token is most often the draft's second or third choice there.
+With the draft's probabilities p_i of its token and r_i(y) of another token y at
+position i,
 
-    P(first rejection at j+1, correction = runner-up_{j+1}) ≈ p_1 ··· p_j · r_{j+1}
+    P(first rejection at j+1, correction = y) ≈ p_1 ··· p_j · r_{j+1}(y)
 
-so the ``width`` likeliest corrections get a block too (position k+1 stands for the
-bonus: all accepted, and the bonus is the runner-up rather than the guess). On the
-demo pair at k = 4..8, three of them take the share of verdicts that some block
-drafted ahead extends from 25–45% to 55–73%.
+so the ``width`` likeliest corrections get a block too, among the two choices behind
+the draft's token at each position (position k+1 stands for the bonus: all accepted,
+and the bonus is another choice than the guess). Teacher-forced on the demo pair at
+k = 4, the share of verdicts that some block drafted ahead extends is 45% for full
+acceptance alone; 73% with 3 corrections, 78% with 5 and 81% with 8.
 
 All branches are drafted together, one forward per step: they share the KV of
 c + x_1..x_k, expanded to one row each, and row j masks the positions after its
@@ -25,7 +27,7 @@ block against the tokens it really committed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,8 +36,12 @@ import torch
 from specdec.batched import batch_unsupported
 from specdec.drafters import Drafter
 from specdec.kv_cache import SequenceCache, dynamic_cache_of, forward_arguments
+from specdec.lean_forward import LeanCache, LeanRows
 from specdec.sampling import SamplingParams
-from specdec.verifier import DraftBlock, RunnerUp
+from specdec.verifier import DraftBlock, RunnerUps
+
+# How many of the draft's next choices behind its token may be a correction's guess.
+CHOICES_BEHIND = 2
 
 
 @dataclass(frozen=True)
@@ -61,29 +67,31 @@ def full_acceptance_branch(
     return [Branch((*block.token_ids, proposal.token_ids[0]), proposal.after_first())]
 
 
-def greedy_choices(logits: torch.Tensor) -> tuple[list[int], list[RunnerUp]]:
-    """logits [B, V] -> per row the argmax id and the runner-up behind it."""
-    assert logits.dim() == 2 and logits.shape[-1] >= 2, tuple(logits.shape)
-    top = logits.float().softmax(-1).topk(2, dim=-1)  # values, indices: [B, 2]
+def greedy_choices(logits: torch.Tensor) -> tuple[list[int], list[RunnerUps]]:
+    """logits [B, V] -> per row the argmax id and the ``CHOICES_BEHIND`` ids behind it."""
+    assert logits.dim() == 2 and logits.shape[-1] > CHOICES_BEHIND, tuple(logits.shape)
+    top = logits.float().softmax(-1).topk(1 + CHOICES_BEHIND, dim=-1)  # [B, 1 + behind]
     values, indices = top.values.tolist(), top.indices.tolist()
     chosen = [int(row[0]) for row in indices]
     runner_ups = [
-        RunnerUp(int(ids[1]), float(p[0]), float(p[1]))
+        RunnerUps(float(p[0]), tuple(int(i) for i in ids[1:]), tuple(float(q) for q in p[1:]))
         for ids, p in zip(indices, values, strict=True)
     ]
     return chosen, runner_ups
 
 
-def likeliest_corrections(runner_ups: Sequence[RunnerUp], width: int) -> list[int]:
-    """The positions (0-based; the last may be the bonus) where a rejection corrected by
-    the runner-up is likeliest, most likely first: at most ``width``, scored
-    p_1 ··· p_j · r_{j+1}."""
-    scores: list[tuple[float, int]] = []
+def likeliest_corrections(runner_ups: Sequence[RunnerUps], width: int) -> list[tuple[int, int]]:
+    """The (position, token) corrections likeliest to be the verdict, most likely first:
+    at most ``width``, each scored p_1 ··· p_j · r_{j+1} with r the draft's probability of
+    that token at position j+1 (0-based positions; the last may be the bonus)."""
+    scores: list[tuple[float, int, int]] = []
     reach = 1.0  # P(x_1..x_j all accepted)
-    for j, runner_up in enumerate(runner_ups):
-        scores.append((reach * runner_up.p_runner_up, j))
-        reach *= runner_up.p_chosen
-    return [j for _, j in sorted(scores, key=lambda s: (-s[0], s[1]))[: max(0, width)]]
+    for j, behind in enumerate(runner_ups):
+        for token, p in zip(behind.token_ids, behind.probs, strict=True):
+            scores.append((reach * p, j, token))
+        reach *= behind.p_chosen
+    ranked = sorted(scores, key=lambda s: (-s[0], s[1]))[: max(0, width)]
+    return [(j, token) for _, j, token in ranked]
 
 
 @torch.inference_mode()
@@ -93,8 +101,8 @@ def draft_branches(
     """Greedy blocks of up to k tokens for the outcomes of verifying ``block`` after ``context``.
 
     First the full acceptance (assumed = block + the guessed bonus), then up to
-    ``width`` likeliest corrections (assumed = block[:j] + runner-up_j; j = k: the
-    bonus's runner-up). ``cache`` is the drafter's: it is left holding context + block;
+    ``width`` likeliest corrections (assumed = block[:j] + y, y one of the draft's next
+    choices at position j; j = k: behind the bonus). ``cache`` is the drafter's: it is left holding context + block;
     the branches run on copies. Empty when the draft's context has no room for another
     token.
     """
@@ -111,18 +119,18 @@ def draft_branches(
     (bonus,), (bonus_runner_up,) = greedy_choices(logits)
 
     kv = cache.layer_kv()
-    # Position k is the bonus: full acceptance, then the runner-up instead of the guess.
+    # Position k is the bonus: full acceptance, then another choice instead of the guess.
     runner_ups = (*block.runner_ups[: len(block)], bonus_runner_up) if block.runner_ups else ()
-    alternatives: list[int] = []
-    if runner_ups and kv and batch_unsupported(model) is None:
-        alternatives = likeliest_corrections(runner_ups, width)
-    # Row 0: the full acceptance; row 1 + i: the correction at position alternatives[i].
-    first_tokens = [bonus, *(runner_ups[j].token_id for j in alternatives)]
-    positions = [end, *(start + j for j in alternatives)]
+    corrections: list[tuple[int, int]] = []
+    if runner_ups and kv and (isinstance(cache, LeanCache) or batch_unsupported(model) is None):
+        corrections = likeliest_corrections(runner_ups, width)
+    # Row 0: the full acceptance; row 1 + i: the correction corrections[i] = (j, token).
+    first_tokens = [bonus, *(token for _, token in corrections)]
+    positions = [end, *(start + j for j, _ in corrections)]
     rows = _draft_rows(cache, kv or [], first_tokens, positions, k)
     branches = [Branch((*block.token_ids, bonus), rows[0])]
-    for j, drafted in zip(alternatives, rows[1:], strict=True):
-        branches.append(Branch((*block.token_ids[:j], runner_ups[j].token_id), drafted))
+    for (j, token), drafted in zip(corrections, rows[1:], strict=True):
+        branches.append(Branch((*block.token_ids[:j], token), drafted))
     return branches
 
 
@@ -135,11 +143,34 @@ def _draft_rows(
 ) -> list[DraftBlock]:
     """k greedy tokens per row: row b feeds first_tokens[b] at positions[b], seeing the
     cached tokens before positions[b] only; one batched forward per step."""
+    if len(first_tokens) == 1:  # no hole needed: plain decoding on the cache itself
+        return [_draft_alone(cache, first_tokens[0], k)]
+    step = (
+        LeanRows(cache, positions, k).step
+        if isinstance(cache, LeanCache)
+        else _hf_rows(cache, kv, positions)
+    )
+    drafted: list[list[int]] = [[] for _ in first_tokens]
+    runner_ups: list[list[RunnerUps]] = [[] for _ in first_tokens]
+    tokens = first_tokens
+    for _ in range(k):
+        tokens, seconds = greedy_choices(step(tokens))  # [B, V] -> B ids
+        for b, (token, second) in enumerate(zip(tokens, seconds, strict=True)):
+            drafted[b].append(token)
+            runner_ups[b].append(second)
+    return [
+        DraftBlock(tuple(ids), None, tuple(seconds))
+        for ids, seconds in zip(drafted, runner_ups, strict=True)
+    ]
+
+
+def _hf_rows(
+    cache: SequenceCache, kv: list[tuple[torch.Tensor, torch.Tensor]], positions: list[int]
+) -> Callable[[list[int]], torch.Tensor]:
+    """The rows of ``_draft_rows`` on HF's forward: a step function, tokens -> logits [B, V]."""
     model = cache.model
     device = model.device
-    rows, end = len(first_tokens), len(cache)
-    if rows == 1:  # no hole needed: plain decoding on the cache itself
-        return [_draft_alone(cache, first_tokens[0], k)]
+    rows, end = len(positions), len(cache)
     layers = [
         (keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1)) for keys, values in kv
     ]  # [B, H, end, D] views: the first step's concatenation copies them
@@ -147,38 +178,31 @@ def _draft_rows(
     mask = torch.ones(rows, end, dtype=torch.long, device=device)  # [B, end]
     for b, branch_point in enumerate(positions):
         mask[b, branch_point:] = 0  # the hole: the proposal's tokens after the branch point
-    tokens = torch.tensor(first_tokens, dtype=torch.long, device=device)  # [B]
     position = torch.tensor(positions, dtype=torch.long, device=device)  # [B]
     cache_argument, has_logits_to_keep = forward_arguments(model)
     extra: dict[str, Any] = {"logits_to_keep": 1} if has_logits_to_keep else {}
-    drafted: list[list[int]] = [[] for _ in range(rows)]
-    runner_ups: list[list[RunnerUp]] = [[] for _ in range(rows)]
-    for _ in range(k):
+
+    def step(tokens: list[int]) -> torch.Tensor:
+        nonlocal mask, position
         mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)  # [B, end + step + 1]
         output = model.model(
-            input_ids=tokens[:, None],
+            input_ids=torch.tensor(tokens, dtype=torch.long, device=device)[:, None],
             position_ids=position[:, None],
             attention_mask=mask,
             use_cache=True,
             **{cache_argument: past},
             **extra,
         )
-        chosen, seconds = greedy_choices(output.logits[:, -1])  # [B, V] -> B ids
-        for b in range(rows):
-            drafted[b].append(chosen[b])
-            runner_ups[b].append(seconds[b])
-        tokens = torch.tensor(chosen, dtype=torch.long, device=device)
         position = position + 1
-    return [
-        DraftBlock(tuple(ids), None, tuple(seconds))
-        for ids, seconds in zip(drafted, runner_ups, strict=True)
-    ]
+        return output.logits[:, -1]  # [B, V]
+
+    return step
 
 
 def _draft_alone(cache: SequenceCache, first: int, k: int) -> DraftBlock:
     """k greedy tokens after the cached tokens + ``first``, on the cache itself."""
     tokens: list[int] = []
-    runner_ups: list[RunnerUp] = []
+    runner_ups: list[RunnerUps] = []
     feed = first
     for _ in range(k):
         (token,), (second,) = greedy_choices(cache.extend([feed])[-1:])

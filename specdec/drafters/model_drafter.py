@@ -10,8 +10,8 @@ step feeds one token. So k forwards per round, the first over a few tokens.
 
 Greedy: x_i = argmax of the draft logits, token-only block (q=None): the oracle
 accepts iff it would have chosen x_i itself. The block also records the draft's
-runner-up at each position, the likeliest correction if x_i is rejected, and
-``branch`` drafts ahead for those corrections (see ``specdec.drafters.branches``).
+next choices at each position (runner-up and third), the likeliest corrections if
+x_i is rejected, and ``branch`` drafts ahead for those corrections (see ``specdec.drafters.branches``).
 Sampling: q_i = the draft's distribution under the request's temperature,
 top-k and top-p, truncated to its ``max_support`` most likely ids and
 renormalised; x_i ~ q_i. The truncated q is what the block carries, so the
@@ -32,6 +32,7 @@ from specdec.drafters.branches import (
 )
 from specdec.errors import InvalidArgument
 from specdec.kv_cache import SequenceCache
+from specdec.lean_forward import LeanCache, lean_unsupported
 from specdec.models import LoadedModel
 from specdec.sampling import (
     SamplingParams,
@@ -42,7 +43,7 @@ from specdec.sampling import (
     sample_sparse,
     truncate_to_sparse,
 )
-from specdec.verifier import DraftBlock, RunnerUp
+from specdec.verifier import DraftBlock, RunnerUps
 
 # Random stream of draft proposals (0 is the oracle's verification stream).
 DRAFT_STREAM = 1
@@ -51,12 +52,21 @@ DRAFT_STREAM = 1
 class ModelDrafter:
     """Drafts with ``model`` (same tokenizer as the oracle: see ``models.check_compatible``)."""
 
-    def __init__(self, model: LoadedModel, max_support: int = 32, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        max_support: int = 32,
+        seed: int | None = None,
+        lean: bool = True,
+    ) -> None:
+        """lean: draft on ``specdec.lean_forward`` where the model qualifies (else HF's)."""
         if max_support < 1:
             raise InvalidArgument(f"max_support must be >= 1, got {max_support}")
         self.model = model
         self.max_support = max_support
-        self.cache = SequenceCache(model)
+        self.cache = (
+            LeanCache(model) if lean and lean_unsupported(model) is None else SequenceCache(model)
+        )
         self.seed = resolve_seed(seed)
         # (proposed, accepted) per round, in order.
         self.history: list[tuple[int, int]] = []
@@ -81,7 +91,7 @@ class ModelDrafter:
         logits = self._catch_up(context)  # [V]
         tokens: list[int] = []
         dists: list[SparseDist] = []
-        runner_ups: list[RunnerUp] = []
+        runner_ups: list[RunnerUps] = []
         for i in range(k):
             if i > 0:
                 logits = self.cache.extend([tokens[-1]])[-1]  # [V]

@@ -1,0 +1,231 @@
+"""A lean decoding forward for small Llama-family drafts, on a preallocated KV buffer.
+
+A draft's tokens are only proposals: the oracle verifies every one, so the draft's
+forward may take any route that computes (nearly) the same logits. For a small draft
+the route matters more than the arithmetic. The demo draft (2 layers, width 256) spends
+about 2 ms per one-token HF forward on a CPU core, almost all of it in per-call
+machinery: the mask builder, the cache object, decorators, output classes. The maths
+is about 3 M multiply-adds.
+
+This module runs the same modules (the model's own norms, projections, MLPs and
+rotary embedding, so the same weights and formulas) in a plain loop:
+
+    h = embed(x);  for each layer:  h += o(attn(rope(q(n1(h))), rope(k(n1(h))), v(n1(h))))
+                                    h += mlp(n2(h))
+    logits = lm_head(norm(h))
+
+Keys and values go into per-layer buffers [B, H_kv, capacity, D], written in place at
+the sequence's positions. ``LeanCache`` is a drop-in ``SequenceCache`` on that path;
+``lean_rows`` drafts several rows that share a cached prefix (the branches). Only
+the architectures below qualify (``lean_unsupported`` says why not); every other
+model keeps HF's forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from specdec.errors import InvalidArgument
+from specdec.kv_cache import SequenceCache
+from specdec.models import LoadedModel
+
+# Same decoder layout: pre-norm, rotary q/k, (grouped-query) attention, gated MLP.
+LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2")
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [B, H_kv, capacity, D]
+
+
+def lean_unsupported(loaded: LoadedModel) -> str | None:
+    """Why ``loaded`` cannot take the lean forward, or None when it can."""
+    config = loaded.model.config
+    if config.model_type not in LEAN_MODEL_TYPES:
+        return f"model type {config.model_type!r} is not one of {LEAN_MODEL_TYPES}"
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) and window < loaded.max_context:
+        return f"a sliding window of {window} positions"
+    inner = getattr(loaded.model, "model", None)
+    if inner is None or not hasattr(inner, "rotary_emb") or not hasattr(loaded.model, "lm_head"):
+        return "not the usual layout (model.layers, model.rotary_emb, lm_head)"
+    for layer in inner.layers:
+        attention = getattr(layer, "self_attn", None)
+        if attention is None or not hasattr(attention, "scaling"):
+            return "an attention module without q/k/v/o projections and a scaling"
+        if hasattr(attention, "q_norm") or getattr(layer, "attention_type", "full_attention") != (
+            "full_attention"
+        ):
+            return "attention with extra norms or a non-full attention type"
+    return None
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LeanModel:
+    """The modules of a qualifying model, and one forward over them."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        reason = lean_unsupported(loaded)
+        if reason is not None:
+            raise InvalidArgument(f"{loaded.name!r} cannot take the lean forward: {reason}")
+        self.loaded = loaded
+        inner = loaded.model.model
+        self.embed, self.layers, self.norm = inner.embed_tokens, list(inner.layers), inner.norm
+        self.rotary, self.lm_head = inner.rotary_emb, loaded.model.lm_head
+        attention = self.layers[0].self_attn
+        self.head_dim = int(attention.head_dim)
+        self.kv_heads = int(loaded.model.config.num_key_value_heads)
+
+    def new_kv(self, rows: int, capacity: int) -> KV:
+        """Empty per-layer key/value buffers [rows, H_kv, capacity, D]."""
+        shape = (rows, self.kv_heads, capacity, self.head_dim)
+        weight = self.layers[0].self_attn.k_proj.weight
+        return [(weight.new_empty(shape), weight.new_empty(shape)) for _ in range(len(self.layers))]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv: KV,
+        write_at: int,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Hidden states [B, n, hidden] of input_ids [B, n] at positions [B, n].
+
+        Writes the new keys/values at buffer slots write_at..write_at+n and attends over
+        slots [0, write_at + n) under ``mask`` (bool [B or 1, 1, n, write_at + n], True =
+        attend; None = everything, only right for n = 1).
+        """
+        batch, n = input_ids.shape
+        end = write_at + n
+        hidden = self.embed(input_ids)  # [B, n, hidden]
+        cos, sin = self.rotary(hidden, positions)  # [B, n, D] each
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, n, D]: broadcast over heads
+        for layer, (keys, values) in zip(self.layers, kv, strict=True):
+            attention = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = attention.q_proj(x).view(batch, n, -1, self.head_dim).transpose(1, 2)
+            k = attention.k_proj(x).view(batch, n, -1, self.head_dim).transpose(1, 2)
+            v = attention.v_proj(x).view(batch, n, -1, self.head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin  # [B, H, n, D]
+            keys[:, :, write_at:end] = k * cos + _rotate_half(k) * sin  # [B, H_kv, n, D]
+            values[:, :, write_at:end] = v
+            out = F.scaled_dot_product_attention(
+                q,
+                keys[:, :, :end],
+                values[:, :, :end],
+                attn_mask=mask,
+                scale=attention.scaling,
+                enable_gqa=True,
+            )  # [B, H, n, D]
+            hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(batch, n, -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return self.norm(hidden)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., hidden] -> float32 logits [..., V]."""
+        return self.lm_head(hidden).float()
+
+
+class LeanCache(SequenceCache):
+    """A ``SequenceCache`` on the lean forward: same tokens, extend, rollback and sync.
+
+    The keys/values live in one buffer per layer, grown by doubling up to the model's
+    context; rolling back only moves the length.
+    """
+
+    def __init__(self, model: LoadedModel) -> None:
+        super().__init__(model)
+        self.lean = LeanModel(model)
+        self._kv: KV = []
+
+    @torch.inference_mode()
+    def extend(self, new_tokens: Sequence[int], logits_to_keep: int | None = None) -> torch.Tensor:
+        self.check_extend(new_tokens, logits_to_keep)
+        n, past = len(new_tokens), len(self.tokens)
+        self._reserve(past + n)
+        device = self.model.device
+        input_ids = torch.tensor([list(new_tokens)], dtype=torch.long, device=device)  # [1, n]
+        positions = torch.arange(past, past + n, device=device).unsqueeze(0)  # [1, n]
+        mask = None
+        if n > 1:  # causal among the new tokens: row i sees slots <= past + i
+            mask = torch.ones(n, past + n, dtype=torch.bool, device=device).tril(past)[None, None]
+        hidden = self.lean.forward(input_ids, positions, self._kv, past, mask)[0]  # [n, hidden]
+        self.tokens.extend(int(t) for t in new_tokens)
+        if logits_to_keep is not None:
+            hidden = hidden[-logits_to_keep:]
+        return self.lean.logits(hidden)
+
+    def _reserve(self, length: int) -> None:
+        capacity = self._kv[0][0].shape[2] if self._kv else 0
+        if length <= capacity:
+            return
+        grown = min(self.model.max_context, max(length, 2 * capacity, 64))
+        kv = self.lean.new_kv(1, grown)
+        for (new_keys, new_values), (keys, values) in zip(kv, self._kv, strict=False):
+            new_keys[:, :, : len(self.tokens)] = keys[:, :, : len(self.tokens)]
+            new_values[:, :, : len(self.tokens)] = values[:, :, : len(self.tokens)]
+        self._kv = kv
+
+    def rollback(self, length: int) -> None:
+        self.check_rollback(length)
+        del self.tokens[length:]
+
+    def reset(self) -> None:
+        self.tokens = []
+
+    def layer_kv(self) -> KV | None:
+        """Per layer, views [1, H_kv, len(self), D] of the cached keys/values."""
+        if not self.tokens:
+            return []
+        end = len(self.tokens)
+        return [(keys[:, :, :end], values[:, :, :end]) for keys, values in self._kv]
+
+    def replace_kv(
+        self, tokens: Sequence[int], kv: Sequence[tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
+        raise NotImplementedError("a LeanCache is filled by its own forward only")
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self._kv for t in layer)
+
+    def __repr__(self) -> str:
+        return f"LeanCache(model={self.model.name!r}, tokens={len(self.tokens)})"
+
+
+class LeanRows:
+    """Rows that share a ``LeanCache``'s tokens, each continuing from its own branch point.
+
+    Row b's first token goes to position branch_points[b]; it sees the cached tokens
+    before that position (the rest of the cache is masked: the hole) and its own new
+    tokens. The cache itself is not touched: its keys/values are copied once into
+    row buffers [B, H_kv, len(cache) + steps, D].
+    """
+
+    def __init__(self, cache: LeanCache, branch_points: Sequence[int], steps: int) -> None:
+        end, rows = len(cache), len(branch_points)
+        assert rows >= 1 and steps >= 1 and all(0 < p <= end for p in branch_points)
+        device = cache.model.device
+        self.lean = cache.lean
+        self.kv = self.lean.new_kv(rows, end + steps)
+        for (keys, values), (cached_keys, cached_values) in zip(self.kv, cache._kv, strict=True):
+            keys[:, :, :end] = cached_keys[:, :, :end]  # [1, ...] broadcast to every row
+            values[:, :, :end] = cached_values[:, :, :end]
+        points = torch.tensor(list(branch_points), dtype=torch.long, device=device)[:, None]
+        slots = torch.arange(end + steps, device=device)[None, :]  # [1, end + steps]
+        self._mask = ((slots < points) | (slots >= end))[:, None, None, :]  # [B, 1, 1, slots]
+        self._positions = points  # [B, 1]: where each row's next token goes
+        self._written = end
+
+    @torch.inference_mode()
+    def step(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Feed one token per row; float32 logits [B, V] for each row's next token."""
+        ids = torch.tensor(list(tokens), dtype=torch.long, device=self._positions.device)[:, None]
+        mask = self._mask[..., : self._written + 1]
+        hidden = self.lean.forward(ids, self._positions, self.kv, self._written, mask)
+        self._written += 1
+        self._positions = self._positions + 1
+        return self.lean.logits(hidden[:, -1])  # [B, V]
