@@ -1,10 +1,9 @@
 """`specdec bench --in-process`: the core speculative loop against HF greedy generate, one process.
 
 No services, no network: ``speculative_generate`` (the same round loop the
-services run) with the demo draft at several k (and once on HF's forward instead of
-the lean one), against HF ``generate`` of the
-oracle alone, on the same prompts, alternating per prompt. Prints a table and
-writes JSON.
+services run) with the demo draft at several k (at k = 4 also on HF's forward
+instead of the lean one), against HF ``generate`` of the oracle alone, on the same
+prompts, alternating per prompt. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
