@@ -102,9 +102,9 @@ def draft_branches(
 
     First the full acceptance (assumed = block + the guessed bonus), then up to
     ``width`` likeliest corrections (assumed = block[:j] + y, y one of the draft's next
-    choices at position j; j = k: behind the bonus). ``cache`` is the drafter's: it is left holding context + block;
-    the branches run on copies. Empty when the draft's context has no room for another
-    token.
+    choices at position j; j = k: behind the bonus). ``cache`` is the drafter's: it is
+    left holding context + block; the branches run on copies. Empty when the draft's
+    context has no room for another token.
     """
     model = cache.model
     sequence = [*context, *block.token_ids]

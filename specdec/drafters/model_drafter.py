@@ -11,7 +11,8 @@ step feeds one token. So k forwards per round, the first over a few tokens.
 Greedy: x_i = argmax of the draft logits, token-only block (q=None): the oracle
 accepts iff it would have chosen x_i itself. The block also records the draft's
 next choices at each position (runner-up and third), the likeliest corrections if
-x_i is rejected, and ``branch`` drafts ahead for those corrections (see ``specdec.drafters.branches``).
+x_i is rejected, and ``branch`` drafts ahead for those corrections (see
+``specdec.drafters.branches``).
 Sampling: q_i = the draft's distribution under the request's temperature,
 top-k and top-p, truncated to its ``max_support`` most likely ids and
 renormalised; x_i ~ q_i. The truncated q is what the block carries, so the
