@@ -48,6 +48,15 @@ class OracleConfig:
         "when fewer sessions have a block waiting than have a verify stream open, wait up to "
         "this long for theirs before starting a batch (0 = never wait)",
     )
+    static_kv: str = setting(
+        "auto",
+        "preallocated KV slots (llama-family oracles), the verify forward replayed as CUDA "
+        "graphs: auto = on a CUDA device, on = also on the CPU (eager), off = HF's forward",
+        choices=("auto", "on", "off"),
+    )
+    cuda_graphs: bool = setting(
+        True, "with static KV on a GPU, replay the verify forward as CUDA graphs"
+    )
     log_level: str = setting(
         "info", "log level", choices=("debug", "info", "warning", "error", "critical")
     )

@@ -41,6 +41,7 @@ from specdec.errors import FailedPrecondition, InvalidArgument, Unavailable
 from specdec.models import LoadedModel
 from specdec.oracle import Oracle, PrefillResult
 from specdec.sampling import SamplingParams, validate_token_ids
+from specdec.static_kv import slot_pool_for
 from specdec.telemetry.setup import metrics
 from specdec.turn import OpenResult, VerifyResult
 from specdec.verifier import (
@@ -92,12 +93,23 @@ class OracleEngine:
         max_cached_sessions: int,
         max_batch: int = DEFAULT_MAX_BATCH,
         batch_wait_s: float = 0.0,
+        static_kv: str = "off",
+        cuda_graphs: bool = True,
     ) -> None:
-        """``max_batch``: the most blocks (of different sessions) verified in one forward."""
+        """``max_batch``: the most blocks (of different sessions) verified in one forward.
+        ``static_kv``, ``cuda_graphs``: see ``specdec.static_kv.slot_pool_for``."""
         if max_batch < 1:
             raise InvalidArgument(f"max_batch must be >= 1, got {max_batch}")
         self.model = model
-        self.oracle = Oracle(model)
+        slots = slot_pool_for(
+            model,
+            static_kv,
+            max_slots=max_sessions,
+            max_rows=max_batch,
+            budget_bytes=kv_budget_bytes,
+            cuda_graphs=cuda_graphs,
+        )
+        self.oracle = Oracle(model, slots)
         self.oracle_id = oracle_id
         self.sessions = SessionStore(
             self.oracle.new_cache,
@@ -134,6 +146,12 @@ class OracleEngine:
 
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, timed)
+
+    async def warm_up(self) -> None:
+        """Capture the verify forward's CUDA graphs (static KV on a GPU) in the model thread,
+        before the first session: a capture in the middle of serving would stall a batch."""
+        if self.oracle.slots is not None:
+            await self._run(self.oracle.slots.capture_all)
 
     # -- open ---------------------------------------------------------------
 

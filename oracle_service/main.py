@@ -83,7 +83,10 @@ class OracleService:
             max_cached_sessions=config.max_cached_sessions,
             max_batch=config.max_batch,
             batch_wait_s=config.batch_wait_ms / 1000,
+            static_kv=config.static_kv,
+            cuda_graphs=config.cuda_graphs,
         )
+        await engine.warm_up()
         self.engine = engine
         self.servicer.engine = engine
         observe_store(engine.sessions)

@@ -188,7 +188,7 @@ class SessionStore:
                 while len(self._evicted) > EVICTED_IDS_KEPT:
                     self._evicted.popitem(last=False)
         for session in evicted:
-            session.cache.reset()  # frees its tensors now, not at the next GC
+            session.cache.release()  # frees its tensors (or KV slot) now, not at the next GC
         return [s.session_id for s in evicted]
 
     def release(self, session_id: str) -> bool:
@@ -201,7 +201,7 @@ class SessionStore:
             if session is None:
                 return False
             self._drop_locked(session)
-        session.cache.reset()
+        session.cache.release()
         return True
 
     def _drop_locked(self, session: OracleSession) -> None:

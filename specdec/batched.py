@@ -56,6 +56,7 @@ from specdec.kv_cache import SequenceCache, dynamic_cache_of, forward_arguments
 from specdec.models import LoadedModel
 from specdec.oracle import Oracle, PrefillResult, VerifyTiming
 from specdec.sampling import SamplingParams
+from specdec.static_kv import SlotCache
 from specdec.verifier import DraftBlock, Verdict, greedy_verdict, validate_block, verify_block
 
 log = logging.getLogger(__name__)
@@ -125,22 +126,76 @@ def verify_batch(oracle: Oracle, items: Sequence[BatchItem]) -> BatchVerificatio
     when its own prefill died). The items must belong to different sessions (no two
     share a cache). A row's timing: its own prefill, the shared forward, and
     verify_ns = the whole batch (every row's verdict comes out together).
+
+    Rows on static KV slots (``SlotCache``) share one forward over the slot pool; the
+    others share one over their HF caches.
     """
     caches = {id(item.cache) for item in items}
     if len(caches) != len(items):
         raise InvalidArgument("the items of a batch must have different caches (sessions)")
+    slotted = [i for i, item in enumerate(items) if isinstance(item.cache, SlotCache)]
+    if not slotted:
+        return _verify_dynamic(oracle, items)
+    dynamic = sorted(set(range(len(items))) - set(slotted))
+    parts = [(slotted, _verify_slotted(oracle, [items[i] for i in slotted]))]
+    if dynamic:
+        parts.append((dynamic, _verify_dynamic(oracle, [items[i] for i in dynamic])))
+    results: list[Outcome | None] = [None] * len(items)
+    for indices, part in parts:
+        for index, result in zip(indices, part.results, strict=True):
+            results[index] = result
+    fallback = next((part.fallback for _, part in parts if part.fallback), None)
+    forward_rows = sum(part.forward_rows for _, part in parts)
+    return BatchVerification(_settled(results), forward_rows, fallback)
+
+
+def _verify_slotted(oracle: Oracle, items: Sequence[BatchItem]) -> BatchVerification:
+    """Items on static KV slots: one ``SlotPool.forward_rows`` (a CUDA graph on a GPU)."""
+    start = time.perf_counter_ns()
+    results: list[Outcome | None] = [None] * len(items)
+    prefills = _prefill_all(oracle, items, results)
+    rows = list(prefills)
+    pool = oracle.slots
+    fallback: str | None = None
+    forward = None
+    if rows and pool is not None:
+        try:
+            forward = pool.forward_rows(
+                [_slot_cache(items[index]) for index in rows],
+                [[items[index].committed[-1], *items[index].block.token_ids] for index in rows],
+            )
+        except Exception as exc:  # the slots' kept positions are untouched: verify alone
+            log.warning("verify of %d slot rows failed (%s); verifying one by one", len(rows), exc)
+            fallback = f"the slot forward failed: {type(exc).__name__}: {exc}"
+    if forward is None:
+        for index in rows:
+            results[index] = _verify_alone(oracle, items[index], prefills[index])
+        return BatchVerification(_settled(results), 0, fallback)
+    verdicts = _judge(items, rows, forward.logits, results)
+    for index, verdict in verdicts.items():
+        item = items[index]
+        assert isinstance(item.cache, SlotCache)
+        # Keep committed[-1] and the accepted draft tokens, already written in the slot.
+        item.cache.adopt([item.committed[-1], *item.block.token_ids[: verdict.num_accepted]])
+    _time(results, verdicts, prefills, forward.forward_ns, time.perf_counter_ns() - start)
+    return BatchVerification(_settled(results), len(rows), None)
+
+
+def _slot_cache(item: BatchItem) -> SlotCache:
+    cache = item.cache
+    assert isinstance(cache, SlotCache) and cache.slot is not None, cache
+    return cache
+
+
+def _verify_dynamic(oracle: Oracle, items: Sequence[BatchItem]) -> BatchVerification:
+    """Items on HF caches: one padded forward over copies of their KV (the module doc)."""
     reason = batch_unsupported(oracle.model) if len(items) > 1 else None
     if len(items) <= 1 or reason is not None:
         return BatchVerification([_verify_alone(oracle, item) for item in items], 0, reason)
 
     start = time.perf_counter_ns()
     results: list[Outcome | None] = [None] * len(items)
-    prefills: dict[int, PrefillResult] = {}
-    for index, item in enumerate(items):
-        try:
-            prefills[index] = _prefill(oracle, item)
-        except Exception as exc:  # its own error; prefill resets a cache it broke
-            results[index] = exc
+    prefills = _prefill_all(oracle, items, results)
     rows = list(prefills)
     if len(rows) == 1:
         (index,) = rows
@@ -159,12 +214,42 @@ def verify_batch(oracle: Oracle, items: Sequence[BatchItem]) -> BatchVerificatio
         for index in rows:
             results[index] = _verify_alone(oracle, items[index], prefills[index])
         return BatchVerification(_settled(results), 0, fallback)
-    batch_logits, forward_ns = forward.logits, forward.forward_ns
+    verdicts = _judge(items, rows, forward.logits, results)
+    for row, index in enumerate(rows):
+        if index in verdicts:
+            item = items[index]
+            # The cache keeps committed[-1] and the accepted draft tokens (the rejected tail
+            # is never stored): the state the per-session verify leaves after its rollback.
+            kept = [item.committed[-1], *item.block.token_ids[: verdicts[index].num_accepted]]
+            item.cache.replace_kv([*item.cache.tokens, *kept], forward.row_kv(row, len(kept)))
+    _time(results, verdicts, prefills, forward.forward_ns, time.perf_counter_ns() - start)
+    return BatchVerification(_settled(results), len(rows), None)
+
+
+def _prefill_all(
+    oracle: Oracle, items: Sequence[BatchItem], results: list[Outcome | None]
+) -> dict[int, PrefillResult]:
+    """Each item's cache brought to committed[:-1]; an item whose prefill fails gets its error."""
+    prefills: dict[int, PrefillResult] = {}
+    for index, item in enumerate(items):
+        try:
+            prefills[index] = _prefill(oracle, item)
+        except Exception as exc:  # its own error; prefill resets a cache it broke
+            results[index] = exc
+    return prefills
+
+
+def _judge(
+    items: Sequence[BatchItem],
+    rows: Sequence[int],
+    logits: torch.Tensor,
+    results: list[Outcome | None],
+) -> dict[int, Verdict]:
+    """Verdicts of items[rows[r]] from logits [R, N, V]; an item that fails gets its error."""
     # Greedy rows need only the argmax: one reduction and one transfer for all of them.
     greedy = [row for row, index in enumerate(rows) if items[index].params.greedy]
-    targets = batch_logits[greedy].argmax(dim=-1).tolist() if greedy else []  # [G, N]
+    targets = logits[greedy].argmax(dim=-1).tolist() if greedy else []  # [G, N]
     target_of = dict(zip(greedy, targets, strict=True))
-
     verdicts: dict[int, Verdict] = {}
     for row, index in enumerate(rows):
         item = items[index]
@@ -175,20 +260,20 @@ def verify_batch(oracle: Oracle, items: Sequence[BatchItem]) -> BatchVerificatio
             else:
                 # Row i predicts block position i, at absolute position len(committed) + i.
                 verdicts[index] = verify_block(
-                    batch_logits[row, : k + 1],
-                    item.block,
-                    item.params,
-                    len(item.committed),
-                    item.seed,
+                    logits[row, : k + 1], item.block, item.params, len(item.committed), item.seed
                 )
         except Exception as exc:  # its own error; its cache still holds committed[:-1]
             results[index] = exc
-            continue
-        # The cache keeps committed[-1] and the accepted draft tokens (the rejected tail
-        # is never stored): the state the per-session verify leaves after its rollback.
-        kept = [item.committed[-1], *item.block.token_ids[: verdicts[index].num_accepted]]
-        item.cache.replace_kv([*item.cache.tokens, *kept], forward.row_kv(row, len(kept)))
-    verify_ns = time.perf_counter_ns() - start
+    return verdicts
+
+
+def _time(
+    results: list[Outcome | None],
+    verdicts: dict[int, Verdict],
+    prefills: dict[int, PrefillResult],
+    forward_ns: int,
+    verify_ns: int,
+) -> None:
     for index, verdict in verdicts.items():
         prefill = prefills[index]
         results[index] = (
@@ -200,7 +285,6 @@ def verify_batch(oracle: Oracle, items: Sequence[BatchItem]) -> BatchVerificatio
                 prefill_computed=prefill.computed,
             ),
         )
-    return BatchVerification(_settled(results), len(rows), None)
 
 
 def _prefill(oracle: Oracle, item: BatchItem) -> PrefillResult:

@@ -161,6 +161,10 @@ class SequenceCache:
         self.tokens = []
         self._cache = _new_cache()
 
+    def release(self) -> None:
+        """Free the cache's memory for good: its session is gone (evicted or released)."""
+        self.reset()
+
     def layer_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """Per layer, the (keys, values) of the cached tokens, each [1, H, len(self), D].
 

@@ -23,7 +23,7 @@ model keeps HF's forward.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,8 @@ from specdec.models import LoadedModel
 # Same decoder layout: pre-norm, rotary q/k, (grouped-query) attention, gated MLP.
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2")
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [B, H_kv, capacity, D]
+# store(layer, new keys, new values) -> the keys, values to attend over (LeanModel.forward)
+KVStore = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def lean_unsupported(loaded: LoadedModel) -> str | None:
@@ -59,6 +61,22 @@ def lean_unsupported(loaded: LoadedModel) -> str | None:
     return None
 
 
+def span_store(kv: KV, write_at: int) -> KVStore:
+    """Keys/values go to buffer slots write_at..write_at+n of every row; attention covers
+    slots [0, write_at + n)."""
+
+    def store(
+        layer: int, new_keys: torch.Tensor, new_values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = kv[layer]
+        end = write_at + new_keys.shape[2]
+        keys[:, :, write_at:end] = new_keys
+        values[:, :, write_at:end] = new_values
+        return keys[:, :, :end], values[:, :, :end]
+
+    return store
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -80,46 +98,42 @@ class LeanModel:
         self.kv_heads = int(loaded.model.config.num_key_value_heads)
 
     def new_kv(self, rows: int, capacity: int) -> KV:
-        """Empty per-layer key/value buffers [rows, H_kv, capacity, D]."""
+        """Zeroed per-layer key/value buffers [rows, H_kv, capacity, D].
+
+        Zeros, not empty memory: a masked slot still enters attention as 0 x value,
+        and a NaN left in never-written memory would turn that into NaN.
+        """
         shape = (rows, self.kv_heads, capacity, self.head_dim)
         weight = self.layers[0].self_attn.k_proj.weight
-        return [(weight.new_empty(shape), weight.new_empty(shape)) for _ in range(len(self.layers))]
+        return [(weight.new_zeros(shape), weight.new_zeros(shape)) for _ in range(len(self.layers))]
 
     def forward(
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        kv: KV,
-        write_at: int,
+        store: KVStore,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """Hidden states [B, n, hidden] of input_ids [B, n] at positions [B, n].
 
-        Writes the new keys/values at buffer slots write_at..write_at+n and attends over
-        slots [0, write_at + n) under ``mask`` (bool [B or 1, 1, n, write_at + n], True =
-        attend; None = everything, only right for n = 1).
+        ``store(layer, keys, values)`` keeps each layer's new keys/values [B, H_kv, n, D]
+        and returns the keys/values to attend over, [B, H_kv, S, D]. ``mask``: bool
+        [B or 1, 1, n, S], True = attend; None = everything (right for n = 1 only).
         """
         batch, n = input_ids.shape
-        end = write_at + n
         hidden = self.embed(input_ids)  # [B, n, hidden]
         cos, sin = self.rotary(hidden, positions)  # [B, n, D] each
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, n, D]: broadcast over heads
-        for layer, (keys, values) in zip(self.layers, kv, strict=True):
+        for index, layer in enumerate(self.layers):
             attention = layer.self_attn
             x = layer.input_layernorm(hidden)
             q = attention.q_proj(x).view(batch, n, -1, self.head_dim).transpose(1, 2)
             k = attention.k_proj(x).view(batch, n, -1, self.head_dim).transpose(1, 2)
             v = attention.v_proj(x).view(batch, n, -1, self.head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin  # [B, H, n, D]
-            keys[:, :, write_at:end] = k * cos + _rotate_half(k) * sin  # [B, H_kv, n, D]
-            values[:, :, write_at:end] = v
+            keys, values = store(index, k * cos + _rotate_half(k) * sin, v)  # [B, H_kv, S, D]
             out = F.scaled_dot_product_attention(
-                q,
-                keys[:, :, :end],
-                values[:, :, :end],
-                attn_mask=mask,
-                scale=attention.scaling,
-                enable_gqa=True,
+                q, keys, values, attn_mask=mask, scale=attention.scaling, enable_gqa=True
             )  # [B, H, n, D]
             hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(batch, n, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
@@ -137,9 +151,10 @@ class LeanCache(SequenceCache):
     context; rolling back only moves the length.
     """
 
-    def __init__(self, model: LoadedModel) -> None:
+    def __init__(self, model: LoadedModel, lean: LeanModel | None = None) -> None:
+        """``lean``: the model's ``LeanModel`` when the caller has one already."""
         super().__init__(model)
-        self.lean = LeanModel(model)
+        self.lean = lean or LeanModel(model)
         self._kv: KV = []
 
     @torch.inference_mode()
@@ -153,7 +168,7 @@ class LeanCache(SequenceCache):
         mask = None
         if n > 1:  # causal among the new tokens: row i sees slots <= past + i
             mask = torch.ones(n, past + n, dtype=torch.bool, device=device).tril(past)[None, None]
-        hidden = self.lean.forward(input_ids, positions, self._kv, past, mask)[0]  # [n, hidden]
+        hidden = self.lean.forward(input_ids, positions, span_store(self._kv, past), mask)[0]
         self.tokens.extend(int(t) for t in new_tokens)
         if logits_to_keep is not None:
             hidden = hidden[-logits_to_keep:]
@@ -225,7 +240,8 @@ class LeanRows:
         """Feed one token per row; float32 logits [B, V] for each row's next token."""
         ids = torch.tensor(list(tokens), dtype=torch.long, device=self._positions.device)[:, None]
         mask = self._mask[..., : self._written + 1]
-        hidden = self.lean.forward(ids, self._positions, self.kv, self._written, mask)
+        store = span_store(self.kv, self._written)
+        hidden = self.lean.forward(ids, self._positions, store, mask)
         self._written += 1
         self._positions = self._positions + 1
         return self.lean.logits(hidden[:, -1])  # [B, V]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,6 +28,9 @@ from specdec.kv_cache import SequenceCache
 from specdec.models import LoadedModel
 from specdec.sampling import SamplingParams
 from specdec.verifier import DraftBlock, Verdict, validate_block, verify_block
+
+if TYPE_CHECKING:
+    from specdec.static_kv import SlotPool
 
 
 @dataclass(frozen=True)
@@ -56,8 +60,12 @@ class VerifyTiming:
 class Oracle:
     """Verifies draft blocks for any number of sequences, each with its own ``SequenceCache``."""
 
-    def __init__(self, model: LoadedModel) -> None:
+    def __init__(self, model: LoadedModel, slots: SlotPool | None = None) -> None:
+        """``slots``: static KV slots for the sessions' caches (``specdec.static_kv``);
+        sessions that find none free, and every session without a pool, get a
+        ``SequenceCache`` on HF's forward."""
         self.model = model
+        self.slots = slots
 
     @property
     def vocab_size(self) -> int:
@@ -68,7 +76,8 @@ class Oracle:
         return self.model.max_context
 
     def new_cache(self) -> SequenceCache:
-        return SequenceCache(self.model)
+        cache = self.slots.new_cache() if self.slots is not None else None
+        return cache if cache is not None else SequenceCache(self.model)
 
     def prefill(self, cache: SequenceCache, committed: Sequence[int]) -> PrefillResult:
         """Bring ``cache`` to the KV of committed[:-1], reusing its longest common prefix."""

@@ -40,6 +40,7 @@ from specdec.sampling import (
     truncate_to_sparse,
 )
 from specdec.serving.server import start_server
+from specdec.static_kv import SlotCache
 from specdec.turn import VerifyResult
 from specdec.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
 from specdec.verifier import DraftBlock, Verdict, committed_tokens
@@ -581,9 +582,11 @@ class Stream:
         assert await self.call.read() is grpc.aio.EOF
 
 
+@pytest.mark.parametrize("static_kv", ["off", "on"])
 async def test_concurrent_sessions_share_forwards_and_stay_exact(
-    loaded: Callable[[str, str], LoadedModel],
+    static_kv: str, loaded: Callable[[str, str], LoadedModel]
 ) -> None:
+    """Through the real service, on HF caches and on static KV slots (``--static-kv on``)."""
     model = loaded("llama", "oracle")
     references = {name: greedy_generate(model, prompt, 16) for name, prompt in PROMPTS.items()}
     engine = OracleEngine(
@@ -593,7 +596,9 @@ async def test_concurrent_sessions_share_forwards_and_stay_exact(
         max_sessions=8,
         max_cached_sessions=64,
         max_batch=4,
+        static_kv=static_kv,
     )
+    assert (engine.oracle.slots is not None) == (static_kv == "on")
     server = await start_server(
         "127.0.0.1:0",
         [(oracle_pb2_grpc.add_OracleServicer_to_server, OracleServicer(engine), SERVICE_NAME)],
@@ -627,6 +632,9 @@ async def test_concurrent_sessions_share_forwards_and_stay_exact(
         produced = await asyncio.gather(*(run(name) for name in PROMPTS))
         for name, tokens in zip(PROMPTS, produced, strict=True):
             assert tokens[: len(references[name])] == references[name]
+            session = engine.sessions.get(name)
+            assert session is not None
+            assert isinstance(session.cache, SlotCache) == (static_kv == "on")
         counters = engine.batch_counters
         assert counters.batched_forwards >= 1 and counters.largest_forward >= 2
         assert counters.largest_forward <= 4

@@ -376,6 +376,8 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": args.dtype,
         "drafts": args.drafts,
         "threads_per_process": args.threads,
+        # The oracle's settings that the services take from the environment (SPECDEC_*).
+        "oracle_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("SPECDEC_")},
     }
 
 

@@ -1,0 +1,362 @@
+"""Static KV slots for the oracle, and its batched verify forward replayed as CUDA graphs.
+
+On a GPU a small oracle's forward is bound by kernel launches, not arithmetic: the
+demo oracle (30 layers, width 256) takes about 30 ms of wall time to verify one
+block through HF's forward, of which a few ms is GPU work. A CUDA graph replays
+the whole launch sequence at once, which needs every tensor at a fixed address
+and no Python value that changes between rounds. So, as in gpt-fast:
+
+* ``SlotPool`` preallocates the KV of ``slots`` sequences, per layer
+  [slots + 1, H_kv, capacity, D] with capacity = context + MAX_SPECULATIVE_TOKENS + 1.
+  A session's ``SlotCache`` owns one slot; its tokens' keys/values sit at their
+  positions, and rolling back only shortens its length. The last slot is scratch.
+* A verify forward of R blocks runs B >= R rows; row r works on slot s_r alone:
+
+      inputs       [B, T]   [committed[-1], x_0..x_{k-1}] then token 0 pads
+      slots        [B]      s_r; the B - R padding rows use the scratch slot
+      lengths      [B]      L_r = len(slot s_r's cache) = len(committed) - 1
+      positions    [B, T]   L_r + t (rotary positions and write positions alike)
+      attention    over slot s_r's keys/values (gathered, [B, H_kv, W, D]) under
+                   mask [B, 1, T, W]: query t sees positions <= L_r + t
+
+  Writes land at positions >= L_r, where the slot holds nothing kept: the
+  block's tokens at L_r..L_r+k (``SlotCache.adopt`` keeps the accepted ones, like a
+  rollback), the pads beyond. A row's logits are those of its session alone, up to
+  float rounding, and no other slot is touched.
+* With ``cuda_graphs`` the forward of every (B, T) bucket is captured once, before
+  the oracle serves (``capture_all``), into one shared memory pool, and replayed:
+  only inputs, slots and lengths are copied in. T buckets are 2, 3, 5, 9, 17, 33
+  (k + 1 rounded up), B buckets powers of two up to ``max_rows``, W buckets 256, 512...
+  up to half the capacity, then the capacity (attention and the gather cost in W:
+  at 16 rows of the demo oracle they are half the forward at W = capacity). On the
+  CPU the same forward runs eagerly over just W = max(L_r) + T.
+
+Only models the lean forward supports qualify (``lean_unsupported``).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from specdec.errors import InvalidArgument, ResourceExhausted
+from specdec.lean_forward import KV, KVStore, LeanCache, LeanModel, lean_unsupported
+from specdec.models import LoadedModel
+from specdec.verifier import MAX_SPECULATIVE_TOKENS
+
+log = logging.getLogger(__name__)
+
+MAX_ROW_TOKENS = MAX_SPECULATIVE_TOKENS + 1  # committed[-1] and a block of at most k tokens
+TOKEN_BUCKETS = (2, 3, 5, 9, 17, MAX_ROW_TOKENS)
+MIN_WIDTH = 256  # the smallest attended-width bucket
+WARMUP_RUNS = 1  # eager runs on a side stream before a capture (cuBLAS/allocator warm-up)
+
+
+def _bucket(value: int, buckets: Sequence[int]) -> int:
+    return next(bucket for bucket in buckets if bucket >= value)
+
+
+@dataclass
+class RowsForward:
+    """One verify forward over slot rows.
+
+    logits: float32 [R, T, V], in the order the rows were given; row r's first
+        n_r = k_r + 1 rows are its block's logits.
+    forward_ns: wall time of the forward (to the logits being ready).
+    graphed: whether a CUDA graph ran it.
+    """
+
+    logits: torch.Tensor
+    forward_ns: int
+    graphed: bool
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor  # [B, T, V] float32, the graph's output buffer
+
+
+class SlotPool:
+    """The KV of ``slots`` sequences of one model, preallocated; see the module doc.
+
+    max_rows: the most blocks one forward verifies (the oracle's max batch).
+    """
+
+    def __init__(
+        self, loaded: LoadedModel, slots: int, *, max_rows: int = 16, cuda_graphs: bool = True
+    ) -> None:
+        if slots < 1 or max_rows < 1:
+            raise ValueError(f"a slot pool needs slots and rows >= 1, got {slots}, {max_rows}")
+        self.loaded = loaded
+        self.lean = LeanModel(loaded)  # raises InvalidArgument for models that do not qualify
+        self.slots, self.max_rows = slots, max_rows
+        self.capacity = loaded.max_context + MAX_ROW_TOKENS
+        self.kv: KV = self.lean.new_kv(slots + 1, self.capacity)  # the last slot is scratch
+        self.device = self.kv[0][0].device
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.row_buckets = tuple(
+            sorted({*(1 << i for i in range(max_rows.bit_length())), max_rows})
+        )
+        widths = [MIN_WIDTH << i for i in range(self.capacity.bit_length())]
+        self.width_buckets = (*(w for w in widths if 2 * w <= self.capacity), self.capacity)
+        self._free = list(range(slots))  # a heap: the lowest free slot first
+        self._lock = threading.Lock()  # new_cache runs on the event loop, release in the model
+        self._graphs: dict[tuple[int, int, int], _Graph] = {}  # by (rows, tokens, width)
+        self._memory_pool: Any = None  # one memory pool for every captured graph
+        if self.cuda_graphs:  # the graphs' inputs, at fixed addresses; buckets take views
+            self._inputs = torch.zeros(
+                max_rows, MAX_ROW_TOKENS, dtype=torch.long, device=self.device
+            )
+            self._slots = torch.zeros(max_rows, dtype=torch.long, device=self.device)
+            self._lengths = torch.zeros(max_rows, dtype=torch.long, device=self.device)
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of one slot's keys and values, all layers."""
+        return sum(t[0].numel() * t.element_size() for layer in self.kv for t in layer)
+
+    @property
+    def free_slots(self) -> int:
+        with self._lock:
+            return len(self._free)
+
+    def new_cache(self) -> SlotCache | None:
+        """A cache on the lowest free slot, or None when every slot is taken."""
+        with self._lock:
+            if not self._free:
+                return None
+            return SlotCache(self, heapq.heappop(self._free))
+
+    def _release(self, slot: int) -> None:
+        with self._lock:
+            heapq.heappush(self._free, slot)
+
+    # -- the verify forward ----------------------------------------------------
+
+    @torch.inference_mode()
+    def forward_rows(
+        self, caches: Sequence[SlotCache], inputs: Sequence[Sequence[int]]
+    ) -> RowsForward:
+        """One forward over ``inputs[r]`` appended to ``caches[r]``'s cached tokens.
+
+        Writes the inputs' keys/values in the caches' slots after their cached tokens,
+        without changing any cache's length (``SlotCache.adopt`` keeps what the verdict
+        accepts). The caches must hold different slots; every row needs 1..MAX_ROW_TOKENS
+        inputs.
+        """
+        slots = [cache.slot for cache in caches]
+        assert len(inputs) == len(slots) and len(set(slots)) == len(slots), slots
+        assert all(1 <= len(row) <= MAX_ROW_TOKENS for row in inputs)
+        start = time.perf_counter_ns()
+        count, tokens = len(slots), max(len(row) for row in inputs)
+        graphed = self.cuda_graphs and count <= self.max_rows
+        rows = _bucket(count, self.row_buckets) if graphed else count
+        tokens = _bucket(tokens, TOKEN_BUCKETS) if graphed else tokens
+        ids = torch.zeros(rows, tokens, dtype=torch.long)  # [B, T]; pads are token 0
+        for r, row in enumerate(inputs):
+            ids[r, : len(row)] = torch.tensor(list(row), dtype=torch.long)
+        slot_ids = torch.full((rows,), self.slots, dtype=torch.long)  # [B]; padding: scratch
+        slot_ids[:count] = torch.tensor(slots, dtype=torch.long)
+        lengths = torch.zeros(rows, dtype=torch.long)  # [B]
+        lengths[:count] = torch.tensor([len(cache) for cache in caches], dtype=torch.long)
+        attended = int((lengths + tokens).max())  # W: what any query can see
+        if graphed:
+            width = _bucket(attended, self.width_buckets)
+            logits = self._replay(ids, slot_ids, lengths, width)[:count].clone()
+        else:
+            device = self.device
+            logits = self._forward(
+                ids.to(device), slot_ids.to(device), lengths.to(device), attended
+            )
+        if logits.device.type == "cuda":
+            torch.cuda.synchronize(logits.device)
+        return RowsForward(logits, time.perf_counter_ns() - start, graphed)
+
+    def _forward(
+        self, ids: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, attended: int
+    ) -> torch.Tensor:
+        """Logits [B, T, V] of ids [B, T], row b after the lengths[b] cached tokens of slot
+        slots[b], attending over the first ``attended`` positions of the slots."""
+        tokens = ids.shape[1]
+        steps = torch.arange(tokens, device=ids.device)
+        positions = lengths[:, None] + steps[None, :]  # [B, T]
+        keys = torch.arange(attended, device=ids.device)
+        mask = keys[None, None, :] <= positions[:, :, None]  # [B, T, W]: causal per row
+        store = self._slot_store(slots, positions, attended)
+        hidden = self.lean.forward(ids, positions, store, mask[:, None])
+        return self.lean.logits(hidden)
+
+    def _slot_store(self, slots: torch.Tensor, positions: torch.Tensor, attended: int) -> KVStore:
+        """Row b's new keys/values go to slot slots[b] at positions[b]; attention reads
+        slot slots[b]'s first ``attended`` positions (a gather: [B, H_kv, W, D])."""
+        _, heads, capacity, dim = self.kv[0][0].shape
+        head = torch.arange(heads, device=slots.device)
+        # The (slot, head, position) rows of a layer buffer viewed as [(S + 1) * H * C, D],
+        # in the order of the new keys [B, H, T, D].
+        flat = (slots[:, None, None] * heads + head[None, :, None]) * capacity + positions[
+            :, None, :
+        ]
+        flat = flat.reshape(-1)  # [B * H * T]
+
+        def store(
+            layer: int, new_keys: torch.Tensor, new_values: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            keys, values = self.kv[layer]
+            keys.view(-1, dim).index_copy_(0, flat, new_keys.reshape(-1, dim))
+            values.view(-1, dim).index_copy_(0, flat, new_values.reshape(-1, dim))
+            return (
+                keys[:, :, :attended].index_select(0, slots),
+                values[:, :, :attended].index_select(0, slots),
+            )
+
+        return store
+
+    def capture_all(self) -> None:
+        """Capture the forward of every (rows, tokens) bucket now, so that no batch waits
+        for a capture (each takes tens of ms). A no-op without CUDA graphs."""
+        if not self.cuda_graphs:
+            return
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                for rows in self.row_buckets:
+                    slots = torch.full((rows,), self.slots, dtype=torch.long)  # scratch only
+                    zeros = torch.zeros(rows, dtype=torch.long)
+                    for tokens in TOKEN_BUCKETS:
+                        ids = torch.zeros(rows, tokens, dtype=torch.long)
+                        for width in self.width_buckets:
+                            self._replay(ids, slots, zeros, width)
+            torch.cuda.synchronize(self.device)
+        except Exception as exc:  # e.g. an op that cannot be captured: run eagerly instead
+            log.warning("CUDA graph capture failed (%s); the verify forward runs eagerly", exc)
+            self.cuda_graphs = False
+            self._graphs.clear()
+            return
+        log.info(
+            "captured %d verify forwards as CUDA graphs in %.1f s (rows %s x tokens %s x width %s)",
+            len(self._graphs),
+            time.perf_counter() - start,
+            list(self.row_buckets),
+            list(TOKEN_BUCKETS),
+            list(self.width_buckets),
+        )
+
+    def _replay(
+        self, ids: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, width: int
+    ) -> torch.Tensor:
+        rows, tokens = ids.shape
+        static_ids = self._inputs[:rows, :tokens]
+        static_slots, static_lengths = self._slots[:rows], self._lengths[:rows]
+        static_ids.copy_(ids)
+        static_slots.copy_(slots)
+        static_lengths.copy_(lengths)
+        graph = self._graphs.get((rows, tokens, width))
+        if graph is None:
+            graph = self._capture(static_ids, static_slots, static_lengths, width)
+            self._graphs[(rows, tokens, width)] = graph
+        graph.graph.replay()
+        return graph.logits
+
+    def _capture(
+        self, ids: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, width: int
+    ) -> _Graph:
+        """Capture the forward over these static inputs (they hold a real batch: the
+        warm-up run writes only where that batch's own forward writes)."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(WARMUP_RUNS):
+                self._forward(ids, slots, lengths, width)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if self._memory_pool is None:
+            self._memory_pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._memory_pool):
+            logits = self._forward(ids, slots, lengths, width)
+        return _Graph(graph, logits)
+
+
+def slot_bytes_of(loaded: LoadedModel) -> int:
+    """Bytes of one slot of ``loaded``'s KV (keys and values, every layer, full capacity)."""
+    config = loaded.model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_position = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
+    itemsize = next(loaded.model.parameters()).element_size()
+    return per_position * (loaded.max_context + MAX_ROW_TOKENS) * itemsize
+
+
+def slot_pool_for(
+    loaded: LoadedModel,
+    mode: str,
+    *,
+    max_slots: int,
+    max_rows: int,
+    budget_bytes: int,
+    cuda_graphs: bool,
+) -> SlotPool | None:
+    """The oracle's slot pool for ``--static-kv`` ``mode`` (auto, on, off), or None.
+
+    auto: on a CUDA device, for a model the lean forward supports. on: wherever the model
+    qualifies (raises ``InvalidArgument`` otherwise). The pool has one slot per verify
+    stream (``max_slots``), fewer when the KV budget holds fewer; sessions beyond them
+    use HF caches.
+    """
+    if mode == "off":
+        return None
+    reason = lean_unsupported(loaded)
+    if reason is not None and mode == "on":
+        raise InvalidArgument(f"--static-kv on: {loaded.name!r} cannot use static KV: {reason}")
+    if reason is not None or (mode == "auto" and loaded.model.device.type != "cuda"):
+        log.info("static KV off (%s)", reason or "auto: not on a CUDA device")
+        return None
+    per_slot = slot_bytes_of(loaded)
+    slots = max(1, min(max_slots, budget_bytes // per_slot))
+    pool = SlotPool(loaded, slots, max_rows=max_rows, cuda_graphs=cuda_graphs)
+    log.info(
+        "static KV: %d slots of %.1f MiB preallocated; verify forward %s",
+        slots,
+        per_slot / 2**20,
+        "replayed as CUDA graphs" if pool.cuda_graphs else "run eagerly",
+    )
+    return pool
+
+
+class SlotCache(LeanCache):
+    """A ``SequenceCache`` whose keys/values live in one slot of a ``SlotPool``.
+
+    Prefill and per-session verifies run the lean forward on the slot eagerly; batched
+    verifies go through ``SlotPool.forward_rows`` and ``adopt``. ``release`` gives the
+    slot back (eviction); a released cache cannot be extended again.
+    """
+
+    def __init__(self, pool: SlotPool, slot: int) -> None:
+        super().__init__(pool.loaded, pool.lean)
+        self.pool = pool
+        self.slot: int | None = slot
+        self._kv = [(k[slot : slot + 1], v[slot : slot + 1]) for k, v in pool.kv]
+
+    def _reserve(self, length: int) -> None:
+        if self.slot is None:
+            raise ResourceExhausted("this session's KV slot was released; reopen the session")
+
+    def adopt(self, new_tokens: Sequence[int]) -> None:
+        """Append tokens whose keys/values ``SlotPool.forward_rows`` wrote after the cached ones."""
+        assert self.slot is not None and len(self.tokens) + len(new_tokens) <= self.pool.capacity
+        self.tokens.extend(int(t) for t in new_tokens)
+
+    def release(self) -> None:
+        self.tokens = []
+        if self.slot is not None:
+            self.pool._release(self.slot)
+            self.slot, self._kv = None, []
+
+    def __repr__(self) -> str:
+        return f"SlotCache(slot={self.slot}, tokens={len(self.tokens)})"

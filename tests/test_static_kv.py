@@ -1,0 +1,283 @@
+"""Static KV slots: a batch verified over the slot pool gets HF's verdicts, KV and continuations.
+
+The CPU runs the pool's forward eagerly; the CUDA test (skipped without a GPU) runs it
+as captured graphs and checks the same against HF's forward on the same device.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from oracle_service.config import OracleConfig
+from oracle_service.sessions import SessionStore
+from specdec.batched import BatchItem, verify_batch
+from specdec.config import load_config
+from specdec.errors import InvalidArgument, ResourceExhausted
+from specdec.kv_cache import SequenceCache
+from specdec.models import LoadedModel, load_model
+from specdec.oracle import Oracle
+from specdec.sampling import SamplingParams
+from specdec.static_kv import (
+    TOKEN_BUCKETS,
+    SlotCache,
+    SlotPool,
+    slot_bytes_of,
+    slot_pool_for,
+)
+from specdec.verifier import DraftBlock, committed_tokens
+from tests.test_batched_verify import (
+    CONTINUE,
+    GREEDY,
+    ROWS,
+    assert_same_kv,
+    draft,
+    greedy_generate,
+    outcome_verdict,
+    prepared_cache,
+)
+
+Row = tuple[int, int, str]
+
+
+def twin_rows(
+    model: LoadedModel, slotted: Oracle, plain: Oracle, mode: str, seed: int, rows: list[Row]
+) -> tuple[list[BatchItem], list[BatchItem]]:
+    """The same rows on the slot oracle's caches and on HF caches."""
+    g = torch.Generator().manual_seed(seed)
+    params = GREEDY if mode == "greedy" else SamplingParams(temperature=1.0, top_k=40)
+    on_slots: list[BatchItem] = []
+    on_hf: list[BatchItem] = []
+    for row, (length, k, start) in enumerate(rows):
+        committed = [1, *torch.randint(3, model.vocab_size, (length - 1,), generator=g).tolist()]
+        block = draft(model, committed, k, mode, g, row)
+        for oracle, items in ((slotted, on_slots), (plain, on_hf)):
+            cache = prepared_cache(oracle, committed, start)
+            items.append(BatchItem(cache, list(committed), block, params, seed + row))
+    return on_slots, on_hf
+
+
+def idle_session(oracle: Oracle, tokens: list[int]) -> tuple[SequenceCache, list[torch.Tensor]]:
+    """A cache holding ``tokens`` and a copy of its keys/values."""
+    cache = oracle.new_cache()
+    cache.extend(tokens)
+    kv = cache.layer_kv()
+    assert kv is not None
+    return cache, [tensor.clone() for layer in kv for tensor in layer]
+
+
+@pytest.mark.parametrize("mode", ["greedy", "q"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_slot_rows_get_hfs_verdicts_and_leave_idle_slots_alone(
+    arch: str, mode: str, loaded: Callable[[str, str], LoadedModel]
+) -> None:
+    model = loaded(arch, "oracle")
+    slotted, plain = Oracle(model, SlotPool(model, 8, cuda_graphs=False)), Oracle(model)
+    # Idle sessions on slots 0 and 1: the batch's rows land on higher slots and run beside them.
+    idle = [idle_session(slotted, [1, *range(10, 10 + n)]) for n in (25, 7)]
+    accepted: set[int] = set()
+    for seed in (11, 12):
+        on_slots, on_hf = twin_rows(model, slotted, plain, mode, seed, ROWS)
+        assert all(isinstance(item.cache, SlotCache) for item in on_slots)
+        result = verify_batch(slotted, on_slots)
+        assert (result.forward_rows, result.fallback) == (len(ROWS), None)
+        for batched, alone, outcome in zip(on_slots, on_hf, result.results, strict=True):
+            verdict = outcome_verdict(outcome)
+            expected = plain.verify(
+                alone.cache, alone.committed, alone.block, alone.params, alone.seed
+            )
+            assert verdict == expected
+            accepted.add(verdict.num_accepted)
+            committed = [*batched.committed, *committed_tokens(batched.block, verdict)]
+            assert batched.cache.tokens == committed[:-1]
+            assert_same_kv(batched.cache, alone.cache)
+        if seed == 11:  # decoding on from the slots (eager, one row at a time) is HF's greedy
+            for batched, outcome in zip(on_slots, result.results, strict=True):
+                tokens = [
+                    *batched.committed,
+                    *committed_tokens(batched.block, outcome_verdict(outcome)),
+                ]
+                reference = greedy_generate(model, tokens, CONTINUE)
+                for token in reference:
+                    step = slotted.verify(batched.cache, tokens, DraftBlock(()), GREEDY, seed=0)
+                    assert step.next_token == token
+                    tokens.append(step.next_token)
+        for item in on_slots:
+            item.cache.release()
+    for cache, before in idle:
+        kv = cache.layer_kv()
+        assert kv is not None
+        for was, now in zip(before, [tensor for layer in kv for tensor in layer], strict=True):
+            assert torch.equal(was, now)
+    assert 0 in accepted and max(accepted) >= 2
+
+
+def test_sessions_beyond_the_slots_get_hf_caches_and_share_the_batch(
+    loaded: Callable[[str, str], LoadedModel],
+) -> None:
+    model = loaded("llama", "oracle")
+    slotted, plain = Oracle(model, SlotPool(model, 2, cuda_graphs=False)), Oracle(model)
+    on_slots, on_hf = twin_rows(model, slotted, plain, "greedy", 3, ROWS[:4])
+    kinds = [type(item.cache) for item in on_slots]
+    assert kinds == [SlotCache, SlotCache, SequenceCache, SequenceCache]
+    result = verify_batch(slotted, on_slots)
+    assert (result.forward_rows, result.fallback) == (4, None)
+    for batched, alone, outcome in zip(on_slots, on_hf, result.results, strict=True):
+        expected = plain.verify(alone.cache, alone.committed, alone.block, alone.params, 0)
+        assert outcome_verdict(outcome) == expected
+        assert batched.cache.tokens == alone.cache.tokens
+
+
+def test_a_failed_slot_forward_falls_back_to_one_row_at_a_time(
+    loaded: Callable[[str, str], LoadedModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = loaded("llama", "oracle")
+    pool = SlotPool(model, 8, cuda_graphs=False)
+    slotted, plain = Oracle(model, pool), Oracle(model)
+    on_slots, on_hf = twin_rows(model, slotted, plain, "greedy", 4, ROWS)
+
+    def out_of_memory(*args: Any) -> Any:
+        raise RuntimeError("out of memory (injected)")
+
+    monkeypatch.setattr(pool, "forward_rows", out_of_memory)
+    result = verify_batch(slotted, on_slots)
+    assert result.forward_rows == 0
+    assert result.fallback is not None and "out of memory (injected)" in result.fallback
+    for batched, alone, outcome in zip(on_slots, on_hf, result.results, strict=True):
+        expected = plain.verify(alone.cache, alone.committed, alone.block, alone.params, 0)
+        assert outcome_verdict(outcome) == expected
+        assert_same_kv(batched.cache, alone.cache)
+
+
+def test_evicted_sessions_give_their_slot_back(loaded: Callable[[str, str], LoadedModel]) -> None:
+    model = loaded("llama", "oracle")
+    pool = SlotPool(model, 3, cuda_graphs=False)
+    store = SessionStore(
+        Oracle(model, pool).new_cache,
+        budget_bytes=10 * pool.slot_bytes,
+        max_cached_sessions=2,
+        max_active_streams=8,
+    )
+    leases = [store.admit(name) for name in "abc"]
+    slots = [lease.session.cache for lease in leases]
+    assert [cache.slot for cache in slots if isinstance(cache, SlotCache)] == [0, 1, 2]
+    assert pool.free_slots == 0 and slots[0].memory_bytes() == pool.slot_bytes
+    slots[1].extend([1, 2, 3])
+    store.close(leases[1])
+    assert store.release("b")  # its slot is free again, and the lowest free slot goes first
+    assert pool.free_slots == 1 and slots[1].memory_bytes() == 0
+    with pytest.raises(ResourceExhausted, match="released"):
+        slots[1].extend([4])
+    reused = store.admit("d").session.cache
+    assert isinstance(reused, SlotCache) and reused.slot == 1 and len(reused) == 0
+    store.close(leases[0])
+    assert store.evict() == ["a"]  # over max_cached_sessions: the idle one goes, and its slot
+    assert pool.free_slots == 1
+
+
+def test_static_kv_modes(loaded: Callable[[str, str], LoadedModel]) -> None:
+    llama, gpt2 = loaded("llama", "oracle"), loaded("gpt2", "oracle")
+    per_slot = slot_bytes_of(llama)
+    pool = SlotPool(llama, 1, cuda_graphs=True)
+    assert pool.slot_bytes == per_slot and not pool.cuda_graphs  # graphs only on a GPU
+    budget = int(2.5 * per_slot)
+
+    def make(model: LoadedModel, mode: str, max_slots: int = 16) -> SlotPool | None:
+        return slot_pool_for(
+            model, mode, max_slots=max_slots, max_rows=4, budget_bytes=budget, cuda_graphs=True
+        )
+
+    assert make(llama, "off") is None
+    assert make(llama, "auto") is None  # auto: GPU only
+    on = make(llama, "on")
+    assert on is not None and on.slots == 2  # what the budget holds
+    assert (small := make(llama, "on", max_slots=1)) is not None and small.slots == 1
+    assert make(gpt2, "auto") is None
+    with pytest.raises(InvalidArgument, match=r"static-kv on.*model type 'gpt2'"):
+        make(gpt2, "on")
+    config = load_config(OracleConfig, ["--static-kv", "on", "--no-cuda-graphs"], env={})
+    assert (config.static_kv, config.cuda_graphs) == ("on", False)
+    assert load_config(OracleConfig, [], env={"SPECDEC_STATIC_KV": "off"}).static_kv == "off"
+    assert load_config(OracleConfig, [], env={}).static_kv == "auto"
+
+
+@torch.inference_mode()
+def greedy_on_device(model: LoadedModel, tokens: list[int], n: int) -> list[int]:
+    """HF's greedy continuation of ``tokens`` by n tokens, on the model's device."""
+    if n == 0:
+        return []
+    ids = torch.tensor([tokens], device=model.model.device)
+    output = model.model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return list(output[0, len(tokens) :].tolist())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_verify_matches_hfs_forward_round_after_round(
+    model_dir: Callable[[str, str], Path],
+) -> None:
+    """Sessions decode greedily through graphed batches (rows joining and leaving, k from 0
+    to 4) and through HF's forward on the same GPU: the same tokens, round by round."""
+    model = load_model(str(model_dir("llama", "oracle")), device="cuda")
+    pool = SlotPool(model, 8, max_rows=4, cuda_graphs=True)
+    pool.capture_all()
+    captured = len(pool._graphs)
+    buckets = len(pool.row_buckets) * len(TOKEN_BUCKETS) * len(pool.width_buckets)
+    assert pool.cuda_graphs and captured == buckets
+    slotted, plain = Oracle(model, pool), Oracle(model)
+    g = torch.Generator().manual_seed(0)
+    prompts = [
+        [1, *torch.randint(3, model.vocab_size, (n,), generator=g).tolist()]
+        for n in (3, 17, 30, 9, 12)
+    ]
+    sessions = [(slotted.new_cache(), plain.new_cache(), list(p), list(p)) for p in prompts]
+    accepted: set[int] = set()
+    for round_index in range(16):
+        active = [s for i, s in enumerate(sessions) if (round_index + i) % 4][:4]
+        items, expected = [], []
+        for i, (cache, hf_cache, committed, hf_committed) in enumerate(active):
+            k = (round_index + i) % 5
+            tokens = greedy_on_device(model, committed, k)
+            if k and (round_index + i) % 3 == 0:  # one wrong token: the verdict stops there
+                wrong = (round_index + i) % k
+                tokens[wrong] = (tokens[wrong] + 1) % model.vocab_size
+            block = DraftBlock(tuple(tokens))
+            items.append(BatchItem(cache, committed, block, GREEDY, 0))
+            expected.append(plain.verify(hf_cache, hf_committed, block, GREEDY, 0))
+        result = verify_batch(slotted, items)
+        assert result.fallback is None and result.forward_rows == len(items)
+        for item, outcome, want, session in zip(
+            items, result.results, expected, active, strict=True
+        ):
+            verdict = outcome_verdict(outcome)
+            assert verdict == want
+            accepted.add(verdict.num_accepted)
+            session[2].extend(committed_tokens(item.block, verdict))
+            session[3].extend(committed_tokens(item.block, want))
+            assert item.cache.tokens == session[2][:-1]
+    assert all(s[2] == s[3] for s in sessions)
+    assert len(pool._graphs) == captured and pool.cuda_graphs  # replayed, none captured late
+    assert {0, 4} <= accepted
+
+
+def test_the_verify_benchmark_compares_both_paths(
+    model_dir: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "verify.json"
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_verify.py"
+    model = str(model_dir("llama", "oracle"))
+    command = [sys.executable, str(script), "--model", model, "--device", "cpu", "--batches", "1,2"]
+    printed = subprocess.run(
+        [*command, "--rounds", "7", "--out", str(out)], check=True, capture_output=True, text=True
+    ).stdout
+    assert "static ms" in printed
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["batch"] for row in rows] == [1, 2]
+    for row in rows:
+        assert row["mismatches"] == 0 and row["hf_ms"] > 0 and row["static_ms"] > 0
