@@ -177,7 +177,7 @@ def _verify_slotted(oracle: Oracle, items: Sequence[BatchItem]) -> BatchVerifica
         assert isinstance(item.cache, SlotCache)
         # Keep committed[-1] and the accepted draft tokens, already written in the slot.
         item.cache.adopt([item.committed[-1], *item.block.token_ids[: verdict.num_accepted]])
-    _time(results, verdicts, prefills, forward.forward_ns, time.perf_counter_ns() - start)
+    _record_timings(results, verdicts, prefills, forward.forward_ns, time.perf_counter_ns() - start)
     return BatchVerification(_settled(results), len(rows), None)
 
 
@@ -222,7 +222,7 @@ def _verify_dynamic(oracle: Oracle, items: Sequence[BatchItem]) -> BatchVerifica
             # is never stored): the state the per-session verify leaves after its rollback.
             kept = [item.committed[-1], *item.block.token_ids[: verdicts[index].num_accepted]]
             item.cache.replace_kv([*item.cache.tokens, *kept], forward.row_kv(row, len(kept)))
-    _time(results, verdicts, prefills, forward.forward_ns, time.perf_counter_ns() - start)
+    _record_timings(results, verdicts, prefills, forward.forward_ns, time.perf_counter_ns() - start)
     return BatchVerification(_settled(results), len(rows), None)
 
 
@@ -267,13 +267,14 @@ def _judge(
     return verdicts
 
 
-def _time(
+def _record_timings(
     results: list[Outcome | None],
     verdicts: dict[int, Verdict],
     prefills: dict[int, PrefillResult],
     forward_ns: int,
     verify_ns: int,
 ) -> None:
+    """Each judged item's outcome: its verdict, its own prefill and the shared forward."""
     for index, verdict in verdicts.items():
         prefill = prefills[index]
         results[index] = (

@@ -70,12 +70,10 @@ class RowsForward:
     logits: float32 [R, T, V], in the order the rows were given; row r's first
         n_r = k_r + 1 rows are its block's logits.
     forward_ns: wall time of the forward (to the logits being ready).
-    graphed: whether a CUDA graph ran it.
     """
 
     logits: torch.Tensor
     forward_ns: int
-    graphed: bool
 
 
 @dataclass
@@ -178,7 +176,7 @@ class SlotPool:
             )
         if logits.device.type == "cuda":
             torch.cuda.synchronize(logits.device)
-        return RowsForward(logits, time.perf_counter_ns() - start, graphed)
+        return RowsForward(logits, time.perf_counter_ns() - start)
 
     def _forward(
         self, ids: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, attended: int
