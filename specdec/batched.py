@@ -168,9 +168,7 @@ def _verify_slotted(oracle: Oracle, items: Sequence[BatchItem]) -> BatchVerifica
             log.warning("verify of %d slot rows failed (%s); verifying one by one", len(rows), exc)
             fallback = f"the slot forward failed: {type(exc).__name__}: {exc}"
     if forward is None:
-        for index in rows:
-            results[index] = _verify_alone(oracle, items[index], prefills[index])
-        return BatchVerification(_settled(results), 0, fallback)
+        return _one_by_one(oracle, items, prefills, results, fallback)
     verdicts = _judge(items, rows, forward.logits, results)
     for index, verdict in verdicts.items():
         item = items[index]
@@ -198,9 +196,7 @@ def _verify_dynamic(oracle: Oracle, items: Sequence[BatchItem]) -> BatchVerifica
     prefills = _prefill_all(oracle, items, results)
     rows = list(prefills)
     if len(rows) == 1:
-        (index,) = rows
-        results[index] = _verify_alone(oracle, items[index], prefills[index])
-        return BatchVerification(_settled(results), 0, None)
+        return _one_by_one(oracle, items, prefills, results, None)
     fallback: str | None = None
     forward: BatchForward | None = None
     try:
@@ -211,9 +207,7 @@ def _verify_dynamic(oracle: Oracle, items: Sequence[BatchItem]) -> BatchVerifica
         )
         fallback = f"the batched forward failed: {type(exc).__name__}: {exc}"
     if forward is None:
-        for index in rows:
-            results[index] = _verify_alone(oracle, items[index], prefills[index])
-        return BatchVerification(_settled(results), 0, fallback)
+        return _one_by_one(oracle, items, prefills, results, fallback)
     verdicts = _judge(items, rows, forward.logits, results)
     for row, index in enumerate(rows):
         if index in verdicts:
@@ -224,6 +218,19 @@ def _verify_dynamic(oracle: Oracle, items: Sequence[BatchItem]) -> BatchVerifica
             item.cache.replace_kv([*item.cache.tokens, *kept], forward.row_kv(row, len(kept)))
     _record_timings(results, verdicts, prefills, forward.forward_ns, time.perf_counter_ns() - start)
     return BatchVerification(_settled(results), len(rows), None)
+
+
+def _one_by_one(
+    oracle: Oracle,
+    items: Sequence[BatchItem],
+    prefills: dict[int, PrefillResult],
+    results: list[Outcome | None],
+    fallback: str | None,
+) -> BatchVerification:
+    """Every prefilled item verified alone, its prefill counted as its own."""
+    for index, prefill in prefills.items():
+        results[index] = _verify_alone(oracle, items[index], prefill)
+    return BatchVerification(_settled(results), 0, fallback)
 
 
 def _prefill_all(

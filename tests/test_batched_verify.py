@@ -114,8 +114,14 @@ class Rows:
 
 
 def make_rows(
-    model: LoadedModel, oracle: Oracle, mode: str, seed: int, rows: Sequence[tuple[int, int, str]]
+    model: LoadedModel,
+    oracle: Oracle,
+    mode: str,
+    seed: int,
+    rows: Sequence[tuple[int, int, str]],
+    alone_oracle: Oracle | None = None,
 ) -> Rows:
+    """``alone``'s caches come from ``alone_oracle`` (default: ``oracle``)."""
     g = torch.Generator().manual_seed(seed)
     params = GREEDY if mode == "greedy" else SamplingParams(temperature=1.0, top_k=40)
     batched: list[BatchItem] = []
@@ -123,8 +129,8 @@ def make_rows(
     for row, (length, k, start) in enumerate(rows):
         committed = [1, *torch.randint(3, model.vocab_size, (length - 1,), generator=g).tolist()]
         block = draft(model, committed, k, mode, g, row)
-        for items in (batched, alone):
-            cache = prepared_cache(oracle, committed, start)
+        for owner, items in ((oracle, batched), (alone_oracle or oracle, alone)):
+            cache = prepared_cache(owner, committed, start)
             items.append(BatchItem(cache, list(committed), block, params, seed + row))
     return Rows(batched, alone)
 

@@ -24,7 +24,6 @@ from specdec.errors import InvalidArgument, ResourceExhausted
 from specdec.kv_cache import SequenceCache
 from specdec.models import LoadedModel, load_model
 from specdec.oracle import Oracle
-from specdec.sampling import SamplingParams
 from specdec.static_kv import (
     TOKEN_BUCKETS,
     SlotCache,
@@ -38,10 +37,9 @@ from tests.test_batched_verify import (
     GREEDY,
     ROWS,
     assert_same_kv,
-    draft,
     greedy_generate,
+    make_rows,
     outcome_verdict,
-    prepared_cache,
 )
 
 Row = tuple[int, int, str]
@@ -51,17 +49,8 @@ def twin_rows(
     model: LoadedModel, slotted: Oracle, plain: Oracle, mode: str, seed: int, rows: list[Row]
 ) -> tuple[list[BatchItem], list[BatchItem]]:
     """The same rows on the slot oracle's caches and on HF caches."""
-    g = torch.Generator().manual_seed(seed)
-    params = GREEDY if mode == "greedy" else SamplingParams(temperature=1.0, top_k=40)
-    on_slots: list[BatchItem] = []
-    on_hf: list[BatchItem] = []
-    for row, (length, k, start) in enumerate(rows):
-        committed = [1, *torch.randint(3, model.vocab_size, (length - 1,), generator=g).tolist()]
-        block = draft(model, committed, k, mode, g, row)
-        for oracle, items in ((slotted, on_slots), (plain, on_hf)):
-            cache = prepared_cache(oracle, committed, start)
-            items.append(BatchItem(cache, list(committed), block, params, seed + row))
-    return on_slots, on_hf
+    made = make_rows(model, slotted, mode, seed, rows, alone_oracle=plain)
+    return made.batched, made.alone
 
 
 def idle_session(oracle: Oracle, tokens: list[int]) -> tuple[SequenceCache, list[torch.Tensor]]:
