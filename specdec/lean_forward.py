@@ -15,10 +15,11 @@ rotary embedding, so the same weights and formulas) in a plain loop:
     logits = lm_head(norm(h))
 
 Keys and values go into per-layer buffers [B, H_kv, capacity, D], written in place at
-the sequence's positions. ``LeanCache`` is a drop-in ``SequenceCache`` on that path;
-``lean_rows`` drafts several rows that share a cached prefix (the branches). Only
-the architectures below qualify (``lean_unsupported`` says why not); every other
-model keeps HF's forward.
+the sequence's positions (where exactly is the caller's ``KVStore``). ``LeanCache`` is a
+drop-in ``SequenceCache`` on that path; ``LeanRows`` drafts several rows that share a
+cached prefix (the branches); the oracle's static KV slots (``specdec.static_kv``) run
+the same forward as CUDA graphs. Only the architectures below qualify
+(``lean_unsupported`` says why not); every other model keeps HF's forward.
 """
 
 from __future__ import annotations
