@@ -154,6 +154,7 @@ class TurnStats:
     draft_ns: int = 0
     verify_ns: int = 0
     network_ns: int = 0
+    queue_ns: int = 0  # waiting at the oracle for its model thread
     total_ns: int = 0
     time_to_first_token_ns: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
@@ -172,6 +173,7 @@ class TurnStats:
         self.draft_ns += report.draft_ns
         self.verify_ns += report.verify_ns
         self.network_ns += report.network_ns
+        self.queue_ns += report.queue_ns
         grow = report.proposed - len(self.proposed_per_position)
         if grow > 0:
             self.proposed_per_position.extend([0] * grow)

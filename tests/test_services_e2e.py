@@ -59,6 +59,8 @@ def test_pipeline_depth_is_per_request_and_changes_no_token(system: tuple[Cluste
                     prompt, max_new_tokens=24, k=3, ignore_eos=True, pipeline_depth=depth
                 )
                 assert result.token_ids == expected, (depth, prompt)
+                # Every round's block waited some time at the oracle, less than the turn.
+                assert 0 < result.stats.queue_ns < result.stats.total_ns
                 if depth == 1:  # each block waits for the verdict before it
                     assert result.stats.pipelined_rounds == result.stats.skipped_blocks == 0
 

@@ -336,6 +336,7 @@ COLUMNS = [
     ("itl_arrival_p99_ms", "arr p99", "{:.1f}"),
     ("acceptance_rate", "accept", "{:.2f}"),
     ("verify_ms_per_round", "verify ms", "{:.1f}"),
+    ("queue_ms_per_round", "queue ms", "{:.1f}"),
     ("fallback_requests", "fallbk", "{}"),
     ("mismatched_outputs", "mismatch", "{}"),
 ]

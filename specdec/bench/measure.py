@@ -88,6 +88,7 @@ class Result:
                 draft_ms_per_token=sum(st.draft_ns for st in stats) / 1e6 / max(proposed, 1),
                 verify_ms_per_round=sum(st.verify_ns for st in stats) / 1e6 / max(rounds, 1),
                 network_ms_per_round=sum(st.network_ns for st in stats) / 1e6 / max(rounds, 1),
+                queue_ms_per_round=sum(st.queue_ns for st in stats) / 1e6 / max(rounds, 1),
                 # Rounds whose block went out before the previous verdict; stale blocks sent.
                 pipelined_share=sum(st.pipelined_rounds for st in stats) / max(rounds, 1),
                 skipped_blocks=sum(st.skipped_blocks for st in stats),

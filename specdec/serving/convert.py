@@ -136,6 +136,7 @@ def stats_to_pb(
         draft_ns=stats.draft_ns,
         verify_ns=stats.verify_ns,
         network_ns=stats.network_ns,
+        queue_ns=stats.queue_ns,
         total_ns=stats.total_ns,
         time_to_first_token_ns=stats.time_to_first_token_ns,
         acceptance_rate=stats.acceptance_rate,
