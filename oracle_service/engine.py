@@ -78,6 +78,9 @@ class EngineInfo:
     kv_cache_bytes: int
     kv_cache_budget_bytes: int
     device: str
+    batches: int  # verify batches run since start
+    verified_blocks: int  # blocks verified in them
+    verify_busy_ns: int  # model-thread time of those batches
 
 
 class OracleEngine:
@@ -283,7 +286,7 @@ class OracleEngine:
                     if not pending.future.done():
                         pending.future.set_exception(exc)
                 continue
-            self._count(len(batch), rows, forward_rows)
+            self._count(len(batch), rows, forward_rows, compute_ns)
             for pending, outcome in zip(batch, outcomes, strict=True):
                 if pending.future.done():
                     continue  # its caller gave up; the work is done all the same
@@ -326,9 +329,10 @@ class OracleEngine:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
 
-    def _count(self, blocks: int, rows: int, forward_rows: int) -> None:
+    def _count(self, blocks: int, rows: int, forward_rows: int, compute_ns: int) -> None:
         counters = self.batch_counters
         counters.batches += 1
+        counters.busy_ns += compute_ns
         counters.blocks += blocks
         counters.verified += rows
         if forward_rows > 1:
@@ -476,6 +480,9 @@ class OracleEngine:
             kv_cache_bytes=self.sessions.kv_cache_bytes,
             kv_cache_budget_bytes=self.sessions.budget_bytes,
             device=str(self.model.device),
+            batches=self.batch_counters.batches,
+            verified_blocks=self.batch_counters.verified,
+            verify_busy_ns=self.batch_counters.busy_ns,
         )
 
     def shutdown(self) -> None:

@@ -61,6 +61,7 @@ class BatchCounters:
     batched_forwards: forwards that verified more than one block at once.
     batched_rows: blocks verified in those forwards.
     largest_forward: the most blocks verified in one forward.
+    busy_ns: model-thread time of the batches (their compute, not their queueing).
     """
 
     batches: int = 0
@@ -69,6 +70,7 @@ class BatchCounters:
     batched_forwards: int = 0
     batched_rows: int = 0
     largest_forward: int = 0
+    busy_ns: int = 0
 
 
 class BlockQueue:

@@ -137,6 +137,9 @@ class OracleServicer(oracle_pb2_grpc.OracleServicer):  # type: ignore[misc]
             kv_cache_bytes=info.kv_cache_bytes,
             kv_cache_budget_bytes=info.kv_cache_budget_bytes,
             device=info.device,
+            batches=info.batches,
+            verified_blocks=info.verified_blocks,
+            verify_busy_ns=info.verify_busy_ns,
         )
 
     async def ReleaseSession(

@@ -44,6 +44,10 @@ def test_concurrency_mode_end_to_end(tmp_path: Path, model_dir: Callable[[str, s
         # Greedy output is the oracle's alone whatever k and the concurrency.
         assert row["mismatched_outputs"] == 0, row
         assert row["fallback_requests"] == 0, row
+        # The oracle's side of the window: it verified in batches, and was busy a while.
+        assert row["oracle_batches"] > 0 and 1 <= row["oracle_rows_per_batch"] <= n, row
+        assert 0 < row["oracle_busy_share"] < 1, row
+        assert row["queue_ms_per_round"] > 0, row
         assert row["baseline_sessions"] == 1
         base = rows[k, 1]
         assert math.isclose(

@@ -637,6 +637,12 @@ async def test_get_info_describes_the_model_and_its_load(
     assert (info.active_sessions, info.cached_sessions) == (1, 1)
     assert info.kv_cache_bytes > 0 and info.kv_cache_budget_bytes == 5 * MIB
     assert info.device == "cpu"
+    assert (info.batches, info.verified_blocks, info.verify_busy_ns) == (0, 0, 0)
+    verdict = await stream.block(0, len(PROMPT), [5, 6])
+    await stream.block(1, verdict.committed_length)
+    info = await oracle.stub.GetInfo(oracle_pb2.GetInfoRequest())
+    assert (info.batches, info.verified_blocks) == (2, 2)
+    assert info.verify_busy_ns > 0
     await stream.finish()
 
 

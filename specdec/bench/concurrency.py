@@ -29,6 +29,11 @@ Greedy outputs must not depend on concurrency, k or batching: ``mismatched_outpu
 counts counted requests whose tokens differ from the first run of the same prompt.
 ``fallback_requests`` counts k > 0 requests that ran without the draft model (a
 draft at its session limit makes the gateway fall back to the oracle alone).
+
+Where the time goes: per round, ``verify_ms_per_round`` is the oracle's compute and
+``queue_ms_per_round`` the wait for its model thread. Over the window, read from the
+oracle's GetInfo before and after: ``oracle_rows_per_batch`` (blocks per verify batch)
+and ``oracle_busy_share`` (the model thread's busy share of the wall time).
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +92,31 @@ class Window:
     requests: list[list[Request]]  # per session, in order
     filler_tokens: int  # uncounted requests' tokens that arrived inside the window
     filler_requests: int = 0
+    oracle: dict[str, float] = field(default_factory=dict)  # OracleLoad.since over the window
+
+
+@dataclass(frozen=True)
+class OracleLoad:
+    """The oracle's counters (GetInfo) at one moment, and their change over the window."""
+
+    batches: int
+    verified_blocks: int
+    busy_ns: int
+    at_s: float  # time.perf_counter() when read
+
+    def since(self, start: OracleLoad) -> dict[str, float]:
+        """rows_per_batch: blocks per verify batch; busy_share: the model thread's share
+        of the wall time (verifying, not queueing)."""
+        batches = self.batches - start.batches
+        seconds = self.at_s - start.at_s
+        return {
+            "oracle_batches": batches,
+            "oracle_rows_per_batch": (self.verified_blocks - start.verified_blocks)
+            / max(batches, 1),
+            "oracle_busy_share": (self.busy_ns - start.busy_ns) / 1e9 / seconds
+            if seconds > 0
+            else 0.0,
+        }
 
 
 @dataclass
@@ -159,16 +189,38 @@ async def _warm_up(clients: list[Any], point: Point, plan: Plan) -> None:
     )
 
 
-async def _measure_point(address: str, point: Point, plan: Plan) -> Window:
-    """Warm-up then the window, each session on its own channel (as N separate users)."""
+async def _measure_point(address: str, oracle: str, point: Point, plan: Plan) -> Window:
+    """Warm-up then the window, each session on its own channel (as N separate users);
+    the oracle (at ``oracle``) is asked for its counters on both sides of the window."""
     from specdec.client import AsyncClient
 
     clients = [AsyncClient(address, timeout=600) for _ in range(point.sessions)]
     try:
         await _warm_up(clients, point, plan)
-        return await _window(clients, point, plan)
+        start = await _oracle_load(oracle)
+        window = await _window(clients, point, plan)
+        end = await _oracle_load(oracle)
+        if start is not None and end is not None:
+            window.oracle = end.since(start)
+        return window
     finally:
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+
+
+async def _oracle_load(address: str) -> OracleLoad | None:
+    """The oracle's batch counters now (None if it does not answer)."""
+    import grpc
+
+    from specdec.v1 import oracle_pb2, oracle_pb2_grpc
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            info = await oracle_pb2_grpc.OracleStub(channel).GetInfo(
+                oracle_pb2.GetInfoRequest(), timeout=5
+            )
+        except grpc.aio.AioRpcError:
+            return None
+    return OracleLoad(info.batches, info.verified_blocks, info.verify_busy_ns, time.perf_counter())
 
 
 async def _window(clients: list[Any], point: Point, plan: Plan) -> Window:
@@ -278,6 +330,7 @@ def summarize(point: Point, window: Window, plan: Plan) -> dict[str, Any]:
             row[key] = None
     for key in ("config", "workload", "delay_ms", "wire_bytes_per_token"):
         row.pop(key, None)
+    row.update(window.oracle)
     return row
 
 
@@ -337,6 +390,8 @@ COLUMNS = [
     ("acceptance_rate", "accept", "{:.2f}"),
     ("verify_ms_per_round", "verify ms", "{:.1f}"),
     ("queue_ms_per_round", "queue ms", "{:.1f}"),
+    ("oracle_rows_per_batch", "rows/batch", "{:.1f}"),
+    ("oracle_busy_share", "busy", "{:.0%}"),
     ("fallback_requests", "fallbk", "{}"),
     ("mismatched_outputs", "mismatch", "{}"),
 ]
@@ -426,7 +481,7 @@ async def _measure_all(
         )
         for k, width, n in itertools.product(ks, widths, sessions):
             point = Point(max_batch, k, n, width)
-            window = await _measure_point(c.address, point, plan)
+            window = await _measure_point(c.address, f"127.0.0.1:{oracle.port}", point, plan)
             await _quiet(c.address)
             row = summarize(point, window, plan)
             rows.append(row)

@@ -101,7 +101,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("oracle_id", "model", "vocab_fingerprint", "vocab_size", "max_context", "eos_token_ids", "active_sessions", "cached_sessions", "kv_cache_bytes", "kv_cache_budget_bytes", "device")
+    __slots__ = ("oracle_id", "model", "vocab_fingerprint", "vocab_size", "max_context", "eos_token_ids", "active_sessions", "cached_sessions", "kv_cache_bytes", "kv_cache_budget_bytes", "device", "batches", "verified_blocks", "verify_busy_ns")
     ORACLE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +113,9 @@ class GetInfoResponse(_message.Message):
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_BUSY_NS_FIELD_NUMBER: _ClassVar[int]
     oracle_id: str
     model: str
     vocab_fingerprint: str
@@ -124,7 +127,10 @@ class GetInfoResponse(_message.Message):
     kv_cache_bytes: int
     kv_cache_budget_bytes: int
     device: str
-    def __init__(self, oracle_id: _Optional[str] = ..., model: _Optional[str] = ..., vocab_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., active_sessions: _Optional[int] = ..., cached_sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., kv_cache_budget_bytes: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+    batches: int
+    verified_blocks: int
+    verify_busy_ns: int
+    def __init__(self, oracle_id: _Optional[str] = ..., model: _Optional[str] = ..., vocab_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., active_sessions: _Optional[int] = ..., cached_sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., kv_cache_budget_bytes: _Optional[int] = ..., device: _Optional[str] = ..., batches: _Optional[int] = ..., verified_blocks: _Optional[int] = ..., verify_busy_ns: _Optional[int] = ...) -> None: ...
 
 class ReleaseSessionRequest(_message.Message):
     __slots__ = ("session_id",)
