@@ -27,6 +27,8 @@ MAX_PIPELINE_DEPTH = 4
 # Likely corrections drafted ahead per block in flight (a draft setting and a request
 # field); beyond a few, each adds less than it costs to draft and send.
 MAX_BRANCHES = 8
+# Draft weights: int8 where it runs (auto), always (int8, warns where it cannot), never.
+QUANTIZE_CHOICES = ("auto", "int8", "none")
 
 
 def setting(default: Any, help: str, *, choices: Sequence[str] | None = None) -> Any:

@@ -105,7 +105,7 @@ class LeanModel:
         and a NaN left in never-written memory would turn that into NaN.
         """
         shape = (rows, self.kv_heads, capacity, self.head_dim)
-        weight = self.layers[0].self_attn.k_proj.weight
+        weight = self.embed.weight  # the model's dtype even when its Linear layers are int8
         return [(weight.new_zeros(shape), weight.new_zeros(shape)) for _ in range(len(self.layers))]
 
     def forward(

@@ -20,6 +20,7 @@ from specdec.errors import InvalidArgument, VocabularyMismatch
 from specdec.generate import GenerationResult, speculative_generate
 from specdec.models import load_model
 from specdec.oracle import Oracle
+from specdec.quantize import int8_weights
 from specdec.sampling import SamplingParams, logits_to_probs, position_generator, sample_from_probs
 from specdec.stopping import FinishReason
 from specdec.verifier import DraftBlock
@@ -43,6 +44,7 @@ DRAFTERS = [
     ("close_draft", 4),
     ("close_draft", 8),
     ("draft", 4),
+    ("close_draft_int8", 4),  # the draft's Linear layers with int8 weights
 ]
 
 
@@ -58,6 +60,8 @@ def make_drafter(loaded: Callable[..., Any], arch: str, role: str) -> Any:
         return None
     if role == "ngram":
         return NgramDrafter()
+    if role.endswith("_int8"):
+        return ModelDrafter(int8_weights(loaded(arch, role.removesuffix("_int8"))))
     return ModelDrafter(loaded(arch, role))
 
 
