@@ -270,3 +270,37 @@ def test_the_verify_benchmark_compares_both_paths(
     assert [row["batch"] for row in rows] == [1, 2]
     for row in rows:
         assert row["mismatches"] == 0 and row["hf_ms"] > 0 and row["static_ms"] > 0
+
+
+def test_the_graphed_shapes_compute_the_same_rows_on_the_cpu(
+    loaded: Callable[[str, str], LoadedModel],
+) -> None:
+    """What a CUDA graph replays, run eagerly: rows padded to a bucket with the scratch slot,
+    blocks padded with token 0, attention over the whole capacity. The real rows' logits are
+    HF's, and the writes of pads and padding rows touch no kept position of any slot."""
+    model = loaded("llama", "oracle")
+    pool = SlotPool(model, 3, max_rows=4, cuda_graphs=False)
+    caches = [pool.new_cache() for _ in range(3)]
+    assert all(cache is not None for cache in caches)
+    contexts = [[1, *range(10, 30)], [1, *range(40, 47)], [1, *range(50, 90)]]
+    for cache, context in zip(caches, contexts, strict=True):
+        assert cache is not None
+        cache.extend(context)
+    kept = [[t.clone() for layer in c.layer_kv() or [] for t in layer] for c in caches if c]
+    blocks = [[31, 32, 33], [48, 49, 50, 51, 52]]  # rows 0 and 1; slot 2 stays idle
+    ids = torch.zeros(4, 9, dtype=torch.long)  # tokens bucket 9, rows bucket 4
+    for row, block in enumerate(blocks):
+        ids[row, : len(block)] = torch.tensor(block)
+    slots = torch.tensor([0, 1, pool.slots, pool.slots])  # two padding rows: the scratch slot
+    lengths = torch.tensor([len(contexts[0]), len(contexts[1]), 0, 0])
+    with torch.inference_mode():
+        logits = pool._forward(ids, slots, lengths, pool.capacity)  # [4, 9, V]
+    for row, block in enumerate(blocks):
+        reference = SequenceCache(model)
+        reference.extend(contexts[row])
+        expected = reference.extend(block)  # [n, V]
+        torch.testing.assert_close(logits[row, : len(block)], expected, atol=1e-4, rtol=1e-4)
+    for cache, before in zip(caches, kept, strict=True):
+        assert cache is not None
+        after = [t for layer in cache.layer_kv() or [] for t in layer]
+        assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
