@@ -23,7 +23,7 @@ and no Python value that changes between rounds. So, as in gpt-fast:
   block's tokens at L_r..L_r+k (``SlotCache.adopt`` keeps the accepted ones, like a
   rollback), the pads beyond. A row's logits are those of its session alone, up to
   float rounding, and no other slot is touched.
-* With ``cuda_graphs`` the forward of every (B, T) bucket is captured once, before
+* With ``cuda_graphs`` the forward of every (B, T, W) bucket is captured once, before
   the oracle serves (``capture_all``), into one shared memory pool, and replayed:
   only inputs, slots and lengths are copied in. T buckets are 2, 3, 5, 9, 17, 33
   (k + 1 rounded up), B buckets powers of two up to ``max_rows``, W buckets 256, 512...
@@ -199,10 +199,8 @@ class SlotPool:
         head = torch.arange(heads, device=slots.device)
         # The (slot, head, position) rows of a layer buffer viewed as [(S + 1) * H * C, D],
         # in the order of the new keys [B, H, T, D].
-        flat = (slots[:, None, None] * heads + head[None, :, None]) * capacity + positions[
-            :, None, :
-        ]
-        flat = flat.reshape(-1)  # [B * H * T]
+        first = (slots[:, None, None] * heads + head[None, :, None]) * capacity  # [B, H, 1]
+        flat = (first + positions[:, None, :]).reshape(-1)  # [B * H * T]
 
         def store(
             layer: int, new_keys: torch.Tensor, new_values: torch.Tensor
@@ -218,8 +216,8 @@ class SlotPool:
         return store
 
     def capture_all(self) -> None:
-        """Capture the forward of every (rows, tokens) bucket now, so that no batch waits
-        for a capture (each takes tens of ms). A no-op without CUDA graphs."""
+        """Capture the forward of every (rows, tokens, width) bucket now, so that no batch
+        waits for a capture (each takes tens of ms). A no-op without CUDA graphs."""
         if not self.cuda_graphs:
             return
         start = time.perf_counter()
