@@ -131,6 +131,11 @@ class OracleEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
+    def queued_blocks(self) -> int:
+        """Blocks waiting for the model thread (the batch being verified not counted)."""
+        return len(self._queue)
+
+    @property
     def vocab_size(self) -> int:
         return self.model.vocab_size
 
@@ -225,20 +230,29 @@ class OracleEngine:
     async def verify(
         self, lease: Lease, base_length: int, block: DraftBlock, assumed: Sequence[int] = ()
     ) -> VerifyResult:
-        """Verify ``block``, drafted after the first ``base_length`` committed tokens.
+        """Verify ``block``, drafted after the first ``base_length`` committed tokens
+        (``submit``, awaited)."""
+        return await self.submit(lease, base_length, block, assumed)
 
-        Raises ``FailedPrecondition`` (and changes nothing) unless ``base_length``
-        is the session's committed length: the block is stale, duplicated or out
-        of order. ``InvalidArgument`` for a malformed block or one that would
-        run past the context.
+    def submit(
+        self, lease: Lease, base_length: int, block: DraftBlock, assumed: Sequence[int] = ()
+    ) -> asyncio.Future[VerifyResult]:
+        """Queue ``block``, drafted after the first ``base_length`` committed tokens; the
+        future gets its result. Call on the event loop.
+
+        The result fails with ``FailedPrecondition`` (and changes nothing) unless
+        ``base_length`` is the session's committed length when the block's turn comes:
+        the block is stale, duplicated or out of order; also once an earlier block of
+        the same lease was refused (the blocks after it were drafted on a wrong
+        premise). ``InvalidArgument`` (raised here) for a malformed block, in the result
+        for one that would run past the context.
 
         ``assumed`` (pipelining): the last committed tokens the block takes for
         granted, sent before their verdict was known. If the session's tokens
         do not end with them at ``base_length``, the block is skipped: the
         result's verdict is None and nothing changes.
 
-        The block waits in the batch queue; a session's blocks are verified in
-        the order their ``verify`` calls were made.
+        A session's blocks are verified in the order they were submitted, one per batch.
         """
         validate_block(block, self.vocab_size)
         assumed = _check_assumed(assumed, base_length, self.vocab_size)
@@ -252,7 +266,7 @@ class OracleEngine:
         self._start_batcher(loop)
         assert self._wakeup is not None
         self._wakeup.set()
-        return await pending.future
+        return pending.future
 
     def _start_batcher(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._batcher is None or self._batcher.done() or self._loop is not loop:
@@ -287,6 +301,7 @@ class OracleEngine:
                         pending.future.set_exception(exc)
                 continue
             self._count(len(batch), rows, forward_rows, compute_ns)
+            self._queue.restart_clocks({p.session for p in batch}, time.perf_counter_ns())
             for pending, outcome in zip(batch, outcomes, strict=True):
                 if pending.future.done():
                     continue  # its caller gave up; the work is done all the same
@@ -356,6 +371,7 @@ class OracleEngine:
             try:
                 session = self._admit(pending)
             except Exception as exc:  # refused: nothing changes
+                pending.lease.refused = True
                 outcomes.append(exc)
                 continue
             if session is None:  # the pipelined guess was wrong: skip, the draft re-drafts
@@ -419,6 +435,11 @@ class OracleEngine:
     def _admit(self, pending: PendingBlock) -> OracleSession | None:
         """The block's session if the block may be verified now; None: skip it; raises: refuse."""
         session = self.sessions.check(pending.lease)
+        if pending.lease.refused:
+            raise FailedPrecondition(
+                "an earlier block of this verify stream was refused, and this one was sent "
+                "before its answer; open a new stream"
+            )
         have = len(session.committed)
         base_length, block, assumed = pending.base_length, pending.block, pending.assumed
         if assumed and not _ends_with(session.committed, base_length, assumed):

@@ -36,7 +36,9 @@ from specdec.verifier import DraftBlock
 class PendingBlock:
     """One VerifyBlock waiting for the model; ``future`` gets its result.
 
-    enqueued_ns: ``time.perf_counter_ns()`` when it was queued (queue_ns starts there).
+    enqueued_ns: ``time.perf_counter_ns()`` when it could first run: when it was
+    queued, or for a block queued behind its session's previous one, when that one's
+    verdict was set (queue_ns starts there; before it, the wait is the pipelining's).
     """
 
     lease: Lease
@@ -91,6 +93,13 @@ class BlockQueue:
 
     def put(self, pending: PendingBlock) -> None:
         self._waiting.append(pending)
+
+    def restart_clocks(self, sessions: set[OracleSession], now_ns: int) -> None:
+        """The blocks of ``sessions`` still waiting could first run at ``now_ns``: their
+        sessions' previous blocks were just verified."""
+        for pending in self._waiting:
+            if pending.session in sessions:
+                pending.enqueued_ns = max(pending.enqueued_ns, now_ns)
 
     def prune(self, stale: Callable[[PendingBlock], bool]) -> list[PendingBlock]:
         """Remove and return the stale blocks at the front of each session's line.

@@ -7,21 +7,32 @@ e.g., FAILED_PRECONDITION, and the session's state is left as it was).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
 
 from oracle_service.engine import OracleEngine
+from oracle_service.sessions import Lease
+from specdec.config import MAX_BRANCHES, MAX_PIPELINE_DEPTH
 from specdec.errors import InvalidArgument, Unavailable
 from specdec.serving.convert import block_from_pb, sampling_from_pb
 from specdec.serving.grants import GrantSigner
-from specdec.telemetry.oracle import verify_observer
+from specdec.telemetry.oracle import VerifyObserver, verify_observer
+from specdec.turn import VerifyResult
 from specdec.v1 import oracle_pb2, oracle_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = oracle_pb2.DESCRIPTOR.services_by_name["Oracle"].full_name
+
+# Blocks of one stream queued ahead of its answers: a draft pipelines at most
+# MAX_PIPELINE_DEPTH levels of 1 + MAX_BRANCHES alternatives. Beyond that the stream
+# is read no further until answers go out (flow control, not an error).
+MAX_QUEUED = MAX_PIPELINE_DEPTH * (1 + MAX_BRANCHES)
 
 
 class OracleServicer(oracle_pb2_grpc.OracleServicer):  # type: ignore[misc]
@@ -73,50 +84,23 @@ class OracleServicer(oracle_pb2_grpc.OracleServicer):  # type: ignore[misc]
                     oracle_id=opened.oracle_id,
                 )
             )
-            async for message in request_iterator:
-                if not message.HasField("block"):
-                    raise InvalidArgument(
-                        "after `open`, every message of a Verify stream must be a `block`; "
-                        "open a new stream to start another turn"
-                    )
-                pb = message.block
-                block = block_from_pb(pb.token_ids, pb.draft_distributions)
-                if watch is not None:
-                    watch.mark()
-                result = await engine.verify(lease, pb.base_length, block, pb.assumed_token_ids)
-                verdict = result.verdict
-                if verdict is None:  # a pipelined block whose assumption failed
-                    log.debug("session %s round %d: skipped", request.session_id, pb.round)
-                    yield oracle_pb2.VerifyResponse(
-                        verdict=oracle_pb2.VerifyVerdict(
-                            round=pb.round,
-                            skipped=True,
-                            committed_length=result.committed_length,
-                            queue_ns=result.queue_ns,
-                        )
-                    )
-                    continue
-                if watch is not None:
-                    watch.verified(message.trace_context, pb.round, len(block), result)
-                log.debug(
-                    "session %s round %d: %d/%d accepted, next %d",
-                    request.session_id,
-                    pb.round,
-                    verdict.num_accepted,
-                    len(block),
-                    verdict.next_token,
-                )
-                yield oracle_pb2.VerifyResponse(
-                    verdict=oracle_pb2.VerifyVerdict(
-                        round=pb.round,
-                        num_accepted=verdict.num_accepted,
-                        next_token_id=verdict.next_token,
-                        is_bonus=verdict.is_bonus,
-                        committed_length=result.committed_length,
-                        verify_ns=result.verify_ns,
-                        queue_ns=result.queue_ns,
-                    )
-                )
+            # Blocks are read and queued as they arrive, not one verdict at a time: a
+            # pipelined block (and the alternatives sent with it) waits in the engine's
+            # queue while its predecessor is verified, so the batch after that verdict
+            # finds it there. Answers go back in request order, as the client reads them.
+            answers: asyncio.Queue[_Answer | BaseException | None] = asyncio.Queue(MAX_QUEUED)
+            reader = asyncio.ensure_future(_read_blocks(request_iterator, engine, lease, answers))
+            try:
+                while (answer := await answers.get()) is not None:
+                    if isinstance(answer, BaseException):
+                        raise answer
+                    yield await answer.response(watch, request.session_id)
+            finally:
+                reader.cancel()
+                while not answers.empty():  # queued blocks nobody will read the verdict of
+                    left = answers.get_nowait()
+                    if isinstance(left, _Answer):
+                        left.result.cancel()
         finally:
             # Ended, cancelled or aborted: the session keeps its cache for its next turn.
             engine.close(lease)
@@ -149,3 +133,82 @@ class OracleServicer(oracle_pb2_grpc.OracleServicer):  # type: ignore[misc]
             raise InvalidArgument("ReleaseSessionRequest.session_id must not be empty")
         released = await self._engine().release(request.session_id)
         return oracle_pb2.ReleaseSessionResponse(released=released)
+
+
+@dataclass
+class _Answer:
+    """A block read from a Verify stream and queued in the engine; ``response`` awaits it."""
+
+    block: oracle_pb2.VerifyBlock
+    trace_context: dict[str, str]
+    arrived_ns: int  # time.time_ns() when it was read: its span starts there
+    result: asyncio.Future[VerifyResult]
+
+    async def response(
+        self, watch: VerifyObserver | None, session_id: str
+    ) -> oracle_pb2.VerifyResponse:
+        pb, result = self.block, await self.result
+        verdict = result.verdict
+        if verdict is None:  # a pipelined block whose assumption failed
+            log.debug("session %s round %d: skipped", session_id, pb.round)
+            return oracle_pb2.VerifyResponse(
+                verdict=oracle_pb2.VerifyVerdict(
+                    round=pb.round,
+                    skipped=True,
+                    committed_length=result.committed_length,
+                    queue_ns=result.queue_ns,
+                )
+            )
+        if watch is not None:
+            watch.verified(self.trace_context, self.arrived_ns, pb.round, len(pb.token_ids), result)
+        log.debug(
+            "session %s round %d: %d/%d accepted, next %d",
+            session_id,
+            pb.round,
+            verdict.num_accepted,
+            len(pb.token_ids),
+            verdict.next_token,
+        )
+        return oracle_pb2.VerifyResponse(
+            verdict=oracle_pb2.VerifyVerdict(
+                round=pb.round,
+                num_accepted=verdict.num_accepted,
+                next_token_id=verdict.next_token,
+                is_bonus=verdict.is_bonus,
+                committed_length=result.committed_length,
+                verify_ns=result.verify_ns,
+                queue_ns=result.queue_ns,
+            )
+        )
+
+
+async def _read_blocks(
+    requests: AsyncIterator[oracle_pb2.VerifyRequest],
+    engine: OracleEngine,
+    lease: Lease,
+    answers: asyncio.Queue[_Answer | BaseException | None],
+) -> None:
+    """Queue every block of the stream in the engine as it arrives; None at its end.
+
+    A malformed message or a failed read ends the stream: its error is queued in
+    order, after the answers to the blocks before it. With MAX_QUEUED answers
+    waiting, reading pauses until one goes out.
+    """
+    try:
+        async for message in requests:
+            if not message.HasField("block"):
+                raise InvalidArgument(
+                    "after `open`, every message of a Verify stream must be a `block`; "
+                    "open a new stream to start another turn"
+                )
+            pb = message.block
+            block = block_from_pb(pb.token_ids, pb.draft_distributions)
+            arrived_ns = time.time_ns()
+            result = engine.submit(lease, pb.base_length, block, pb.assumed_token_ids)
+            await answers.put(_Answer(pb, dict(message.trace_context), arrived_ns, result))
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:
+        await answers.put(exc)
+        return
+    await answers.put(None)

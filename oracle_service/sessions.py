@@ -55,13 +55,14 @@ class OracleSession:
     kv_bytes: int = 0
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class Lease:
     """One verify stream's hold on a session, valid while the session is still at ``epoch``."""
 
     session: OracleSession
     epoch: int
     reprefill: bool = False  # the session's cache had been evicted: its context is recomputed
+    refused: bool = False  # a block of this stream was refused: the later ones are too
 
 
 @dataclass

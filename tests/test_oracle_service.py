@@ -335,6 +335,82 @@ async def test_oracle_skips_a_pipelined_block_whose_assumption_failed(
     await stream.finish()
 
 
+async def test_blocks_queue_as_they_arrive_and_are_answered_in_order(
+    make_oracle: Callable[..., Awaitable[Running]], reference: list[int]
+) -> None:
+    # A draft sends, before verdict 0: block 0, then for its outcomes two alternatives
+    # (corrections at positions 0 and 1) and the full acceptance. All four must wait in
+    # the engine's queue while the model is busy, not in the stream unread, so that
+    # the batch after verdict 0 finds the block that applies.
+    oracle = await make_oracle()
+    stream = oracle.stream()
+    await stream.open("q1", PROMPT)
+    base = len(PROMPT)
+    other = [(token + 1) % 100 for token in reference[:2]]
+    gate = threading.Event()
+    busy = asyncio.get_running_loop().run_in_executor(oracle.engine._executor, gate.wait)
+    try:
+        await stream.write_block(0, base, reference[:2])
+        await stream.write_block(1, base + 1, reference[1:3], assumed=other[:1])
+        await stream.write_block(2, base + 2, reference[2:4], assumed=[reference[0], other[1]])
+        await stream.write_block(3, base + 3, reference[3:5], assumed=reference[:3])
+        # Block 0 is taken into a batch that waits for the model thread; the rest queue.
+        for _ in range(200):
+            if oracle.engine.queued_blocks == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert oracle.engine.queued_blocks == 3
+        await asyncio.sleep(0.2)  # the model stays busy: block 0 waits for it
+    finally:
+        gate.set()
+        await busy
+    verdicts = [await stream.read_verdict() for _ in range(4)]
+    assert [v.round for v in verdicts] == [0, 1, 2, 3]
+    assert (verdicts[0].num_accepted, verdicts[0].next_token_id) == (2, reference[2])
+    assert verdicts[1].skipped and verdicts[2].skipped
+    assert (verdicts[3].num_accepted, verdicts[3].next_token_id) == (2, reference[5])
+    assert oracle.engine.batch_counters.verified == 2  # the alternatives never ran
+    # Block 3's queue time starts at verdict 0, when it could first run, not on arrival.
+    assert verdicts[0].queue_ns >= 200_000_000 > 2 * verdicts[3].queue_ns
+    await stream.finish()
+
+
+async def test_blocks_sent_after_a_refused_block_are_refused_too(
+    make_oracle: Callable[..., Awaitable[Running]], reference: list[int]
+) -> None:
+    # The second block extends the committed tokens exactly, but it was sent on the
+    # same stream after one the oracle refuses: it must not be verified either.
+    oracle = await make_oracle()
+    stream = oracle.stream()
+    await stream.open("q2", PROMPT)
+    base = len(PROMPT)
+    gate = threading.Event()
+    busy = asyncio.get_running_loop().run_in_executor(oracle.engine._executor, gate.wait)
+    try:
+        await stream.write_block(0, base + 5, reference[:2])  # stale: refused
+        await stream.write_block(1, base, reference[:2])
+        for _ in range(200):  # block 0 in a batch waiting for the model, block 1 queued
+            if oracle.engine.queued_blocks == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert oracle.engine.queued_blocks == 1
+    finally:
+        gate.set()
+        await busy
+    details = await expect_status(grpc.StatusCode.FAILED_PRECONDITION, stream.read_verdict())
+    assert f"extends length {base + 5}" in details
+    for _ in range(200):  # the second block's turn comes in the next batch
+        if oracle.engine.queued_blocks == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert oracle.engine.batch_counters.verified == 0
+    again = oracle.stream()
+    opened = await again.open("q2", PROMPT)
+    assert (opened.cached_tokens, opened.computed_tokens) == (base - 1, 0)  # nothing applied
+    assert await again.decode(list(PROMPT), 3) == reference[:3]
+    await again.finish()
+
+
 async def test_bad_assumed_tokens_are_invalid(
     make_oracle: Callable[..., Awaitable[Running]],
 ) -> None:

@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -70,11 +71,11 @@ def write_request(path: Path, session: str = "s1", length: int = 10) -> str:
     verifier.opened(rounds.trace_context(), OpenResult(2, length - 3, 1000), reprefill=False)
     for i, (k, proposed, accepted, committed) in enumerate(ROUNDS):
         rounds.round_started(i, k, 1_500_000 * (k > 0))
-        verifier.mark()
+        arrived_ns = time.time_ns()
         verdict = Verdict(num_accepted=accepted, next_token=7, is_bonus=accepted == proposed)
         length += committed
         result = VerifyResult(verdict, length, verify_ns=2_000_000, queue_ns=100_000)
-        verifier.verified(rounds.trace_context(i), i, proposed, result)
+        verifier.verified(rounds.trace_context(i), arrived_ns, i, proposed, result)
         rounds.round_finished(
             RoundReport(
                 round=i, k=k, proposed=proposed, accepted=accepted,

@@ -5,8 +5,8 @@ events on them.
 KV events: ``specdec.kv.prefill`` (cached / computed tokens), ``specdec.kv.re_prefill``
 (the session had been evicted: its context is computed again), ``specdec.kv.rollback``
 (the k - accepted rejected draft tokens dropped from the cache after a verdict),
-``specdec.kv.eviction`` (idle sessions the store evicted while this request was queued
-or computed; evictions happen in the model thread, between requests of any session).
+``specdec.kv.eviction`` (idle sessions the store evicted since the stream's previous
+span; evictions happen in the model thread, between requests of any session).
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ def observe_store(store: SessionStoreLike) -> None:
 
 
 class VerifyObserver:
-    """One Verify stream: call ``mark`` when a request arrives, then ``opened``/``verified``."""
+    """One Verify stream, created when its open request arrives: ``opened``, then
+    ``verified`` per block (each span starts when its block arrived)."""
 
     def __init__(
         self,
@@ -81,14 +82,8 @@ class VerifyObserver:
         self._metrics = recorder
         self._store = store
         self._session_id = session_id
-        self._start_ns = 0
-        self._evictions = 0
-        self.mark()
-
-    def mark(self) -> None:
-        """A request of the stream arrived: its span starts now."""
-        self._start_ns = time.time_ns()
-        self._evictions = self._store.counters.evictions
+        self._start_ns = time.time_ns()  # the open request arrived
+        self._evictions = store.counters.evictions  # as of the last span
 
     def _parent(self, carrier: Mapping[str, str]) -> Context | None:
         # No carried context: the current one (the Verify RPC's server span).
@@ -120,7 +115,12 @@ class VerifyObserver:
         span.end()
 
     def verified(
-        self, carrier: Mapping[str, str], round_index: int, k: int, result: VerifyResult
+        self,
+        carrier: Mapping[str, str],
+        arrived_ns: int,  # time.time_ns() when the block arrived
+        round_index: int,
+        k: int,
+        result: VerifyResult,
     ) -> None:
         verdict = result.verdict
         assert verdict is not None, "a skipped block is not a verification"
@@ -135,7 +135,7 @@ class VerifyObserver:
         span = self._tracer.start_span(
             names.VERIFY_SPAN,
             context=self._parent(carrier),
-            start_time=self._start_ns,
+            start_time=arrived_ns,
             attributes={
                 names.SESSION_ID: self._session_id,
                 names.ROUND_INDEX: round_index,
@@ -153,7 +153,9 @@ class VerifyObserver:
         span.end()
 
     def _eviction_event(self, span: Span) -> None:
-        evicted = self._store.counters.evictions - self._evictions
+        """Sessions evicted since the stream's previous span."""
+        evictions = self._store.counters.evictions
+        evicted, self._evictions = evictions - self._evictions, evictions
         if evicted > 0:
             span.add_event(names.EVENT_EVICTION, {"sessions": evicted})
 
