@@ -19,7 +19,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,10 +26,8 @@ from specdec.errors import InvalidArgument
 from specdec.kv_cache import SequenceCache
 from specdec.models import LoadedModel
 from specdec.sampling import SamplingParams
+from specdec.static_kv import SlotCache, SlotPool
 from specdec.verifier import DraftBlock, Verdict, validate_block, verify_block
-
-if TYPE_CHECKING:
-    from specdec.static_kv import SlotPool
 
 
 @dataclass(frozen=True)
@@ -91,7 +88,9 @@ class Oracle:
         target = committed[:-1]
         reused = cache.sync(target)
         computed = len(target) - reused
-        if computed:
+        if computed and self.slots is not None and isinstance(cache, SlotCache):
+            self.slots.prefill(cache, target[reused:])  # replayed as CUDA graphs
+        elif computed:
             # Only the KV is wanted; keep one row of logits instead of [n, V].
             cache.extend(target[reused:], logits_to_keep=1)
         return PrefillResult(reused, computed, time.perf_counter_ns() - start)

@@ -55,6 +55,11 @@ log = logging.getLogger(__name__)
 
 MAX_ROW_TOKENS = MAX_SPECULATIVE_TOKENS + 1  # committed[-1] and a block of at most k tokens
 TOKEN_BUCKETS = (2, 3, 5, 9, 17, MAX_ROW_TOKENS)
+# A prefill runs one row in chunks of up to PREFILL_CHUNK tokens, each rounded up to a
+# bucket. Eagerly, the demo oracle's 30 layers take ~28 ms of launches per prefill on
+# the H200, and every other session's batch waits behind it; replayed, a few ms.
+PREFILL_CHUNK = 256
+PREFILL_BUCKETS = (64, 128, PREFILL_CHUNK)
 MIN_WIDTH = 256  # the smallest attended-width bucket
 WARMUP_RUNS = 1  # eager runs on a side stream before a capture (cuBLAS/allocator warm-up)
 
@@ -111,7 +116,7 @@ class SlotPool:
         self._memory_pool: Any = None  # one memory pool for every captured graph
         if self.cuda_graphs:  # the graphs' inputs, at fixed addresses; buckets take views
             self._inputs = torch.zeros(
-                max_rows, MAX_ROW_TOKENS, dtype=torch.long, device=self.device
+                max_rows, PREFILL_CHUNK, dtype=torch.long, device=self.device
             )
             self._slots = torch.zeros(max_rows, dtype=torch.long, device=self.device)
             self._lengths = torch.zeros(max_rows, dtype=torch.long, device=self.device)
@@ -215,6 +220,35 @@ class SlotPool:
 
         return store
 
+    @torch.inference_mode()
+    def prefill(self, cache: SlotCache, tokens: Sequence[int]) -> None:
+        """Append ``tokens``' keys/values to ``cache`` (no logits wanted).
+
+        With CUDA graphs: one-row replays of up to PREFILL_CHUNK tokens, padded to a
+        bucket like a verify row (the pads' writes land past the cache's length). A
+        chunk whose padded writes would pass the slot's capacity runs eagerly.
+        Without graphs: the lean forward on the slot, as any other cache.
+        """
+        if not self.cuda_graphs:
+            cache.extend(tokens, logits_to_keep=1)
+            return
+        assert cache.slot is not None, "prefill on a released slot"
+        slot = torch.tensor([cache.slot], dtype=torch.long)
+        for start in range(0, len(tokens), PREFILL_CHUNK):
+            chunk = [int(t) for t in tokens[start : start + PREFILL_CHUNK]]
+            length = len(cache)
+            padded = _bucket(len(chunk), PREFILL_BUCKETS)
+            if length + padded > self.capacity:
+                cache.extend(chunk, logits_to_keep=1)
+                continue
+            ids = torch.zeros(1, padded, dtype=torch.long)  # [1, T]; pads are token 0
+            ids[0, : len(chunk)] = torch.tensor(chunk, dtype=torch.long)
+            width = _bucket(length + padded, self.width_buckets)
+            self._replay(ids, slot, torch.tensor([length], dtype=torch.long), width)
+            cache.adopt(chunk)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def capture_all(self) -> None:
         """Capture the forward of every (rows, tokens, width) bucket now, so that no batch
         waits for a capture (each takes tens of ms). A no-op without CUDA graphs."""
@@ -226,10 +260,11 @@ class SlotPool:
                 for rows in self.row_buckets:
                     slots = torch.full((rows,), self.slots, dtype=torch.long)  # scratch only
                     zeros = torch.zeros(rows, dtype=torch.long)
-                    for tokens in TOKEN_BUCKETS:
+                    for tokens in TOKEN_BUCKETS + (PREFILL_BUCKETS if rows == 1 else ()):
                         ids = torch.zeros(rows, tokens, dtype=torch.long)
                         for width in self.width_buckets:
-                            self._replay(ids, slots, zeros, width)
+                            if tokens <= width:
+                                self._replay(ids, slots, zeros, width)
             torch.cuda.synchronize(self.device)
         except Exception as exc:  # e.g. an op that cannot be captured: run eagerly instead
             log.warning("CUDA graph capture failed (%s); the verify forward runs eagerly", exc)
@@ -237,12 +272,14 @@ class SlotPool:
             self._graphs.clear()
             return
         log.info(
-            "captured %d verify forwards as CUDA graphs in %.1f s (rows %s x tokens %s x width %s)",
+            "captured %d forwards as CUDA graphs in %.1f s (verify: rows %s x tokens %s x "
+            "width %s; prefill: tokens %s)",
             len(self._graphs),
             time.perf_counter() - start,
             list(self.row_buckets),
             list(TOKEN_BUCKETS),
             list(self.width_buckets),
+            list(PREFILL_BUCKETS),
         )
 
     def _replay(

@@ -18,6 +18,7 @@ import torch
 
 from oracle_service.config import OracleConfig
 from oracle_service.sessions import SessionStore
+from specdec import static_kv
 from specdec.batched import BatchItem, verify_batch
 from specdec.config import load_config
 from specdec.errors import InvalidArgument, ResourceExhausted
@@ -25,6 +26,7 @@ from specdec.kv_cache import SequenceCache
 from specdec.models import LoadedModel, load_model
 from specdec.oracle import Oracle
 from specdec.static_kv import (
+    PREFILL_BUCKETS,
     TOKEN_BUCKETS,
     SlotCache,
     SlotPool,
@@ -218,12 +220,13 @@ def test_cuda_graph_verify_matches_hfs_forward_round_after_round(
     pool.capture_all()
     captured = len(pool._graphs)
     buckets = len(pool.row_buckets) * len(TOKEN_BUCKETS) * len(pool.width_buckets)
-    assert pool.cuda_graphs and captured == buckets
+    prefill = sum(t <= w for t in PREFILL_BUCKETS for w in pool.width_buckets)
+    assert pool.cuda_graphs and captured == buckets + prefill
     slotted, plain = Oracle(model, pool), Oracle(model)
     g = torch.Generator().manual_seed(0)
     prompts = [
         [1, *torch.randint(3, model.vocab_size, (n,), generator=g).tolist()]
-        for n in (3, 17, 30, 9, 12)
+        for n in (60, 17, 30, 9, 12)  # each prefill: one graphed chunk (the 64 bucket)
     ]
     sessions = [(slotted.new_cache(), plain.new_cache(), list(p), list(p)) for p in prompts]
     accepted: set[int] = set()
@@ -253,6 +256,57 @@ def test_cuda_graph_verify_matches_hfs_forward_round_after_round(
     assert all(s[2] == s[3] for s in sessions)
     assert len(pool._graphs) == captured and pool.cuda_graphs  # replayed, none captured late
     assert {0, 4} <= accepted
+
+
+def test_a_graphed_prefill_leaves_the_kv_of_an_eager_one(
+    loaded: Callable[[str, str], LoadedModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What ``SlotPool.prefill`` replays, run eagerly: chunks padded to a bucket. The next
+    token's logits are HF's, the pads touch no other slot, and a chunk whose padding would
+    pass the slot's capacity is not padded."""
+    model = loaded("llama", "oracle")
+    pool = SlotPool(model, 3, max_rows=4, cuda_graphs=False)
+    replays: list[tuple[int, int, int]] = []
+
+    def replay(ids: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, width: int) -> Any:
+        replays.append((ids.shape[1], int(lengths[0]), width))
+        return pool._forward(ids, slots, lengths, width)  # what the graph would compute
+
+    monkeypatch.setattr(pool, "_replay", replay)
+    pool.cuda_graphs = True
+    neighbour = pool.new_cache()
+    assert neighbour is not None
+    neighbour.extend([1, *range(60, 90)])
+    kept = [t.clone() for layer in neighbour.layer_kv() or [] for t in layer]
+
+    def check(cache: SlotCache | None, tokens: list[int]) -> None:
+        assert cache is not None and cache.tokens == tokens
+        reference = SequenceCache(model)
+        reference.extend(tokens)
+        torch.testing.assert_close(cache.extend([7]), reference.extend([7]), atol=1e-4, rtol=1e-4)
+
+    monkeypatch.setattr(static_kv, "PREFILL_CHUNK", 16)
+    monkeypatch.setattr(static_kv, "PREFILL_BUCKETS", (8, 16))
+    prompt = [1, *range(3, 47)]  # 45 tokens: chunks of 16, 16 and 13 (padded to 16)
+    cache = pool.new_cache()
+    assert cache is not None
+    pool.prefill(cache, prompt)
+    width = pool.capacity  # the only width bucket of a 128-token context
+    assert replays == [(16, 0, width), (16, 16, width), (16, 32, width)]
+    check(cache, prompt)
+
+    # Capacity 161 (context 128 + 33): 80 tokens after 40 would be padded past it.
+    monkeypatch.setattr(static_kv, "PREFILL_CHUNK", 128)
+    monkeypatch.setattr(static_kv, "PREFILL_BUCKETS", (64, 128))
+    replays.clear()
+    other = pool.new_cache()
+    assert other is not None
+    pool.prefill(other, prompt[:40])
+    pool.prefill(other, [*prompt[40:], *range(15, 90)])
+    assert replays == [(64, 0, width)]  # the second chunk ran eagerly, unpadded
+    check(other, [*prompt, *range(15, 90)])
+    after = [t for layer in neighbour.layer_kv() or [] for t in layer]
+    assert all(torch.equal(a, b) for a, b in zip(kept, after, strict=True))
 
 
 def test_the_verify_benchmark_compares_both_paths(
