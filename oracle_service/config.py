@@ -55,7 +55,7 @@ class OracleConfig:
         choices=("auto", "on", "off"),
     )
     cuda_graphs: bool = setting(
-        True, "with static KV on a GPU, replay the verify forward as CUDA graphs"
+        True, "with static KV on a GPU, replay the verify and prefill forwards as CUDA graphs"
     )
     log_level: str = setting(
         "info", "log level", choices=("debug", "info", "warning", "error", "critical")

@@ -156,8 +156,8 @@ class OracleEngine:
         return await loop.run_in_executor(self._executor, timed)
 
     async def warm_up(self) -> None:
-        """Capture the verify forward's CUDA graphs (static KV on a GPU) in the model thread,
-        before the first session: a capture in the middle of serving would stall a batch."""
+        """Capture the verify and prefill forwards' CUDA graphs (static KV on a GPU) in the
+        model thread, before the first session: a capture while serving would stall a batch."""
         if self.oracle.slots is not None:
             await self._run(self.oracle.slots.capture_all)
 

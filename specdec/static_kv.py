@@ -30,6 +30,9 @@ and no Python value that changes between rounds. So, as in gpt-fast:
   up to half the capacity, then the capacity (attention and the gather cost in W:
   at 16 rows of the demo oracle they are half the forward at W = capacity). On the
   CPU the same forward runs eagerly over just W = max(L_r) + T.
+* A prefill is the same forward on one row, in chunks of up to PREFILL_CHUNK tokens
+  padded to a PREFILL_BUCKETS bucket (``SlotPool.prefill``). Eagerly it would hold the
+  model thread, and every other session's batch, for tens of ms.
 
 Only models the lean forward supports qualify (``lean_unsupported``).
 """
