@@ -88,11 +88,11 @@ class OracleServicer(oracle_pb2_grpc.OracleServicer):  # type: ignore[misc]
             # pipelined block (and the alternatives sent with it) waits in the engine's
             # queue while its predecessor is verified, so the batch after that verdict
             # finds it there. Answers go back in request order, as the client reads them.
-            answers: asyncio.Queue[_Answer | BaseException | None] = asyncio.Queue(MAX_QUEUED)
+            answers: asyncio.Queue[_Answer | Exception | None] = asyncio.Queue(MAX_QUEUED)
             reader = asyncio.ensure_future(_read_blocks(request_iterator, engine, lease, answers))
             try:
                 while (answer := await answers.get()) is not None:
-                    if isinstance(answer, BaseException):
+                    if isinstance(answer, Exception):
                         raise answer
                     yield await answer.response(watch, request.session_id)
             finally:
@@ -186,7 +186,7 @@ async def _read_blocks(
     requests: AsyncIterator[oracle_pb2.VerifyRequest],
     engine: OracleEngine,
     lease: Lease,
-    answers: asyncio.Queue[_Answer | BaseException | None],
+    answers: asyncio.Queue[_Answer | Exception | None],
 ) -> None:
     """Queue every block of the stream in the engine as it arrives; None at its end.
 
@@ -206,9 +206,7 @@ async def _read_blocks(
             arrived_ns = time.time_ns()
             result = engine.submit(lease, pb.base_length, block, pb.assumed_token_ids)
             await answers.put(_Answer(pb, dict(message.trace_context), arrived_ns, result))
-    except asyncio.CancelledError:
-        raise
-    except BaseException as exc:
+    except Exception as exc:  # (not CancelledError: the stream is ending anyway)
         await answers.put(exc)
         return
     await answers.put(None)
