@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -21,7 +22,38 @@ from pathlib import Path
 READY_TIMEOUT_S = 300.0
 
 
+# Ports handed out below the kernel's ephemeral range. A port from that range (what
+# binding port 0 returns) can be taken as the source port of any outgoing connection
+# between the check here and the service's own bind: "Address already in use".
+PORT_FLOOR = 20000
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    """The first port the kernel may give an outgoing connection (Linux; else 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, below the ephemeral range and not handed out
+    before by this process (port 0's answer when that range leaves no room)."""
+    low = _ephemeral_low()
+    for _ in range(100):
+        if low - PORT_FLOOR < 1000:
+            break
+        port = random.randrange(PORT_FLOOR, low)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
