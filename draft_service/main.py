@@ -20,8 +20,8 @@ from draft_service.config import DraftConfig
 from draft_service.worker import DraftWorker
 from specdec.config import load_config
 from specdec.lean_forward import lean_unsupported
-from specdec.models import DEMO_DRAFT, load_model
-from specdec.quantize import int8_weights, quantize_unsupported
+from specdec.models import DEMO_DRAFT
+from specdec.quantize import load_draft_model
 from specdec.serving.logs import configure_logging
 from specdec.serving.registration import GatewayConnection, stay_registered
 from specdec.serving.security import ChannelSecurity
@@ -42,15 +42,9 @@ async def serve(config: DraftConfig) -> None:
         log.info("health endpoint on %s:%d", config.health_host, health.port)
     source = config.model or str(DEMO_DRAFT)
     log.info("loading draft model %s on %s ...", source, config.device)
-    model = await asyncio.to_thread(load_model, source, config.device, config.dtype)
-    if config.quantize != "none":
-        reason = quantize_unsupported(model)
-        if reason is None:
-            model = await asyncio.to_thread(int8_weights, model)
-            log.info("drafting with int8 weights (--quantize %s)", config.quantize)
-        else:
-            level = logging.WARNING if config.quantize == "int8" else logging.INFO
-            log.log(level, "drafting with %s weights, not int8: %s", model.dtype, reason)
+    model = await asyncio.to_thread(
+        load_draft_model, source, config.device, config.dtype, config.quantize
+    )
     unsupported = lean_unsupported(model)
     if config.lean_forward and unsupported:
         log.info("drafting on HF's forward: the lean forward does not take %s", unsupported)

@@ -80,9 +80,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise InvalidArgument(
                 f"speculation.branches must be in [0, {MAX_BRANCHES}], got {branches}"
             )
+        recovery = speculation.recovery if speculation.HasField("recovery") else None
         return TurnRequest(
-            prompt_ids, params, k, speculation.adaptive, speculation.drafter, depth, branches
-        )
+            prompt_ids, params, k, speculation.adaptive, speculation.drafter, depth, branches,
+            recovery,
+        )  # fmt: skip
 
     async def Generate(
         self, request: gateway_pb2.GenerateRequest, context: Any

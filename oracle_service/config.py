@@ -6,7 +6,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-from specdec.config import setting
+from specdec.config import QUANTIZE_CHOICES, setting
 from specdec.errors import InvalidArgument
 
 MIB = 1024 * 1024
@@ -57,6 +57,18 @@ class OracleConfig:
     cuda_graphs: bool = setting(
         True, "with static KV on a GPU, replay the verify and prefill forwards as CUDA graphs"
     )
+    recovery_draft: str = setting(
+        "",
+        "a small draft model (folder or hub id; 'demo' = the bundled demo draft) the oracle "
+        "drafts a session's next block with after a verdict that no block sent ahead "
+        "extends, instead of idling for a round trip (greedy streams that allow it; "
+        "empty = never)",
+    )
+    recovery_quantize: str = setting(
+        "auto",
+        "int8 weights for the recovery draft: auto = where they run (CPU, float32), none = off",
+        choices=QUANTIZE_CHOICES,
+    )
     log_level: str = setting(
         "info", "log level", choices=("debug", "info", "warning", "error", "critical")
     )
@@ -90,6 +102,13 @@ class OracleConfig:
         from specdec.models import DEMO_ORACLE
 
         return str(DEMO_ORACLE)
+
+    def recovery_draft_name(self) -> str:
+        if self.recovery_draft == "demo":
+            from specdec.models import DEMO_DRAFT
+
+            return str(DEMO_DRAFT)
+        return self.recovery_draft
 
     @property
     def kv_budget_bytes(self) -> int:

@@ -15,6 +15,10 @@ model thread, between batches. Each call is timed twice:
     queue_ns   = start in the model thread - submission   (waiting behind other work)
     compute_ns = end - start                              (prefill, or the whole batch)
 
+After a verdict that no waiting block of its session extends (a miss), a stream
+that allows it gets a block drafted by the oracle itself (``recovery``), announced
+with the verdict and queued for the next batch.
+
 Requests are checked before they reach the queue where that needs no session
 state (ids in vocabulary, block well formed, context room); the committed
 length a block extends is checked in the model thread, where the session's
@@ -34,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
+from oracle_service.recovery import Recoveries, RecoveryDrafter
 from oracle_service.scheduler import BatchCounters, BlockQueue, PendingBlock
 from oracle_service.sessions import Lease, OracleSession, SessionStore
 from specdec.batched import BatchItem, verify_batch
@@ -81,6 +86,8 @@ class EngineInfo:
     batches: int  # verify batches run since start
     verified_blocks: int  # blocks verified in them
     verify_busy_ns: int  # model-thread time of those batches
+    recovery_draft: str  # the model recovery blocks are drafted with ("" = none)
+    recovery_blocks: int  # recovery blocks announced since start
 
 
 class OracleEngine:
@@ -98,9 +105,11 @@ class OracleEngine:
         batch_wait_s: float = 0.0,
         static_kv: str = "off",
         cuda_graphs: bool = True,
+        recovery: RecoveryDrafter | None = None,
     ) -> None:
         """``max_batch``: the most blocks (of different sessions) verified in one forward.
-        ``static_kv``, ``cuda_graphs``: see ``specdec.static_kv.slot_pool_for``."""
+        ``static_kv``, ``cuda_graphs``: see ``specdec.static_kv.slot_pool_for``.
+        ``recovery``: drafts the next block after a miss, for streams that allow it."""
         if max_batch < 1:
             raise InvalidArgument(f"max_batch must be >= 1, got {max_batch}")
         self.model = model
@@ -126,6 +135,11 @@ class OracleEngine:
         self.batch_wait_s = batch_wait_s
         self.batch_counters = BatchCounters()
         self._queue = BlockQueue(max_batch)
+        self.recoveries = (
+            Recoveries(recovery, self._queue, self._in_model_thread, self._wake)
+            if recovery
+            else None
+        )
         self._wakeup: asyncio.Event | None = None
         self._batcher: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -155,6 +169,9 @@ class OracleEngine:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, timed)
 
+    async def _in_model_thread(self, fn: Callable[[], T]) -> T:
+        return (await self._run(fn))[0]
+
     async def warm_up(self) -> None:
         """Capture the verify and prefill forwards' CUDA graphs (static KV on a GPU) in the
         model thread, before the first session: a capture while serving would stall a batch."""
@@ -164,13 +181,20 @@ class OracleEngine:
     # -- open ---------------------------------------------------------------
 
     async def open(
-        self, session_id: str, tokens: Sequence[int], sampling: SamplingParams, seed: int
+        self,
+        session_id: str,
+        tokens: Sequence[int],
+        sampling: SamplingParams,
+        seed: int,
+        allow_recovery: bool = False,
     ) -> tuple[Lease, OpenResult]:
         """Start a verify stream on ``session_id`` whose committed tokens are ``tokens``.
 
         Reuses the longest cached prefix and computes the rest: afterwards the
         cache holds tokens[:-1] (the last token is the first input of the next
         verify), so cached_tokens + computed_tokens = len(tokens) - 1.
+        ``allow_recovery``: greedy streams get recovery blocks after a miss (when this
+        oracle has a recovery draft).
         Raises ``ResourceExhausted`` at once when max_sessions streams are open.
         The lease must be given back with ``close`` when the stream ends.
         """
@@ -187,6 +211,8 @@ class OracleEngine:
         if not 0 <= seed <= MAX_SEED:
             raise InvalidArgument(f"seed must be in [0, 2^64), got {seed}")
         lease = self.sessions.admit(session_id)
+        lease.recovery = allow_recovery and self.recoveries is not None and sampling.greedy
+        lease.opened_length = len(tokens)
         try:
             prefill, _, compute_ns = await self._run(
                 lambda: self._open(lease, tokens, sampling, seed)
@@ -235,7 +261,12 @@ class OracleEngine:
         return await self.submit(lease, base_length, block, assumed)
 
     def submit(
-        self, lease: Lease, base_length: int, block: DraftBlock, assumed: Sequence[int] = ()
+        self,
+        lease: Lease,
+        base_length: int,
+        block: DraftBlock,
+        assumed: Sequence[int] = (),
+        last_alternative: bool = False,
     ) -> asyncio.Future[VerifyResult]:
         """Queue ``block``, drafted after the first ``base_length`` committed tokens; the
         future gets its result. Call on the event loop.
@@ -250,7 +281,8 @@ class OracleEngine:
         ``assumed`` (pipelining): the last committed tokens the block takes for
         granted, sent before their verdict was known. If the session's tokens
         do not end with them at ``base_length``, the block is skipped: the
-        result's verdict is None and nothing changes.
+        result's verdict is None and nothing changes. ``last_alternative``: the
+        draft sends no more blocks for that verdict (``oracle_service.recovery``).
 
         A session's blocks are verified in the order they were submitted, one per batch.
         """
@@ -260,13 +292,32 @@ class OracleEngine:
             raise Unavailable("this oracle is shutting down; open the session on another oracle")
         loop = asyncio.get_running_loop()
         pending = PendingBlock(
-            lease, base_length, block, assumed, loop.create_future(), time.perf_counter_ns()
+            lease,
+            base_length,
+            block,
+            assumed,
+            loop.create_future(),
+            time.perf_counter_ns(),
+            last_alternative,
         )
         self._queue.put(pending)
+        if self.recoveries is not None:
+            self.recoveries.arrived(pending)
         self._start_batcher(loop)
         assert self._wakeup is not None
         self._wakeup.set()
         return pending.future
+
+    def blocks_ended(self, lease: Lease) -> None:
+        """The stream of ``lease`` sends no more blocks: no recovery block for it any more
+        (a chain of them would go on without the draft), and none of its verdicts held."""
+        lease.recovery = False
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake the batcher (event loop)."""
+        if self._wakeup is not None:
+            self._wakeup.set()
 
     def _start_batcher(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._batcher is None or self._batcher.done() or self._loop is not loop:
@@ -280,11 +331,15 @@ class OracleEngine:
         loop = asyncio.get_running_loop()
         while not self._closed:
             await self._let_batch_fill()
+            if self.recoveries is not None:
+                self.recoveries.settle(self._extends)
             batch, skipped = self._queue.take(self._known_stale)
             self._skip(skipped)
             if not batch:
                 self._wakeup.clear()
-                await self._wakeup.wait()
+                hold_s = self.recoveries.next_deadline_s() if self.recoveries else None
+                with contextlib.suppress(TimeoutError):  # a held miss is due
+                    await asyncio.wait_for(self._wakeup.wait(), hold_s)
                 continue
             try:
                 outcomes, start_ns, compute_ns, rows, forward_rows = await loop.run_in_executor(
@@ -309,14 +364,42 @@ class OracleEngine:
                     pending.future.set_exception(outcome)
                     continue
                 verdict, committed_length = outcome
-                pending.future.set_result(
-                    VerifyResult(
-                        verdict=verdict,
-                        committed_length=committed_length,
-                        verify_ns=compute_ns,
-                        queue_ns=start_ns - pending.enqueued_ns,
-                    )
+                result = VerifyResult(
+                    verdict=verdict,
+                    committed_length=committed_length,
+                    verify_ns=compute_ns,
+                    queue_ns=start_ns - pending.enqueued_ns,
                 )
+                k = self._recovery_k(pending, verdict)
+                if k and self._hold(pending, result, k):
+                    continue  # its answer waits for the draft's block, or a recovery
+                pending.future.set_result(result)
+
+    def _hold(self, pending: PendingBlock, result: VerifyResult, k: int) -> bool:
+        """Hand a verdict a recovery block could follow to the recoveries (True: held)."""
+        assert self.recoveries is not None
+        return self.recoveries.hold(pending, result, k, self._extends(pending.session))
+
+    def _extends(self, session: OracleSession) -> bool:
+        """A block waiting in the queue extends ``session``'s committed tokens as they are."""
+        have = len(session.committed)
+        return any(
+            waiting.base_length == have and not self._known_stale(waiting)
+            for waiting in self._queue.waiting(session)
+        )
+
+    def _recovery_k(self, pending: PendingBlock, verdict: Verdict | None) -> int:
+        """Tokens of a recovery block after ``pending``'s verdict, should no block of the
+        draft's extend it (0 = none): as long as the block just verified, within the
+        turn's max_new_tokens and the context; none after an end-of-sequence token.
+        """
+        lease = pending.lease
+        if verdict is None or not lease.recovery or verdict.next_token in self.model.eos_token_ids:
+            return 0
+        session = lease.session
+        have = len(session.committed)
+        remaining = session.params.max_new_tokens - (have - lease.opened_length)
+        return max(0, min(len(pending.block), remaining - 1, self.max_context - have - 1))
 
     async def _let_batch_fill(self) -> None:
         """Before a batch: while fewer sessions have a block waiting than have a stream
@@ -504,6 +587,8 @@ class OracleEngine:
             batches=self.batch_counters.batches,
             verified_blocks=self.batch_counters.verified,
             verify_busy_ns=self.batch_counters.busy_ns,
+            recovery_draft=self.recoveries.drafter.name if self.recoveries else "",
+            recovery_blocks=self.recoveries.blocks if self.recoveries else 0,
         )
 
     def shutdown(self) -> None:
@@ -523,6 +608,8 @@ class OracleEngine:
         """Event loop: cancel the blocks still queued and the batcher."""
         for pending in self._queue.drain():
             pending.future.cancel()
+        if self.recoveries is not None:
+            self.recoveries.cancel()
         if self._batcher is not None:
             self._batcher.cancel()
 

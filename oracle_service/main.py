@@ -25,11 +25,13 @@ from typing import Any, TypeVar
 
 from oracle_service.config import OracleConfig
 from oracle_service.engine import OracleEngine
+from oracle_service.recovery import RecoveryDrafter
 from oracle_service.servicer import SERVICE_NAME, OracleServicer
 from specdec.config import add_arguments as add_config_arguments
 from specdec.config import from_namespace, load_config
 from specdec.errors import SpecdecError
-from specdec.models import LoadedModel, load_model
+from specdec.models import LoadedModel, check_compatible, load_model
+from specdec.quantize import load_draft_model
 from specdec.serving.grants import GrantSigner
 from specdec.serving.health_endpoint import start_health_endpoint
 from specdec.serving.logs import configure_logging
@@ -50,6 +52,16 @@ SHUTDOWN_GRACE_S = 5.0
 def load_oracle_model(config: OracleConfig) -> LoadedModel:
     """The model named by ``config`` (the demo oracle when none is given)."""
     return load_model(config.model_name(), device=config.device, dtype=config.dtype)
+
+
+def load_recovery_draft(config: OracleConfig, oracle: LoadedModel) -> LoadedModel:
+    """The recovery draft (``--recovery-draft``) on the oracle's device; it must share the
+    oracle's vocabulary (``VocabularyMismatch`` otherwise)."""
+    draft = load_draft_model(
+        config.recovery_draft_name(), config.device, config.dtype, config.recovery_quantize
+    )
+    check_compatible(draft, oracle)
+    return draft
 
 
 class OracleService:
@@ -75,6 +87,11 @@ class OracleService:
         log.info("loading model %s on %s (%s)...", config.model_name(), config.device, config.dtype)
         start = time.monotonic()
         model = await _in_daemon_thread(lambda: loader(config))
+        recovery = None
+        if config.recovery_draft:
+            draft = await _in_daemon_thread(lambda: load_recovery_draft(config, model))
+            recovery = RecoveryDrafter(draft)
+            log.info("drafting recovery blocks with %s", draft.name)
         engine = OracleEngine(
             model,
             oracle_id=self.oracle_id,
@@ -85,6 +102,7 @@ class OracleService:
             batch_wait_s=config.batch_wait_ms / 1000,
             static_kv=config.static_kv,
             cuda_graphs=config.cuda_graphs,
+            recovery=recovery,
         )
         await engine.warm_up()
         self.engine = engine

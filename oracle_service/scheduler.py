@@ -47,6 +47,7 @@ class PendingBlock:
     assumed: tuple[int, ...]
     future: asyncio.Future[VerifyResult]
     enqueued_ns: int
+    last_alternative: bool = False  # the draft's last block for the verdict it assumes
 
     @property
     def session(self) -> OracleSession:
@@ -91,7 +92,20 @@ class BlockQueue:
         """Sessions with a block waiting (a pipelining session may have two blocks)."""
         return len({pending.session for pending in self._waiting if not pending.future.done()})
 
+    def waiting(self, session: OracleSession) -> list[PendingBlock]:
+        """``session``'s blocks waiting, oldest first."""
+        return [p for p in self._waiting if p.session is session and not p.future.done()]
+
     def put(self, pending: PendingBlock) -> None:
+        self._waiting.append(pending)
+
+    def put_next(self, pending: PendingBlock) -> None:
+        """Queue ``pending`` as its session's next block, ahead of the others it has
+        waiting (a recovery block: the session's next verdict is promised to it)."""
+        for index, waiting in enumerate(self._waiting):
+            if waiting.session is pending.session:
+                self._waiting.insert(index, pending)
+                return
         self._waiting.append(pending)
 
     def restart_clocks(self, sessions: set[OracleSession], now_ns: int) -> None:

@@ -22,16 +22,16 @@ from specdec.errors import InvalidArgument, Unavailable
 from specdec.serving.convert import block_from_pb, sampling_from_pb
 from specdec.serving.grants import GrantSigner
 from specdec.telemetry.oracle import VerifyObserver, verify_observer
-from specdec.turn import VerifyResult
+from specdec.turn import Recovery, VerifyResult
 from specdec.v1 import oracle_pb2, oracle_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = oracle_pb2.DESCRIPTOR.services_by_name["Oracle"].full_name
 
-# Blocks of one stream queued ahead of its answers: a draft pipelines at most
+# Blocks of one stream waiting for the engine: a draft pipelines at most
 # MAX_PIPELINE_DEPTH levels of 1 + MAX_BRANCHES alternatives. Beyond that the stream
-# is read no further until answers go out (flow control, not an error).
+# is read no further until the engine answers one (flow control, not an error).
 MAX_QUEUED = MAX_PIPELINE_DEPTH * (1 + MAX_BRANCHES)
 
 
@@ -70,7 +70,7 @@ class OracleServicer(oracle_pb2_grpc.OracleServicer):  # type: ignore[misc]
         sampling = sampling_from_pb(request.sampling)
         watch = verify_observer(engine.sessions, request.session_id)  # None: telemetry off
         lease, opened = await engine.open(
-            request.session_id, request.token_ids, sampling, request.seed
+            request.session_id, request.token_ids, sampling, request.seed, request.allow_recovery
         )
         if watch is not None:
             watch.opened(first.trace_context, opened, lease.reprefill)
@@ -88,15 +88,22 @@ class OracleServicer(oracle_pb2_grpc.OracleServicer):  # type: ignore[misc]
             # pipelined block (and the alternatives sent with it) waits in the engine's
             # queue while its predecessor is verified, so the batch after that verdict
             # finds it there. Answers go back in request order, as the client reads them.
-            answers: asyncio.Queue[_Answer | Exception | None] = asyncio.Queue(MAX_QUEUED)
+            # A verdict that announces a recovery block is followed by that block's verdict.
+            answers: asyncio.Queue[_Answer | Exception | None] = asyncio.Queue()
             reader = asyncio.ensure_future(_read_blocks(request_iterator, engine, lease, answers))
+            answer: _Answer | Exception | None = None
             try:
                 while (answer := await answers.get()) is not None:
                     if isinstance(answer, Exception):
                         raise answer
                     yield await answer.response(watch, request.session_id)
+                    while (recovery := answer.recovery()) is not None:
+                        answer = _Answer.recovered(answer, recovery.result)
+                        yield await answer.response(watch, request.session_id)
             finally:
                 reader.cancel()
+                if isinstance(answer, _Answer):  # a recovery block nobody will read about
+                    answer.result.cancel()
                 while not answers.empty():  # queued blocks nobody will read the verdict of
                     left = answers.get_nowait()
                     if isinstance(left, _Answer):
@@ -124,6 +131,8 @@ class OracleServicer(oracle_pb2_grpc.OracleServicer):  # type: ignore[misc]
             batches=info.batches,
             verified_blocks=info.verified_blocks,
             verify_busy_ns=info.verify_busy_ns,
+            recovery_draft=info.recovery_draft,
+            recovery_blocks=info.recovery_blocks,
         )
 
     async def ReleaseSession(
@@ -137,12 +146,33 @@ class OracleServicer(oracle_pb2_grpc.OracleServicer):  # type: ignore[misc]
 
 @dataclass
 class _Answer:
-    """A block read from a Verify stream and queued in the engine; ``response`` awaits it."""
+    """A block queued in the engine (read from the stream, or a recovery block the oracle
+    drafted after the verdict of ``block``); ``response`` awaits its verdict."""
 
     block: oracle_pb2.VerifyBlock
     trace_context: dict[str, str]
-    arrived_ns: int  # time.time_ns() when it was read: its span starts there
+    arrived_ns: int  # time.time_ns() when it was read (or announced): its span starts there
     result: asyncio.Future[VerifyResult]
+    k: int  # its drafted tokens
+    is_recovery: bool = False
+
+    @classmethod
+    def of(cls, message: oracle_pb2.VerifyRequest, result: asyncio.Future[VerifyResult]) -> _Answer:
+        block = message.block
+        return cls(block, dict(message.trace_context), time.time_ns(), result, len(block.token_ids))
+
+    @classmethod
+    def recovered(cls, after: _Answer, result: asyncio.Future[VerifyResult]) -> _Answer:
+        """The recovery block announced by ``after``'s verdict (traced in its round)."""
+        recovery = after.recovery()
+        assert recovery is not None
+        return cls(
+            after.block, after.trace_context, time.time_ns(), result, len(recovery.block), True
+        )
+
+    def recovery(self) -> Recovery | None:
+        """The recovery block this answer's verdict announced (call once it is answered)."""
+        return self.result.result().recovery
 
     async def response(
         self, watch: VerifyObserver | None, session_id: str
@@ -160,15 +190,17 @@ class _Answer:
                 )
             )
         if watch is not None:
-            watch.verified(self.trace_context, self.arrived_ns, pb.round, len(pb.token_ids), result)
+            watch.verified(self.trace_context, self.arrived_ns, pb.round, self.k, result)
         log.debug(
-            "session %s round %d: %d/%d accepted, next %d",
+            "session %s round %d%s: %d/%d accepted, next %d",
             session_id,
             pb.round,
+            " (recovery)" if self.is_recovery else "",
             verdict.num_accepted,
-            len(pb.token_ids),
+            self.k,
             verdict.next_token,
         )
+        recovery = result.recovery
         return oracle_pb2.VerifyResponse(
             verdict=oracle_pb2.VerifyVerdict(
                 round=pb.round,
@@ -178,6 +210,8 @@ class _Answer:
                 committed_length=result.committed_length,
                 verify_ns=result.verify_ns,
                 queue_ns=result.queue_ns,
+                recovery_token_ids=list(recovery.block.token_ids) if recovery else [],
+                recovered=self.is_recovery,
             )
         )
 
@@ -191,9 +225,13 @@ async def _read_blocks(
     """Queue every block of the stream in the engine as it arrives; None at its end.
 
     A malformed message or a failed read ends the stream: its error is queued in
-    order, after the answers to the blocks before it. With MAX_QUEUED answers
-    waiting, reading pauses until one goes out.
+    order, after the answers to the blocks before it. With MAX_QUEUED blocks
+    waiting for the engine, reading pauses until it answers one. (Answers given but
+    not yet sent do not count: while a chain of recovery blocks' verdicts goes out,
+    the blocks the draft sends meanwhile must reach the engine, or none would ever
+    end the chain.)
     """
+    window = _Window(MAX_QUEUED)
     try:
         async for message in requests:
             if not message.HasField("block"):
@@ -203,10 +241,37 @@ async def _read_blocks(
                 )
             pb = message.block
             block = block_from_pb(pb.token_ids, pb.draft_distributions)
-            arrived_ns = time.time_ns()
-            result = engine.submit(lease, pb.base_length, block, pb.assumed_token_ids)
-            await answers.put(_Answer(pb, dict(message.trace_context), arrived_ns, result))
+            result = engine.submit(
+                lease, pb.base_length, block, pb.assumed_token_ids, pb.last_alternative
+            )
+            answers.put_nowait(_Answer.of(message, result))
+            await window.admit(result)
     except Exception as exc:  # (not CancelledError: the stream is ending anyway)
-        await answers.put(exc)
+        engine.blocks_ended(lease)
+        answers.put_nowait(exc)
         return
-    await answers.put(None)
+    engine.blocks_ended(lease)
+    answers.put_nowait(None)
+
+
+class _Window:
+    """How many of a stream's blocks wait for the engine; ``admit`` pauses at ``size``."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.waiting = 0
+        self._room = asyncio.Event()
+        self._room.set()
+
+    async def admit(self, result: asyncio.Future[VerifyResult]) -> None:
+        """Count ``result`` until it is set; return once fewer than ``size`` wait."""
+        self.waiting += 1
+        result.add_done_callback(self._answered)
+        if self.waiting >= self.size:
+            self._room.clear()
+        await self._room.wait()
+
+    def _answered(self, _: asyncio.Future[VerifyResult]) -> None:
+        self.waiting -= 1
+        if self.waiting < self.size:
+            self._room.set()

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from specdec.drafters import Drafter
 from specdec.errors import FailedPrecondition, ResourceExhausted
 from specdec.kv_cache import SequenceCache
 from specdec.sampling import SamplingParams
@@ -63,6 +64,19 @@ class Lease:
     epoch: int
     reprefill: bool = False  # the session's cache had been evicted: its context is recomputed
     refused: bool = False  # a block of this stream was refused: the later ones are too
+    # Recovery (oracle_service.recovery): whether this stream's misses get a block drafted
+    # by the oracle, the committed length at its open (its turn's output starts there) and
+    # the stream's own drafter (made at the first miss, gone with the stream).
+    recovery: bool = False
+    opened_length: int = 0
+    drafter: Drafter | None = None
+    # How late this stream's blocks come after the verdict they extend (a running mean,
+    # ns; it sets how long a verdict nothing extends yet is held for the draft's block),
+    # and the committed length -> verdict time of its last recoveries.
+    late_ns: float = 5_000_000.0
+    missed: dict[int, int] = field(default_factory=dict)
+    # (start, assumed tokens) of the last blocks it flagged as the last for a verdict.
+    bursts: deque[tuple[int, tuple[int, ...]]] = field(default_factory=lambda: deque(maxlen=4))
 
 
 @dataclass

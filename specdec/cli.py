@@ -93,6 +93,12 @@ def _add_generate(sub: Any) -> None:
         default=None,
         help="likely corrections drafted ahead per block, greedy (0 = none; default: the draft's)",
     )
+    p.add_argument(
+        "--recovery",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="greedy: let the oracle draft a block itself after a miss (default: the draft's)",
+    )
     p.add_argument("--session", default="", help="continue this session")
     p.add_argument("--token", default=os.environ.get("SPECDEC_AUTH_TOKEN") or None)
     env = os.environ.get
@@ -134,6 +140,7 @@ def _generate(args: argparse.Namespace) -> None:
                 drafter=args.drafter,
                 pipeline_depth=args.pipeline_depth,
                 branches=args.branches,
+                recovery=args.recovery,
             ):
                 completion.add(response)
                 sys.stdout.write(response.text)

@@ -71,6 +71,7 @@ class LocalOracleLink:
         block: DraftBlock,
         draft_ns: int,
         assumed: tuple[int, ...] = (),
+        last_alternative: bool = False,
     ) -> VerifyResult:
         if assumed and (
             base_length != len(self._committed)

@@ -24,9 +24,15 @@ def run_local(args: argparse.Namespace) -> None:
         try:
             gateway_flags = ["--tokenizer", args.oracle_model] if args.oracle_model else []
             c.start_gateway(*gateway_flags, port=args.port)
+            # The draft's model also serves the oracle as recovery draft (after a verdict
+            # none of the draft's blocks fit, the oracle drafts the next one itself); not
+            # the demo draft for an oracle of another family.
+            recovery = []
+            if not args.no_draft and (args.draft_model or not args.oracle_model):
+                recovery = ["--recovery-draft", args.draft_model or "demo"]
             oracle = c.start_oracle(
                 args.oracle_model or None,
-                "--device", args.device,
+                "--device", args.device, *recovery,
                 port=args.oracle_port or args.port + 1,
             )  # fmt: skip
             if not args.no_draft:

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import warnings
 
 import torch
 
-from specdec.models import LoadedModel
+from specdec.models import LoadedModel, load_model
+
+log = logging.getLogger(__name__)
 
 
 def quantize_unsupported(loaded: LoadedModel) -> str | None:
@@ -55,3 +58,18 @@ def int8_weights(loaded: LoadedModel) -> LoadedModel:
         warnings.simplefilter("ignore")
         model = quantize_dynamic(copy.deepcopy(loaded.model), {torch.nn.Linear}, torch.qint8)
     return dataclasses.replace(loaded, model=model)
+
+
+def load_draft_model(source: str, device: str, dtype: str, quantize: str) -> LoadedModel:
+    """A draft model loaded for drafting: int8 weights where ``quantize`` asks for them
+    and they run (``auto``: where supported; ``int8``: warn where not; ``none``: never)."""
+    model = load_model(source, device, dtype)
+    if quantize == "none":
+        return model
+    reason = quantize_unsupported(model)
+    if reason is None:
+        log.info("drafting with int8 weights (quantize %s)", quantize)
+        return int8_weights(model)
+    level = logging.WARNING if quantize == "int8" else logging.INFO
+    log.log(level, "drafting with %s weights, not int8: %s", model.dtype, reason)
+    return model

@@ -20,6 +20,10 @@ do not depend on each other:
   others. A round then costs max(verify, draft) instead of
   verify + round trip + draft whenever one of the guesses was right; when none
   was, it costs what no pipelining costs.
+* recovery (greedy, over a link that allows it, to an oracle with a recovery
+  draft): when none of those blocks fits a verdict, the oracle drafts the next
+  block itself and announces it with the verdict; the loop takes it as the
+  block in flight and drafts ahead after it (``specdec.turn.Recovery``).
 
 The output is unchanged by either: a block is only ever verified against the
 exact sequence it was drafted after, and every draw depends only on (seed,
@@ -46,6 +50,7 @@ from specdec.turn import (
     OnOpen,
     OracleLink,
     Proposer,
+    Recovery,
     RoundObserver,
     RoundReport,
     Turn,
@@ -89,6 +94,7 @@ class _Sent:
     branch: bool  # drafted for a guessed correction of the block before it
     sent_ns: int
     result: asyncio.Future[VerifyResult]
+    recovered: bool = False  # drafted by the oracle (a ``Recovery``), not sent
 
     @property
     def base(self) -> int:
@@ -243,13 +249,16 @@ class _RoundLoop:
         draft_ns: int,
         drafted_ahead: bool,
         branch: bool,
+        last_alternative: bool = False,
     ) -> None:
         round_index, self.next_round = self.next_round, self.next_round + 1
         start = len(self.committed)
         if self.observer is not None:
             self.observer.round_started(round_index, k, draft_ns)
         result = asyncio.ensure_future(
-            self.link.verify(round_index, start + len(assumed), block, draft_ns, assumed)
+            self.link.verify(
+                round_index, start + len(assumed), block, draft_ns, assumed, last_alternative
+            )
         )
         self.in_flight.append(
             _Sent(
@@ -318,6 +327,7 @@ class _RoundLoop:
         ahead, self.ahead = self.ahead, None
         assert ahead is not None and ahead.task.done()
         branches = ahead.task.result()
+        sending = []
         for index in [*range(1, len(branches)), 0][: len(branches)]:
             branch = branches[index]
             guessed = ahead.guessed(branch)
@@ -326,10 +336,12 @@ class _RoundLoop:
                 continue
             if not _consistent(self.committed, ahead.start, guessed):
                 continue
-            assumed = guessed[len(self.committed) - ahead.start :]
+            sending.append((index, branch, base, guessed[len(self.committed) - ahead.start :]))
+        for n, (index, branch, base, assumed) in enumerate(sending, 1):
             k = self._k_for(base)
             # Drafting it cost the loop nothing: it ran while the oracle was busy.
-            self._send(branch.block.truncated(k), k, assumed, 0, True, index > 0)
+            last = n == len(sending)
+            self._send(branch.block.truncated(k), k, assumed, 0, True, index > 0, last)
 
     # -- verdicts ----------------------------------------------------------------
 
@@ -344,12 +356,14 @@ class _RoundLoop:
                 "as they are; the draft and the oracle disagree about the session"
             )
         block = head.block
-        if self.proposer is not None and len(block):
+        if self.proposer is not None and len(block) and not head.recovered:
             self.proposer.update(verdict.num_accepted)
         new = committed_tokens(block, verdict)
         keep, reason = self.turn.stop.feed(new)
         self.committed.extend(new[:keep])
         skipped = self._drop_stale() if reason is None else 0
+        if reason is None and result.recovery is not None:
+            skipped += self._adopt(result.recovery)
         # A pipelined block's wait starts when the oracle could start on it: at the
         # previous verdict, not when it was sent.
         waited = received_ns - max(head.sent_ns, self.last_verdict_ns)
@@ -372,6 +386,7 @@ class _RoundLoop:
             branch=head.branch,
             skipped_blocks=skipped,
             wall_ns=wall_ns,
+            recovered=head.recovered,
         )
         self.stats.add(report)
         self.ahead_used += report.drafted_ahead
@@ -409,6 +424,39 @@ class _RoundLoop:
         ):
             ahead.task.add_done_callback(_consume)
             self.ahead = None
+        return len(stale)
+
+    def _adopt(self, recovery: Recovery) -> int:
+        """The oracle drafted the next block itself: it is the block in flight now.
+
+        Whatever else was in flight assumes another verdict (the oracle drafts only
+        when none of it fits) and is skipped there; drafting ahead restarts after the
+        oracle's block. Returns how many blocks that dropped.
+        """
+        # The proposal drafted ahead for the verdict was not judged by the draft: the
+        # oracle did not wait for it. It must not count as a failed guess, or the loop
+        # would draft ahead less and make the oracle recover more.
+        self.ahead_drafted = max(0.0, self.ahead_drafted - 1)
+        stale = list(self.in_flight)
+        for sent in stale:
+            sent.result.add_done_callback(_consume)
+            if self.observer is not None:
+                self.observer.round_skipped(sent.round)
+        if self.ahead is not None:
+            self.ahead.task.add_done_callback(_consume)
+            self.ahead = None
+        round_index, self.next_round = self.next_round, self.next_round + 1
+        k = len(recovery.block)
+        if self.observer is not None:
+            self.observer.round_started(round_index, k, 0)
+        self.in_flight = deque(
+            [
+                _Sent(
+                    round_index, k, recovery.block, len(self.committed), (), 0, False, False,
+                    time.perf_counter_ns(), recovery.result, recovered=True,
+                )
+            ]
+        )  # fmt: skip
         return len(stale)
 
     def _abandon(self) -> None:

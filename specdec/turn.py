@@ -48,12 +48,30 @@ class VerifyResult:
 
     Only a pipelined block (one sent with assumed tokens) can be skipped: its
     assumption about the verdict before it did not hold, so it was not verified.
+    ``recovery``: the oracle drafted the next block itself (see ``Recovery``).
     """
 
     verdict: Verdict | None
     committed_length: int
     verify_ns: int
     queue_ns: int = 0
+    recovery: Recovery | None = None
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """A block the oracle drafted itself after a verdict that no block sent extended.
+
+    A miss (no block drafted ahead fits the verdict) would otherwise leave the oracle
+    idle for a round trip plus a fresh draft. With a recovery draft (a copy of a
+    small draft model) the oracle drafts ``block`` after the verdict at once and
+    verifies it next; ``result`` gets that verdict. The draft, told of ``block``,
+    drafts ahead after it as after a block of its own, so the rounds that follow
+    are pipelined again. Lossless like any block: the oracle verifies it.
+    """
+
+    block: DraftBlock
+    result: asyncio.Future[VerifyResult]
 
 
 class OracleLink(Protocol):
@@ -68,11 +86,13 @@ class OracleLink(Protocol):
         block: DraftBlock,
         draft_ns: int,
         assumed: tuple[int, ...] = (),
+        last_alternative: bool = False,
     ) -> VerifyResult:
         """Verify ``block`` after the first ``base_length`` tokens.
 
         ``assumed``: the last of those tokens, not yet committed when the block was
         sent (pipelining); the oracle skips the block (verdict None) if they were not.
+        ``last_alternative``: no more blocks follow for the verdict it assumes.
         Calls may overlap; the oracle answers them in the order they were made.
         """
         ...
@@ -121,12 +141,15 @@ class RoundReport:
     branch: bool = False  # ... for a guessed correction of that block, not its full acceptance
     skipped_blocks: int = 0  # blocks sent ahead that this round's verdict made stale
     wall_ns: int = 0  # since the previous verdict (the first round: since the open)
+    recovered: bool = False  # the oracle drafted the block itself (a ``Recovery``)
 
     @property
     def block_origin(self) -> str:
         """How the block was drafted: fresh (after the previous verdict), ahead (during
         its verification), piped (and sent before it), branch (for a guessed correction),
-        branch+piped."""
+        branch+piped, recovery (by the oracle, after a verdict no block extended)."""
+        if self.recovered:
+            return "recovery"
         if self.branch:
             return "branch+piped" if self.pipelined else "branch"
         if self.pipelined:
@@ -147,6 +170,7 @@ class TurnStats:
     ahead_hits: int = 0  # rounds whose block was drafted during the previous verification
     pipelined_rounds: int = 0  # ... and sent before the previous verdict came back
     branch_rounds: int = 0  # ... drafted for a guessed correction, not a full acceptance
+    recovered_rounds: int = 0  # rounds whose block the oracle drafted (``Recovery``)
     skipped_blocks: int = 0  # blocks sent ahead of a verdict that proved them stale
     cached_tokens: int = 0
     prefilled_tokens: int = 0
@@ -168,6 +192,7 @@ class TurnStats:
         self.ahead_hits += int(report.drafted_ahead)
         self.pipelined_rounds += int(report.pipelined)
         self.branch_rounds += int(report.branch)
+        self.recovered_rounds += int(report.recovered)
         self.skipped_blocks += report.skipped_blocks
         self.output_tokens += report.committed
         self.draft_ns += report.draft_ns

@@ -82,14 +82,21 @@ class VerifyStream:
         return response
 
     async def open(
-        self, session_id: str, tokens: Sequence[int], *, temperature: float = 0.0, seed: int = 0
+        self,
+        session_id: str,
+        tokens: Sequence[int],
+        *,
+        temperature: float = 0.0,
+        seed: int = 0,
+        allow_recovery: bool = False,
     ) -> oracle_pb2.VerifyOpened:
         request = oracle_pb2.VerifyRequest(
             open=oracle_pb2.OpenVerify(
                 session_id=session_id,
                 token_ids=list(tokens),
-                sampling=common_pb2.SamplingParams(temperature=temperature),
+                sampling=common_pb2.SamplingParams(temperature=temperature, max_new_tokens=64),
                 seed=seed,
+                allow_recovery=allow_recovery,
             )
         )
         response = await self.send(request)
@@ -121,6 +128,7 @@ class VerifyStream:
         base_length: int,
         tokens: Sequence[int] = (),
         assumed: Sequence[int] = (),
+        last_alternative: bool = False,
     ) -> None:
         """Send a block without waiting for its verdict (pipelining); read it with read()."""
         await self.call.write(
@@ -130,6 +138,7 @@ class VerifyStream:
                     base_length=base_length,
                     token_ids=list(tokens),
                     assumed_token_ids=list(assumed),
+                    last_alternative=last_alternative,
                 )
             )
         )

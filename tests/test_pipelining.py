@@ -40,6 +40,7 @@ class RoundTripLink(LocalOracleLink):
         block: DraftBlock,
         draft_ns: int,
         assumed: tuple[int, ...] = (),
+        last_alternative: bool = False,
     ) -> VerifyResult:
         previous, done = self._previous, asyncio.get_running_loop().create_future()
         self._previous = done

@@ -39,6 +39,7 @@ class Config:
     hf: str = ""  # "alone" / "assisted": in-process baselines
     pipeline_depth: int | None = None  # None: the draft's default
     branches: int | None = None  # None: the draft's default
+    recovery: bool | None = None  # None: the draft's default
 
 
 def add_bench_parser(sub: Any) -> None:
@@ -64,6 +65,12 @@ def add_bench_parser(sub: Any) -> None:
         "--branches",
         default="",
         help="compare likely corrections drafted ahead, e.g. 0,3 (default: the draft's only)",
+    )
+    p.add_argument(
+        "--recovery",
+        default="",
+        help="compare the oracle drafting after a miss off and on, e.g. 0,1 (default: the "
+        "draft's setting); the oracle runs with the draft model as its recovery draft",
     )
     p.add_argument("--no-hf", action="store_true", help="skip the in-process HF baselines")
     p.add_argument("--threads", type=int, default=1, help="compute threads per process")
@@ -135,7 +142,8 @@ def _gateway_sample(
     sample = Sample(0, 0.0, 0.0)
     for response in client.stream(
         prompt, k=cfg.k, adaptive=cfg.adaptive, drafter=cfg.drafter, ignore_eos=True,
-        pipeline_depth=cfg.pipeline_depth, branches=cfg.branches, **sampling,
+        pipeline_depth=cfg.pipeline_depth, branches=cfg.branches, recovery=cfg.recovery,
+        **sampling,
     ):  # fmt: skip
         now = time.perf_counter()
         n = len(response.token_ids)
@@ -202,20 +210,23 @@ def _configs(args: argparse.Namespace) -> list[Config]:
     delays = [float(d) for d in args.delays.split(",") if d]
     depths = [int(d) for d in args.pipeline_depths.split(",") if d] or [0]
     widths = [int(b) for b in args.branches.split(",") if b] or [-1]
+    recoveries: list[bool | None] = [bool(int(r)) for r in args.recovery.split(",") if r]
+    recoveries = recoveries or [None]
     configs = [Config("oracle alone (k=0)", 0), Config("ngram k=4", 4, drafter="ngram")]
     for delay in delays:
-        for depth, width in itertools.product(depths, widths):
+        for depth, width, recovery in itertools.product(depths, widths, recoveries):
             tag = f" pipe={depth}" if len(depths) > 1 else ""
             tag += f" br={width}" if len(widths) > 1 else ""
+            tag += f" rec={int(bool(recovery))}" if len(recoveries) > 1 else ""
             pipe, branches = depth or None, None if width < 0 else width
             configs += [
                 Config(f"draft k={k}{tag}", k, delay_ms=delay, pipeline_depth=pipe,
-                       branches=branches)
+                       branches=branches, recovery=recovery)
                 for k in ks
             ]  # fmt: skip
             configs.append(
                 Config(f"draft adaptive{tag}", max(ks), True, delay_ms=delay,
-                       pipeline_depth=pipe, branches=branches)
+                       pipeline_depth=pipe, branches=branches, recovery=recovery)
             )  # fmt: skip
     if not args.no_hf:
         configs += [Config("HF generate (oracle)", 0, hf="alone"),
@@ -282,7 +293,8 @@ def run_bench(args: argparse.Namespace) -> None:
         c.start_gateway("--tokenizer", oracle_path, "--default-max-new-tokens", "512")
         c.start_oracle(
             oracle_path, "--device", args.device, "--dtype", args.dtype,
-            "--public-address", f"127.0.0.1:{proxy.port}", port=oracle_port,
+            "--public-address", f"127.0.0.1:{proxy.port}", "--recovery-draft", draft_path,
+            port=oracle_port,
         )  # fmt: skip
         c.start_draft(draft_path, "--device", args.draft_device, "--dtype", args.dtype)
         c.wait_workers(oracles=1, drafts=1)

@@ -113,14 +113,20 @@ def draft_branches(
     k = min(k, model.max_context - end)
     if k < 1 or start == 0:
         return []
-    reused = min(cache.sync(sequence), end - 1)
+    # A block drafted elsewhere (the oracle's recovery block) has no runner-ups: its
+    # positions are fed again to read the draft's choices there.
+    rescore = not block.runner_ups and len(block) > 0
+    reused = min(cache.sync(sequence), start - 1 if rescore else end - 1)
     cache.rollback(reused)
-    logits = cache.extend(sequence[reused:], logits_to_keep=1)[-1:]  # [1, V]
-    (bonus,), (bonus_runner_up,) = greedy_choices(logits)
+    keep = end - start + 1 if rescore else 1
+    logits = cache.extend(sequence[reused:], logits_to_keep=keep)[-keep:]  # [keep, V]
+    chosen, choices = greedy_choices(logits)
+    bonus, bonus_runner_up = chosen[-1], choices[-1]
+    block_runner_ups = tuple(choices[:-1]) if rescore else (block.runner_ups or ())[: len(block)]
 
     kv = cache.layer_kv()
     # Position k is the bonus: full acceptance, then another choice instead of the guess.
-    runner_ups = (*block.runner_ups[: len(block)], bonus_runner_up) if block.runner_ups else ()
+    runner_ups = (*block_runner_ups, bonus_runner_up) if block_runner_ups else ()
     corrections: list[tuple[int, int]] = []
     if runner_ups and kv and (isinstance(cache, LeanCache) or batch_unsupported(model) is None):
         corrections = likeliest_corrections(runner_ups, width)

@@ -16,7 +16,7 @@ import grpc
 from specdec.errors import SpecdecError
 from specdec.sampling import SamplingParams
 from specdec.serving import convert
-from specdec.turn import OpenResult, VerifyResult
+from specdec.turn import OpenResult, Recovery, VerifyResult
 from specdec.v1 import oracle_pb2, oracle_pb2_grpc
 from specdec.verifier import DraftBlock, Verdict
 
@@ -55,7 +55,10 @@ class GrpcOracleLink:
         trace_context: Callable[[int | None], dict[str, str]] | None = None,
         timeout_s: float | None = None,
         round_timeout_s: float | None = None,
+        allow_recovery: bool = False,
     ) -> None:
+        """``allow_recovery``: let the oracle draft a block itself after a miss (greedy
+        turns; see ``specdec.turn.Recovery``)."""
         self._stub = stub
         self._session_id = session_id
         self._grant = grant
@@ -72,9 +75,21 @@ class GrpcOracleLink:
         # Why this link cancelled its call (a stalled exchange): the other exchanges in
         # flight on it then fail for the same reason, not as "cancelled".
         self._broken: OracleRpcError | None = None
+        self._allow_recovery = allow_recovery
+        # The recovery block announced by the last verdict read: the next response on the
+        # stream is its verdict, read by whichever of its reader and the exchanges in
+        # flight reads first.
+        self._recovery: asyncio.Future[VerifyResult] | None = None
+        # Its verdict when an exchange read it before the announcing verdict was parsed.
+        self._early: oracle_pb2.VerifyVerdict | None = None
+        self._recovery_readers: set[asyncio.Task[None]] = set()
         self.oracle_id = ""
 
-    async def _exchange(self, request: oracle_pb2.VerifyRequest) -> oracle_pb2.VerifyResponse:
+    async def _exchange(
+        self, request: oracle_pb2.VerifyRequest | None
+    ) -> oracle_pb2.VerifyResponse | None:
+        """Send ``request`` and read its answer; None: read a recovery block's verdict
+        (returns None if an exchange read it first)."""
         call = self._call  # (close() may drop it while a pipelined exchange waits)
         assert call is not None
         # Not wait_for: on timeout it waits for the cancelled exchange to end, and grpc's
@@ -107,6 +122,8 @@ class GrpcOracleLink:
             call.cancel()  # a failed stream is not closed gracefully: see close()
             details = exc.details() or exc.code().name
             raise OracleRpcError(_link_status(exc.code(), details), details) from exc
+        if response is None:
+            return None
         if response is grpc.aio.EOF:
             code, details = grpc.StatusCode.UNAVAILABLE, "stream ended"
             with contextlib.suppress(TimeoutError):  # a status that never comes: as gone
@@ -117,16 +134,90 @@ class GrpcOracleLink:
             raise OracleRpcError(_link_status(code, details), details or "stream ended")
         return response  # type: ignore[no-any-return]
 
-    async def _send(self, request: oracle_pb2.VerifyRequest) -> Any:
+    async def _send(self, request: oracle_pb2.VerifyRequest | None) -> Any:
         call = self._call  # (close() may drop it while a pipelined exchange waits)
         assert call is not None
-        try:
-            async with self._writing:
-                await call.write(request)
-        except asyncio.InvalidStateError:
-            return grpc.aio.EOF  # the stream already ended (link dropped): its status says why
+        if request is not None:
+            try:
+                async with self._writing:
+                    await call.write(request)
+            except asyncio.InvalidStateError:
+                return grpc.aio.EOF  # the stream already ended (link dropped): its status says why
+        recovery = self._recovery
         async with self._reading:
-            return await call.read()
+            while True:
+                if request is None and (recovery is None or recovery.done()):
+                    return None  # an exchange read the recovery block's verdict
+                response = await call.read()
+                if request is None or not _recovered(response):
+                    return response
+                self._resolve(response.verdict)  # not this exchange's: read on
+
+    def _result(self, verdict: oracle_pb2.VerifyVerdict) -> VerifyResult:
+        """The verdict as the loop sees it; one that announces a recovery block starts the
+        reading of that block's verdict."""
+        recovery = None
+        if verdict.recovery_token_ids:
+            follow: asyncio.Future[VerifyResult] = asyncio.get_running_loop().create_future()
+            early, self._early = self._early, None
+            if early is not None:
+                follow.set_result(self._result(early))
+            else:
+                self._recovery = follow
+                task = asyncio.ensure_future(self._read_recovery(follow))
+                self._recovery_readers.add(task)
+                task.add_done_callback(self._recovery_readers.discard)
+            recovery = Recovery(DraftBlock(tuple(verdict.recovery_token_ids)), follow)
+        return VerifyResult(
+            verdict=None
+            if verdict.skipped
+            else Verdict(
+                num_accepted=verdict.num_accepted,
+                next_token=verdict.next_token_id,
+                is_bonus=verdict.is_bonus,
+            ),
+            committed_length=verdict.committed_length,
+            verify_ns=verdict.verify_ns,
+            queue_ns=verdict.queue_ns,
+            recovery=recovery,
+        )
+
+    def _resolve(self, verdict: oracle_pb2.VerifyVerdict) -> None:
+        """Hand a recovery block's verdict to whoever awaits it (or keep it until the
+        verdict announcing the block, read just before, is parsed)."""
+        follow = self._recovery
+        if follow is None:
+            if self._early is not None:
+                raise OracleRpcError(
+                    grpc.StatusCode.INTERNAL, "the oracle answered a recovery block twice"
+                )
+            self._early = verdict
+            return
+        self._recovery = None
+        if not follow.done():
+            follow.set_result(self._result(verdict))
+
+    async def _read_recovery(self, follow: asyncio.Future[VerifyResult]) -> None:
+        """Read ``follow``'s verdict when no exchange in flight does (it is next on the stream)."""
+        if self._call is None:
+            return  # the turn is over (close() came first)
+        try:
+            response = await self._exchange(None)
+        except Exception as exc:  # the stream failed: the loop learns it from ``follow``
+            if not follow.done():
+                follow.set_exception(exc)
+            return
+        if response is None:
+            return
+        if not _recovered(response):
+            error = OracleRpcError(
+                grpc.StatusCode.INTERNAL,
+                "the oracle announced a recovery block but did not answer it next",
+            )
+            if not follow.done():
+                follow.set_exception(error)
+            return
+        self._resolve(response.verdict)
 
     async def open(self, tokens: list[int], params: SamplingParams, seed: int) -> OpenResult:
         self._call = self._stub.Verify(timeout=self._timeout_s)
@@ -137,10 +228,13 @@ class GrpcOracleLink:
                 sampling=convert.sampling_to_pb(params),
                 seed=seed,
                 grant=self._grant,
+                allow_recovery=self._allow_recovery,
             ),
             trace_context=self._trace_context(None),
         )
-        opened = (await self._exchange(request)).opened
+        response = await self._exchange(request)
+        assert response is not None
+        opened = response.opened
         self.oracle_id = opened.oracle_id
         return OpenResult(
             cached_tokens=opened.cached_tokens,
@@ -156,6 +250,7 @@ class GrpcOracleLink:
         block: DraftBlock,
         draft_ns: int,
         assumed: tuple[int, ...] = (),
+        last_alternative: bool = False,
     ) -> VerifyResult:
         request = oracle_pb2.VerifyRequest(
             block=oracle_pb2.VerifyBlock(
@@ -165,22 +260,13 @@ class GrpcOracleLink:
                 draft_distributions=[convert.sparse_to_pb(q) for q in block.q or ()],
                 draft_ns=draft_ns,
                 assumed_token_ids=list(assumed),
+                last_alternative=last_alternative,
             ),
             trace_context=self._trace_context(round_index),
         )
-        verdict = (await self._exchange(request)).verdict
-        return VerifyResult(
-            verdict=None
-            if verdict.skipped
-            else Verdict(
-                num_accepted=verdict.num_accepted,
-                next_token=verdict.next_token_id,
-                is_bonus=verdict.is_bonus,
-            ),
-            committed_length=verdict.committed_length,
-            verify_ns=verdict.verify_ns,
-            queue_ns=verdict.queue_ns,
-        )
+        response = await self._exchange(request)
+        assert response is not None
+        return self._result(response.verdict)
 
     async def close(self) -> None:
         """Half-close the stream and return at once; the rest happens in the background.
@@ -195,6 +281,19 @@ class GrpcOracleLink:
             _closing.add(task)
             task.add_done_callback(_closing.discard)
             self._call = None
+            if self._recovery is not None:
+                self._recovery.cancel()
+            for reader in self._recovery_readers:
+                reader.cancel()
+
+
+def _recovered(response: Any) -> bool:
+    """The response is the verdict of a recovery block (not of a request)."""
+    return (
+        response is not grpc.aio.EOF
+        and response.WhichOneof("kind") == "verdict"
+        and response.verdict.recovered
+    )
 
 
 def _no_trace_context(round_index: int | None) -> dict[str, str]:

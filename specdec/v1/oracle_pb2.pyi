@@ -25,34 +25,38 @@ class VerifyRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[OpenVerify, _Mapping]] = ..., block: _Optional[_Union[VerifyBlock, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class OpenVerify(_message.Message):
-    __slots__ = ("session_id", "token_ids", "sampling", "seed", "grant")
+    __slots__ = ("session_id", "token_ids", "sampling", "seed", "grant", "allow_recovery")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     GRANT_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_RECOVERY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
     seed: int
     grant: str
-    def __init__(self, session_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., grant: _Optional[str] = ...) -> None: ...
+    allow_recovery: bool
+    def __init__(self, session_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., grant: _Optional[str] = ..., allow_recovery: _Optional[bool] = ...) -> None: ...
 
 class VerifyBlock(_message.Message):
-    __slots__ = ("round", "base_length", "token_ids", "draft_distributions", "draft_ns", "assumed_token_ids")
+    __slots__ = ("round", "base_length", "token_ids", "draft_distributions", "draft_ns", "assumed_token_ids", "last_alternative")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     BASE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_DISTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_NS_FIELD_NUMBER: _ClassVar[int]
     ASSUMED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ALTERNATIVE_FIELD_NUMBER: _ClassVar[int]
     round: int
     base_length: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     draft_distributions: _containers.RepeatedCompositeFieldContainer[_common_pb2.SparseDistribution]
     draft_ns: int
     assumed_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, round: _Optional[int] = ..., base_length: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., draft_distributions: _Optional[_Iterable[_Union[_common_pb2.SparseDistribution, _Mapping]]] = ..., draft_ns: _Optional[int] = ..., assumed_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    last_alternative: bool
+    def __init__(self, round: _Optional[int] = ..., base_length: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., draft_distributions: _Optional[_Iterable[_Union[_common_pb2.SparseDistribution, _Mapping]]] = ..., draft_ns: _Optional[int] = ..., assumed_token_ids: _Optional[_Iterable[int]] = ..., last_alternative: _Optional[bool] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
     __slots__ = ("opened", "verdict")
@@ -77,7 +81,7 @@ class VerifyOpened(_message.Message):
     def __init__(self, cached_tokens: _Optional[int] = ..., computed_tokens: _Optional[int] = ..., prefill_ns: _Optional[int] = ..., committed_length: _Optional[int] = ..., oracle_id: _Optional[str] = ...) -> None: ...
 
 class VerifyVerdict(_message.Message):
-    __slots__ = ("round", "num_accepted", "next_token_id", "is_bonus", "committed_length", "verify_ns", "queue_ns", "skipped")
+    __slots__ = ("round", "num_accepted", "next_token_id", "is_bonus", "committed_length", "verify_ns", "queue_ns", "skipped", "recovery_token_ids", "recovered")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +90,8 @@ class VerifyVerdict(_message.Message):
     VERIFY_NS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_NS_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    RECOVERED_FIELD_NUMBER: _ClassVar[int]
     round: int
     num_accepted: int
     next_token_id: int
@@ -94,14 +100,16 @@ class VerifyVerdict(_message.Message):
     verify_ns: int
     queue_ns: int
     skipped: bool
-    def __init__(self, round: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token_id: _Optional[int] = ..., is_bonus: _Optional[bool] = ..., committed_length: _Optional[int] = ..., verify_ns: _Optional[int] = ..., queue_ns: _Optional[int] = ..., skipped: _Optional[bool] = ...) -> None: ...
+    recovery_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    recovered: bool
+    def __init__(self, round: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token_id: _Optional[int] = ..., is_bonus: _Optional[bool] = ..., committed_length: _Optional[int] = ..., verify_ns: _Optional[int] = ..., queue_ns: _Optional[int] = ..., skipped: _Optional[bool] = ..., recovery_token_ids: _Optional[_Iterable[int]] = ..., recovered: _Optional[bool] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("oracle_id", "model", "vocab_fingerprint", "vocab_size", "max_context", "eos_token_ids", "active_sessions", "cached_sessions", "kv_cache_bytes", "kv_cache_budget_bytes", "device", "batches", "verified_blocks", "verify_busy_ns")
+    __slots__ = ("oracle_id", "model", "vocab_fingerprint", "vocab_size", "max_context", "eos_token_ids", "active_sessions", "cached_sessions", "kv_cache_bytes", "kv_cache_budget_bytes", "device", "batches", "verified_blocks", "verify_busy_ns", "recovery_draft", "recovery_blocks")
     ORACLE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +124,8 @@ class GetInfoResponse(_message.Message):
     BATCHES_FIELD_NUMBER: _ClassVar[int]
     VERIFIED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     VERIFY_BUSY_NS_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_DRAFT_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     oracle_id: str
     model: str
     vocab_fingerprint: str
@@ -130,7 +140,9 @@ class GetInfoResponse(_message.Message):
     batches: int
     verified_blocks: int
     verify_busy_ns: int
-    def __init__(self, oracle_id: _Optional[str] = ..., model: _Optional[str] = ..., vocab_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., active_sessions: _Optional[int] = ..., cached_sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., kv_cache_budget_bytes: _Optional[int] = ..., device: _Optional[str] = ..., batches: _Optional[int] = ..., verified_blocks: _Optional[int] = ..., verify_busy_ns: _Optional[int] = ...) -> None: ...
+    recovery_draft: str
+    recovery_blocks: int
+    def __init__(self, oracle_id: _Optional[str] = ..., model: _Optional[str] = ..., vocab_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., active_sessions: _Optional[int] = ..., cached_sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., kv_cache_budget_bytes: _Optional[int] = ..., device: _Optional[str] = ..., batches: _Optional[int] = ..., verified_blocks: _Optional[int] = ..., verify_busy_ns: _Optional[int] = ..., recovery_draft: _Optional[str] = ..., recovery_blocks: _Optional[int] = ...) -> None: ...
 
 class ReleaseSessionRequest(_message.Message):
     __slots__ = ("session_id",)
