@@ -15,9 +15,9 @@ model thread, between batches. Each call is timed twice:
     queue_ns   = start in the model thread - submission   (waiting behind other work)
     compute_ns = end - start                              (prefill, or the whole batch)
 
-After a verdict that no waiting block of its session extends (a miss), a stream
-that allows it gets a block drafted by the oracle itself (``recovery``), announced
-with the verdict and queued for the next batch.
+After a verdict that no waiting block of its session extends, a stream that
+allows it may get a block drafted by the oracle itself, decided once the draft's
+blocks for the verdict are all here (``oracle_service.recovery``).
 
 Requests are checked before they reach the queue where that needs no session
 state (ids in vocabulary, block well formed, context room); the committed
@@ -105,11 +105,12 @@ class OracleEngine:
         batch_wait_s: float = 0.0,
         static_kv: str = "off",
         cuda_graphs: bool = True,
-        recovery: RecoveryDrafter | None = None,
+        recovery_draft: LoadedModel | None = None,
     ) -> None:
         """``max_batch``: the most blocks (of different sessions) verified in one forward.
         ``static_kv``, ``cuda_graphs``: see ``specdec.static_kv.slot_pool_for``.
-        ``recovery``: drafts the next block after a miss, for streams that allow it."""
+        ``recovery_draft``: drafts the next block after a miss, for streams that allow
+        it (``oracle_service.recovery``)."""
         if max_batch < 1:
             raise InvalidArgument(f"max_batch must be >= 1, got {max_batch}")
         self.model = model
@@ -135,11 +136,11 @@ class OracleEngine:
         self.batch_wait_s = batch_wait_s
         self.batch_counters = BatchCounters()
         self._queue = BlockQueue(max_batch)
-        self.recoveries = (
-            Recoveries(recovery, self._queue, self._in_model_thread, self._wake)
-            if recovery
-            else None
-        )
+        self.recoveries: Recoveries | None = None
+        if recovery_draft is not None:
+            on_cpu = recovery_draft.device.type == "cpu"
+            drafter = RecoveryDrafter(recovery_draft, self._executor if on_cpu else None)
+            self.recoveries = Recoveries(drafter, self._queue, self._wake)
         self._wakeup: asyncio.Event | None = None
         self._batcher: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -168,9 +169,6 @@ class OracleEngine:
 
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, timed)
-
-    async def _in_model_thread(self, fn: Callable[[], T]) -> T:
-        return (await self._run(fn))[0]
 
     async def warm_up(self) -> None:
         """Capture the verify and prefill forwards' CUDA graphs (static KV on a GPU) in the
@@ -310,7 +308,7 @@ class OracleEngine:
 
     def blocks_ended(self, lease: Lease) -> None:
         """The stream of ``lease`` sends no more blocks: no recovery block for it any more
-        (a chain of them would go on without the draft), and none of its verdicts held."""
+        (a chain of them would go on without the draft)."""
         lease.recovery = False
         self._wake()
 
@@ -337,9 +335,9 @@ class OracleEngine:
             self._skip(skipped)
             if not batch:
                 self._wakeup.clear()
-                hold_s = self.recoveries.next_deadline_s() if self.recoveries else None
-                with contextlib.suppress(TimeoutError):  # a held miss is due
-                    await asyncio.wait_for(self._wakeup.wait(), hold_s)
+                due_s = self.recoveries.next_deadline_s() if self.recoveries else None
+                with contextlib.suppress(TimeoutError):  # a miss is due for its decision
+                    await asyncio.wait_for(self._wakeup.wait(), due_s)
                 continue
             try:
                 outcomes, start_ns, compute_ns, rows, forward_rows = await loop.run_in_executor(
@@ -371,14 +369,10 @@ class OracleEngine:
                     queue_ns=start_ns - pending.enqueued_ns,
                 )
                 k = self._recovery_k(pending, verdict)
-                if k and self._hold(pending, result, k):
-                    continue  # its answer waits for the draft's block, or a recovery
+                if k and self.recoveries is not None:
+                    extended = self._extends(pending.session)
+                    result = self.recoveries.after_verdict(pending, result, k, extended)
                 pending.future.set_result(result)
-
-    def _hold(self, pending: PendingBlock, result: VerifyResult, k: int) -> bool:
-        """Hand a verdict a recovery block could follow to the recoveries (True: held)."""
-        assert self.recoveries is not None
-        return self.recoveries.hold(pending, result, k, self._extends(pending.session))
 
     def _extends(self, session: OracleSession) -> bool:
         """A block waiting in the queue extends ``session``'s committed tokens as they are."""

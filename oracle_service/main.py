@@ -25,7 +25,6 @@ from typing import Any, TypeVar
 
 from oracle_service.config import OracleConfig
 from oracle_service.engine import OracleEngine
-from oracle_service.recovery import RecoveryDrafter
 from oracle_service.servicer import SERVICE_NAME, OracleServicer
 from specdec.config import add_arguments as add_config_arguments
 from specdec.config import from_namespace, load_config
@@ -87,10 +86,9 @@ class OracleService:
         log.info("loading model %s on %s (%s)...", config.model_name(), config.device, config.dtype)
         start = time.monotonic()
         model = await _in_daemon_thread(lambda: loader(config))
-        recovery = None
+        draft = None
         if config.recovery_draft:
             draft = await _in_daemon_thread(lambda: load_recovery_draft(config, model))
-            recovery = RecoveryDrafter(draft)
             log.info("drafting recovery blocks with %s", draft.name)
         engine = OracleEngine(
             model,
@@ -102,7 +100,7 @@ class OracleService:
             batch_wait_s=config.batch_wait_ms / 1000,
             static_kv=config.static_kv,
             cuda_graphs=config.cuda_graphs,
-            recovery=recovery,
+            recovery_draft=draft,
         )
         await engine.warm_up()
         self.engine = engine

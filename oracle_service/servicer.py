@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -88,22 +89,29 @@ class OracleServicer(oracle_pb2_grpc.OracleServicer):  # type: ignore[misc]
             # pipelined block (and the alternatives sent with it) waits in the engine's
             # queue while its predecessor is verified, so the batch after that verdict
             # finds it there. Answers go back in request order, as the client reads them.
-            # A verdict that announces a recovery block is followed by that block's verdict.
+            # A verdict with a recovery pending is followed by the decision and, if the
+            # oracle drafted a block, by that block's verdict.
             answers: asyncio.Queue[_Answer | Exception | None] = asyncio.Queue()
             reader = asyncio.ensure_future(_read_blocks(request_iterator, engine, lease, answers))
-            answer: _Answer | Exception | None = None
+            waiting: asyncio.Future[Any] | None = None  # a decision or a recovery's verdict
             try:
                 while (answer := await answers.get()) is not None:
                     if isinstance(answer, Exception):
                         raise answer
                     yield await answer.response(watch, request.session_id)
-                    while (recovery := answer.recovery()) is not None:
-                        answer = _Answer.recovered(answer, recovery.result)
+                    while (waiting := answer.decision()) is not None:
+                        recovery = await waiting
+                        yield _decision_pb(answer.block.round, recovery)
+                        if recovery is None:
+                            break
+                        waiting = recovery.result
+                        answer = _Answer.recovered(answer, recovery)
                         yield await answer.response(watch, request.session_id)
+                    waiting = None
             finally:
                 reader.cancel()
-                if isinstance(answer, _Answer):  # a recovery block nobody will read about
-                    answer.result.cancel()
+                if waiting is not None:  # nobody will read about it
+                    waiting.cancel()
                 while not answers.empty():  # queued blocks nobody will read the verdict of
                     left = answers.get_nowait()
                     if isinstance(left, _Answer):
@@ -162,17 +170,20 @@ class _Answer:
         return cls(block, dict(message.trace_context), time.time_ns(), result, len(block.token_ids))
 
     @classmethod
-    def recovered(cls, after: _Answer, result: asyncio.Future[VerifyResult]) -> _Answer:
-        """The recovery block announced by ``after``'s verdict (traced in its round)."""
-        recovery = after.recovery()
-        assert recovery is not None
+    def recovered(cls, after: _Answer, recovery: Recovery) -> _Answer:
+        """The recovery block drafted after ``after``'s verdict (traced in its round)."""
         return cls(
-            after.block, after.trace_context, time.time_ns(), result, len(recovery.block), True
+            after.block,
+            after.trace_context,
+            time.time_ns(),
+            recovery.result,
+            len(recovery.block),
+            True,
         )
 
-    def recovery(self) -> Recovery | None:
-        """The recovery block this answer's verdict announced (call once it is answered)."""
-        return self.result.result().recovery
+    def decision(self) -> asyncio.Future[Recovery | None] | None:
+        """The recovery decision this answer's verdict awaits (call once it is answered)."""
+        return self.result.result().decision
 
     async def response(
         self, watch: VerifyObserver | None, session_id: str
@@ -200,7 +211,6 @@ class _Answer:
             self.k,
             verdict.next_token,
         )
-        recovery = result.recovery
         return oracle_pb2.VerifyResponse(
             verdict=oracle_pb2.VerifyVerdict(
                 round=pb.round,
@@ -210,10 +220,17 @@ class _Answer:
                 committed_length=result.committed_length,
                 verify_ns=result.verify_ns,
                 queue_ns=result.queue_ns,
-                recovery_token_ids=list(recovery.block.token_ids) if recovery else [],
+                recovery_pending=result.decision is not None,
                 recovered=self.is_recovery,
             )
         )
+
+
+def _decision_pb(round_index: int, recovery: Recovery | None) -> oracle_pb2.VerifyResponse:
+    tokens = list(recovery.block.token_ids) if recovery is not None else []
+    return oracle_pb2.VerifyResponse(
+        recovery=oracle_pb2.RecoveryDecision(round=round_index, token_ids=tokens)
+    )
 
 
 async def _read_blocks(

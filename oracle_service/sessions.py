@@ -71,7 +71,7 @@ class Lease:
     opened_length: int = 0
     drafter: Drafter | None = None
     # How late this stream's blocks come after the verdict they extend (a running mean,
-    # ns; it sets how long a verdict nothing extends yet is held for the draft's block),
+    # ns; it sets how long a recovery decision may wait for the draft's block),
     # and the committed length -> verdict time of its last recoveries.
     late_ns: float = 5_000_000.0
     missed: dict[int, int] = field(default_factory=dict)

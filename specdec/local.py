@@ -24,11 +24,16 @@ def run_local(args: argparse.Namespace) -> None:
         try:
             gateway_flags = ["--tokenizer", args.oracle_model] if args.oracle_model else []
             c.start_gateway(*gateway_flags, port=args.port)
-            # The draft's model also serves the oracle as recovery draft (after a verdict
-            # none of the draft's blocks fit, the oracle drafts the next one itself); not
-            # the demo draft for an oracle of another family.
+            # On a CPU the draft's model also serves the oracle as recovery draft (after
+            # a verdict none of the draft's blocks fit, the oracle drafts the next one
+            # itself; on the H200 it did not pay); not the demo draft for an oracle of
+            # another family.
             recovery = []
-            if not args.no_draft and (args.draft_model or not args.oracle_model):
+            if (
+                args.device == "cpu"
+                and not args.no_draft
+                and (args.draft_model or not args.oracle_model)
+            ):
                 recovery = ["--recovery-draft", args.draft_model or "demo"]
             oracle = c.start_oracle(
                 args.oracle_model or None,

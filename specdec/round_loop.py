@@ -21,9 +21,11 @@ do not depend on each other:
   verify + round trip + draft whenever one of the guesses was right; when none
   was, it costs what no pipelining costs.
 * recovery (greedy, over a link that allows it, to an oracle with a recovery
-  draft): when none of those blocks fits a verdict, the oracle drafts the next
-  block itself and announces it with the verdict; the loop takes it as the
-  block in flight and drafts ahead after it (``specdec.turn.Recovery``).
+  draft): a verdict that none of the blocks sent fits yet comes with a pending
+  decision. Until it comes, every block sent assumes at least the verdict's last
+  token (so that the oracle can skip it). If the oracle drafts the next block
+  itself, the loop takes that block as the one in flight, drops the rest and
+  drafts ahead after it (``specdec.turn.Recovery``).
 
 The output is unchanged by either: a block is only ever verified against the
 exact sequence it was drafted after, and every draw depends only on (seed,
@@ -95,6 +97,7 @@ class _Sent:
     sent_ns: int
     result: asyncio.Future[VerifyResult]
     recovered: bool = False  # drafted by the oracle (a ``Recovery``), not sent
+    pipelined: bool = False  # sent before the verdict it assumes
 
     @property
     def base(self) -> int:
@@ -158,6 +161,8 @@ class _RoundLoop:
         self.ahead_drafted = 0.0  # proposals drafted ahead (decayed) ...
         self.ahead_used = 0.0  # ... and rounds that used one
         self.last_verdict_ns = 0
+        # The recovery decision the last verdict awaits (None: none pending).
+        self.decision: asyncio.Future[Recovery | None] | None = None
         # Blocks in flight one after another: 1 = wait for each verdict before sending
         # the next (alternatives drafted for the same verdict count once).
         depth = min(max(1, turn.pipeline_depth), MAX_PIPELINE_DEPTH)
@@ -175,19 +180,18 @@ class _RoundLoop:
         self.last_verdict_ns = time.perf_counter_ns()
         try:
             while True:
+                if self.decision is not None and not self.in_flight:
+                    await self._send_late_ahead()
+                if self.decision is not None and (self.decision.done() or not self.in_flight):
+                    await self._take_decision()
                 if not self.in_flight:
                     if len(self.committed) >= turn.max_context:
                         return FinishReason.CONTEXT_LIMIT, _finish(stats, start)
                     await self._send_next()
                 self._draft_ahead()
                 head = self.in_flight[0]
-                while not head.result.done() and self._may_pipeline():
-                    assert self.ahead is not None
-                    waiting: set[asyncio.Future[Any]] = {head.result, self.ahead.task}
-                    await asyncio.wait(waiting, return_when=FIRST_COMPLETED)
-                    if not head.result.done():  # the next block is ready first: send it now
-                        self._send_ahead()
-                        self._draft_ahead()
+                if not await self._await_head(head):
+                    continue  # a recovery decision came first
                 result = await head.result
                 received = time.perf_counter_ns()
                 self.in_flight.popleft()
@@ -198,6 +202,28 @@ class _RoundLoop:
                     return reason, _finish(stats, start)
         finally:
             self._abandon()
+
+    async def _await_head(self, head: _Sent) -> bool:
+        """Until ``head``'s verdict is in, send the blocks drafted ahead as soon as they
+        are ready. False: a recovery decision came first (it goes before the verdict)."""
+        while True:
+            if self.decision is not None and self.decision.done():
+                return False
+            if head.result.done():
+                return True
+            if self._may_pipeline():
+                assert self.ahead is not None
+                if self.ahead.task.done():  # the next block is ready first: send it now
+                    self._send_ahead()
+                    self._draft_ahead()
+                    continue
+            waiting: set[asyncio.Future[Any]] = {head.result}
+            if self._may_pipeline():
+                assert self.ahead is not None
+                waiting.add(self.ahead.task)
+            if self.decision is not None:
+                waiting.add(self.decision)
+            await asyncio.wait(waiting, return_when=FIRST_COMPLETED)
 
     # -- sending -----------------------------------------------------------------
 
@@ -252,7 +278,10 @@ class _RoundLoop:
         last_alternative: bool = False,
     ) -> None:
         round_index, self.next_round = self.next_round, self.next_round + 1
-        start = len(self.committed)
+        start, pipelined = len(self.committed), bool(assumed)
+        if self.decision is not None and not assumed:
+            # The oracle may still recover the last verdict: it must be able to skip this.
+            start, assumed = start - 1, tuple(self.committed[-1:])
         if self.observer is not None:
             self.observer.round_started(round_index, k, draft_ns)
         result = asyncio.ensure_future(
@@ -263,7 +292,7 @@ class _RoundLoop:
         self.in_flight.append(
             _Sent(
                 round_index, k, block, start, assumed, draft_ns, drafted_ahead, branch,
-                time.perf_counter_ns(), result,
+                time.perf_counter_ns(), result, pipelined=pipelined,
             )
         )  # fmt: skip
 
@@ -362,8 +391,8 @@ class _RoundLoop:
         keep, reason = self.turn.stop.feed(new)
         self.committed.extend(new[:keep])
         skipped = self._drop_stale() if reason is None else 0
-        if reason is None and result.recovery is not None:
-            skipped += self._adopt(result.recovery)
+        if reason is None:
+            self.decision = result.decision
         # A pipelined block's wait starts when the oracle could start on it: at the
         # previous verdict, not when it was sent.
         waited = received_ns - max(head.sent_ns, self.last_verdict_ns)
@@ -382,7 +411,7 @@ class _RoundLoop:
             network_ns=max(0, waited - result.verify_ns - result.queue_ns),
             queue_ns=result.queue_ns,
             drafted_ahead=head.drafted_ahead,
-            pipelined=bool(head.assumed),
+            pipelined=head.pipelined,
             branch=head.branch,
             skipped_blocks=skipped,
             wall_ns=wall_ns,
@@ -426,19 +455,57 @@ class _RoundLoop:
             self.ahead = None
         return len(stale)
 
+    async def _send_late_ahead(self) -> None:
+        """A verdict awaits a recovery decision and nothing is in flight: the blocks
+        drafted ahead for it were not sent yet. Send the one it makes true, if any; else
+        tell the oracle that none is coming, so that it decides at once."""
+        ahead = self.ahead
+        if ahead is None:
+            return
+        branches = await ahead.task
+        found = await self._take_ahead()
+        if found is not None:
+            k = self._k_for(len(self.committed))
+            block, branch = found
+            self._send(block.truncated(k), k, (), 0, True, branch, True)
+            return
+        if branches:  # a block for an outcome the verdict was not, flagged as the last
+            base = ahead.start + len(ahead.prefix)  # where the block they follow starts
+            marker = branches[0]
+            round_index, self.next_round = self.next_round, self.next_round + 1
+            verify = self.link.verify(
+                round_index, base + len(marker.assumed), marker.block, 0, marker.assumed, True
+            )
+            asyncio.ensure_future(verify).add_done_callback(_consume)
+
+    async def _take_decision(self) -> None:
+        """Wait for the pending recovery decision; adopt the oracle's block if it drafted one."""
+        decision, self.decision = self.decision, None
+        assert decision is not None
+        recovery = await decision
+        if recovery is not None:
+            self.stats.skipped_blocks += self._adopt(recovery)
+
     def _adopt(self, recovery: Recovery) -> int:
         """The oracle drafted the next block itself: it is the block in flight now.
 
-        Whatever else was in flight assumes another verdict (the oracle drafts only
-        when none of it fits) and is skipped there; drafting ahead restarts after the
-        oracle's block. Returns how many blocks that dropped.
+        The oracle verifies it before anything else, so of the blocks still in flight
+        only those that assume one of its outcomes (its prefix, then one more token)
+        can still be verified: the draft's own block may have been the same. The rest
+        are dropped (the oracle skips them), as is the drafting ahead, which restarts
+        after the oracle's block. Returns how many blocks that dropped.
         """
         # The proposal drafted ahead for the verdict was not judged by the draft: the
         # oracle did not wait for it. It must not count as a failed guess, or the loop
         # would draft ahead less and make the oracle recover more.
         self.ahead_drafted = max(0.0, self.ahead_drafted - 1)
-        stale = list(self.in_flight)
-        for sent in stale:
+        committed, tokens = self.committed, recovery.block.token_ids
+        kept: deque[_Sent] = deque()
+        for sent in self.in_flight:
+            after = sent.assumed[len(committed) - sent.start :]  # beyond the committed tokens
+            if 0 < len(after) <= len(tokens) + 1 and after[:-1] == tokens[: len(after) - 1]:
+                kept.append(sent)
+                continue
             sent.result.add_done_callback(_consume)
             if self.observer is not None:
                 self.observer.round_skipped(sent.round)
@@ -449,15 +516,13 @@ class _RoundLoop:
         k = len(recovery.block)
         if self.observer is not None:
             self.observer.round_started(round_index, k, 0)
-        self.in_flight = deque(
-            [
-                _Sent(
-                    round_index, k, recovery.block, len(self.committed), (), 0, False, False,
-                    time.perf_counter_ns(), recovery.result, recovered=True,
-                )
-            ]
+        head = _Sent(
+            round_index, k, recovery.block, len(committed), (), 0, False, False,
+            time.perf_counter_ns(), recovery.result, recovered=True,
         )  # fmt: skip
-        return len(stale)
+        dropped = len(self.in_flight) - len(kept)
+        self.in_flight = deque([head, *kept])
+        return dropped
 
     def _abandon(self) -> None:
         """The turn ended: nothing still in flight or being drafted is wanted."""
@@ -467,6 +532,7 @@ class _RoundLoop:
             if self.observer is not None:
                 self.observer.round_skipped(sent.round)
         self.in_flight.clear()
+        self.decision = None
         if self.ahead is not None:
             self.ahead.task.cancel()
             self.ahead.task.add_done_callback(_consume)

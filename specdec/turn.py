@@ -48,14 +48,15 @@ class VerifyResult:
 
     Only a pipelined block (one sent with assumed tokens) can be skipped: its
     assumption about the verdict before it did not hold, so it was not verified.
-    ``recovery``: the oracle drafted the next block itself (see ``Recovery``).
+    ``decision`` (recovery, see ``Recovery``): set when no block extends the verdict
+    yet; it gets the oracle's own block for what follows, or None.
     """
 
     verdict: Verdict | None
     committed_length: int
     verify_ns: int
     queue_ns: int = 0
-    recovery: Recovery | None = None
+    decision: asyncio.Future[Recovery | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,11 @@ class Recovery:
 
     A miss (no block drafted ahead fits the verdict) would otherwise leave the oracle
     idle for a round trip plus a fresh draft. With a recovery draft (a copy of a
-    small draft model) the oracle drafts ``block`` after the verdict at once and
-    verifies it next; ``result`` gets that verdict. The draft, told of ``block``,
-    drafts ahead after it as after a block of its own, so the rounds that follow
-    are pipelined again. Lossless like any block: the oracle verifies it.
+    small draft model) the oracle drafts ``block`` after the verdict and verifies it
+    next; ``result`` gets that verdict. The verdict itself goes out at once, marked
+    as awaiting this decision, so the draft keeps drafting ahead meanwhile; told of
+    ``block``, it drafts ahead after it as after a block of its own. Lossless like
+    any block: the oracle verifies it.
     """
 
     block: DraftBlock

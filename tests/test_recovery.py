@@ -15,7 +15,6 @@ import grpc
 import pytest
 
 import oracle_service.recovery as recovery_module
-from oracle_service.recovery import RecoveryDrafter
 from specdec.drafters.branches import draft_branches
 from specdec.drafters.model_drafter import ModelDrafter
 from specdec.models import LoadedModel
@@ -25,6 +24,7 @@ from specdec.verifier import DraftBlock
 from tests.test_oracle_service import (  # noqa: F401 (fixtures)
     PROMPT,
     Running,
+    VerifyStream,
     make_oracle,
     oracle_model,
     reference,
@@ -36,31 +36,52 @@ def draft_model(loaded: Callable[[str, str], LoadedModel]) -> LoadedModel:
     return loaded("llama", "draft")
 
 
-async def recovering_oracle(
+@pytest.fixture
+def recovering(
     make_oracle: Callable[..., Awaitable[Running]],  # noqa: F811
     draft_model: LoadedModel,
-) -> Running:
-    return await make_oracle(recovery=RecoveryDrafter(draft_model))
+    monkeypatch: pytest.MonkeyPatch,
+) -> Callable[[int], Awaitable[Running]]:
+    """Oracles with the tiny draft as recovery draft, whose decisions wait for a draft's
+    late blocks (when it flags none as the last) about ``wait_ns``."""
+
+    async def make(wait_ns: int) -> Running:
+        monkeypatch.setattr(recovery_module, "HOLD_MARGIN_NS", wait_ns)
+        monkeypatch.setattr(recovery_module, "MAX_HOLD_NS", max(wait_ns, 200_000_000))
+        return await make_oracle(recovery_draft=draft_model)
+
+    return make
+
+
+async def open_stream(oracle: Running, session_id: str) -> VerifyStream:
+    stream = oracle.stream()
+    await stream.open(session_id, PROMPT, allow_recovery=True)
+    return stream
+
+
+async def read_decision(stream: VerifyStream) -> list[int]:
+    """The next response, which must be a recovery decision: the oracle's tokens."""
+    response = await stream.call.read()
+    assert response is not grpc.aio.EOF and response.HasField("recovery"), response
+    return list(response.recovery.token_ids)
 
 
 async def test_a_miss_gets_a_recovery_block_verified_next_and_every_token_is_exact(
-    make_oracle: Callable[..., Awaitable[Running]],  # noqa: F811
-    draft_model: LoadedModel,
+    recovering: Callable[[int], Awaitable[Running]],
     reference: list[int],  # noqa: F811
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(recovery_module, "HOLD_MARGIN_NS", 0)
-    oracle = await recovering_oracle(make_oracle, draft_model)
-    stream = oracle.stream()
-    await stream.open("r1", PROMPT, allow_recovery=True)
+    oracle = await recovering(0)
+    stream = await open_stream(oracle, "r1")
     base = len(PROMPT)
     wrong = (reference[1] + 1) % 96
-    # Rejected at position 1, and no block for that outcome follows: a miss.
+    # Rejected at position 1, and no block for that outcome follows: a miss. The verdict
+    # goes out at once; the decision follows it.
     first = await stream.block(0, base, [reference[0], wrong])
     assert (first.num_accepted, first.next_token_id) == (1, reference[1])
-    assert len(first.recovery_token_ids) == 2  # as long as the block it follows
+    assert first.recovery_pending
     committed = [*PROMPT, *reference[:2]]
-    announced = list(first.recovery_token_ids)
+    announced = await read_decision(stream)
+    assert len(announced) == 2  # as long as the block it follows
     # Each recovery block's verdict comes next; with nothing else sent, the oracle keeps
     # recovering. Every committed token is the oracle's own greedy choice.
     for _ in range(3):
@@ -70,99 +91,90 @@ async def test_a_miss_gets_a_recovery_block_verified_next_and_every_token_is_exa
         committed += new
         assert verdict.committed_length == len(committed)
         assert verdict.is_bonus == (verdict.num_accepted == len(announced))
-        announced = list(verdict.recovery_token_ids)
+        assert verdict.recovery_pending
+        announced = await read_decision(stream)
         assert len(announced) == 2
     assert committed[base:] == reference[: len(committed) - base]
     # Once the draft closes its side, no further block is drafted for it.
     await stream.call.done_writing()
-    while (verdict := await stream.read_verdict()).recovery_token_ids:
+    while (await stream.read_verdict()).recovery_pending and await read_decision(stream):
         pass
     assert await stream.call.read() is grpc.aio.EOF
     assert await stream.call.code() == grpc.StatusCode.OK
     info = await oracle.stub.GetInfo(oracle_pb2.GetInfoRequest())
-    assert info.recovery_draft == draft_model.name and info.recovery_blocks >= 4
+    assert info.recovery_draft and info.recovery_blocks >= 4
 
 
 async def test_no_recovery_unless_the_stream_allows_it_or_the_turn_samples(
-    make_oracle: Callable[..., Awaitable[Running]],  # noqa: F811
-    draft_model: LoadedModel,
+    recovering: Callable[[int], Awaitable[Running]],
     reference: list[int],  # noqa: F811
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(recovery_module, "HOLD_MARGIN_NS", 0)
-    oracle = await recovering_oracle(make_oracle, draft_model)
+    oracle = await recovering(0)
     base = len(PROMPT)
     wrong = (reference[0] + 1) % 96
     for session, options in (("n1", {}), ("n2", {"allow_recovery": True, "temperature": 1.0})):
         stream = oracle.stream()
         await stream.open(session, PROMPT, **options)  # type: ignore[arg-type]
         verdict = await stream.block(0, base, [wrong])
-        assert not verdict.recovery_token_ids
+        assert not verdict.recovery_pending
         await stream.finish()
     info = await oracle.stub.GetInfo(oracle_pb2.GetInfoRequest())
     assert info.recovery_blocks == 0
 
 
-async def test_a_verdict_is_held_for_the_drafts_late_block_instead_of_recovering(
-    make_oracle: Callable[..., Awaitable[Running]],  # noqa: F811
-    draft_model: LoadedModel,
+async def test_a_late_block_for_the_verdict_means_no_recovery(
+    recovering: Callable[[int], Awaitable[Running]],
     reference: list[int],  # noqa: F811
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The draft's block for the verdict's outcome comes 0.3 s after the block it follows
-    # (well after its verdict), within the hold: it is verified, and nothing recovered.
-    monkeypatch.setattr(recovery_module, "HOLD_MARGIN_NS", 5_000_000_000)
-    monkeypatch.setattr(recovery_module, "MAX_HOLD_NS", 5_000_000_000)
-    oracle = await recovering_oracle(make_oracle, draft_model)
-    stream = oracle.stream()
-    await stream.open("h1", PROMPT, allow_recovery=True)
+    # (well after its verdict), within the wait: it is verified, and nothing recovered.
+    oracle = await recovering(5_000_000_000)
+    stream = await open_stream(oracle, "h1")
     base = len(PROMPT)
     await stream.write_block(0, base, reference[:2])
-    await asyncio.sleep(0.3)  # verdict 0 is computed meanwhile, and held
+    v0 = await stream.read_verdict()  # at once, not held
+    assert (v0.num_accepted, v0.is_bonus, v0.next_token_id) == (2, True, reference[2])
+    assert v0.recovery_pending
+    await asyncio.sleep(0.3)
     start = time.perf_counter()
     await stream.write_block(1, base + 3, reference[3:5], assumed=reference[:3])
-    v0 = await stream.read_verdict()
-    assert time.perf_counter() - start < 4  # released by the block, not the deadline
-    assert (v0.num_accepted, v0.is_bonus, v0.next_token_id) == (2, True, reference[2])
-    assert not v0.recovery_token_ids
-    # Verdict 1 is held in turn (nothing follows it); closing our side releases it.
-    await stream.call.done_writing()
-    v1 = await stream.read_verdict()
+    assert await read_decision(stream) == []  # decided by the block, not the deadline
     assert time.perf_counter() - start < 4
+    v1 = await stream.read_verdict()
     assert not v1.recovered and (v1.num_accepted, v1.next_token_id) == (2, reference[5])
-    assert not v1.recovery_token_ids
+    # Verdict 1 awaits its decision in turn; closing our side decides it: none.
+    await stream.call.done_writing()
+    assert v1.recovery_pending and await read_decision(stream) == []
+    assert time.perf_counter() - start < 4
     assert await stream.call.read() is grpc.aio.EOF
     info = await oracle.stub.GetInfo(oracle_pb2.GetInfoRequest())
     assert info.recovery_blocks == 0
 
 
-async def test_the_drafts_last_block_for_a_verdict_ends_the_hold_at_once(
-    make_oracle: Callable[..., Awaitable[Running]],  # noqa: F811
-    draft_model: LoadedModel,
+async def test_the_drafts_last_block_for_a_verdict_decides_at_once(
+    recovering: Callable[[int], Awaitable[Running]],
     reference: list[int],  # noqa: F811
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The draft's blocks for verdict 0 (here one, for its full acceptance) are all here
     # and none fits the real outcome (a rejection): a miss, recovered without waiting.
-    monkeypatch.setattr(recovery_module, "HOLD_MARGIN_NS", 5_000_000_000)
-    monkeypatch.setattr(recovery_module, "MAX_HOLD_NS", 5_000_000_000)
-    oracle = await recovering_oracle(make_oracle, draft_model)
-    stream = oracle.stream()
-    await stream.open("h2", PROMPT, allow_recovery=True)
+    oracle = await recovering(5_000_000_000)
+    stream = await open_stream(oracle, "h2")
     base = len(PROMPT)
     wrong = (reference[1] + 1) % 96
     await stream.write_block(0, base, [reference[0], wrong])
-    await asyncio.sleep(0.3)  # verdict 0 is computed meanwhile, and held
+    v0 = await stream.read_verdict()
+    assert (v0.num_accepted, v0.next_token_id) == (1, reference[1]) and v0.recovery_pending
     start = time.perf_counter()
     full = [reference[0], wrong, reference[2]]  # the outcome the draft hoped for
     await stream.write_block(1, base + 3, reference[3:5], assumed=full, last_alternative=True)
-    v0 = await stream.read_verdict()
+    assert len(await read_decision(stream)) == 2
     assert time.perf_counter() - start < 4
-    assert (v0.num_accepted, v0.next_token_id) == (1, reference[1])
-    assert len(v0.recovery_token_ids) == 2
     await stream.call.done_writing()  # no more recoveries after the next verdict
-    recovered, skipped = await stream.read_verdict(), await stream.read_verdict()
-    assert recovered.recovered and not recovered.recovery_token_ids
+    recovered = await stream.read_verdict()
+    assert recovered.recovered
+    if recovered.recovery_pending:
+        assert await read_decision(stream) == []
+    skipped = await stream.read_verdict()
     assert skipped.skipped and skipped.round == 1
     assert await stream.call.read() is grpc.aio.EOF
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -76,25 +77,27 @@ class GrpcOracleLink:
         # flight on it then fail for the same reason, not as "cancelled".
         self._broken: OracleRpcError | None = None
         self._allow_recovery = allow_recovery
-        # The recovery block announced by the last verdict read: the next response on the
-        # stream is its verdict, read by whichever of its reader and the exchanges in
-        # flight reads first.
-        self._recovery: asyncio.Future[VerifyResult] | None = None
-        # Its verdict when an exchange read it before the announcing verdict was parsed.
-        self._early: oracle_pb2.VerifyVerdict | None = None
-        self._recovery_readers: set[asyncio.Task[None]] = set()
+        # Recovery: what the next follow-up response on the stream (a recovery decision,
+        # a recovery block's verdict) resolves. Whichever reads it first routes it: a
+        # reader started for it, or an exchange in flight (which then reads on). One
+        # read before the verdict it follows was parsed waits in ``_early``.
+        self._expect: asyncio.Future[Any] | None = None
+        self._early: deque[oracle_pb2.VerifyResponse] = deque()
+        self._followers: set[asyncio.Task[None]] = set()
         self.oracle_id = ""
 
     async def _exchange(
-        self, request: oracle_pb2.VerifyRequest | None
+        self,
+        request: oracle_pb2.VerifyRequest | None,
+        follow_up: asyncio.Future[Any] | None = None,
     ) -> oracle_pb2.VerifyResponse | None:
-        """Send ``request`` and read its answer; None: read a recovery block's verdict
-        (returns None if an exchange read it first)."""
+        """Send ``request`` and read its answer; None: read the follow-up response that
+        resolves ``follow_up`` (returns None, or what came instead of it)."""
         call = self._call  # (close() may drop it while a pipelined exchange waits)
         assert call is not None
         # Not wait_for: on timeout it waits for the cancelled exchange to end, and grpc's
         # send on a dead transport may never end. The call is cancelled instead.
-        sending = asyncio.ensure_future(self._send(request))
+        sending = asyncio.ensure_future(self._send(request, follow_up))
         try:
             await asyncio.wait({sending}, timeout=self._round_timeout_s)
         finally:
@@ -134,7 +137,12 @@ class GrpcOracleLink:
             raise OracleRpcError(_link_status(code, details), details or "stream ended")
         return response  # type: ignore[no-any-return]
 
-    async def _send(self, request: oracle_pb2.VerifyRequest | None) -> Any:
+    async def _send(
+        self, request: oracle_pb2.VerifyRequest | None, follow_up: asyncio.Future[Any] | None = None
+    ) -> Any:
+        """Write ``request`` and read its answer, routing follow-up responses read on the
+        way; None: read the follow-up that resolves ``follow_up`` (None if one was read
+        for it already)."""
         call = self._call  # (close() may drop it while a pipelined exchange waits)
         assert call is not None
         if request is not None:
@@ -143,31 +151,24 @@ class GrpcOracleLink:
                     await call.write(request)
             except asyncio.InvalidStateError:
                 return grpc.aio.EOF  # the stream already ended (link dropped): its status says why
-        recovery = self._recovery
         async with self._reading:
             while True:
-                if request is None and (recovery is None or recovery.done()):
-                    return None  # an exchange read the recovery block's verdict
+                if request is None and follow_up is not self._expect:
+                    return None  # an exchange read it
                 response = await call.read()
-                if request is None or not _recovered(response):
+                if not _follow_up(response):
                     return response
-                self._resolve(response.verdict)  # not this exchange's: read on
+                self._route(response)
+                if request is None:
+                    return None
 
     def _result(self, verdict: oracle_pb2.VerifyVerdict) -> VerifyResult:
-        """The verdict as the loop sees it; one that announces a recovery block starts the
-        reading of that block's verdict."""
-        recovery = None
-        if verdict.recovery_token_ids:
-            follow: asyncio.Future[VerifyResult] = asyncio.get_running_loop().create_future()
-            early, self._early = self._early, None
-            if early is not None:
-                follow.set_result(self._result(early))
-            else:
-                self._recovery = follow
-                task = asyncio.ensure_future(self._read_recovery(follow))
-                self._recovery_readers.add(task)
-                task.add_done_callback(self._recovery_readers.discard)
-            recovery = Recovery(DraftBlock(tuple(verdict.recovery_token_ids)), follow)
+        """The verdict as the loop sees it, with a future for its recovery decision if one
+        is pending."""
+        decision: asyncio.Future[Recovery | None] | None = None
+        if verdict.recovery_pending:
+            decision = asyncio.get_running_loop().create_future()
+            self._follow(decision)
         return VerifyResult(
             verdict=None
             if verdict.skipped
@@ -179,45 +180,56 @@ class GrpcOracleLink:
             committed_length=verdict.committed_length,
             verify_ns=verdict.verify_ns,
             queue_ns=verdict.queue_ns,
-            recovery=recovery,
+            decision=decision,
         )
 
-    def _resolve(self, verdict: oracle_pb2.VerifyVerdict) -> None:
-        """Hand a recovery block's verdict to whoever awaits it (or keep it until the
-        verdict announcing the block, read just before, is parsed)."""
-        follow = self._recovery
-        if follow is None:
-            if self._early is not None:
-                raise OracleRpcError(
-                    grpc.StatusCode.INTERNAL, "the oracle answered a recovery block twice"
-                )
-            self._early = verdict
+    def _follow(self, future: asyncio.Future[Any]) -> None:
+        """The next follow-up response on the stream resolves ``future``."""
+        self._expect = future
+        if self._early:
+            self._route(self._early.popleft())
             return
-        self._recovery = None
-        if not follow.done():
-            follow.set_result(self._result(verdict))
+        task = asyncio.ensure_future(self._read_follow_up(future))
+        self._followers.add(task)
+        task.add_done_callback(self._followers.discard)
 
-    async def _read_recovery(self, follow: asyncio.Future[VerifyResult]) -> None:
-        """Read ``follow``'s verdict when no exchange in flight does (it is next on the stream)."""
+    def _route(self, response: oracle_pb2.VerifyResponse) -> None:
+        """Resolve the expected future with a follow-up response: a decision (None, or the
+        oracle's block, whose verdict is then expected) or a recovery block's verdict."""
+        future, self._expect = self._expect, None
+        if future is None:
+            self._early.append(response)
+            return
+        value: Recovery | VerifyResult | None = None
+        if response.WhichOneof("kind") == "recovery":
+            tokens = tuple(response.recovery.token_ids)
+            if tokens:
+                follow: asyncio.Future[VerifyResult] = asyncio.get_running_loop().create_future()
+                value = Recovery(DraftBlock(tokens), follow)
+                self._follow(follow)
+        else:
+            value = self._result(response.verdict)
+        if not future.done():
+            future.set_result(value)
+
+    async def _read_follow_up(self, future: asyncio.Future[Any]) -> None:
+        """Read the follow-up response for ``future`` when no exchange in flight does."""
         if self._call is None:
             return  # the turn is over (close() came first)
         try:
-            response = await self._exchange(None)
-        except Exception as exc:  # the stream failed: the loop learns it from ``follow``
-            if not follow.done():
-                follow.set_exception(exc)
+            response = await self._exchange(None, future)
+        except Exception as exc:  # the stream failed: the loop learns it from ``future``
+            if not future.done():
+                future.set_exception(exc)
             return
-        if response is None:
-            return
-        if not _recovered(response):
-            error = OracleRpcError(
-                grpc.StatusCode.INTERNAL,
-                "the oracle announced a recovery block but did not answer it next",
+        if response is not None and not future.done():  # an answer to no request
+            future.set_exception(
+                OracleRpcError(
+                    grpc.StatusCode.INTERNAL,
+                    "the oracle owed a recovery decision or a recovery block's verdict, and "
+                    f"sent a `{response.WhichOneof('kind')}` instead",
+                )
             )
-            if not follow.done():
-                follow.set_exception(error)
-            return
-        self._resolve(response.verdict)
 
     async def open(self, tokens: list[int], params: SamplingParams, seed: int) -> OpenResult:
         self._call = self._stub.Verify(timeout=self._timeout_s)
@@ -281,19 +293,18 @@ class GrpcOracleLink:
             _closing.add(task)
             task.add_done_callback(_closing.discard)
             self._call = None
-            if self._recovery is not None:
-                self._recovery.cancel()
-            for reader in self._recovery_readers:
+            if self._expect is not None:
+                self._expect.cancel()
+            for reader in self._followers:
                 reader.cancel()
 
 
-def _recovered(response: Any) -> bool:
-    """The response is the verdict of a recovery block (not of a request)."""
-    return (
-        response is not grpc.aio.EOF
-        and response.WhichOneof("kind") == "verdict"
-        and response.verdict.recovered
-    )
+def _follow_up(response: Any) -> bool:
+    """A recovery decision or a recovery block's verdict: no request's answer."""
+    if response is grpc.aio.EOF:
+        return False
+    kind = response.WhichOneof("kind")
+    return kind == "recovery" or (kind == "verdict" and response.verdict.recovered)
 
 
 def _no_trace_context(round_index: int | None) -> dict[str, str]:

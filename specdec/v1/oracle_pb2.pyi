@@ -59,12 +59,14 @@ class VerifyBlock(_message.Message):
     def __init__(self, round: _Optional[int] = ..., base_length: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., draft_distributions: _Optional[_Iterable[_Union[_common_pb2.SparseDistribution, _Mapping]]] = ..., draft_ns: _Optional[int] = ..., assumed_token_ids: _Optional[_Iterable[int]] = ..., last_alternative: _Optional[bool] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
-    __slots__ = ("opened", "verdict")
+    __slots__ = ("opened", "verdict", "recovery")
     OPENED_FIELD_NUMBER: _ClassVar[int]
     VERDICT_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_FIELD_NUMBER: _ClassVar[int]
     opened: VerifyOpened
     verdict: VerifyVerdict
-    def __init__(self, opened: _Optional[_Union[VerifyOpened, _Mapping]] = ..., verdict: _Optional[_Union[VerifyVerdict, _Mapping]] = ...) -> None: ...
+    recovery: RecoveryDecision
+    def __init__(self, opened: _Optional[_Union[VerifyOpened, _Mapping]] = ..., verdict: _Optional[_Union[VerifyVerdict, _Mapping]] = ..., recovery: _Optional[_Union[RecoveryDecision, _Mapping]] = ...) -> None: ...
 
 class VerifyOpened(_message.Message):
     __slots__ = ("cached_tokens", "computed_tokens", "prefill_ns", "committed_length", "oracle_id")
@@ -81,7 +83,7 @@ class VerifyOpened(_message.Message):
     def __init__(self, cached_tokens: _Optional[int] = ..., computed_tokens: _Optional[int] = ..., prefill_ns: _Optional[int] = ..., committed_length: _Optional[int] = ..., oracle_id: _Optional[str] = ...) -> None: ...
 
 class VerifyVerdict(_message.Message):
-    __slots__ = ("round", "num_accepted", "next_token_id", "is_bonus", "committed_length", "verify_ns", "queue_ns", "skipped", "recovery_token_ids", "recovered")
+    __slots__ = ("round", "num_accepted", "next_token_id", "is_bonus", "committed_length", "verify_ns", "queue_ns", "skipped", "recovery_pending", "recovered")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -90,7 +92,7 @@ class VerifyVerdict(_message.Message):
     VERIFY_NS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_NS_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_FIELD_NUMBER: _ClassVar[int]
-    RECOVERY_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_PENDING_FIELD_NUMBER: _ClassVar[int]
     RECOVERED_FIELD_NUMBER: _ClassVar[int]
     round: int
     num_accepted: int
@@ -100,9 +102,17 @@ class VerifyVerdict(_message.Message):
     verify_ns: int
     queue_ns: int
     skipped: bool
-    recovery_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    recovery_pending: bool
     recovered: bool
-    def __init__(self, round: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token_id: _Optional[int] = ..., is_bonus: _Optional[bool] = ..., committed_length: _Optional[int] = ..., verify_ns: _Optional[int] = ..., queue_ns: _Optional[int] = ..., skipped: _Optional[bool] = ..., recovery_token_ids: _Optional[_Iterable[int]] = ..., recovered: _Optional[bool] = ...) -> None: ...
+    def __init__(self, round: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token_id: _Optional[int] = ..., is_bonus: _Optional[bool] = ..., committed_length: _Optional[int] = ..., verify_ns: _Optional[int] = ..., queue_ns: _Optional[int] = ..., skipped: _Optional[bool] = ..., recovery_pending: _Optional[bool] = ..., recovered: _Optional[bool] = ...) -> None: ...
+
+class RecoveryDecision(_message.Message):
+    __slots__ = ("round", "token_ids")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, round: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()
