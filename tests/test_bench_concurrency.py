@@ -9,12 +9,22 @@ from pathlib import Path
 
 import pytest
 
-from specdec.bench.concurrency import Plan, _arrival_gaps, add_ratios, parse_ints
+from specdec.bench.concurrency import (
+    Plan,
+    Request,
+    Window,
+    _arrival_gaps,
+    add_ratios,
+    parse_ints,
+    pool,
+)
+from specdec.bench.measure import Sample
 from specdec.cli import main
 from specdec.errors import InvalidArgument
 
 NEW_TOKENS = 8
 REQUESTS = 2
+REPEATS = 2  # each count measured twice, alternating, windows pooled
 
 
 def test_concurrency_mode_end_to_end(tmp_path: Path, model_dir: Callable[[str, str], Path]) -> None:
@@ -22,7 +32,7 @@ def test_concurrency_mode_end_to_end(tmp_path: Path, model_dir: Callable[[str, s
     argv = [
         "bench", "--sessions", "1,2", "--session-ks", "0,4", "--prompts", "1",
         "--prompt-tokens", "32", "--max-new-tokens", str(NEW_TOKENS),
-        "--requests-per-session", str(REQUESTS),
+        "--requests-per-session", str(REQUESTS), "--repeats", str(REPEATS),
         "--oracle-model", str(model_dir("llama", "oracle")),
         "--draft-model", str(model_dir("llama", "close_draft")), "--out", str(out),
     ]  # fmt: skip
@@ -36,8 +46,8 @@ def test_concurrency_mode_end_to_end(tmp_path: Path, model_dir: Callable[[str, s
     assert sorted(rows) == [(0, 1), (0, 2), (4, 1), (4, 2)]
     for (k, n), row in rows.items():
         # ignore_eos fixes every request's length: filler must never be counted.
-        assert row["requests"] == n * REQUESTS, row
-        assert row["output_tokens"] == n * REQUESTS * NEW_TOKENS, row
+        assert row["requests"] == n * REQUESTS * REPEATS, row
+        assert row["output_tokens"] == n * REQUESTS * REPEATS * NEW_TOKENS, row
         assert row["window_tokens"] >= row["output_tokens"]
         assert row["aggregate_tokens_per_s"] > 0 and row["session_tokens_per_s"] > 0
         assert 0 < row["itl_p50_ms"] <= row["itl_p99_ms"]
@@ -56,7 +66,7 @@ def test_concurrency_mode_end_to_end(tmp_path: Path, model_dir: Callable[[str, s
         )
         assert math.isclose(row["itl_p99_vs_base"], row["itl_p99_ms"] / base["itl_p99_ms"])
         if k:
-            assert row["draft_requests"] == {"draft-0": n * REQUESTS}, row
+            assert row["draft_requests"] == {"draft-0": n * REQUESTS * REPEATS}, row
             assert row["acceptance_rate"] > 0
         else:
             assert row["acceptance_rate"] is None
@@ -90,3 +100,18 @@ def test_session_lists_are_validated() -> None:
     for bad in ("", "0,4", "a"):
         with pytest.raises(InvalidArgument, match="--sessions"):
             parse_ints(bad, "--sessions", 1)
+
+
+def test_pooled_windows_add_their_time_and_requests_and_weigh_the_oracle() -> None:
+    def window(seconds: float, tokens: int, batches: int, rows: float, busy: float) -> Window:
+        requests = [[Request(Sample(tokens, seconds, 0.01), 0, [])], []]  # two sessions
+        return Window(seconds, requests, 3, 1, {
+            "oracle_batches": batches, "oracle_rows_per_batch": rows, "oracle_busy_share": busy,
+        })  # fmt: skip
+
+    pooled = pool([window(1.0, 10, 10, 2.0, 0.5), window(3.0, 20, 30, 4.0, 0.1)])
+    assert pooled.seconds == 4.0 and (pooled.filler_tokens, pooled.filler_requests) == (6, 2)
+    assert [[q.sample.tokens for q in s] for s in pooled.requests] == [[10, 20], []]
+    assert pooled.oracle["oracle_batches"] == 40
+    assert math.isclose(pooled.oracle["oracle_rows_per_batch"], (20 + 120) / 40)
+    assert math.isclose(pooled.oracle["oracle_busy_share"], (0.5 + 0.3) / 4)

@@ -25,6 +25,11 @@ of the stream sees as a stall). Ratios are against the smallest N of the run
 ``aggregate_vs_base`` = aggregate(N) / aggregate(base), ``itl_p99_vs_base`` =
 ITL p99(N) / ITL p99(base). Issue 7 asks, at N = 16, for >= 6x and <= 2x.
 
+With ``--repeats R`` every session count is measured R times, alternating (N=1,
+N=16, N=1, N=16, ...), and each count's windows are pooled (their tokens over their
+summed time, their latencies together): a host whose speed drifts over minutes then
+weighs on every count alike, instead of on whichever ran during a slow spell.
+
 Greedy outputs must not depend on concurrency, k or batching: ``mismatched_outputs``
 counts counted requests whose tokens differ from the first run of the same prompt.
 ``fallback_requests`` counts k > 0 requests that ran without the draft model (a
@@ -93,6 +98,29 @@ class Window:
     filler_tokens: int  # uncounted requests' tokens that arrived inside the window
     filler_requests: int = 0
     oracle: dict[str, float] = field(default_factory=dict)  # OracleLoad.since over the window
+
+
+def pool(windows: list[Window]) -> Window:
+    """Several windows of one Point as one: their sessions' requests together, their
+    times and filler summed, the oracle's figures weighted by batches and by time."""
+    first, seconds = windows[0], sum(w.seconds for w in windows)
+    requests = [[req for w in windows for req in w.requests[i]] for i in range(len(first.requests))]
+    pooled = Window(
+        seconds,
+        requests,
+        sum(w.filler_tokens for w in windows),
+        sum(w.filler_requests for w in windows),
+    )
+    if all(w.oracle for w in windows):
+        batches = sum(w.oracle["oracle_batches"] for w in windows)
+        rows = sum(w.oracle["oracle_rows_per_batch"] * w.oracle["oracle_batches"] for w in windows)
+        busy = sum(w.oracle["oracle_busy_share"] * w.seconds for w in windows)
+        pooled.oracle = {
+            "oracle_batches": batches,
+            "oracle_rows_per_batch": rows / max(batches, 1),
+            "oracle_busy_share": busy / seconds if seconds > 0 else 0.0,
+        }
+    return pooled
 
 
 @dataclass(frozen=True)
@@ -479,20 +507,27 @@ async def _measure_all(
         widths: list[int | None] = (
             list(parse_ints(args.branches, "--branches", 0)) if args.branches else [None]
         )
-        for k, width, n in itertools.product(ks, widths, sessions):
-            point = Point(max_batch, k, n, width)
-            window = await _measure_point(c.address, f"127.0.0.1:{oracle.port}", point, plan)
-            await _quiet(c.address)
-            row = summarize(point, window, plan)
-            rows.append(row)
-            outputs.append(window.requests)
+        for k, width in itertools.product(ks, widths):
+            windows: dict[int, list[Window]] = {n: [] for n in sessions}
+            for repeat, n in itertools.product(range(args.repeats), sessions):
+                point = Point(max_batch, k, n, width)
+                oracle_address = f"127.0.0.1:{oracle.port}"
+                window = await _measure_point(c.address, oracle_address, point, plan)
+                await _quiet(c.address)
+                windows[n].append(window)
+                tokens = sum(q.sample.tokens for s in window.requests for q in s)
+                print(
+                    f"  max_batch={max_batch} k={k} branches={width} N={n} "
+                    f"({repeat + 1}/{args.repeats}): "
+                    f"{(tokens + window.filler_tokens) / window.seconds:.1f} tok/s aggregate, "
+                    f"{window.seconds:.1f}s window",
+                    flush=True,
+                )
+            for n in sessions:
+                window = pool(windows[n])
+                rows.append(summarize(Point(max_batch, k, n, width), window, plan))
+                outputs.append(window.requests)
             save(rows, outputs)
-            print(
-                f"  max_batch={max_batch} k={k} branches={width} N={n}: "
-                f"{row['aggregate_tokens_per_s']:.1f} tok/s aggregate, "
-                f"ITL p99 {row['itl_p99_ms']:.1f} ms, {row['window_s']:.1f}s window",
-                flush=True,
-            )
 
 
 def run_concurrency(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, Any]:
@@ -510,6 +545,8 @@ def run_concurrency(args: argparse.Namespace, prompts: list[list[int]]) -> dict[
         raise InvalidArgument("--drafts must be >= 1 when a k > 0 is measured")
     if args.requests_per_session < 1:
         raise InvalidArgument("--requests-per-session must be >= 1")
+    if args.repeats < 1:
+        raise InvalidArgument("--repeats must be >= 1")
     plan = Plan(prompts, args.max_new_tokens, args.requests_per_session, args.adaptive)
     # Every draft may take every session: the gateway gives a turn to the least loaded one,
     # so shares stay even, and none is ever refused (which would silently mean k = 0).
@@ -525,6 +562,7 @@ def run_concurrency(args: argparse.Namespace, prompts: list[list[int]]) -> dict[
         "prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens,
         "requests_per_session": args.requests_per_session,
+        "repeats": args.repeats,
         "complete": False,
         "rows": [],
     }

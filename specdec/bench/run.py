@@ -69,8 +69,8 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument(
         "--recovery",
         default="",
-        help="compare the oracle drafting after a miss off and on, e.g. 0,1 (default: the "
-        "draft's setting); the oracle runs with the draft model as its recovery draft",
+        help="compare the oracle drafting after a miss off and on, e.g. 0,1; the oracle "
+        "then gets the draft model as recovery draft (default: none, no recovery)",
     )
     p.add_argument("--no-hf", action="store_true", help="skip the in-process HF baselines")
     p.add_argument("--threads", type=int, default=1, help="compute threads per process")
@@ -115,6 +115,13 @@ def add_bench_parser(sub: Any) -> None:
         type=int,
         default=2,
         help="with --sessions: counted requests per session (more when N < --prompts)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="with --sessions: measure every session count this many times, alternating, "
+        "and pool the windows (a drifting host then weighs on all counts alike)",
     )
     p.set_defaults(func=run_bench)
 
@@ -291,10 +298,10 @@ def run_bench(args: argparse.Namespace) -> None:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as workdir, cluster(Path(workdir), env) as c:
         c.start_gateway("--tokenizer", oracle_path, "--default-max-new-tokens", "512")
+        recovery = ["--recovery-draft", draft_path] if args.recovery else []
         c.start_oracle(
             oracle_path, "--device", args.device, "--dtype", args.dtype,
-            "--public-address", f"127.0.0.1:{proxy.port}", "--recovery-draft", draft_path,
-            port=oracle_port,
+            "--public-address", f"127.0.0.1:{proxy.port}", *recovery, port=oracle_port,
         )  # fmt: skip
         c.start_draft(draft_path, "--device", args.draft_device, "--dtype", args.dtype)
         c.wait_workers(oracles=1, drafts=1)
