@@ -12,7 +12,8 @@ do not depend on each other:
   full acceptance, the draft drafts ahead after the likeliest rejections of block
   n, each corrected by one of its next choices there (``specdec.drafters.branches``),
   all in one batched pass. Whichever of these outcomes verdict n turns out to be, its
-  next block is ready.
+  next block is ready. If it is none of them (a miss), that drafting is stopped at
+  its next step (``BranchTicket``) and the next block is drafted at once.
 * pipelining (``Turn.pipeline_depth`` > 1): the blocks drafted ahead are sent as
   soon as they are drafted, each with the tokens it assumes (block n's accepted
   prefix and the guessed next token), before verdict n is back. The oracle
@@ -35,15 +36,16 @@ position), not on how positions are grouped into rounds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from asyncio import FIRST_COMPLETED
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from specdec.config import MAX_BRANCHES, MAX_PIPELINE_DEPTH
-from specdec.drafters.branches import Branch
+from specdec.drafters.branches import Branch, BranchTicket
 from specdec.errors import FailedPrecondition
 from specdec.stopping import FinishReason
 from specdec.turn import (
@@ -117,10 +119,29 @@ class _Ahead:
     prefix: tuple[int, ...]
     reach: int  # committed lengths beyond this leave no branch that could still apply
     task: asyncio.Future[list[Branch]]
+    ticket: BranchTicket
+    chosen: asyncio.Future[None]  # done once ticket.outcomes is set
 
     def guessed(self, branch: Branch) -> tuple[int, ...]:
         """The tokens after committed[:start] that ``branch`` takes as committed."""
         return (*self.prefix, *branch.assumed)
+
+    def may_apply(self, committed: list[int]) -> bool:
+        """Some branch may still be drafted for exactly the committed tokens (as far as
+        is known: before the drafter has chosen its branches, any of them may)."""
+        if len(committed) > self.reach or not _consistent(committed, self.start, self.prefix):
+            return False
+        outcomes = self.ticket.outcomes
+        return outcomes is None or any(
+            len(committed) <= self.start + len(self.prefix) + len(assumed)
+            and _consistent(committed, self.start, (*self.prefix, *assumed))
+            for assumed in outcomes
+        )
+
+    def drop(self) -> None:
+        """Nothing drafted here is wanted: the drafting stops at its next step."""
+        self.ticket.cancelled = True
+        self.task.add_done_callback(_consume)
 
 
 def _consistent(committed: list[int], start: int, tokens: Sequence[int]) -> bool:
@@ -156,6 +177,7 @@ class _RoundLoop:
         self.stats = TurnStats(prompt_tokens=turn.prompt_tokens)
         self.in_flight: deque[_Sent] = deque()
         self.ahead: _Ahead | None = None
+        self.dropped: _Ahead | None = None  # the drafting ahead the last verdict made useless
         self.next_round = 0
         self.drafted_after = -1  # the round whose block the last ahead proposal follows
         self.ahead_drafted = 0.0  # proposals drafted ahead (decayed) ...
@@ -256,9 +278,18 @@ class _RoundLoop:
         self._send(block.truncated(k), k, (), draft_ns, drafted_ahead, branch)
 
     async def _take_ahead(self) -> tuple[DraftBlock, bool] | None:
-        """(block, drafted for a correction) drafted ahead for exactly what was committed."""
+        """(block, drafted for a correction) drafted ahead for exactly what was committed.
+
+        Waits for the drafting ahead only if one of its branches may be that block: on a
+        miss the drafting is stopped, and the fresh block starts a step later."""
         ahead, self.ahead = self.ahead, None
         if ahead is None:
+            return None
+        if ahead.ticket.outcomes is None:  # the verdict came before the branches were chosen
+            racing: set[asyncio.Future[Any]] = {ahead.task, ahead.chosen}
+            await asyncio.wait(racing, return_when=FIRST_COMPLETED)
+        if not ahead.may_apply(self.committed):
+            ahead.drop()
             return None
         for index, branch in enumerate(await ahead.task):
             guessed = ahead.guessed(branch)
@@ -321,12 +352,14 @@ class _RoundLoop:
         self.drafted_after = tail.round
         self.ahead_drafted = AHEAD_DECAY * self.ahead_drafted + 1
         self.ahead_used *= AHEAD_DECAY
+        chosen: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        ticket = BranchTicket(_threadsafe_setter(chosen))
         task = asyncio.ensure_future(
-            self.proposer.branch(context, tail.block, k, self.turn.params, self.width)
+            self.proposer.branch(context, tail.block, k, self.turn.params, self.width, ticket)
         )
         start = len(self.committed)
         reach = len(context) + len(tail.block) + 1
-        self.ahead = _Ahead(start, tuple(context[start:]), reach, task)
+        self.ahead = _Ahead(start, tuple(context[start:]), reach, task, ticket, chosen)
 
     def _levels(self) -> int:
         """Blocks in flight one after another (the alternatives for one verdict count once)."""
@@ -447,34 +480,36 @@ class _RoundLoop:
             if self.observer is not None:
                 self.observer.round_skipped(sent.round)
         self.in_flight = deque(kept)
-        ahead = self.ahead
-        if ahead is not None and (
-            len(committed) > ahead.reach or not _consistent(committed, ahead.start, ahead.prefix)
-        ):
-            ahead.task.add_done_callback(_consume)
-            self.ahead = None
+        ahead, self.dropped = self.ahead, None
+        if ahead is not None and not ahead.may_apply(committed):
+            ahead.drop()
+            self.ahead, self.dropped = None, ahead
         return len(stale)
 
     async def _send_late_ahead(self) -> None:
         """A verdict awaits a recovery decision and nothing is in flight: the blocks
         drafted ahead for it were not sent yet. Send the one it makes true, if any; else
         tell the oracle that none is coming, so that it decides at once."""
-        ahead = self.ahead
+        ahead = self.ahead or self.dropped
         if ahead is None:
             return
-        branches = await ahead.task
         found = await self._take_ahead()
         if found is not None:
             k = self._k_for(len(self.committed))
             block, branch = found
             self._send(block.truncated(k), k, (), 0, True, branch, True)
             return
-        if branches:  # a block for an outcome the verdict was not, flagged as the last
-            base = ahead.start + len(ahead.prefix)  # where the block they follow starts
-            marker = branches[0]
+        committed, start = self.committed, ahead.start
+        missed = [
+            assumed
+            for assumed in ahead.ticket.outcomes or ()
+            if not _consistent(committed, start, (*ahead.prefix, *assumed))
+        ]
+        if missed:  # an empty block for an outcome the verdict was not, flagged as the last
+            base = start + len(ahead.prefix)  # where the block they follow starts
             round_index, self.next_round = self.next_round, self.next_round + 1
             verify = self.link.verify(
-                round_index, base + len(marker.assumed), marker.block, 0, marker.assumed, True
+                round_index, base + len(missed[0]), DraftBlock(()), 0, missed[0], True
             )
             asyncio.ensure_future(verify).add_done_callback(_consume)
 
@@ -510,7 +545,7 @@ class _RoundLoop:
             if self.observer is not None:
                 self.observer.round_skipped(sent.round)
         if self.ahead is not None:
-            self.ahead.task.add_done_callback(_consume)
+            self.ahead.drop()
             self.ahead = None
         round_index, self.next_round = self.next_round, self.next_round + 1
         k = len(recovery.block)
@@ -535,8 +570,23 @@ class _RoundLoop:
         self.decision = None
         if self.ahead is not None:
             self.ahead.task.cancel()
-            self.ahead.task.add_done_callback(_consume)
+            self.ahead.drop()
             self.ahead = None
+
+
+def _threadsafe_setter(future: asyncio.Future[None]) -> Callable[[], None]:
+    """A function any thread may call to set ``future``'s result (once)."""
+    loop = future.get_loop()
+
+    def settle() -> None:
+        if not future.done():
+            future.set_result(None)
+
+    def notify() -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(settle)
+
+    return notify
 
 
 def _finish(stats: TurnStats, start_ns: int) -> TurnStats:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from specdec.drafters import BranchingDrafter, Drafter
-from specdec.drafters.branches import Branch, full_acceptance_branch
+from specdec.drafters.branches import Branch, BranchTicket, full_acceptance_branch
 from specdec.errors import InvalidArgument
 from specdec.sampling import SamplingParams
 from specdec.stopping import StopChecker
@@ -106,10 +106,17 @@ class Proposer(Protocol):
     async def propose(self, context: list[int], k: int, params: SamplingParams) -> DraftBlock: ...
 
     async def branch(
-        self, context: list[int], block: DraftBlock, k: int, params: SamplingParams, width: int
+        self,
+        context: list[int],
+        block: DraftBlock,
+        k: int,
+        params: SamplingParams,
+        width: int,
+        ticket: BranchTicket | None = None,
     ) -> list[Branch]:
         """Blocks drafted ahead for the likely outcomes of verifying ``block`` after
-        ``context`` (see ``specdec.drafters.branches``); full acceptance first."""
+        ``context`` (see ``specdec.drafters.branches``); full acceptance first.
+        Cancelling ``ticket`` stops the drafting at its next step."""
         ...
 
     def update(self, num_accepted: int) -> None: ...
@@ -280,16 +287,27 @@ class InlineProposer:
         return self.drafter.propose(context, k, params)
 
     async def branch(
-        self, context: list[int], block: DraftBlock, k: int, params: SamplingParams, width: int
+        self,
+        context: list[int],
+        block: DraftBlock,
+        k: int,
+        params: SamplingParams,
+        width: int,
+        ticket: BranchTicket | None = None,
     ) -> list[Branch]:
-        return branch_ahead(self.drafter, context, block, k, params, width)
+        return branch_ahead(self.drafter, context, block, k, params, width, ticket)
 
     def update(self, num_accepted: int) -> None:
         self.drafter.update(num_accepted)
 
 
 class ThreadProposer(InlineProposer):
-    """A model drafter run in an executor, so the event loop keeps serving other streams."""
+    """A model drafter run in an executor, so the event loop keeps serving other streams.
+
+    The executor must run one job at a time, in the order they were submitted (one
+    thread): a proposal asked for after a cancelled ``branch`` then runs after it, on
+    the drafter's cache as that left it.
+    """
 
     def __init__(self, drafter: Drafter, executor: Executor) -> None:
         super().__init__(drafter)
@@ -300,11 +318,17 @@ class ThreadProposer(InlineProposer):
         return await loop.run_in_executor(self._executor, self.drafter.propose, context, k, params)
 
     async def branch(
-        self, context: list[int], block: DraftBlock, k: int, params: SamplingParams, width: int
+        self,
+        context: list[int],
+        block: DraftBlock,
+        k: int,
+        params: SamplingParams,
+        width: int,
+        ticket: BranchTicket | None = None,
     ) -> list[Branch]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self._executor, branch_ahead, self.drafter, context, block, k, params, width
+            self._executor, branch_ahead, self.drafter, context, block, k, params, width, ticket
         )
 
 
@@ -315,9 +339,10 @@ def branch_ahead(
     k: int,
     params: SamplingParams,
     width: int,
+    ticket: BranchTicket | None = None,
 ) -> list[Branch]:
     """What ``drafter`` drafts ahead of ``block``'s verdict: its branches if it has any,
     else the full-acceptance branch only."""
     if isinstance(drafter, BranchingDrafter):
-        return drafter.branch(context, block, k, params, width)
-    return full_acceptance_branch(drafter, context, block, k, params)
+        return drafter.branch(context, block, k, params, width, ticket)
+    return full_acceptance_branch(drafter, context, block, k, params, ticket)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from specdec.drafters.branches import likeliest_corrections
+from specdec.drafters.branches import BranchTicket, likeliest_corrections
 from specdec.drafters.model_drafter import ModelDrafter
 from specdec.drafters.ngram import NgramDrafter
 from specdec.errors import InvalidArgument
@@ -220,6 +220,49 @@ def test_branches_are_the_drafts_greedy_blocks_after_each_outcome(
         assert branch.block.token_ids == alone.token_ids, branch.assumed
     # The drafter's own cache is left consistent: its next proposal is unchanged.
     assert drafter.propose(context, 5, GREEDY) == block
+
+
+class CancelledAfter(BranchTicket):
+    """A ticket the loop cancels after the drafting thread has looked at it ``reads`` times
+    (it looks once before each step)."""
+
+    def __init__(self, reads: int) -> None:
+        super().__init__()
+        self.reads = reads
+
+    @property  # type: ignore[override]
+    def cancelled(self) -> bool:
+        self.reads -= 1
+        return self.reads < 0
+
+    @cancelled.setter
+    def cancelled(self, value: bool) -> None:
+        pass
+
+
+@pytest.mark.parametrize("width", [0, 3])
+@pytest.mark.parametrize("lean", [True, False])
+def test_a_cancelled_ticket_stops_the_branches_and_leaves_the_cache_sane(
+    width: int, lean: bool, loaded: Callable[..., Any]
+) -> None:
+    # The ticket shows the outcomes before any row is drafted; cancelled, the drafting
+    # stops after the step in progress and drafts nothing, and the drafter's next block
+    # is the one a fresh drafter drafts (width 0 drafts on the drafter's own cache).
+    draft = loaded("llama", "draft")
+    context = [5, 9, 14, 3, 22, 7]
+    drafter = ModelDrafter(draft, lean=lean)
+    block = drafter.propose(context, 4, GREEDY)
+    ticket = BranchTicket()
+    branches = drafter.branch(context, block, 4, GREEDY, width, ticket)
+    assert len(branches) == 1 + width
+    assert ticket.outcomes == tuple(branch.assumed for branch in branches)
+    for steps in (0, 1, 3):
+        stopped = CancelledAfter(steps)
+        assert drafter.branch(context, block, 4, GREEDY, width, stopped) == []
+        assert stopped.outcomes == ticket.outcomes and stopped.reads < 0
+        after = [*context, block.token_ids[0], 40 + steps]  # a correction at position 1
+        fresh = ModelDrafter(draft, lean=lean).propose(after, 4, GREEDY)
+        assert drafter.propose(after, 4, GREEDY) == fresh
 
 
 def test_likeliest_corrections_follow_the_drafts_probabilities() -> None:

@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 
+from specdec.drafters.branches import Branch, BranchTicket
 from specdec.drafters.model_drafter import ModelDrafter
 from specdec.drafters.ngram import NgramDrafter
 from specdec.generate import LocalOracleLink, speculative_generate
 from specdec.oracle import Oracle
+from specdec.round_loop import run_turn
 from specdec.sampling import SamplingParams
-from specdec.turn import VerifyResult
+from specdec.stopping import StopChecker
+from specdec.turn import RoundReport, ThreadProposer, Turn, VerifyResult
 from specdec.verifier import DraftBlock
 
 
@@ -215,3 +219,69 @@ def test_a_long_round_trip_with_branches_changes_no_token(loaded: Callable[..., 
     )
     assert run.tokens == alone.tokens
     assert run.stats.skipped_blocks == link.skipped and run.stats.pipelined_rounds > 0
+
+
+class SlowAhead(ThreadProposer):
+    """The real drafter in its own thread, drafting ahead as slowly as a loaded edge CPU:
+    its branches are chosen (and shown on the ticket) as the real drafter chooses them,
+    but their blocks come ``ahead_s`` later, unless the ticket is cancelled first."""
+
+    def __init__(self, drafter: ModelDrafter, executor: ThreadPoolExecutor, ahead_s: float):
+        super().__init__(drafter, executor)
+        self.ahead_s = ahead_s
+        self.cancelled = self.finished = 0
+
+    async def branch(
+        self,
+        context: list[int],
+        block: DraftBlock,
+        k: int,
+        params: SamplingParams,
+        width: int,
+        ticket: BranchTicket | None = None,
+    ) -> list[Branch]:
+        branches = await super().branch(context, block, k, params, width, ticket)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.ahead_s
+        while loop.time() < deadline:
+            if ticket is not None and ticket.cancelled:
+                self.cancelled += 1
+                return []
+            await asyncio.sleep(0.001)
+        self.finished += 1
+        return branches
+
+
+def test_a_miss_stops_the_drafting_ahead_instead_of_waiting_for_it(
+    loaded: Callable[..., Any],
+) -> None:
+    # Every verdict comes back while the blocks drafted ahead for it are still being
+    # drafted. When none of their outcomes is the verdict, the loop must stop that
+    # drafting and draft the next block at once, not wait for blocks it cannot use.
+    oracle = Oracle(loaded("llama", "oracle"))
+    params = SamplingParams(max_new_tokens=40)
+    prompt = [1, 5, 9, 12, 7]
+    alone = speculative_generate(prompt, oracle, None, params, 0)
+    drafter = ModelDrafter(loaded("llama", "close_draft"))
+    drafter.reset(0)
+    turn = Turn(
+        context=prompt, prompt_tokens=len(prompt), params=params, seed=0, k=4,
+        stop=StopChecker(params, (), None), max_context=oracle.max_context,
+        draft_ahead=True, branches=3,
+    )  # fmt: skip
+    tokens: list[int] = []
+    rounds: list[RoundReport] = []
+
+    async def on_commit(new: list[int], report: RoundReport) -> None:
+        tokens.extend(new)
+        rounds.append(report)
+
+    ahead_s = 0.2
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        proposer = SlowAhead(drafter, executor, ahead_s)
+        asyncio.run(run_turn(RoundTripLink(oracle, 0.002), proposer, turn, on_commit))
+    assert tokens == alone.tokens
+    assert proposer.cancelled > 0 and proposer.finished > 0  # misses, and hits waited for
+    fresh = [r for r in rounds[1:] if r.block_origin == "fresh"]
+    assert len(fresh) >= proposer.cancelled
+    assert max(r.draft_ns for r in fresh) < ahead_s / 2 * 1e9

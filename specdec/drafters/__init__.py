@@ -12,7 +12,7 @@ from specdec.sampling import SamplingParams
 from specdec.verifier import DraftBlock
 
 if TYPE_CHECKING:
-    from specdec.drafters.branches import Branch
+    from specdec.drafters.branches import Branch, BranchTicket
 
 
 class Drafter(Protocol):
@@ -38,7 +38,9 @@ class BranchingDrafter(Drafter, Protocol):
         k: int,
         params: SamplingParams,
         width: int,
+        ticket: BranchTicket | None = None,
     ) -> list[Branch]:
         """Blocks for the likely outcomes of verifying ``block`` after ``context``: full
-        acceptance first, then up to ``width`` likely corrections."""
+        acceptance first, then up to ``width`` likely corrections. ``ticket``: see
+        ``specdec.drafters.branches.BranchTicket``."""
         ...

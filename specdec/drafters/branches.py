@@ -17,6 +17,13 @@ and the bonus is another choice than the guess). Teacher-forced on the demo pair
 k = 4, the share of verdicts that some block drafted ahead extends is 45% for full
 acceptance alone; 73% with 3 corrections, 78% with 5 and 81% with 8.
 
+Drafting ahead is wasted once the verdict is in and none of the branches is its
+outcome. The loop and the drafting thread share a ``BranchTicket``: the branches'
+outcomes are published on it as soon as they are chosen (before any row is
+drafted), and the loop cancels it on such a miss. The rows stop at their next
+step, so the draft's block for the verdict starts a step later, not a whole
+branch drafting later.
+
 All branches are drafted together, one forward per step: they share the KV of
 c + x_1..x_k, expanded to one row each, and row j masks the positions after its
 branch point (an attention mask with a hole, its own position ids). A model whose
@@ -44,6 +51,30 @@ from specdec.verifier import DraftBlock, RunnerUps
 CHOICES_BEHIND = 2
 
 
+class BranchTicket:
+    """What the loop and the thread drafting its branches share (plain attributes: each is
+    written by one side only, in one assignment).
+
+    outcomes: each branch's ``assumed`` tokens, in branch order, set by ``choose`` (which
+    then calls ``on_chosen``, from the drafting thread) before any row is drafted.
+    cancelled: set by the loop when no branch can be used: drafting stops at the next step.
+    """
+
+    def __init__(self, on_chosen: Callable[[], None] | None = None) -> None:
+        self.outcomes: tuple[tuple[int, ...], ...] | None = None
+        self.cancelled = False
+        self._on_chosen = on_chosen
+
+    def choose(self, outcomes: tuple[tuple[int, ...], ...]) -> None:
+        self.outcomes = outcomes
+        if self._on_chosen is not None:
+            self._on_chosen()
+
+
+class BranchesCancelled(Exception):
+    """The ticket was cancelled while the rows were drafted (internal to this module)."""
+
+
 @dataclass(frozen=True)
 class Branch:
     """A block drafted for one outcome of verifying the block in flight.
@@ -58,13 +89,21 @@ class Branch:
 
 
 def full_acceptance_branch(
-    drafter: Drafter, context: Sequence[int], block: DraftBlock, k: int, params: SamplingParams
+    drafter: Drafter,
+    context: Sequence[int],
+    block: DraftBlock,
+    k: int,
+    params: SamplingParams,
+    ticket: BranchTicket | None = None,
 ) -> list[Branch]:
     """The one branch any drafter can draft: a guess of the bonus token, then k tokens."""
     proposal = drafter.propose([*context, *block.token_ids], k + 1, params)
     if len(proposal) < 2:
         return []
-    return [Branch((*block.token_ids, proposal.token_ids[0]), proposal.after_first())]
+    branch = Branch((*block.token_ids, proposal.token_ids[0]), proposal.after_first())
+    if ticket is not None:
+        ticket.choose((branch.assumed,))
+    return [branch]
 
 
 def greedy_choices(logits: torch.Tensor) -> tuple[list[int], list[RunnerUps]]:
@@ -96,7 +135,12 @@ def likeliest_corrections(runner_ups: Sequence[RunnerUps], width: int) -> list[t
 
 @torch.inference_mode()
 def draft_branches(
-    cache: SequenceCache, context: Sequence[int], block: DraftBlock, k: int, width: int
+    cache: SequenceCache,
+    context: Sequence[int],
+    block: DraftBlock,
+    k: int,
+    width: int,
+    ticket: BranchTicket | None = None,
 ) -> list[Branch]:
     """Greedy blocks of up to k tokens for the outcomes of verifying ``block`` after ``context``.
 
@@ -104,7 +148,8 @@ def draft_branches(
     ``width`` likeliest corrections (assumed = block[:j] + y, y one of the draft's next
     choices at position j; j = k: behind the bonus). ``cache`` is the drafter's: it is
     left holding context + block; the branches run on copies. Empty when the draft's
-    context has no room for another token.
+    context has no room for another token, or when ``ticket`` is cancelled (the
+    outcomes are published on it before the rows are drafted).
     """
     model = cache.model
     sequence = [*context, *block.token_ids]
@@ -131,13 +176,19 @@ def draft_branches(
     if runner_ups and kv and (isinstance(cache, LeanCache) or batch_unsupported(model) is None):
         corrections = likeliest_corrections(runner_ups, width)
     # Row 0: the full acceptance; row 1 + i: the correction corrections[i] = (j, token).
+    outcomes = (
+        (*block.token_ids, bonus),
+        *((*block.token_ids[:j], token) for j, token in corrections),
+    )
     first_tokens = [bonus, *(token for _, token in corrections)]
     positions = [end, *(start + j for j, _ in corrections)]
-    rows = _draft_rows(cache, kv or [], first_tokens, positions, k)
-    branches = [Branch((*block.token_ids, bonus), rows[0])]
-    for (j, token), drafted in zip(corrections, rows[1:], strict=True):
-        branches.append(Branch((*block.token_ids[:j], token), drafted))
-    return branches
+    if ticket is not None:
+        ticket.choose(outcomes)
+    try:
+        rows = _draft_rows(cache, kv or [], first_tokens, positions, k, ticket)
+    except BranchesCancelled:
+        return []
+    return [Branch(assumed, drafted) for assumed, drafted in zip(outcomes, rows, strict=True)]
 
 
 def _draft_rows(
@@ -146,11 +197,13 @@ def _draft_rows(
     first_tokens: list[int],
     positions: list[int],
     k: int,
+    ticket: BranchTicket | None = None,
 ) -> list[DraftBlock]:
     """k greedy tokens per row: row b feeds first_tokens[b] at positions[b], seeing the
-    cached tokens before positions[b] only; one batched forward per step."""
+    cached tokens before positions[b] only; one batched forward per step.
+    Raises BranchesCancelled at the first step after ``ticket`` is cancelled."""
     if len(first_tokens) == 1:  # no hole needed: plain decoding on the cache itself
-        return [_draft_alone(cache, first_tokens[0], k)]
+        return [_draft_alone(cache, first_tokens[0], k, ticket)]
     step = (
         LeanRows(cache, positions, k).step
         if isinstance(cache, LeanCache)
@@ -160,6 +213,7 @@ def _draft_rows(
     runner_ups: list[list[RunnerUps]] = [[] for _ in first_tokens]
     tokens = first_tokens
     for _ in range(k):
+        _check(ticket)
         tokens, seconds = greedy_choices(step(tokens))  # [B, V] -> B ids
         for b, (token, second) in enumerate(zip(tokens, seconds, strict=True)):
             drafted[b].append(token)
@@ -205,14 +259,23 @@ def _hf_rows(
     return step
 
 
-def _draft_alone(cache: SequenceCache, first: int, k: int) -> DraftBlock:
-    """k greedy tokens after the cached tokens + ``first``, on the cache itself."""
+def _draft_alone(
+    cache: SequenceCache, first: int, k: int, ticket: BranchTicket | None = None
+) -> DraftBlock:
+    """k greedy tokens after the cached tokens + ``first``, on the cache itself (a
+    cancelled ticket leaves it holding what was fed: the next sync drops that)."""
     tokens: list[int] = []
     runner_ups: list[RunnerUps] = []
     feed = first
     for _ in range(k):
+        _check(ticket)
         (token,), (second,) = greedy_choices(cache.extend([feed])[-1:])
         tokens.append(token)
         runner_ups.append(second)
         feed = token
     return DraftBlock(tuple(tokens), None, tuple(runner_ups))
+
+
+def _check(ticket: BranchTicket | None) -> None:
+    if ticket is not None and ticket.cancelled:
+        raise BranchesCancelled

@@ -27,6 +27,7 @@ import torch
 
 from specdec.drafters.branches import (
     Branch,
+    BranchTicket,
     draft_branches,
     full_acceptance_branch,
     greedy_choices,
@@ -114,13 +115,15 @@ class ModelDrafter:
         k: int,
         params: SamplingParams,
         width: int,
+        ticket: BranchTicket | None = None,
     ) -> list[Branch]:
         """Blocks of up to k tokens for the likely outcomes of verifying ``block`` after
         ``context``: full acceptance first, then (greedy) the ``width`` likeliest
-        corrections. Empty when not even the bonus guess fits."""
+        corrections. Empty when not even the bonus guess fits, or once ``ticket`` is
+        cancelled."""
         if params.greedy:
-            return draft_branches(self.cache, context, block, k, width)
-        return full_acceptance_branch(self, context, block, k, params)
+            return draft_branches(self.cache, context, block, k, width, ticket)
+        return full_acceptance_branch(self, context, block, k, params, ticket)
 
     def update(self, num_accepted: int) -> None:
         """Record how many tokens of the last proposal the oracle accepted."""
