@@ -139,6 +139,12 @@ class OracleEngine:
         self.recoveries: Recoveries | None = None
         if recovery_draft is not None:
             on_cpu = recovery_draft.device.type == "cpu"
+            if not on_cpu:
+                log.warning(
+                    "recovery blocks on %s: measured not to pay on a GPU oracle, and to cut "
+                    "throughput with many sessions (BENCHMARKS.md); consider no recovery draft",
+                    recovery_draft.device,
+                )
             drafter = RecoveryDrafter(recovery_draft, self._executor if on_cpu else None)
             self.recoveries = Recoveries(drafter, self._queue, self._wake)
         self._wakeup: asyncio.Event | None = None

@@ -8,13 +8,17 @@ a block that comes without the draft's own runner-ups.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 
 import grpc
 import pytest
 
+import oracle_service.engine as engine_module
 import oracle_service.recovery as recovery_module
+from oracle_service.sessions import Lease
 from specdec.drafters.branches import draft_branches
 from specdec.drafters.model_drafter import ModelDrafter
 from specdec.models import LoadedModel
@@ -177,6 +181,46 @@ async def test_the_drafts_last_block_for_a_verdict_decides_at_once(
     skipped = await stream.read_verdict()
     assert skipped.skipped and skipped.round == 1
     assert await stream.call.read() is grpc.aio.EOF
+
+
+async def test_a_miss_behind_another_streams_recovery_block_is_not_held_up(
+    recovering: Callable[[int], Awaitable[Running]],
+    reference: list[int],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Recovery blocks drafted in a thread of their own (as on a GPU), the first one
+    # slow. Stream A's miss waits for its block; stream B's miss, whose block would wait
+    # behind A's, is decided "none" at once, and its block is never drafted.
+    gate, drafted = threading.Event(), []
+
+    class SlowFirst(recovery_module.RecoveryDrafter):
+        def __init__(self, model: LoadedModel, executor: Executor | None = None) -> None:
+            super().__init__(model)  # a thread of its own
+
+        def _draft(self, lease: Lease, committed: list[int], k: int) -> DraftBlock:
+            drafted.append(lease.session.session_id)
+            if len(drafted) == 1:
+                gate.wait(10)
+            return super()._draft(lease, committed, k)
+
+    monkeypatch.setattr(engine_module, "RecoveryDrafter", SlowFirst)
+    oracle = await recovering(5_000_000_000)
+    base = len(PROMPT)
+    wrong = (reference[1] + 1) % 96
+    full = [reference[0], wrong, reference[2]]  # the outcome the draft hoped for
+    streams = [await open_stream(oracle, session) for session in ("qa", "qb")]
+    for stream in streams:  # a miss: the draft's only block for the verdict does not fit
+        verdict = await stream.block(0, base, [reference[0], wrong])
+        assert verdict.recovery_pending
+        await stream.write_block(1, base + 3, reference[3:5], assumed=full, last_alternative=True)
+        await asyncio.sleep(0.2)
+    first, second = streams
+    start = time.perf_counter()
+    assert await read_decision(second) == []
+    assert time.perf_counter() - start < 2 and not gate.is_set()
+    gate.set()
+    assert len(await read_decision(first)) == 2
+    assert drafted[0] == "qa" and "qb" not in drafted  # (qa may go on recovering)
 
 
 def test_drafting_ahead_after_a_block_without_runner_ups_reads_them_itself(
