@@ -141,8 +141,8 @@ class OracleEngine:
             on_cpu = recovery_draft.device.type == "cpu"
             if not on_cpu:
                 log.warning(
-                    "recovery blocks on %s: measured not to pay on a GPU oracle, and to cut "
-                    "throughput with many sessions (BENCHMARKS.md); consider no recovery draft",
+                    "recovery blocks on %s: on a GPU oracle they were measured not to pay "
+                    "(BENCHMARKS.md); consider running without a recovery draft",
                     recovery_draft.device,
                 )
             drafter = RecoveryDrafter(recovery_draft, self._executor if on_cpu else None)
