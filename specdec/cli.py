@@ -5,6 +5,7 @@
     specdec gateway | oracle | draft [flags]        one service (flags or SPECDEC_* variables)
     specdec healthcheck HOST:PORT                   exit 0 iff the service is SERVING
     specdec traces FILE [--trace-id ID | --last N]  a request round by round, from span files
+    specdec traces FILE --tail [P]                  what the slowest inter-token gaps are made of
     specdec train | eval-pair                       build and measure the demo model pair
 
 Imports are lazy so that `specdec train` needs only torch and transformers.
@@ -215,15 +216,29 @@ def _add_traces(sub: Any) -> None:
     p.add_argument("--trace-id", default=None, help="this trace (an id prefix is enough)")
     p.add_argument("--last", type=int, default=1, help="the last N requests (default 1)")
     p.add_argument("--json", action="store_true", help="one JSON object per trace")
+    p.add_argument(
+        "--tail",
+        type=float,
+        nargs="?",
+        const=99.0,
+        default=None,
+        metavar="P",
+        help="instead: what the rounds at the P-th percentile (default 99) of inter-token "
+        "gaps are made of, over every request in the file",
+    )
     p.set_defaults(func=_traces)
 
 
 def _traces(args: argparse.Namespace) -> None:
     from specdec.errors import SpecdecError
     from specdec.telemetry.report import show
+    from specdec.telemetry.tail import show_tail
 
     try:
-        show(args.file, args.trace_id, args.last, as_json=args.json)
+        if args.tail is not None:
+            show_tail(args.file, args.tail, args.json, sys.stdout)
+        else:
+            show(args.file, args.trace_id, args.last, as_json=args.json)
     except SpecdecError as exc:
         sys.exit(f"error: {exc}")
 

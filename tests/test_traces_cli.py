@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,9 @@ from specdec.errors import InvalidArgument, NotFound
 from specdec.telemetry import names
 from specdec.telemetry.jsonl import JsonLinesSpanExporter, read_spans
 from specdec.telemetry.oracle import VerifyObserver
-from specdec.telemetry.report import group_traces, select, show
+from specdec.telemetry.report import RoundRow, group_traces, select, show
 from specdec.telemetry.rounds import RoundTracer
+from specdec.telemetry.tail import tail_of
 from specdec.turn import OpenResult, RoundReport, VerifyResult
 from specdec.verifier import Verdict
 
@@ -38,6 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ROUNDS = [(4, 4, 2, 3), (4, 4, 4, 5), (3, 3, 0, 1), (0, 0, 0, 1)]
 # How each round's block was drafted: (drafted ahead, pipelined, for a guessed correction).
 ORIGINS = [(False, False, False), (True, True, False), (True, False, True), (False, False, False)]
+# Each round's wall time since the previous verdict (round 0: since the open), ns.
+WALLS = [8_000_000, 10_000_000, 9_000_000, 4_000_000]
 
 
 class FakeCounters:
@@ -82,7 +86,7 @@ def write_request(path: Path, session: str = "s1", length: int = 10) -> str:
                 is_bonus=accepted == proposed, committed=committed, committed_length=length,
                 draft_ns=1_500_000 * (k > 0), verify_ns=2_000_000, network_ns=500_000,
                 queue_ns=100_000, drafted_ahead=ORIGINS[i][0], pipelined=ORIGINS[i][1],
-                branch=ORIGINS[i][2],
+                branch=ORIGINS[i][2], wall_ns=WALLS[i],
             )
         )  # fmt: skip
     rounds.close()
@@ -114,6 +118,43 @@ def test_the_table_adds_up(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         "network 2.0 ms, queue 0.4 ms | prefill 2 cached + 7 computed, 5 rolled back, "
         "0 evictions, 0 re-prefills"
     )
+
+
+def test_the_tail_is_the_rounds_of_the_slowest_gaps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Two requests of the same rounds. After each request's first round the gaps are
+    # 10/5 = 2 ms (x5 tokens), 9/1 = 9 ms and 4/1 = 4 ms: sorted 2,2,2,2,2,4,9 per request.
+    path = tmp_path / "spans.jsonl"
+    write_request(path, "s1")
+    write_request(path, "s2")
+    main(["traces", str(path), "--tail", "80", "--json"])
+    tail = json.loads(capsys.readouterr().out)
+    assert (tail["requests"], tail["tokens"], tail["gap_ms"]) == (2, 14, 4.0)
+    assert tail["all"]["rounds"] == 6 and tail["all"]["blocks"] == {
+        "piped": 2, "branch": 2, "fresh": 2
+    }  # fmt: skip
+    worst = tail["tail"]  # the 9 ms and 4 ms rounds of both requests
+    assert worst["rounds"] == 4 and worst["tokens_per_round"] == 1.0
+    assert worst["wall_ms"] == pytest.approx(6.5)
+    assert worst["blocks"] == {"branch": 2, "fresh": 2}
+    # draft 1.5 ms in the k=3 round, 0 in the k=0 one; network, queue, verify as written.
+    assert worst["draft_ms"] == pytest.approx(0.75)
+    parts = worst["draft_ms"] + worst["network_ms"] + worst["queue_ms"] + worst["verify_ms"]
+    assert worst["other_ms"] == pytest.approx(6.5 - parts)
+    main(["traces", str(path), "--tail"])  # p99: the 9 ms rounds alone
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "p99 = 9.0 ms" in lines[0] and lines[-1].split()[:3] == [">=", "p99", "2"]
+
+
+def test_a_tail_it_cannot_read_is_a_clear_error() -> None:
+    row = RoundRow(1, 4, 4, 2, "correction", 3, 13, 1.0, 2.0, 0.5, 0.1, "specdec-draft")
+    with pytest.raises(InvalidArgument, match="older specdec"):
+        tail_of([[row]], 99)  # no wall time recorded
+    with pytest.raises(InvalidArgument, match="percentile"):
+        tail_of([[row]], 100)
+    with pytest.raises(NotFound, match="no verified rounds"):
+        tail_of([[replace(row, round=0, wall_ms=5.0)]], 99)  # a first round only
 
 
 def test_span_tree_in_the_file(tmp_path: Path) -> None:

@@ -69,6 +69,7 @@ ROUND_DRAFT_NS = "specdec.round.draft_ns"
 ROUND_VERIFY_NS = "specdec.round.verify_ns"
 ROUND_NETWORK_NS = "specdec.round.network_ns"  # round trip - verify - queue
 ROUND_QUEUE_NS = "specdec.round.queue_ns"  # waiting for the oracle's model thread
+ROUND_WALL_NS = "specdec.round.wall_ns"  # since the previous verdict (round 0: the open)
 ROUND_PIPELINED = "specdec.round.pipelined"  # sent before the previous verdict came back
 ROUND_BLOCK = "specdec.round.block"  # how it was drafted: RoundReport.block_origin
 ROUND_SKIPPED = "specdec.round.skipped"  # a pipelined block that proved stale: not verified

@@ -40,6 +40,7 @@ class RoundRow:
     queue_ms: float
     service: str
     block: str = "fresh"  # RoundReport.block_origin ("-" for a skipped block)
+    wall_ms: float = 0.0  # since the previous verdict (round 0: the open); 0 = not recorded
 
 
 @dataclass
@@ -133,6 +134,7 @@ def rounds_of(spans: Sequence[SpanRecord]) -> list[RoundRow]:
                 queue_ms=_ms(a.get(names.ROUND_QUEUE_NS)),
                 service=span.service,
                 block="-" if a.get(names.ROUND_SKIPPED) else str(a.get(names.ROUND_BLOCK, "?")),
+                wall_ms=_ms(a.get(names.ROUND_WALL_NS)),
             )
         )
     return rows

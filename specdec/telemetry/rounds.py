@@ -55,6 +55,7 @@ def round_attributes(report: RoundReport) -> dict[str, int | str]:
         names.ROUND_VERIFY_NS: report.verify_ns,
         names.ROUND_NETWORK_NS: report.network_ns,
         names.ROUND_QUEUE_NS: report.queue_ns,
+        names.ROUND_WALL_NS: report.wall_ns,
         names.ROUND_PIPELINED: report.pipelined,
         names.ROUND_BLOCK: report.block_origin,
     }
