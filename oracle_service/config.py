@@ -10,6 +10,7 @@ from specdec.config import QUANTIZE_CHOICES, setting
 from specdec.errors import InvalidArgument
 
 MIB = 1024 * 1024
+MAX_VERIFY_LANES = 8
 
 
 @dataclass
@@ -56,6 +57,11 @@ class OracleConfig:
     )
     cuda_graphs: bool = setting(
         True, "with static KV on a GPU, replay the verify and prefill forwards as CUDA graphs"
+    )
+    verify_lanes: int = setting(
+        0,
+        "verify batches run at once, each in its own thread and CUDA stream (0 = auto: 2 "
+        "with CUDA graphs, else 1; a recovery draft needs 1)",
     )
     recovery_draft: str = setting(
         "",
@@ -126,6 +132,15 @@ class OracleConfig:
             )
         if self.max_batch < 1:
             raise InvalidArgument(f"--max-batch must be >= 1, got {self.max_batch}")
+        if not 0 <= self.verify_lanes <= MAX_VERIFY_LANES:
+            raise InvalidArgument(
+                f"--verify-lanes must be in [0, {MAX_VERIFY_LANES}] (0 = auto), got "
+                f"{self.verify_lanes}"
+            )
+        if self.verify_lanes > 1 and self.recovery_draft:
+            raise InvalidArgument(
+                "--recovery-draft needs one verify lane: set --verify-lanes to 0 or 1"
+            )
         if not 0 <= self.batch_wait_ms <= 1000:
             raise InvalidArgument(f"--batch-wait-ms must be in [0, 1000], got {self.batch_wait_ms}")
         if self.kv_budget_mb < 0:

@@ -1,18 +1,21 @@
-"""The oracle engine: validates requests and runs every forward pass in one model thread.
+"""The oracle engine: validates requests and runs every forward pass in its model threads.
 
-One model must not run two forward passes at once (they would contend for the
-same device and, on CPU, the same cores), so all torch work goes through a
-single-worker thread pool and the event loop stays free for the gRPC streams.
+All torch work runs in the engine's lanes, one thread each, and the event loop
+stays free for the gRPC streams. On the CPU there is one lane: two forwards would
+only contend for the same cores. With CUDA graphs there are two by default, each
+on its own CUDA stream (``specdec.static_kv``): the demo oracle's forward is bound
+by kernel latency, so a batch that would wait for the running one runs beside it.
+A session is in one lane's job at a time (``OracleSession.busy``).
 
 Blocks are verified in batches across sessions: ``verify`` queues its block
 (``scheduler.BlockQueue``) and awaits it; one batcher task takes up to
 ``max_batch`` queued blocks, at most one per session, oldest first, and runs
-them in the model thread as one job whose forward covers all of them
+them in a free lane as one job whose forward covers all of them
 (``specdec.batched.verify_batch``: each row's verdict is exactly the one the
-session would get alone). Opens, releases and evictions go through the same
-model thread, between batches. Each call is timed twice:
+session would get alone). Opens, releases and evictions go through the lanes too,
+an open or a release once no job of its session runs. Each call is timed twice:
 
-    queue_ns   = start in the model thread - submission   (waiting behind other work)
+    queue_ns   = start in the lane - submission   (waiting behind other work)
     compute_ns = end - start                              (prefill, or the whole batch)
 
 After a verdict that no waiting block of its session extends, a stream that
@@ -37,6 +40,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
+
+import torch
 
 from oracle_service.recovery import Recoveries, RecoveryDrafter
 from oracle_service.scheduler import BatchCounters, BlockQueue, PendingBlock
@@ -85,7 +90,7 @@ class EngineInfo:
     device: str
     batches: int  # verify batches run since start
     verified_blocks: int  # blocks verified in them
-    verify_busy_ns: int  # model-thread time of those batches
+    verify_busy_ns: int  # lane time of those batches (summed over lanes)
     recovery_draft: str  # the model recovery blocks are drafted with ("" = none)
     recovery_blocks: int  # recovery blocks announced since start
 
@@ -105,14 +110,23 @@ class OracleEngine:
         batch_wait_s: float = 0.0,
         static_kv: str = "off",
         cuda_graphs: bool = True,
+        lanes: int = 0,
         recovery_draft: LoadedModel | None = None,
     ) -> None:
         """``max_batch``: the most blocks (of different sessions) verified in one forward.
         ``static_kv``, ``cuda_graphs``: see ``specdec.static_kv.slot_pool_for``.
+        ``lanes``: batches verified at once (0 = auto: 2 with CUDA graphs, else 1).
         ``recovery_draft``: drafts the next block after a miss, for streams that allow
-        it (``oracle_service.recovery``)."""
+        it (``oracle_service.recovery``; it needs one lane)."""
         if max_batch < 1:
             raise InvalidArgument(f"max_batch must be >= 1, got {max_batch}")
+        if lanes < 0:
+            raise InvalidArgument(f"lanes must be >= 0 (0 = auto), got {lanes}")
+        if recovery_draft is not None and lanes > 1:
+            raise InvalidArgument(
+                f"recovery blocks need one verify lane, got {lanes}: drop the recovery "
+                "draft or set the lanes to 1"
+            )
         self.model = model
         slots = slot_pool_for(
             model,
@@ -121,6 +135,7 @@ class OracleEngine:
             max_rows=max_batch,
             budget_bytes=kv_budget_bytes,
             cuda_graphs=cuda_graphs,
+            lanes=1 if recovery_draft is not None else lanes,
         )
         self.oracle = Oracle(model, slots)
         self.oracle_id = oracle_id
@@ -130,7 +145,16 @@ class OracleEngine:
             max_cached_sessions=max_cached_sessions,
             max_active_streams=max_sessions,
         )
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oracle-model")
+        self.lanes = slots.lanes if slots is not None else max(1, lanes)
+        self._lanes = [
+            ThreadPoolExecutor(1, f"oracle-lane{i}", initializer=self._enter_lane, initargs=(i,))
+            for i in range(self.lanes)
+        ]
+        self._lane_jobs = [0] * self.lanes  # jobs submitted to each lane and not done
+        self._lane_batch = [False] * self.lanes  # whether a batch runs in each lane
+        self._in_batches = 0  # sessions in the running batches
+        self._running: set[asyncio.Task[None]] = set()  # the running batches
+        self._idle_waiters: list[asyncio.Future[None]] = []  # jobs waiting for a session
         self._closed = False
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_s
@@ -145,7 +169,7 @@ class OracleEngine:
                     "(BENCHMARKS.md); consider running without a recovery draft",
                     recovery_draft.device,
                 )
-            drafter = RecoveryDrafter(recovery_draft, self._executor if on_cpu else None)
+            drafter = RecoveryDrafter(recovery_draft, self._lanes[0] if on_cpu else None)
             self.recoveries = Recoveries(drafter, self._queue, self._wake)
         self._wakeup: asyncio.Event | None = None
         self._batcher: asyncio.Task[None] | None = None
@@ -164,23 +188,64 @@ class OracleEngine:
     def max_context(self) -> int:
         return self.model.max_context
 
-    async def _run(self, fn: Callable[[], T]) -> tuple[T, int, int]:
-        """fn() in the model thread -> (its result, queue_ns, compute_ns)."""
+    def _enter_lane(self, index: int) -> None:
+        """Lane thread start: its forwards on the lane's CUDA stream and graphs."""
+        if self.oracle.slots is not None:
+            self.oracle.slots.enter_lane(index)
+        elif self.model.device.type == "cuda" and self.lanes > 1:
+            torch.cuda.set_stream(torch.cuda.Stream(self.model.device))
+
+    async def _run(
+        self,
+        fn: Callable[[], T],
+        session: OracleSession | None = None,
+        lane: int | None = None,
+    ) -> tuple[T, int, int]:
+        """fn() in a lane -> (its result, queue_ns, compute_ns).
+
+        ``session``: fn touches it, so it runs once no other job of it does.
+        ``lane``: that lane (default: the one with the fewest jobs)."""
         submitted = time.perf_counter_ns()
+        if session is not None:
+            while session.busy:
+                waiter = asyncio.get_running_loop().create_future()
+                self._idle_waiters.append(waiter)
+                await waiter
+            self.sessions.hold(session)
+        if lane is None:
+            lane = min(range(self.lanes), key=lambda i: (self._lane_jobs[i], i))
 
         def timed() -> tuple[T, int, int]:
             start = time.perf_counter_ns()
             result = fn()
             return result, start - submitted, time.perf_counter_ns() - start
 
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, timed)
+        self._lane_jobs[lane] += 1
+
+        def done(_: object) -> None:  # when the job ends, even if its caller gave up
+            self._lane_jobs[lane] -= 1
+            if session is not None:
+                self.sessions.hold(session, -1)
+            self._job_done()
+
+        future = asyncio.get_running_loop().run_in_executor(self._lanes[lane], timed)
+        future.add_done_callback(done)
+        return await asyncio.shield(future)
+
+    def _job_done(self) -> None:
+        """A job ended (event loop): wake what waits for a session or a lane."""
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._wake()
 
     async def warm_up(self) -> None:
-        """Capture the verify and prefill forwards' CUDA graphs (static KV on a GPU) in the
-        model thread, before the first session: a capture while serving would stall a batch."""
+        """Capture the verify and prefill forwards' CUDA graphs (static KV on a GPU) in each
+        lane, before the first session: a capture while serving would stall a batch."""
         if self.oracle.slots is not None:
-            await self._run(self.oracle.slots.capture_all)
+            for lane in range(self.lanes):
+                await self._run(self.oracle.slots.capture_all, lane=lane)
 
     # -- open ---------------------------------------------------------------
 
@@ -219,7 +284,7 @@ class OracleEngine:
         lease.opened_length = len(tokens)
         try:
             prefill, _, compute_ns = await self._run(
-                lambda: self._open(lease, tokens, sampling, seed)
+                lambda: self._open(lease, tokens, sampling, seed), lease.session
             )
         except BaseException:
             self.close(lease)
@@ -330,10 +395,10 @@ class OracleEngine:
             self._batcher = loop.create_task(self._batch_loop(), name="oracle-batcher")
 
     async def _batch_loop(self) -> None:
-        """Take batches off the queue and run them, one at a time, in the model thread."""
+        """Take batches off the queue and run each in a free lane."""
         assert self._wakeup is not None
-        loop = asyncio.get_running_loop()
         while not self._closed:
+            lane = await self._free_lane()
             await self._let_batch_fill()
             if self.recoveries is not None:
                 self.recoveries.settle(self._extends)
@@ -345,40 +410,73 @@ class OracleEngine:
                 with contextlib.suppress(TimeoutError):  # a miss is due for its decision
                     await asyncio.wait_for(self._wakeup.wait(), due_s)
                 continue
-            try:
-                outcomes, start_ns, compute_ns, rows, forward_rows = await loop.run_in_executor(
-                    self._executor, functools.partial(self._verify_batch, batch)
-                )
-            except asyncio.CancelledError:
-                for pending in batch:  # shutting down: queued work is dropped
-                    pending.future.cancel()
-                raise
-            except BaseException as exc:  # the executor is gone, or a bug: fail this batch only
-                log.exception("a verify batch of %d blocks failed", len(batch))
-                for pending in batch:
-                    if not pending.future.done():
-                        pending.future.set_exception(exc)
+            # The lane and the sessions are taken now, before the next batch is formed.
+            self._lane_batch[lane] = True
+            self._in_batches += len(batch)
+            for pending in batch:
+                self.sessions.hold(pending.session)
+            task = asyncio.get_running_loop().create_task(self._run_batch(lane, batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _free_lane(self) -> int:
+        """A lane with no batch running (of those, the one with the fewest jobs)."""
+        assert self._wakeup is not None
+        while True:
+            free = [i for i in range(self.lanes) if not self._lane_batch[i]]
+            if free:
+                return min(free, key=lambda i: (self._lane_jobs[i], i))
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    async def _run_batch(self, lane: int, batch: list[PendingBlock]) -> None:
+        """Verify ``batch`` in ``lane`` (taken by the batcher) and answer its blocks."""
+
+        def release() -> None:
+            self._lane_batch[lane] = False
+            self._in_batches -= len(batch)
+            for pending in batch:
+                self.sessions.hold(pending.session, -1)
+
+        try:
+            # The lane's job (counted, its sessions busy until it really ends).
+            (outcomes, start_ns, compute_ns, rows, forward_rows), _, _ = await self._run(
+                functools.partial(self._verify_batch, batch), lane=lane
+            )
+        except asyncio.CancelledError:
+            release()
+            for pending in batch:  # shutting down: queued work is dropped
+                pending.future.cancel()
+            raise
+        except BaseException as exc:  # the executor is gone, or a bug: fail this batch only
+            release()
+            log.exception("a verify batch of %d blocks failed", len(batch))
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
+            return
+        release()
+        self._count(len(batch), rows, forward_rows, compute_ns)
+        self._queue.restart_clocks({p.session for p in batch}, time.perf_counter_ns())
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            if pending.future.done():
+                continue  # its caller gave up; the work is done all the same
+            if isinstance(outcome, BaseException):
+                pending.future.set_exception(outcome)
                 continue
-            self._count(len(batch), rows, forward_rows, compute_ns)
-            self._queue.restart_clocks({p.session for p in batch}, time.perf_counter_ns())
-            for pending, outcome in zip(batch, outcomes, strict=True):
-                if pending.future.done():
-                    continue  # its caller gave up; the work is done all the same
-                if isinstance(outcome, BaseException):
-                    pending.future.set_exception(outcome)
-                    continue
-                verdict, committed_length = outcome
-                result = VerifyResult(
-                    verdict=verdict,
-                    committed_length=committed_length,
-                    verify_ns=compute_ns,
-                    queue_ns=start_ns - pending.enqueued_ns,
-                )
-                k = self._recovery_k(pending, verdict)
-                if k and self.recoveries is not None:
-                    extended = self._extends(pending.session)
-                    result = self.recoveries.after_verdict(pending, result, k, extended)
-                pending.future.set_result(result)
+            verdict, committed_length = outcome
+            result = VerifyResult(
+                verdict=verdict,
+                committed_length=committed_length,
+                verify_ns=compute_ns,
+                queue_ns=start_ns - pending.enqueued_ns,
+            )
+            k = self._recovery_k(pending, verdict)
+            if k and self.recoveries is not None:
+                extended = self._extends(pending.session)
+                result = self.recoveries.after_verdict(pending, result, k, extended)
+            pending.future.set_result(result)
+        self._job_done()
 
     def _extends(self, session: OracleSession) -> bool:
         """A block waiting in the queue extends ``session``'s committed tokens as they are."""
@@ -402,13 +500,15 @@ class OracleEngine:
         return max(0, min(len(pending.block), remaining - 1, self.max_context - have - 1))
 
     async def _let_batch_fill(self) -> None:
-        """Before a batch: while fewer sessions have a block waiting than have a stream
-        open, wait for theirs (at most ``batch_wait_s``).
+        """Before a batch: while fewer sessions have a block that could run than have a
+        stream open outside the running batches, wait for theirs (at most
+        ``batch_wait_s``), unless another lane is free too.
 
         Sessions answer a verdict at different times (network, drafting), so a batch
-        started the moment the model is free holds only the quickest; the others then
+        started the moment a lane is free holds only the quickest; the others then
         wait a whole forward for the next one. A short wait fills the batch instead:
         one forward of B rows costs about one of a single row when the GPU is launch-bound.
+        With another lane free, the latecomers will have that one: no wait.
         """
         assert self._wakeup is not None
         loop = asyncio.get_running_loop()
@@ -418,7 +518,10 @@ class OracleEngine:
         while True:
             self._skip(self._queue.prune(self._known_stale))
             waiting = self._queue.sessions_waiting()
-            if not 0 < waiting < min(self.max_batch, self.sessions.active_streams):
+            could_wait = self.sessions.active_streams - self._in_batches
+            if not 0 < waiting < min(self.max_batch, could_wait):
+                return
+            if self._lane_batch.count(False) > 1:
                 return
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -548,12 +651,13 @@ class OracleEngine:
         """The stream of ``lease`` ended; its cache stays for the session's next turn."""
         self.sessions.close(lease)
         if not self._closed:
-            # Its session may now be evictable; evict in the model thread, not waiting.
-            self._executor.submit(self._evict)
+            # Its session may now be evictable; evict in a lane, not waiting.
+            self._lanes[0].submit(self._evict)
 
     async def release(self, session_id: str) -> bool:
         """Free ``session_id``'s cache; False when this oracle held none."""
-        released, _, _ = await self._run(lambda: self.sessions.release(session_id))
+        session = self.sessions.get(session_id)
+        released, _, _ = await self._run(lambda: self.sessions.release(session_id), session)
         if released:
             log.debug("session %s released", session_id)
         return released
@@ -592,9 +696,10 @@ class OracleEngine:
         )
 
     def shutdown(self) -> None:
-        """Stop the model thread (queued work is dropped; the running call finishes)."""
+        """Stop the lanes (queued work is dropped; the running calls finish)."""
         self._closed = True
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        for lane in self._lanes:
+            lane.shutdown(wait=False, cancel_futures=True)
         loop = self._loop
         if loop is None or loop.is_closed():
             return
@@ -612,6 +717,8 @@ class OracleEngine:
             self.recoveries.cancel()
         if self._batcher is not None:
             self._batcher.cancel()
+        for task in self._running:
+            task.cancel()
 
 
 # A pipelined block assumes at most a few blocks' worth of tokens.

@@ -100,6 +100,7 @@ class OracleService:
             batch_wait_s=config.batch_wait_ms / 1000,
             static_kv=config.static_kv,
             cuda_graphs=config.cuda_graphs,
+            lanes=config.verify_lanes,
             recovery_draft=draft,
         )
         await engine.warm_up()

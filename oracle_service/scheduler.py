@@ -14,6 +14,9 @@ free, the next batch is taken by one scan from the oldest block on:
   instead of taking a place: otherwise it would keep its session's next block,
   the re-drafted one, out of this batch and cost that session a whole forward.
 
+A session with a job running in a lane (``OracleSession.busy``: a batch, or its
+open) takes no place in the next batch: its blocks wait until that job is done.
+
 Nobody starves: a block is passed over only for older blocks (max_batch of them
 per batch) or because an older block of its own session is in the batch, never
 for younger ones, so a session that keeps sending only adds blocks behind it.
@@ -64,7 +67,8 @@ class BatchCounters:
     batched_forwards: forwards that verified more than one block at once.
     batched_rows: blocks verified in those forwards.
     largest_forward: the most blocks verified in one forward.
-    busy_ns: model-thread time of the batches (their compute, not their queueing).
+    busy_ns: lane time of the batches (their compute, not their queueing), summed over
+        lanes: with two lanes it may pass the wall time.
     """
 
     batches: int = 0
@@ -89,8 +93,14 @@ class BlockQueue:
         return len(self._waiting)
 
     def sessions_waiting(self) -> int:
-        """Sessions with a block waiting (a pipelining session may have two blocks)."""
-        return len({pending.session for pending in self._waiting if not pending.future.done()})
+        """Sessions with a block that could run now (a pipelining session may have two)."""
+        return len(
+            {
+                pending.session
+                for pending in self._waiting
+                if not pending.future.done() and not pending.session.busy
+            }
+        )
 
     def waiting(self, session: OracleSession) -> list[PendingBlock]:
         """``session``'s blocks waiting, oldest first."""
@@ -128,7 +138,7 @@ class BlockQueue:
         for pending in self._waiting:
             if pending.future.done():
                 continue
-            if pending.session not in ready and stale(pending):
+            if pending.session not in ready and not pending.session.busy and stale(pending):
                 pruned.append(pending)
                 continue
             ready.add(pending.session)
@@ -153,8 +163,8 @@ class BlockQueue:
             pending = self._waiting.popleft()
             if pending.future.done():
                 continue
-            if pending.session in sessions:
-                kept.append(pending)  # after its session's block in this batch
+            if pending.session in sessions or pending.session.busy:
+                kept.append(pending)  # after its session's block in this batch or a lane
                 continue
             if stale(pending):
                 skipped.append(pending)  # its session's next block may take the place

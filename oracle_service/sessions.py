@@ -10,8 +10,8 @@ stream are never evicted (their stream is using the cache).
 
 Threads: admission and stream closing run on the event loop; everything that
 touches a cache's tensors (prefill, verify, accounting, eviction, release)
-runs in the engine's single model thread. A lock guards the bookkeeping that
-both share (the table, the counts).
+runs in the engine's model threads (its lanes), one job per session at a time.
+A lock guards the bookkeeping that they all share (the table, the counts).
 
 Epochs: every OpenVerify of a session starts a new epoch, and a stream holds a
 ``Lease`` on the epoch it opened. Blocks of an older stream (a draft that
@@ -43,6 +43,8 @@ class OracleSession:
     params, seed: the sampling used to verify this turn's blocks (from its OpenVerify).
     epoch: bumped by every OpenVerify, and when the session is evicted or released.
     kv_bytes: ``cache.memory_bytes()`` when last accounted.
+    busy: the engine's jobs on this session running in a lane now (set on the event
+    loop); while busy, its blocks wait and it is not evicted.
     """
 
     session_id: str
@@ -54,6 +56,7 @@ class OracleSession:
     active_streams: int = 0
     last_used: float = field(default_factory=time.monotonic)
     kv_bytes: int = 0
+    busy: int = 0
 
 
 @dataclass(eq=False)
@@ -148,6 +151,13 @@ class SessionStore:
             self._active_streams -= 1
             assert lease.session.active_streams >= 0 and self._active_streams >= 0
 
+    def hold(self, session: OracleSession, count: int = 1) -> None:
+        """A job on ``session`` goes to a lane (``count`` = -1: it ended). Under the lock,
+        so that an eviction either sees it or bumped the epoch that the job then checks."""
+        with self._lock:
+            session.busy += count
+            assert session.busy >= 0
+
     # -- model thread side ----------------------------------------------------
 
     def check(self, lease: Lease) -> OracleSession:
@@ -182,7 +192,8 @@ class SessionStore:
     def evict(self) -> list[str]:
         """Drop idle sessions, least recently used first, until both limits hold (model thread).
 
-        Returns the evicted ids. Sessions with an open stream are skipped: when
+        Returns the evicted ids. Sessions with an open stream, or a job in another lane,
+        are skipped: when
         they alone exceed the budget, the budget is exceeded until they close.
         """
         evicted: list[OracleSession] = []
@@ -194,7 +205,7 @@ class SessionStore:
                 ):
                     break
                 session = self._sessions[session_id]
-                if session.active_streams:
+                if session.active_streams or session.busy:
                     continue
                 self._drop_locked(session)
                 self.counters.evictions += 1

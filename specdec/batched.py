@@ -414,7 +414,7 @@ def batch_forward(oracle: Oracle, items: Sequence[BatchItem]) -> BatchForward:
     assert keys.shape[1] == batch and keys.shape[-2] == past + width, tuple(keys.shape)
     assert values.shape[:2] == keys.shape[:2] and values.shape[-2] == past + width
     if logits.device.type == "cuda":
-        torch.cuda.synchronize(logits.device)
+        torch.cuda.current_stream(logits.device).synchronize()  # this thread's stream
     return BatchForward(logits, keys, values, lengths, time.perf_counter_ns() - forward_start)
 
 

@@ -133,7 +133,7 @@ class Oracle:
             logits = cache.extend([committed[-1], *block.token_ids])  # [k+1, V]
             assert logits.shape == (k + 1, self.vocab_size), tuple(logits.shape)
             if logits.device.type == "cuda":
-                torch.cuda.synchronize(logits.device)
+                torch.cuda.current_stream(logits.device).synchronize()  # this thread's stream
             forward_ns = time.perf_counter_ns() - forward_start
             # Row i predicts block position i, at absolute position len(committed) + i.
             verdict = verify_block(logits, block, params, position=len(committed), seed=seed)

@@ -7,9 +7,10 @@ the whole launch sequence at once, which needs every tensor at a fixed address
 and no Python value that changes between rounds. So, as in gpt-fast:
 
 * ``SlotPool`` preallocates the KV of ``slots`` sequences, per layer
-  [slots + 1, H_kv, capacity, D] with capacity = context + MAX_SPECULATIVE_TOKENS + 1.
+  [slots + lanes, H_kv, capacity, D] with capacity = context + MAX_SPECULATIVE_TOKENS + 1.
   A session's ``SlotCache`` owns one slot; its tokens' keys/values sit at their
-  positions, and rolling back only shortens its length. The last slot is scratch.
+  positions, and rolling back only shortens its length. The last slots are scratch,
+  one per lane.
 * A verify forward of R blocks runs B >= R rows; row r works on slot s_r alone:
 
       inputs       [B, T]   [committed[-1], x_0..x_{k-1}] then token 0 pads
@@ -30,6 +31,14 @@ and no Python value that changes between rounds. So, as in gpt-fast:
   up to half the capacity, then the capacity (attention and the gather cost in W:
   at 16 rows of the demo oracle they are half the forward at W = capacity). On the
   CPU the same forward runs eagerly over just W = max(L_r) + T.
+* The graphs of a bucket are timed once captured, and a batch of R rows replays the
+  fastest graph of B >= R rows (on the H200 the demo oracle's 2-row graph took 11 ms,
+  its 16-row graph 6.5).
+* Lanes: up to ``lanes`` forwards run at once, each in its own thread on its own CUDA
+  stream (``enter_lane``), with its own graphs, memory pool, static inputs and scratch
+  slot. The demo oracle's forward is bound by kernel latency, not the GPU's width: two
+  at once took 1.6x the throughput of one after the other on the H200. The caller
+  keeps any one slot in one lane at a time.
 * A prefill is the same forward on one row, in chunks of up to PREFILL_CHUNK tokens
   padded to a PREFILL_BUCKETS bucket (``SlotPool.prefill``). Eagerly it would hold the
   model thread, and every other session's batch, for tens of ms.
@@ -44,7 +53,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -65,6 +74,8 @@ PREFILL_CHUNK = 256
 PREFILL_BUCKETS = (64, 128, PREFILL_CHUNK)
 MIN_WIDTH = 256  # the smallest attended-width bucket
 WARMUP_RUNS = 1  # eager runs on a side stream before a capture (cuBLAS/allocator warm-up)
+TIMING_REPLAYS = 5  # replays per verify graph to find each row count's fastest bucket
+CALIBRATION_MARGIN = 0.8  # a larger bucket replaces a smaller one only when this much faster
 
 
 def _bucket(value: int, buckets: Sequence[int]) -> int:
@@ -90,39 +101,92 @@ class _Graph:
     logits: torch.Tensor  # [B, T, V] float32, the graph's output buffer
 
 
+@dataclass
+class _Lane:
+    """What one lane's forwards own: graphs write their inputs, intermediates and
+    padding rows' keys/values here, so two lanes never touch each other's."""
+
+    scratch: int  # the slot padding rows use
+    stream: Any = None  # its CUDA stream (None on the CPU: the thread's default)
+    inputs: Any = None  # [max_rows, PREFILL_CHUNK] token ids, the graphs' input buffers
+    slots: Any = None  # [max_rows]
+    lengths: Any = None  # [max_rows]
+    graphs: dict[tuple[int, int, int], _Graph] = field(default_factory=dict)
+    memory_pool: Any = None  # the memory pool of its graphs
+
+
 class SlotPool:
     """The KV of ``slots`` sequences of one model, preallocated; see the module doc.
 
     max_rows: the most blocks one forward verifies (the oracle's max batch).
+    lanes: forwards that may run at once, from different threads (0 = auto: 2 with CUDA
+    graphs, else 1).
     """
 
     def __init__(
-        self, loaded: LoadedModel, slots: int, *, max_rows: int = 16, cuda_graphs: bool = True
+        self,
+        loaded: LoadedModel,
+        slots: int,
+        *,
+        max_rows: int = 16,
+        cuda_graphs: bool = True,
+        lanes: int = 1,
     ) -> None:
-        if slots < 1 or max_rows < 1:
-            raise ValueError(f"a slot pool needs slots and rows >= 1, got {slots}, {max_rows}")
+        if slots < 1 or max_rows < 1 or lanes < 0:
+            raise ValueError(
+                f"a slot pool needs slots and rows >= 1 and lanes >= 0, got {slots}, "
+                f"{max_rows}, {lanes}"
+            )
         self.loaded = loaded
         self.lean = LeanModel(loaded)  # raises InvalidArgument for models that do not qualify
         self.slots, self.max_rows = slots, max_rows
         self.capacity = loaded.max_context + MAX_ROW_TOKENS
-        self.kv: KV = self.lean.new_kv(slots + 1, self.capacity)  # the last slot is scratch
-        self.device = self.kv[0][0].device
+        self.device = loaded.device
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.lanes = lanes or (2 if self.cuda_graphs else 1)
+        self.kv: KV = self.lean.new_kv(slots + self.lanes, self.capacity)  # + scratch slots
         self.row_buckets = tuple(
             sorted({*(1 << i for i in range(max_rows.bit_length())), max_rows})
         )
         widths = [MIN_WIDTH << i for i in range(self.capacity.bit_length())]
         self.width_buckets = (*(w for w in widths if 2 * w <= self.capacity), self.capacity)
+        # (rows, tokens, width) -> the row bucket whose graph is fastest for them (timed).
+        self._fastest: dict[tuple[int, int, int], int] = {}
         self._free = list(range(slots))  # a heap: the lowest free slot first
         self._lock = threading.Lock()  # new_cache runs on the event loop, release in the model
-        self._graphs: dict[tuple[int, int, int], _Graph] = {}  # by (rows, tokens, width)
-        self._memory_pool: Any = None  # one memory pool for every captured graph
+        self._lanes = [self._new_lane(slots + i) for i in range(self.lanes)]
+        self._local = threading.local()  # .lane: the index of this thread's lane
+
+    def _new_lane(self, scratch: int) -> _Lane:
+        lane = _Lane(scratch)
+        if self.device.type == "cuda":
+            lane.stream = torch.cuda.Stream(self.device)
         if self.cuda_graphs:  # the graphs' inputs, at fixed addresses; buckets take views
-            self._inputs = torch.zeros(
-                max_rows, PREFILL_CHUNK, dtype=torch.long, device=self.device
+            lane.inputs = torch.zeros(
+                self.max_rows, PREFILL_CHUNK, dtype=torch.long, device=self.device
             )
-            self._slots = torch.zeros(max_rows, dtype=torch.long, device=self.device)
-            self._lengths = torch.zeros(max_rows, dtype=torch.long, device=self.device)
+            lane.slots = torch.zeros(self.max_rows, dtype=torch.long, device=self.device)
+            lane.lengths = torch.zeros(self.max_rows, dtype=torch.long, device=self.device)
+        return lane
+
+    def enter_lane(self, index: int) -> None:
+        """Make this thread lane ``index``: its forwards use that lane's graphs, buffers and
+        scratch slot, on its CUDA stream. A thread that never calls it is lane 0."""
+        if not 0 <= index < self.lanes:
+            raise ValueError(f"lane {index} of a pool with {self.lanes} lanes")
+        self._local.lane = index
+        stream = self._lanes[index].stream
+        if stream is not None:
+            torch.cuda.set_stream(stream)
+
+    @property
+    def _lane(self) -> _Lane:
+        return self._lanes[getattr(self._local, "lane", 0)]
+
+    def _sync(self) -> None:
+        """Wait for this thread's queued GPU work (not the other lanes')."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
 
     @property
     def slot_bytes(self) -> int:
@@ -164,27 +228,33 @@ class SlotPool:
         start = time.perf_counter_ns()
         count, tokens = len(slots), max(len(row) for row in inputs)
         graphed = self.cuda_graphs and count <= self.max_rows
-        rows = _bucket(count, self.row_buckets) if graphed else count
         tokens = _bucket(tokens, TOKEN_BUCKETS) if graphed else tokens
+        lengths_of = [len(cache) for cache in caches]
+        attended = max(lengths_of) + tokens  # W: what any query can see
+        width = _bucket(attended, self.width_buckets) if graphed else attended
+        rows = self._rows_for(count, tokens, width) if graphed else count
         ids = torch.zeros(rows, tokens, dtype=torch.long)  # [B, T]; pads are token 0
         for r, row in enumerate(inputs):
             ids[r, : len(row)] = torch.tensor(list(row), dtype=torch.long)
-        slot_ids = torch.full((rows,), self.slots, dtype=torch.long)  # [B]; padding: scratch
+        slot_ids = torch.full((rows,), self._lane.scratch, dtype=torch.long)  # [B]; pads: scratch
         slot_ids[:count] = torch.tensor(slots, dtype=torch.long)
         lengths = torch.zeros(rows, dtype=torch.long)  # [B]
-        lengths[:count] = torch.tensor([len(cache) for cache in caches], dtype=torch.long)
-        attended = int((lengths + tokens).max())  # W: what any query can see
+        lengths[:count] = torch.tensor(lengths_of, dtype=torch.long)
         if graphed:
-            width = _bucket(attended, self.width_buckets)
             logits = self._replay(ids, slot_ids, lengths, width)[:count].clone()
         else:
             device = self.device
             logits = self._forward(
                 ids.to(device), slot_ids.to(device), lengths.to(device), attended
             )
-        if logits.device.type == "cuda":
-            torch.cuda.synchronize(logits.device)
+        self._sync()
         return RowsForward(logits, time.perf_counter_ns() - start)
+
+    def _rows_for(self, count: int, tokens: int, width: int) -> int:
+        """The row bucket to replay ``count`` rows with: the smallest that holds them,
+        unless a larger one was timed faster."""
+        rows = _bucket(count, self.row_buckets)
+        return self._fastest.get((rows, tokens, width), rows)
 
     def _forward(
         self, ids: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, attended: int
@@ -249,60 +319,101 @@ class SlotPool:
             width = _bucket(length + padded, self.width_buckets)
             self._replay(ids, slot, torch.tensor([length], dtype=torch.long), width)
             cache.adopt(chunk)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        self._sync()
 
     def capture_all(self) -> None:
-        """Capture the forward of every (rows, tokens, width) bucket now, so that no batch
-        waits for a capture (each takes tens of ms). A no-op without CUDA graphs."""
+        """Capture this thread's lane's forward of every (rows, tokens, width) bucket now,
+        so that no batch waits for a capture (each takes tens of ms), and time the verify
+        graphs (once per pool) to route each row count to the fastest. A no-op without
+        CUDA graphs."""
         if not self.cuda_graphs:
             return
         start = time.perf_counter()
+        lane = self._lane
         try:
             with torch.inference_mode():
                 for rows in self.row_buckets:
-                    slots = torch.full((rows,), self.slots, dtype=torch.long)  # scratch only
+                    slots = torch.full((rows,), lane.scratch, dtype=torch.long)  # scratch only
                     zeros = torch.zeros(rows, dtype=torch.long)
                     for tokens in TOKEN_BUCKETS + (PREFILL_BUCKETS if rows == 1 else ()):
                         ids = torch.zeros(rows, tokens, dtype=torch.long)
                         for width in self.width_buckets:
                             if tokens <= width:
                                 self._replay(ids, slots, zeros, width)
-            torch.cuda.synchronize(self.device)
+                self._sync()
+                if not self._fastest:
+                    self._fastest = self._time_row_buckets(lane)
         except Exception as exc:  # e.g. an op that cannot be captured: run eagerly instead
             log.warning("CUDA graph capture failed (%s); the verify forward runs eagerly", exc)
             self.cuda_graphs = False
-            self._graphs.clear()
+            for each in self._lanes:
+                each.graphs.clear()
             return
         log.info(
-            "captured %d forwards as CUDA graphs in %.1f s (verify: rows %s x tokens %s x "
-            "width %s; prefill: tokens %s)",
-            len(self._graphs),
+            "lane %d: captured %d forwards as CUDA graphs in %.1f s (verify: rows %s x tokens "
+            "%s x width %s; prefill: tokens %s)%s",
+            self._lanes.index(lane),
+            len(lane.graphs),
             time.perf_counter() - start,
             list(self.row_buckets),
             list(TOKEN_BUCKETS),
             list(self.width_buckets),
             list(PREFILL_BUCKETS),
+            "".join(
+                f"; {rows} rows x {tokens} x {width} replay {fastest} rows (faster)"
+                for (rows, tokens, width), fastest in sorted(self._fastest.items())
+                if fastest != rows
+            ),
         )
+
+    def _time_row_buckets(self, lane: _Lane) -> dict[tuple[int, int, int], int]:
+        """(rows, tokens, width) -> the row bucket >= rows whose graph replays fastest
+        (median of TIMING_REPLAYS; a larger one only when CALIBRATION_MARGIN faster)."""
+        took: dict[tuple[int, int, int], float] = {}
+        for (rows, tokens, width), graph in lane.graphs.items():
+            if tokens not in TOKEN_BUCKETS:
+                continue  # a prefill graph
+            times = []
+            for _ in range(TIMING_REPLAYS):
+                begin = time.perf_counter()
+                graph.graph.replay()
+                self._sync()
+                times.append(time.perf_counter() - begin)
+            took[rows, tokens, width] = sorted(times)[len(times) // 2]
+        fastest: dict[tuple[int, int, int], int] = {}
+        for rows, tokens, width in took:
+            best = rows
+            for larger in self.row_buckets:
+                time_s = took.get((larger, tokens, width), float("inf"))
+                if larger > rows and time_s < CALIBRATION_MARGIN * took[best, tokens, width]:
+                    best = larger
+            fastest[rows, tokens, width] = best
+        return fastest
 
     def _replay(
         self, ids: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, width: int
     ) -> torch.Tensor:
+        lane = self._lane
         rows, tokens = ids.shape
-        static_ids = self._inputs[:rows, :tokens]
-        static_slots, static_lengths = self._slots[:rows], self._lengths[:rows]
+        static_ids = lane.inputs[:rows, :tokens]
+        static_slots, static_lengths = lane.slots[:rows], lane.lengths[:rows]
         static_ids.copy_(ids)
         static_slots.copy_(slots)
         static_lengths.copy_(lengths)
-        graph = self._graphs.get((rows, tokens, width))
+        graph = lane.graphs.get((rows, tokens, width))
         if graph is None:
-            graph = self._capture(static_ids, static_slots, static_lengths, width)
-            self._graphs[(rows, tokens, width)] = graph
+            graph = self._capture(lane, static_ids, static_slots, static_lengths, width)
+            lane.graphs[(rows, tokens, width)] = graph
         graph.graph.replay()
         return graph.logits
 
     def _capture(
-        self, ids: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, width: int
+        self,
+        lane: _Lane,
+        ids: torch.Tensor,
+        slots: torch.Tensor,
+        lengths: torch.Tensor,
+        width: int,
     ) -> _Graph:
         """Capture the forward over these static inputs (they hold a real batch: the
         warm-up run writes only where that batch's own forward writes)."""
@@ -313,9 +424,10 @@ class SlotPool:
                 self._forward(ids, slots, lengths, width)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        if self._memory_pool is None:
-            self._memory_pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._memory_pool):
+        if lane.memory_pool is None:
+            lane.memory_pool = torch.cuda.graph_pool_handle()
+        # thread_local: another lane's thread may use the GPU meanwhile.
+        with torch.cuda.graph(graph, pool=lane.memory_pool, capture_error_mode="thread_local"):
             logits = self._forward(ids, slots, lengths, width)
         return _Graph(graph, logits)
 
@@ -337,6 +449,7 @@ def slot_pool_for(
     max_rows: int,
     budget_bytes: int,
     cuda_graphs: bool,
+    lanes: int = 0,
 ) -> SlotPool | None:
     """The oracle's slot pool for ``--static-kv`` ``mode`` (auto, on, off), or None.
 
@@ -355,7 +468,7 @@ def slot_pool_for(
         return None
     per_slot = slot_bytes_of(loaded)
     slots = max(1, min(max_slots, budget_bytes // per_slot))
-    pool = SlotPool(loaded, slots, max_rows=max_rows, cuda_graphs=cuda_graphs)
+    pool = SlotPool(loaded, slots, max_rows=max_rows, cuda_graphs=cuda_graphs, lanes=lanes)
     log.info(
         "static KV: %d slots of %.1f MiB preallocated; verify forward %s",
         slots,

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -214,24 +215,34 @@ def test_cuda_graph_verify_matches_hfs_forward_round_after_round(
     model_dir: Callable[[str, str], Path],
 ) -> None:
     """Sessions decode greedily through graphed batches (rows joining and leaving, k from 0
-    to 4) and through HF's forward on the same GPU: the same tokens, round by round."""
+    to 4) and through HF's forward on the same GPU: the same tokens, round by round. Each
+    round's sessions are split over two lanes whose batches run at once, in two threads."""
     model = load_model(str(model_dir("llama", "oracle")), device="cuda")
-    pool = SlotPool(model, 8, max_rows=4, cuda_graphs=True)
-    pool.capture_all()
-    captured = len(pool._graphs)
+    pool = SlotPool(model, 8, max_rows=4, cuda_graphs=True, lanes=2)
+    lanes = [ThreadPoolExecutor(1, initializer=pool.enter_lane, initargs=(i,)) for i in (0, 1)]
+    for lane in lanes:
+        lane.submit(pool.capture_all).result()
+    captured = [len(lane.graphs) for lane in pool._lanes]
     buckets = len(pool.row_buckets) * len(TOKEN_BUCKETS) * len(pool.width_buckets)
     prefill = sum(t <= w for t in PREFILL_BUCKETS for w in pool.width_buckets)
-    assert pool.cuda_graphs and captured == buckets + prefill
+    assert pool.cuda_graphs and captured == [buckets + prefill] * 2
+    assert set(pool._fastest) == {
+        (rows, tokens, width)
+        for rows in pool.row_buckets
+        for tokens in TOKEN_BUCKETS
+        for width in pool.width_buckets
+        if tokens <= width
+    }
     slotted, plain = Oracle(model, pool), Oracle(model)
     g = torch.Generator().manual_seed(0)
     prompts = [
         [1, *torch.randint(3, model.vocab_size, (n,), generator=g).tolist()]
-        for n in (60, 17, 30, 9, 12)  # each prefill: one graphed chunk (the 64 bucket)
+        for n in (60, 17, 30, 9, 12, 25)  # each prefill: one graphed chunk (the 64 bucket)
     ]
     sessions = [(slotted.new_cache(), plain.new_cache(), list(p), list(p)) for p in prompts]
     accepted: set[int] = set()
     for round_index in range(16):
-        active = [s for i, s in enumerate(sessions) if (round_index + i) % 4][:4]
+        active = [s for i, s in enumerate(sessions) if (round_index + i) % 4][:6]
         items, expected = [], []
         for i, (cache, hf_cache, committed, hf_committed) in enumerate(active):
             k = (round_index + i) % 5
@@ -242,11 +253,14 @@ def test_cuda_graph_verify_matches_hfs_forward_round_after_round(
             block = DraftBlock(tuple(tokens))
             items.append(BatchItem(cache, committed, block, GREEDY, 0))
             expected.append(plain.verify(hf_cache, hf_committed, block, GREEDY, 0))
-        result = verify_batch(slotted, items)
-        assert result.fallback is None and result.forward_rows == len(items)
-        for item, outcome, want, session in zip(
-            items, result.results, expected, active, strict=True
-        ):
+        half = (len(items) + round_index % 2) // 2  # lane 0's rows, then lane 1's
+        parts = [items[:half], items[half:]]
+        running = [
+            lane.submit(verify_batch, slotted, part)
+            for lane, part in zip(lanes, parts, strict=True)
+        ]
+        results = [outcome for run in running for outcome in run.result().results]
+        for item, outcome, want, session in zip(items, results, expected, active, strict=True):
             verdict = outcome_verdict(outcome)
             assert verdict == want
             accepted.add(verdict.num_accepted)
@@ -254,8 +268,23 @@ def test_cuda_graph_verify_matches_hfs_forward_round_after_round(
             session[3].extend(committed_tokens(item.block, want))
             assert item.cache.tokens == session[2][:-1]
     assert all(s[2] == s[3] for s in sessions)
-    assert len(pool._graphs) == captured and pool.cuda_graphs  # replayed, none captured late
+    # Replayed, none captured late.
+    assert [len(lane.graphs) for lane in pool._lanes] == captured and pool.cuda_graphs
     assert {0, 4} <= accepted
+    for lane in lanes:
+        lane.shutdown()
+
+
+def test_a_pool_has_a_scratch_slot_per_lane_and_one_lane_on_the_cpu(
+    loaded: Callable[[str, str], LoadedModel],
+) -> None:
+    model = loaded("llama", "oracle")
+    assert SlotPool(model, 3, cuda_graphs=False, lanes=0).lanes == 1  # auto, no graphs
+    pool = SlotPool(model, 3, cuda_graphs=False, lanes=2)
+    assert pool.kv[0][0].shape[0] == 3 + 2
+    assert [lane.scratch for lane in pool._lanes] == [3, 4]
+    with pytest.raises(ValueError, match="lane 2 of a pool with 2 lanes"):
+        pool.enter_lane(2)
 
 
 def test_a_graphed_prefill_leaves_the_kv_of_an_eager_one(
