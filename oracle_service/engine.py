@@ -220,15 +220,20 @@ class OracleEngine:
             result = fn()
             return result, start - submitted, time.perf_counter_ns() - start
 
-        self._lane_jobs[lane] += 1
-
         def done(_: object) -> None:  # when the job ends, even if its caller gave up
             self._lane_jobs[lane] -= 1
             if session is not None:
                 self.sessions.hold(session, -1)
             self._job_done()
 
-        future = asyncio.get_running_loop().run_in_executor(self._lanes[lane], timed)
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._lanes[lane], timed)
+        except BaseException:  # the lane is shut down: the session is free again
+            if session is not None:
+                self.sessions.hold(session, -1)
+                self._job_done()
+            raise
+        self._lane_jobs[lane] += 1
         future.add_done_callback(done)
         return await asyncio.shield(future)
 
