@@ -5,7 +5,7 @@ stays free for the gRPC streams. On the CPU there is one lane: two forwards woul
 only contend for the same cores. With CUDA graphs there are two by default, each
 on its own CUDA stream (``specdec.static_kv``): the demo oracle's forward is bound
 by kernel latency, so a batch that would wait for the running one runs beside it.
-A session is in one lane's job at a time (``OracleSession.busy``).
+A session is in one lane's job at a time (``oracle_service.lanes``).
 
 Blocks are verified in batches across sessions: ``verify`` queues its block
 (``scheduler.BlockQueue``) and awaits it; one batcher task takes up to
@@ -36,13 +36,12 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
 import torch
 
+from oracle_service.lanes import Lanes
 from oracle_service.recovery import Recoveries, RecoveryDrafter
 from oracle_service.scheduler import BatchCounters, BlockQueue, PendingBlock
 from oracle_service.sessions import Lease, OracleSession, SessionStore
@@ -64,7 +63,6 @@ from specdec.verifier import (
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 MAX_SEED = (1 << 64) - 1
 DEFAULT_MAX_BATCH = 16
 
@@ -146,15 +144,8 @@ class OracleEngine:
             max_active_streams=max_sessions,
         )
         self.lanes = slots.lanes if slots is not None else max(1, lanes)
-        self._lanes = [
-            ThreadPoolExecutor(1, f"oracle-lane{i}", initializer=self._enter_lane, initargs=(i,))
-            for i in range(self.lanes)
-        ]
-        self._lane_jobs = [0] * self.lanes  # jobs submitted to each lane and not done
-        self._lane_batch = [False] * self.lanes  # whether a batch runs in each lane
-        self._in_batches = 0  # sessions in the running batches
+        self._lanes = Lanes(self.lanes, self._enter_lane, self.sessions, self._wake)
         self._running: set[asyncio.Task[None]] = set()  # the running batches
-        self._idle_waiters: list[asyncio.Future[None]] = []  # jobs waiting for a session
         self._closed = False
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_s
@@ -169,7 +160,7 @@ class OracleEngine:
                     "(BENCHMARKS.md); consider running without a recovery draft",
                     recovery_draft.device,
                 )
-            drafter = RecoveryDrafter(recovery_draft, self._lanes[0] if on_cpu else None)
+            drafter = RecoveryDrafter(recovery_draft, self._lanes.executors[0] if on_cpu else None)
             self.recoveries = Recoveries(drafter, self._queue, self._wake)
         self._wakeup: asyncio.Event | None = None
         self._batcher: asyncio.Task[None] | None = None
@@ -195,62 +186,12 @@ class OracleEngine:
         elif self.model.device.type == "cuda" and self.lanes > 1:
             torch.cuda.set_stream(torch.cuda.Stream(self.model.device))
 
-    async def _run(
-        self,
-        fn: Callable[[], T],
-        session: OracleSession | None = None,
-        lane: int | None = None,
-    ) -> tuple[T, int, int]:
-        """fn() in a lane -> (its result, queue_ns, compute_ns).
-
-        ``session``: fn touches it, so it runs once no other job of it does.
-        ``lane``: that lane (default: the one with the fewest jobs)."""
-        submitted = time.perf_counter_ns()
-        if session is not None:
-            while session.busy:
-                waiter = asyncio.get_running_loop().create_future()
-                self._idle_waiters.append(waiter)
-                await waiter
-            self.sessions.hold(session)
-        if lane is None:
-            lane = min(range(self.lanes), key=lambda i: (self._lane_jobs[i], i))
-
-        def timed() -> tuple[T, int, int]:
-            start = time.perf_counter_ns()
-            result = fn()
-            return result, start - submitted, time.perf_counter_ns() - start
-
-        def done(_: object) -> None:  # when the job ends, even if its caller gave up
-            self._lane_jobs[lane] -= 1
-            if session is not None:
-                self.sessions.hold(session, -1)
-            self._job_done()
-
-        try:
-            future = asyncio.get_running_loop().run_in_executor(self._lanes[lane], timed)
-        except BaseException:  # the lane is shut down: the session is free again
-            if session is not None:
-                self.sessions.hold(session, -1)
-                self._job_done()
-            raise
-        self._lane_jobs[lane] += 1
-        future.add_done_callback(done)
-        return await asyncio.shield(future)
-
-    def _job_done(self) -> None:
-        """A job ended (event loop): wake what waits for a session or a lane."""
-        waiters, self._idle_waiters = self._idle_waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._wake()
-
     async def warm_up(self) -> None:
         """Capture the verify and prefill forwards' CUDA graphs (static KV on a GPU) in each
         lane, before the first session: a capture while serving would stall a batch."""
         if self.oracle.slots is not None:
             for lane in range(self.lanes):
-                await self._run(self.oracle.slots.capture_all, lane=lane)
+                await self._lanes.run(self.oracle.slots.capture_all, lane=lane)
 
     # -- open ---------------------------------------------------------------
 
@@ -288,7 +229,7 @@ class OracleEngine:
         lease.recovery = allow_recovery and self.recoveries is not None and sampling.greedy
         lease.opened_length = len(tokens)
         try:
-            prefill, _, compute_ns = await self._run(
+            prefill, _, compute_ns = await self._lanes.run(
                 lambda: self._open(lease, tokens, sampling, seed), lease.session
             )
         except BaseException:
@@ -416,51 +357,39 @@ class OracleEngine:
                     await asyncio.wait_for(self._wakeup.wait(), due_s)
                 continue
             # The lane and the sessions are taken now, before the next batch is formed.
-            self._lane_batch[lane] = True
-            self._in_batches += len(batch)
-            for pending in batch:
-                self.sessions.hold(pending.session)
+            self._lanes.take(lane, [pending.session for pending in batch])
             task = asyncio.get_running_loop().create_task(self._run_batch(lane, batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
     async def _free_lane(self) -> int:
-        """A lane with no batch running (of those, the one with the fewest jobs)."""
+        """A lane with no batch running."""
         assert self._wakeup is not None
-        while True:
-            free = [i for i in range(self.lanes) if not self._lane_batch[i]]
-            if free:
-                return min(free, key=lambda i: (self._lane_jobs[i], i))
+        while (lane := self._lanes.free()) is None:
             self._wakeup.clear()
             await self._wakeup.wait()
+        return lane
 
     async def _run_batch(self, lane: int, batch: list[PendingBlock]) -> None:
         """Verify ``batch`` in ``lane`` (taken by the batcher) and answer its blocks."""
-
-        def release() -> None:
-            self._lane_batch[lane] = False
-            self._in_batches -= len(batch)
-            for pending in batch:
-                self.sessions.hold(pending.session, -1)
-
+        sessions = [pending.session for pending in batch]
         try:
-            # The lane's job (counted, its sessions busy until it really ends).
-            (outcomes, start_ns, compute_ns, rows, forward_rows), _, _ = await self._run(
+            (outcomes, start_ns, compute_ns, rows, forward_rows), _, _ = await self._lanes.run(
                 functools.partial(self._verify_batch, batch), lane=lane
             )
         except asyncio.CancelledError:
-            release()
+            self._lanes.give_back(lane, sessions)
             for pending in batch:  # shutting down: queued work is dropped
                 pending.future.cancel()
             raise
         except BaseException as exc:  # the executor is gone, or a bug: fail this batch only
-            release()
+            self._lanes.give_back(lane, sessions)
             log.exception("a verify batch of %d blocks failed", len(batch))
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(exc)
             return
-        release()
+        self._lanes.give_back(lane, sessions)
         self._count(len(batch), rows, forward_rows, compute_ns)
         self._queue.restart_clocks({p.session for p in batch}, time.perf_counter_ns())
         for pending, outcome in zip(batch, outcomes, strict=True):
@@ -481,7 +410,6 @@ class OracleEngine:
                 extended = self._extends(pending.session)
                 result = self.recoveries.after_verdict(pending, result, k, extended)
             pending.future.set_result(result)
-        self._job_done()
 
     def _extends(self, session: OracleSession) -> bool:
         """A block waiting in the queue extends ``session``'s committed tokens as they are."""
@@ -523,10 +451,10 @@ class OracleEngine:
         while True:
             self._skip(self._queue.prune(self._known_stale))
             waiting = self._queue.sessions_waiting()
-            could_wait = self.sessions.active_streams - self._in_batches
+            could_wait = self.sessions.active_streams - self._lanes.sessions_in_batches
             if not 0 < waiting < min(self.max_batch, could_wait):
                 return
-            if self._lane_batch.count(False) > 1:
+            if self._lanes.free_count > 1:
                 return
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -657,12 +585,12 @@ class OracleEngine:
         self.sessions.close(lease)
         if not self._closed:
             # Its session may now be evictable; evict in a lane, not waiting.
-            self._lanes[0].submit(self._evict)
+            self._lanes.executors[0].submit(self._evict)
 
     async def release(self, session_id: str) -> bool:
         """Free ``session_id``'s cache; False when this oracle held none."""
         session = self.sessions.get(session_id)
-        released, _, _ = await self._run(lambda: self.sessions.release(session_id), session)
+        released, _, _ = await self._lanes.run(lambda: self.sessions.release(session_id), session)
         if released:
             log.debug("session %s released", session_id)
         return released
@@ -703,8 +631,7 @@ class OracleEngine:
     def shutdown(self) -> None:
         """Stop the lanes (queued work is dropped; the running calls finish)."""
         self._closed = True
-        for lane in self._lanes:
-            lane.shutdown(wait=False, cancel_futures=True)
+        self._lanes.shutdown()
         loop = self._loop
         if loop is None or loop.is_closed():
             return

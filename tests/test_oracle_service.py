@@ -357,7 +357,7 @@ async def test_blocks_queue_as_they_arrive_and_are_answered_in_order(
     base = len(PROMPT)
     other = [(token + 1) % 100 for token in reference[:2]]
     gate = threading.Event()
-    busy = asyncio.get_running_loop().run_in_executor(oracle.engine._lanes[0], gate.wait)
+    busy = asyncio.get_running_loop().run_in_executor(oracle.engine._lanes.executors[0], gate.wait)
     try:
         await stream.write_block(0, base, reference[:2])
         await stream.write_block(1, base + 1, reference[1:3], assumed=other[:1])
@@ -394,7 +394,7 @@ async def test_blocks_sent_after_a_refused_block_are_refused_too(
     await stream.open("q2", PROMPT)
     base = len(PROMPT)
     gate = threading.Event()
-    busy = asyncio.get_running_loop().run_in_executor(oracle.engine._lanes[0], gate.wait)
+    busy = asyncio.get_running_loop().run_in_executor(oracle.engine._lanes.executors[0], gate.wait)
     try:
         await stream.write_block(0, base + 5, reference[:2])  # stale: refused
         await stream.write_block(1, base, reference[:2])
