@@ -271,12 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from specdec.errors import SpecdecError
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in DELEGATED:
-        sys.exit(_import(DELEGATED[argv[0]][0]).main(argv))
-    args = build_parser().parse_args(argv)
-    func: Callable[[argparse.Namespace], None] = args.func
-    func(args)
+    try:
+        if argv and argv[0] in DELEGATED:
+            sys.exit(_import(DELEGATED[argv[0]][0]).main(argv))
+        args = build_parser().parse_args(argv)
+        func: Callable[[argparse.Namespace], None] = args.func
+        func(args)
+    except SpecdecError as exc:  # e.g. a bad benchmark flag: the message, no traceback
+        sys.exit(f"error: {exc}")
 
 
 if __name__ == "__main__":

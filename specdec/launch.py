@@ -19,6 +19,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from specdec.errors import InvalidArgument
+
 READY_TIMEOUT_S = 300.0
 
 
@@ -104,12 +106,18 @@ class Cluster:
         assert self.gateway is not None
         return f"127.0.0.1:{self.gateway.port}"
 
-    def _start(self, name: str, args: Sequence[str], port: int = 0, nice: int = 0) -> Service:
+    def _start(
+        self, name: str, args: Sequence[str], port: int = 0, nice: int = 0, cpus: str = ""
+    ) -> Service:
         log_path = self.workdir / f"{name}-{len(self.services)}.log"
         handle = None if self.echo else log_path.open("wb")
         command = [sys.executable, "-m", "specdec.cli", *args]
+        if nice:
+            command = ["nice", "-n", str(nice), *command]
+        if cpus:
+            command = ["taskset", "--cpu-list", cpus, *command]
         process = subprocess.Popen(
-            ["nice", "-n", str(nice), *command] if nice else command,
+            command,
             stdout=handle,
             stderr=subprocess.STDOUT if handle else None,
             start_new_session=True,  # Ctrl-C reaches the launcher, which stops everyone
@@ -119,14 +127,20 @@ class Cluster:
         self.services.append(service)
         return service
 
-    def start_gateway(self, *flags: str, port: int = 0) -> Service:
-        """A gateway on ``port`` (0 = a free one)."""
+    def start_gateway(self, *flags: str, port: int = 0, cpus: str = "") -> Service:
+        """A gateway on ``port`` (0 = a free one); ``cpus``: see ``check_cpus``."""
         port = port or free_port()
-        self.gateway = self._start("gateway", ["gateway", "--port", str(port), *flags], port)
+        args = ["gateway", "--port", str(port), *flags]
+        self.gateway = self._start("gateway", args, port, cpus=cpus)
         return self.gateway
 
     def start_oracle(
-        self, model: Path | str | None, *flags: str, oracle_id: str = "", port: int = 0
+        self,
+        model: Path | str | None,
+        *flags: str,
+        oracle_id: str = "",
+        port: int = 0,
+        cpus: str = "",
     ) -> Service:
         """An oracle (model None = the demo oracle) registering at this cluster's gateway."""
         port = port or free_port()
@@ -138,22 +152,29 @@ class Cluster:
             args += ["--model", str(model)]
         if oracle_id:
             args += ["--oracle-id", oracle_id]
-        return self._start("oracle", [*args, *flags], port)
+        return self._start("oracle", [*args, *flags], port, cpus=cpus)
 
     def start_draft(
-        self, model: Path | str | None, *flags: str, draft_id: str = "", nice: int = 0
+        self,
+        model: Path | str | None,
+        *flags: str,
+        draft_id: str = "",
+        nice: int = 0,
+        cpus: str = "",
     ) -> Service:
         """A draft (model None = the demo draft) dialling this cluster's gateway.
 
         nice > 0 lowers its CPU priority: drafts that share a benchmark host with the
         oracle then do not slow the oracle's (CPU-bound, launch-bound) forward passes.
+        ``cpus`` keeps it on those CPUs (``check_cpus``): apart from the oracle's, like
+        an edge device.
         """
         args = ["draft", "--gateway", self.address, "--health-port", "-1"]
         if model is not None:
             args += ["--model", str(model)]
         if draft_id:
             args += ["--draft-id", draft_id]
-        return self._start("draft", [*args, *flags], nice=nice)
+        return self._start("draft", [*args, *flags], nice=nice, cpus=cpus)
 
     def wait_workers(self, oracles: int, drafts: int, timeout: float = READY_TIMEOUT_S) -> None:
         """Until the gateway lists this many workers of each kind."""
@@ -179,6 +200,24 @@ class Cluster:
     def stop(self) -> None:
         for service in reversed(self.services):
             service.terminate()
+
+
+def check_cpus(text: str, flag: str) -> frozenset[int]:
+    """The CPUs of a list such as ``"0-3,8"`` (what ``taskset --cpu-list`` takes), all
+    of which this process may run on; InvalidArgument naming ``flag`` otherwise."""
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            first, _, last = part.strip().partition("-")
+            cpus.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise InvalidArgument(f"{flag} takes CPUs like 0-3,8, got {text!r}") from None
+    allowed = os.sched_getaffinity(0)
+    if not cpus or not cpus <= allowed:
+        raise InvalidArgument(
+            f"{flag} {text!r} names CPUs this process cannot use; it may use {sorted(allowed)}"
+        )
+    return frozenset(cpus)
 
 
 @contextlib.contextmanager

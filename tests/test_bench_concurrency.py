@@ -115,3 +115,8 @@ def test_pooled_windows_add_their_time_and_requests_and_weigh_the_oracle() -> No
     assert pooled.oracle["oracle_batches"] == 40
     assert math.isclose(pooled.oracle["oracle_rows_per_batch"], (20 + 120) / 40)
     assert math.isclose(pooled.oracle["oracle_busy_share"], (0.5 + 0.3) / 4)
+
+
+def test_a_cpu_list_the_host_lacks_is_a_clear_error_before_anything_starts() -> None:
+    with pytest.raises(SystemExit, match="--draft-cpus '4096' names CPUs this process"):
+        main(["bench", "--sessions", "1", "--draft-cpus", "4096"])

@@ -1,15 +1,19 @@
-"""The ports ``specdec.launch`` hands to local services: free now, below the kernel's
-ephemeral range (where an outgoing connection could take them before the service binds),
-and never the same one twice."""
+"""``specdec.launch``: the ports it hands to local services (free now, below the kernel's
+ephemeral range, where an outgoing connection could take them before the service binds,
+and never the same one twice), and the CPUs and niceness it starts them with."""
 
 from __future__ import annotations
 
+import os
 import socket
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from specdec import launch
+from specdec.errors import InvalidArgument
 from specdec.launch import free_port
 
 
@@ -40,3 +44,31 @@ def test_a_port_in_use_is_passed_over(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(launch.random, "randrange", lambda a, b: next(picks))
         port = free_port()
     assert port != taken and port in (taken - 1, taken - 2, taken - 3)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to pin to one")
+def test_a_service_runs_niced_on_the_cpus_it_is_given(tmp_path: Path) -> None:
+    cpu = max(os.sched_getaffinity(0))
+    with launch.cluster(tmp_path) as running:
+        gateway = running.start_gateway(cpus=str(cpu))
+        draft = running.start_draft(None, draft_id="pinned", nice=5, cpus=f"0,{cpu}")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # until taskset and nice have exec'd Python
+            pinned = [os.sched_getaffinity(s.process.pid) for s in (gateway, draft)]
+            niceness = os.getpriority(os.PRIO_PROCESS, draft.process.pid)
+            if pinned == [{cpu}, {0, cpu}] and niceness == 5:
+                break
+            time.sleep(0.05)
+        assert pinned == [{cpu}, {0, cpu}] and niceness == 5
+        running.wait_workers(oracles=0, drafts=1, timeout=120)  # and it runs as a draft
+
+
+def test_a_cpu_list_is_checked_against_the_cpus_this_process_may_use() -> None:
+    allowed = os.sched_getaffinity(0)
+    first = min(allowed)
+    assert launch.check_cpus(f"{first}", "--x") == {first}
+    assert launch.check_cpus(f"{first}-{first}, {first}", "--x") == {first}
+    with pytest.raises(InvalidArgument, match="--draft-cpus takes CPUs like 0-3,8"):
+        launch.check_cpus("two", "--draft-cpus")
+    with pytest.raises(InvalidArgument, match="--oracle-cpus '4096' names CPUs this process"):
+        launch.check_cpus("4096", "--oracle-cpus")

@@ -460,6 +460,8 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": args.dtype,
         "drafts": args.drafts,
         "threads_per_process": args.threads,
+        "oracle_cpus": args.oracle_cpus,  # "" = any
+        "draft_cpus": args.draft_cpus,
         # The oracle's settings that the services take from the environment (SPECDEC_*).
         "oracle_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("SPECDEC_")},
     }
@@ -502,7 +504,9 @@ async def _measure_all(
         if max_batch is not None:
             flags += ["--max-batch", str(max_batch)]
         oracle_id = f"oracle-mb{max_batch if max_batch is not None else 'default'}"
-        oracle = c.start_oracle(args.oracle_path, *flags, oracle_id=oracle_id)
+        oracle = c.start_oracle(
+            args.oracle_path, *flags, oracle_id=oracle_id, cpus=args.oracle_cpus
+        )
         await asyncio.to_thread(_await_oracle, c, oracle, oracle_id, args.drafts if any(ks) else 0)
         widths: list[int | None] = (
             list(parse_ints(args.branches, "--branches", 0)) if args.branches else [None]
@@ -532,7 +536,7 @@ async def _measure_all(
 
 def run_concurrency(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, Any]:
     """Every (max_batch, k, N) point; prints the table, writes ``args.out``, returns the report."""
-    from specdec.launch import cluster
+    from specdec.launch import check_cpus, cluster
 
     sessions = parse_ints(args.sessions, "--sessions", 1)
     ks = parse_ints(args.session_ks, "--session-ks", 0)
@@ -547,6 +551,9 @@ def run_concurrency(args: argparse.Namespace, prompts: list[list[int]]) -> dict[
         raise InvalidArgument("--requests-per-session must be >= 1")
     if args.repeats < 1:
         raise InvalidArgument("--repeats must be >= 1")
+    for flag, cpus in (("--oracle-cpus", args.oracle_cpus), ("--draft-cpus", args.draft_cpus)):
+        if cpus:
+            check_cpus(cpus, flag)
     plan = Plan(prompts, args.max_new_tokens, args.requests_per_session, args.adaptive)
     # Every draft may take every session: the gateway gives a turn to the least loaded one,
     # so shares stay even, and none is ever refused (which would silently mean k = 0).
@@ -575,11 +582,12 @@ def run_concurrency(args: argparse.Namespace, prompts: list[list[int]]) -> dict[
         out.write_text(json.dumps(report, indent=2))
 
     with tempfile.TemporaryDirectory() as workdir, cluster(Path(workdir), env) as c:
-        c.start_gateway("--tokenizer", args.oracle_path)
+        c.start_gateway("--tokenizer", args.oracle_path, cpus=args.oracle_cpus)
         for i in range(args.drafts):
             c.start_draft(
                 args.draft_path, "--device", args.draft_device, "--dtype", args.dtype,
                 "--max-sessions", str(per_draft), draft_id=f"draft-{i}", nice=args.draft_nice,
+                cpus=args.draft_cpus,
             )  # fmt: skip
         asyncio.run(_measure_all(c, args, plan, batches, ks, sessions, save))
     report.update(complete=True, wall_s=time.perf_counter() - started)

@@ -104,6 +104,17 @@ def add_bench_parser(sub: Any) -> None:
         help="with --sessions: CPU niceness of the drafts (they stand in for edge devices: "
         "keep them from slowing the oracle's host)",
     )
+    p.add_argument(
+        "--oracle-cpus",
+        default="",
+        help="with --sessions: CPUs of the oracle and the gateway, e.g. 0-3 (default: any)",
+    )
+    p.add_argument(
+        "--draft-cpus",
+        default="",
+        help="with --sessions: CPUs of the drafts, e.g. 4-15 (default: any); drafts on "
+        "CPUs of their own stand in for edge devices more faithfully",
+    )
     p.add_argument("--adaptive", action="store_true", help="with --sessions: adaptive k (<= k)")
     p.add_argument(
         "--oracle-max-batch",
