@@ -5,6 +5,7 @@ and never the same one twice), and the CPUs and niceness it starts them with."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -46,7 +47,12 @@ def test_a_port_in_use_is_passed_over(monkeypatch: pytest.MonkeyPatch) -> None:
     assert port != taken and port in (taken - 1, taken - 2, taken - 3)
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to pin to one")
+PINNABLE = hasattr(os, "sched_getaffinity") and shutil.which("taskset") is not None
+
+
+@pytest.mark.skipif(
+    not PINNABLE or len(os.sched_getaffinity(0)) < 2, reason="needs taskset and two CPUs"
+)
 def test_a_service_runs_niced_on_the_cpus_it_is_given(tmp_path: Path) -> None:
     cpu = max(os.sched_getaffinity(0))
     with launch.cluster(tmp_path) as running:
@@ -63,6 +69,7 @@ def test_a_service_runs_niced_on_the_cpus_it_is_given(tmp_path: Path) -> None:
         running.wait_workers(oracles=0, drafts=1, timeout=120)  # and it runs as a draft
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux CPU affinity")
 def test_a_cpu_list_is_checked_against_the_cpus_this_process_may_use() -> None:
     allowed = os.sched_getaffinity(0)
     first = min(allowed)
