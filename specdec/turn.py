@@ -342,7 +342,9 @@ def branch_ahead(
     ticket: BranchTicket | None = None,
 ) -> list[Branch]:
     """What ``drafter`` drafts ahead of ``block``'s verdict: its branches if it has any,
-    else the full-acceptance branch only."""
+    else the full-acceptance branch only; nothing once ``ticket`` is cancelled."""
+    if ticket is not None and ticket.cancelled:  # dropped while it waited for the thread
+        return []
     if isinstance(drafter, BranchingDrafter):
         return drafter.branch(context, block, k, params, width, ticket)
     return full_acceptance_branch(drafter, context, block, k, params, ticket)

@@ -10,6 +10,7 @@ committed is skipped, not refused) is tested in test_oracle_service.py.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -285,3 +286,36 @@ def test_a_miss_stops_the_drafting_ahead_instead_of_waiting_for_it(
     fresh = [r for r in rounds[1:] if r.block_origin == "fresh"]
     assert len(fresh) >= proposer.cancelled
     assert max(r.draft_ns for r in fresh) < ahead_s / 2 * 1e9
+
+
+def test_drafting_ahead_dropped_while_it_waits_for_the_thread_is_not_drafted(
+    loaded: Callable[..., Any],
+) -> None:
+    # One model thread serves every session of a draft service: drafting ahead may
+    # still be queued when its verdict proves it useless. It must then not run a
+    # forward, nor move the drafter's cache off the block it holds.
+    drafter = ModelDrafter(loaded("llama", "close_draft"))
+    params = SamplingParams(max_new_tokens=8)
+    gate = threading.Event()
+
+    async def main(executor: ThreadPoolExecutor) -> list[Branch]:
+        proposer = ThreadProposer(drafter, executor)
+        block = await proposer.propose([1, 5, 9], 3, params)
+        cached = list(drafter.cache.tokens)
+        loop = asyncio.get_running_loop()
+        busy = loop.run_in_executor(executor, gate.wait, 10)  # another session's job
+        ticket = BranchTicket()
+        queued = asyncio.ensure_future(proposer.branch([1, 5, 7], block, 3, params, 3, ticket))
+        await asyncio.sleep(0.05)
+        ticket.cancelled = True  # the verdict came: a miss
+        gate.set()
+        await busy
+        branches = await queued
+        assert drafter.cache.tokens == cached
+        return branches
+
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        try:
+            assert asyncio.run(main(executor)) == []
+        finally:
+            gate.set()
