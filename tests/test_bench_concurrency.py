@@ -35,13 +35,16 @@ def test_concurrency_mode_end_to_end(tmp_path: Path, model_dir: Callable[[str, s
         "--requests-per-session", str(REQUESTS), "--repeats", str(REPEATS),
         "--oracle-model", str(model_dir("llama", "oracle")),
         "--draft-model", str(model_dir("llama", "close_draft")), "--out", str(out),
+        "--draft-dtype", "bfloat16",
     ]  # fmt: skip
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 0
     report = json.loads(out.read_text())
     assert report["complete"] is True
-    assert report["environment"]["cpu_count"] >= 1 and report["environment"]["torch"]
+    environment = report["environment"]
+    assert environment["cpu_count"] >= 1 and environment["torch"]
+    assert (environment["dtype"], environment["draft_dtype"]) == ("float32", "bfloat16")
     rows = {(r["k"], r["sessions"]): r for r in report["rows"]}
     assert sorted(rows) == [(0, 1), (0, 2), (4, 1), (4, 2)]
     for (k, n), row in rows.items():

@@ -458,6 +458,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         "oracle_device": args.device,
         "draft_device": args.draft_device,
         "dtype": args.dtype,
+        "draft_dtype": args.draft_dtype or args.dtype,
         "drafts": args.drafts,
         "threads_per_process": args.threads,
         "oracle_cpus": args.oracle_cpus,  # "" = any
@@ -585,7 +586,8 @@ def run_concurrency(args: argparse.Namespace, prompts: list[list[int]]) -> dict[
         c.start_gateway("--tokenizer", args.oracle_path, cpus=args.oracle_cpus)
         for i in range(args.drafts):
             c.start_draft(
-                args.draft_path, "--device", args.draft_device, "--dtype", args.dtype,
+                args.draft_path, "--device", args.draft_device,
+                "--dtype", args.draft_dtype or args.dtype,
                 "--max-sessions", str(per_draft), draft_id=f"draft-{i}", nice=args.draft_nice,
                 cpus=args.draft_cpus,
             )  # fmt: skip

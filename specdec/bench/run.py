@@ -49,6 +49,11 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--device", default="cpu", help="the oracle's device (cpu, cuda)")
     p.add_argument("--draft-device", default="cpu")
     p.add_argument("--dtype", default="float32")
+    p.add_argument(
+        "--draft-dtype",
+        default="",
+        help="the draft's dtype (default: --dtype); float32 keeps int8 draft weights on a CPU",
+    )
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--prompt-tokens", type=int, default=192)
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -292,6 +297,7 @@ def run_bench(args: argparse.Namespace) -> None:
         return
     configs = _configs(args)
     env = {"OMP_NUM_THREADS": str(args.threads), "SPECDEC_LOG_LEVEL": "warning"}
+    draft_dtype = args.draft_dtype or args.dtype
     hf_oracle = hf_draft = None
     if not args.no_hf:
         hf_oracle = (
@@ -300,7 +306,7 @@ def run_bench(args: argparse.Namespace) -> None:
             .eval()
         )
         hf_draft = (
-            AutoModelForCausalLM.from_pretrained(draft_path, dtype=getattr(torch, args.dtype))
+            AutoModelForCausalLM.from_pretrained(draft_path, dtype=getattr(torch, draft_dtype))
             .to(args.device)
             .eval()
         )
@@ -314,7 +320,7 @@ def run_bench(args: argparse.Namespace) -> None:
             oracle_path, "--device", args.device, "--dtype", args.dtype,
             "--public-address", f"127.0.0.1:{proxy.port}", *recovery, port=oracle_port,
         )  # fmt: skip
-        c.start_draft(draft_path, "--device", args.draft_device, "--dtype", args.dtype)
+        c.start_draft(draft_path, "--device", args.draft_device, "--dtype", draft_dtype)
         c.wait_workers(oracles=1, drafts=1)
         with Client(c.address, timeout=600) as client:
             workloads = [w for w in args.workloads.split(",") if w]
