@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from specdec.errors import InvalidArgument
 
@@ -59,6 +60,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# Each service runs in a process group of its own, so a Ctrl-C at the terminal reaches
+# only the launcher, which stops everyone. Not in a session of its own: Linux's autogroup
+# scheduling gives every session its own scheduling group and shares the CPUs equally
+# between groups, whatever their nice values, so a niced draft would take as much CPU as
+# the oracle it shares a host with.
+_OWN_PROCESS_GROUP: dict[str, Any] = (
+    {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+)
 
 
 @dataclass
@@ -120,8 +131,8 @@ class Cluster:
             command,
             stdout=handle,
             stderr=subprocess.STDOUT if handle else None,
-            start_new_session=True,  # Ctrl-C reaches the launcher, which stops everyone
             env=self.env,
+            **_OWN_PROCESS_GROUP,
         )
         service = Service(name, process, log_path, port)
         self.services.append(service)

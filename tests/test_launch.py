@@ -69,6 +69,27 @@ def test_a_service_runs_niced_on_the_cpus_it_is_given(tmp_path: Path) -> None:
         running.wait_workers(oracles=0, drafts=1, timeout=120)  # and it runs as a draft
 
 
+def autogroup(pid: int | str) -> str:
+    """The scheduling group that Linux's autogroup puts a process in ("" where it has none)."""
+    path = Path(f"/proc/{pid}/autogroup")
+    return path.read_text().split()[0] if path.exists() else ""
+
+
+def test_a_service_has_its_own_process_group_but_shares_the_launchers_cpu_group(
+    tmp_path: Path,
+) -> None:
+    # Ctrl-C at the terminal must not reach the services (the launcher stops them in
+    # order), and their nice values must count against the launcher's other processes:
+    # a session of its own would put each service in an autogroup of its own, and the
+    # kernel shares the CPUs equally between autogroups whatever the nice values.
+    with launch.cluster(tmp_path) as running:
+        gateway = running.start_gateway()
+        pid = gateway.process.pid
+        assert os.getpgid(pid) == pid != os.getpgid(0)
+        assert os.getsid(pid) == os.getsid(0)
+        assert autogroup(pid) == autogroup("self")
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux CPU affinity")
 def test_a_cpu_list_is_checked_against_the_cpus_this_process_may_use() -> None:
     allowed = os.sched_getaffinity(0)
