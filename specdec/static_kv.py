@@ -266,30 +266,31 @@ class SlotPool:
         positions = lengths[:, None] + steps[None, :]  # [B, T]
         keys = torch.arange(attended, device=ids.device)
         mask = keys[None, None, :] <= positions[:, :, None]  # [B, T, W]: causal per row
+        # Additive (0 or -inf), built once per forward rather than converted in every layer.
+        bias = torch.zeros(mask.shape, dtype=self.kv[0][0].dtype, device=ids.device)
+        bias.masked_fill_(~mask, float("-inf"))
         store = self._slot_store(slots, positions, attended)
-        hidden = self.lean.forward(ids, positions, store, mask[:, None])
+        hidden = self.lean.forward(ids, positions, store, bias[:, None])
         return self.lean.logits(hidden)
 
     def _slot_store(self, slots: torch.Tensor, positions: torch.Tensor, attended: int) -> KVStore:
         """Row b's new keys/values go to slot slots[b] at positions[b]; attention reads
-        slot slots[b]'s first ``attended`` positions (a gather: [B, H_kv, W, D])."""
-        _, heads, capacity, dim = self.kv[0][0].shape
-        head = torch.arange(heads, device=slots.device)
-        # The (slot, head, position) rows of a layer buffer viewed as [(S + 1) * H * C, D],
-        # in the order of the new keys [B, H, T, D].
-        first = (slots[:, None, None] * heads + head[None, :, None]) * capacity  # [B, H, 1]
-        flat = (first + positions[:, None, :]).reshape(-1)  # [B * H * T]
+        slot slots[b]'s first ``attended`` positions, gathered for each query head from its
+        key/value head ([B, H, W, D]; one gather either way, and the attention is then
+        plain multi-head attention, which every fused attention kernel takes)."""
+        kv_heads = self.lean.kv_heads
+        group = self.lean.heads // kv_heads
+        head = torch.arange(kv_heads, device=slots.device)
+        write = (slots[:, None, None], head[None, :, None], positions[:, None, :])  # [B, H_kv, T]
+        read = (slots[:, None], torch.arange(self.lean.heads, device=slots.device)[None] // group)
 
         def store(
             layer: int, new_keys: torch.Tensor, new_values: torch.Tensor
         ) -> tuple[torch.Tensor, torch.Tensor]:
             keys, values = self.kv[layer]
-            keys.view(-1, dim).index_copy_(0, flat, new_keys.reshape(-1, dim))
-            values.view(-1, dim).index_copy_(0, flat, new_values.reshape(-1, dim))
-            return (
-                keys[:, :, :attended].index_select(0, slots),
-                values[:, :, :attended].index_select(0, slots),
-            )
+            keys.index_put_(write, new_keys)
+            values.index_put_(write, new_values)
+            return keys[:, :, :attended][read], values[:, :, :attended][read]
 
         return store
 

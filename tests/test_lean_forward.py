@@ -11,7 +11,7 @@ import torch
 from specdec.drafters.model_drafter import ModelDrafter
 from specdec.errors import InvalidArgument
 from specdec.kv_cache import SequenceCache
-from specdec.lean_forward import LeanCache, lean_unsupported
+from specdec.lean_forward import LeanCache, LeanModel, lean_unsupported
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -69,3 +69,30 @@ def test_only_llama_family_drafts_take_the_lean_forward(loaded: Callable[..., An
     llama = loaded("llama", "draft")
     assert type(ModelDrafter(llama).cache) is LeanCache
     assert type(ModelDrafter(llama, lean=False).cache) is SequenceCache
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v with biases
+def test_stacked_projections_share_the_models_weights(
+    arch: str, loaded: Callable[..., Any]
+) -> None:
+    # q/k/v (and gate/up) become one matmul each, without a second copy of their weights:
+    # the modules keep views of their rows, so HF's forward computes what it did.
+    model = loaded(arch, "draft")
+    prompt = torch.tensor([[5, 9, 14, 3]])
+    with torch.inference_mode():
+        before = model.model(prompt).logits
+    params = sum(p.numel() for p in model.model.parameters())
+    LeanModel(model)
+    attention = model.model.model.layers[0].self_attn
+    q, k, v = attention.q_proj, attention.k_proj, attention.v_proj
+    storage = q.weight.untyped_storage().data_ptr()
+    assert k.weight.untyped_storage().data_ptr() == storage
+    assert v.weight.untyped_storage().data_ptr() == storage
+    assert k.weight.storage_offset() == q.weight.numel()
+    if arch == "qwen2":
+        assert v.bias.untyped_storage().data_ptr() == q.bias.untyped_storage().data_ptr()
+    assert sum(p.numel() for p in model.model.parameters()) == params
+    with torch.inference_mode():
+        assert torch.equal(model.model(prompt).logits, before)
+    LeanModel(model)  # a second one finds them stacked and moves nothing
+    assert q.weight.untyped_storage().data_ptr() == storage
