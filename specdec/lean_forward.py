@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from specdec.errors import InvalidArgument
 from specdec.kv_cache import SequenceCache
 from specdec.models import LoadedModel
+from specdec.quantize import stacked_int8
 
 # Same decoder layout: pre-norm, rotary q/k, (grouped-query) attention, gated MLP.
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -87,18 +88,47 @@ def span_store(kv: KV, write_at: int) -> KVStore:
     return store
 
 
-def _stacked(modules: Sequence[torch.nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """One projection for ``modules``, Linear layers that read the same input: their
+class RowsOf(torch.nn.Module):
+    """Outputs [start, stop) of a stacked projection: the layer that was stacked into it
+    at those rows. It stands in for that layer, so HF's forward still finds it."""
+
+    def __init__(self, stacked: torch.nn.Module, start: int, stop: int) -> None:
+        super().__init__()
+        self.stacked, self.start, self.stop = stacked, start, stop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stacked(x)[..., self.start : self.stop]
+
+
+def _stacked(
+    parent: torch.nn.Module, names: Sequence[str]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One projection for ``parent``'s layers ``names``, which read the same input: their
     outputs side by side, [..., sum of out_features].
 
-    Plain Linear layers become one matmul over their stacked weights (``_stack``).
-    Other layers (int8 ones) run one by one, their outputs concatenated.
+    * Plain Linear layers: one matmul over their stacked weights (``_stack``).
+    * Dynamic int8 layers: one int8 layer with the same weights (``stacked_int8``). Each
+      of them is replaced by its rows of it (``RowsOf``): the weights are not stored
+      twice, and HF's forward (used with ``--no-lean-forward`` only) runs the stacked
+      matmul once per layer.
+    * Anything else: one by one, the outputs concatenated.
     """
-    if not all(type(m) is torch.nn.Linear for m in modules):
+    modules = [getattr(parent, name) for name in names]
+    if all(type(m) is torch.nn.Linear for m in modules):
+        weight = _stack(modules, "weight")
+        bias = None if getattr(modules[0], "bias", None) is None else _stack(modules, "bias")
+        return lambda x: F.linear(x, weight, bias)
+    if all(isinstance(m, RowsOf) and m.stacked is modules[0].stacked for m in modules):
+        return cast(RowsOf, modules[0]).stacked  # stacked by an earlier LeanModel
+    stacked = stacked_int8(modules)
+    if stacked is None:
         return lambda x: torch.cat([m(x) for m in modules], dim=-1)
-    weight = _stack(modules, "weight")
-    bias = None if getattr(modules[0], "bias", None) is None else _stack(modules, "bias")
-    return lambda x: F.linear(x, weight, bias)
+    start = 0
+    for name, module in zip(names, modules, strict=True):
+        stop = start + int(module.weight().shape[0])
+        setattr(parent, name, RowsOf(stacked, start, stop))
+        start = stop
+    return stacked
 
 
 def _stack(modules: Sequence[torch.nn.Module], name: str) -> torch.Tensor:
@@ -175,11 +205,11 @@ class LeanModel:
         self.layers = [
             _Layer(
                 attention_norm=_rms_norm(layer.input_layernorm),
-                qkv=_stacked([a.q_proj, a.k_proj, a.v_proj]),
+                qkv=_stacked(a, ("q_proj", "k_proj", "v_proj")),
                 o=a.o_proj,
                 scaling=float(a.scaling),
                 mlp_norm=_rms_norm(layer.post_attention_layernorm),
-                gate_up=_stacked([layer.mlp.gate_proj, layer.mlp.up_proj]),
+                gate_up=_stacked(layer.mlp, ("gate_proj", "up_proj")),
                 act=layer.mlp.act_fn,
                 down=layer.mlp.down_proj,
             )

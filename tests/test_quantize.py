@@ -7,7 +7,11 @@ quantizes by default).
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +20,8 @@ import torch
 from draft_service.config import DraftConfig
 from specdec.config import load_config
 from specdec.drafters.model_drafter import ModelDrafter
+from specdec.kv_cache import SequenceCache
+from specdec.lean_forward import LeanCache, LeanModel, RowsOf
 from specdec.models import DEMO_DRAFT, load_model
 from specdec.quantize import int8_weights, quantize_unsupported
 from specdec.sampling import SamplingParams
@@ -41,6 +47,35 @@ def test_int8_copy_quantizes_the_linear_layers_and_leaves_the_original(
     assert int8_linears(quantized.model) >= linears
     assert quantized.model is not model.model and quantized.name == model.name
     assert quantized.model.model.embed_tokens.weight.dtype == torch.float32
+
+
+def test_int8_projections_stack_into_one_layer_with_the_same_weights(
+    loaded: Callable[..., Any],
+) -> None:
+    # On the lean forward q/k/v (and gate/up) of an int8 draft run as one int8 layer
+    # whose rows are the very same int8 weights: the logits do not move. The HF modules
+    # become views of its rows (RowsOf), so nothing is stored twice and HF's forward
+    # still computes what the separate layers did.
+    model = loaded("llama", "draft")
+    stacked, separate = int8_weights(model), int8_weights(model)
+    prompt = [5, 9, 14, 3, 22, 7, 40]
+    lean, hf = LeanCache(stacked), SequenceCache(separate)
+    torch.testing.assert_close(lean.extend(prompt), hf.extend(prompt), rtol=0, atol=1e-6)
+    torch.testing.assert_close(lean.extend([11]), hf.extend([11]), rtol=0, atol=1e-6)
+
+    attention = stacked.model.model.layers[0].self_attn
+    q, k, v = attention.q_proj, attention.k_proj, attention.v_proj
+    assert isinstance(q, RowsOf) and k.stacked is q.stacked and v.stacked is q.stacked
+    original = separate.model.model.layers[0].self_attn
+    ints = [getattr(original, n).weight().int_repr() for n in ("q_proj", "k_proj", "v_proj")]
+    assert torch.equal(q.stacked.weight().int_repr(), torch.cat(ints))
+    assert isinstance(stacked.model.model.layers[0].mlp.up_proj, RowsOf)
+    assert LeanModel(stacked).layers[0].qkv is q.stacked  # a second one reuses it
+
+    via_hf = SequenceCache(stacked)
+    torch.testing.assert_close(
+        via_hf.extend(prompt), SequenceCache(separate).extend(prompt), rtol=0, atol=1e-6
+    )
 
 
 def test_the_demo_draft_drafts_nearly_the_same_tokens_with_int8_weights() -> None:
@@ -75,3 +110,21 @@ def test_quantize_setting() -> None:
     assert load_config(DraftConfig, [], env={"SPECDEC_QUANTIZE": "int8"}).quantize == "int8"
     with pytest.raises(SystemExit):  # argparse: "invalid choice: 'int4'"
         load_config(DraftConfig, ["--quantize", "int4"], env={})
+
+
+def test_the_draft_step_benchmark_times_each_process_count(
+    model_dir: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "step.json"
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_draft_step.py"
+    model = str(model_dir("llama", "draft"))
+    command = [sys.executable, str(script), "--model", model, "--processes", "1,2"]
+    printed = subprocess.run(
+        [*command, "--steps", "60", "--out", str(out)], check=True, capture_output=True, text=True
+    ).stdout
+    assert "median ms" in printed
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["processes"] for row in rows] == [1, 2]
+    assert [len(row["process_medians_ms"]) for row in rows] == [1, 2]
+    assert rows[0]["vs_first"] == 1.0
+    assert all(0 < row["median_ms"] <= row["slowest_ms"] for row in rows)
