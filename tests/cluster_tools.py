@@ -1,4 +1,5 @@
-"""Helpers shared by the fault, overload and fuzz tests: references, polling, counters.
+"""Helpers shared by the fault, overload and fuzz tests: references, polling, counters;
+and ``run_script`` for the benchmark scripts' tests.
 
 The services' own counters are the ground truth these tests assert on: the
 oracle's ``GetInfo`` (verify streams open, KV cache bytes), the gateway's
@@ -9,6 +10,9 @@ and the processes' resident memory from /proc.
 from __future__ import annotations
 
 import functools
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -121,3 +125,12 @@ def collect(
             if action is not None and chunks == after_chunks:
                 action()
     return tokens, last
+
+
+def run_script(name: str, *args: str, out: Path) -> tuple[str, list[dict[str, Any]]]:
+    """Run ``scripts/<name>`` with ``args`` and ``--out out``: what it printed, and the
+    rows of the JSON it wrote."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / name
+    command = [sys.executable, str(script), *args, "--out", str(out)]
+    printed = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return printed, json.loads(out.read_text())["rows"]

@@ -7,9 +7,6 @@ quantizes by default).
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +22,7 @@ from specdec.lean_forward import LeanCache, LeanModel, RowsOf
 from specdec.models import DEMO_DRAFT, load_model
 from specdec.quantize import int8_weights, quantize_unsupported
 from specdec.sampling import SamplingParams
+from tests.cluster_tools import run_script
 
 
 def float_linears(model: Any) -> int:
@@ -115,15 +113,12 @@ def test_quantize_setting() -> None:
 def test_the_draft_step_benchmark_times_each_process_count(
     model_dir: Callable[[str, str], Path], tmp_path: Path
 ) -> None:
-    out = tmp_path / "step.json"
-    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_draft_step.py"
     model = str(model_dir("llama", "draft"))
-    command = [sys.executable, str(script), "--model", model, "--processes", "1,2"]
-    printed = subprocess.run(
-        [*command, "--steps", "60", "--out", str(out)], check=True, capture_output=True, text=True
-    ).stdout
+    printed, rows = run_script(
+        "bench_draft_step.py", "--model", model, "--processes", "1,2", "--steps", "60",
+        out=tmp_path / "step.json",
+    )  # fmt: skip
     assert "median ms" in printed
-    rows = json.loads(out.read_text())["rows"]
     assert [row["processes"] for row in rows] == [1, 2]
     assert [len(row["process_medians_ms"]) for row in rows] == [1, 2]
     assert rows[0]["vs_first"] == 1.0

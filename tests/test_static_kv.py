@@ -6,9 +6,6 @@ as captured graphs and checks the same against HF's forward on the same device.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,6 +32,7 @@ from specdec.static_kv import (
     slot_pool_for,
 )
 from specdec.verifier import DraftBlock, committed_tokens
+from tests.cluster_tools import run_script
 from tests.test_batched_verify import (
     CONTINUE,
     GREEDY,
@@ -341,15 +339,12 @@ def test_a_graphed_prefill_leaves_the_kv_of_an_eager_one(
 def test_the_verify_benchmark_compares_both_paths(
     model_dir: Callable[[str, str], Path], tmp_path: Path
 ) -> None:
-    out = tmp_path / "verify.json"
-    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_verify.py"
     model = str(model_dir("llama", "oracle"))
-    command = [sys.executable, str(script), "--model", model, "--device", "cpu", "--batches", "1,2"]
-    printed = subprocess.run(
-        [*command, "--rounds", "7", "--out", str(out)], check=True, capture_output=True, text=True
-    ).stdout
+    printed, rows = run_script(
+        "bench_verify.py", "--model", model, "--device", "cpu", "--batches", "1,2",
+        "--rounds", "7", out=tmp_path / "verify.json",
+    )  # fmt: skip
     assert "static ms" in printed
-    rows = json.loads(out.read_text())["rows"]
     assert [row["batch"] for row in rows] == [1, 2]
     for row in rows:
         assert row["mismatches"] == 0 and row["hf_ms"] > 0 and row["static_ms"] > 0
