@@ -70,9 +70,14 @@ def test_a_service_runs_niced_on_the_cpus_it_is_given(tmp_path: Path) -> None:
 
 
 def autogroup(pid: int | str) -> str:
-    """The scheduling group that Linux's autogroup puts a process in ("" where it has none)."""
+    """The scheduling group that Linux's autogroup puts a process in.
+
+    "" where there is none: no autogroup support, or the default group (init's, which a
+    process keeps when no ancestor started a session), whose file the kernel leaves empty.
+    """
     path = Path(f"/proc/{pid}/autogroup")
-    return path.read_text().split()[0] if path.exists() else ""
+    words = path.read_text().split() if path.exists() else []
+    return words[0] if words else ""
 
 
 def test_a_service_has_its_own_process_group_but_shares_the_launchers_cpu_group(
