@@ -81,6 +81,16 @@ def test_chunk_arrivals_read_as_one_gap_then_zeros() -> None:
     assert _arrival_gaps([(0.0, 2), (1.0, 1), (3.0, 3)]) == [0.0, 1.0, 2.0, 0.0, 0.0]
 
 
+def test_a_chunk_of_n_tokens_after_a_gap_counts_as_n_tokens_of_a_share_each() -> None:
+    # Sent at t = 10 s; chunks of 2, 0, 1 and 4 tokens at t = 10.5, 11, 12 and 14 s.
+    sample = Sample(0, 0.0, 0.0)
+    for ids, now in (([5, 6], 10.5), ([], 11.0), ([7], 12.0), ([1, 2, 3, 4], 14.0)):
+        sample.arrive(ids, now, start=10.0)
+    assert sample.ttft_s == 0.5
+    assert sample.itl_s == [1.5, 0.5, 0.5, 0.5, 0.5]
+    assert (sample.tokens, sample.token_ids) == (7, [5, 6, 7, 1, 2, 3, 4])
+
+
 def test_every_prompt_is_used_at_every_session_count() -> None:
     plan = Plan([[1]] * 4, max_new_tokens=8, requests_per_session=2, adaptive=False)
     assert [plan.requests_for(n) for n in (1, 2, 3, 16)] == [4, 2, 2, 2]

@@ -179,7 +179,6 @@ async def _request(
 ) -> Sample:  # fmt: skip
     """Stream one greedy request; chunk arrivals go to ``arrivals`` as they come."""
     start = time.perf_counter()
-    last = start
     sample = Sample(0, 0.0, 0.0)
     k = point.k
     stream = client.stream(
@@ -189,16 +188,9 @@ async def _request(
     async with contextlib.aclosing(stream):
         async for response in stream:
             now = time.perf_counter()
-            n = len(response.token_ids)
-            if n:
-                arrivals.append((now, n))
-                if sample.tokens == 0:
-                    sample.ttft_s = now - start
-                else:
-                    sample.itl_s.extend([(now - last) / n] * n)
-                last = now
-                sample.tokens += n
-                sample.token_ids.extend(response.token_ids)
+            if response.token_ids:
+                arrivals.append((now, len(response.token_ids)))
+            sample.arrive(response.token_ids, now, start)
             if response.finish_reason:
                 sample.stats = response.stats
     sample.seconds = time.perf_counter() - start

@@ -17,6 +17,7 @@ network times of this configuration; efficiency = measured speedup / S_theory.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,22 @@ class Sample:
     itl_s: list[float] = field(default_factory=list)
     stats: Any = None  # common_pb2.GenerationStats, or None for in-process baselines
     token_ids: list[int] = field(default_factory=list)
+    last_arrival: float = 0.0  # perf_counter seconds of the last chunk
+
+    def arrive(self, token_ids: Sequence[int], now: float, start: float) -> None:
+        """A chunk of tokens arrived at ``now`` in a request sent at ``start`` (perf_counter
+        seconds): the first sets the time to first token, each later one adds n tokens of
+        g / n to the inter-token latencies, g being the gap since the chunk before."""
+        n = len(token_ids)
+        if n == 0:
+            return
+        if self.tokens == 0:
+            self.ttft_s = now - start
+        else:
+            self.itl_s.extend([(now - self.last_arrival) / n] * n)
+        self.last_arrival = now
+        self.tokens += n
+        self.token_ids.extend(token_ids)
 
     @property
     def tokens_per_s(self) -> float:
@@ -122,6 +139,7 @@ COLUMNS = [
     ("delay_ms", "+rtt ms", "{:.0f}"),
     ("tokens_per_s", "tok/s", "{:.1f}"),
     ("speedup", "speedup", "{:.2f}x"),
+    ("vs_0ms", "vs 0 ms", "{:.0%}"),
     ("theoretical_speedup", "theory", "{:.2f}x"),
     ("efficiency", "effic.", "{:.2f}"),
     ("ttft_ms", "TTFT ms", "{:.0f}"),
@@ -135,6 +153,7 @@ COLUMNS = [
     ("recovery_share", "recov.", "{:.2f}"),
     ("skipped_blocks", "skip", "{}"),
     ("wire_bytes_per_token", "B/tok", "{:.0f}"),
+    ("mismatched_outputs", "diff", "{}"),
 ]
 
 

@@ -161,23 +161,13 @@ def _gateway_sample(
     client: Any, prompt: list[int], cfg: Config, sampling: dict[str, Any]
 ) -> Sample:
     start = time.perf_counter()
-    last = start
     sample = Sample(0, 0.0, 0.0)
     for response in client.stream(
         prompt, k=cfg.k, adaptive=cfg.adaptive, drafter=cfg.drafter, ignore_eos=True,
         pipeline_depth=cfg.pipeline_depth, branches=cfg.branches, recovery=cfg.recovery,
         **sampling,
     ):  # fmt: skip
-        now = time.perf_counter()
-        n = len(response.token_ids)
-        if n:
-            if sample.tokens == 0:
-                sample.ttft_s = now - start
-            else:
-                sample.itl_s.extend([(now - last) / n] * n)
-            last = now
-            sample.tokens += n
-            sample.token_ids.extend(response.token_ids)
+        sample.arrive(response.token_ids, time.perf_counter(), start)
         if response.finish_reason:
             sample.stats = response.stats
     sample.seconds = time.perf_counter() - start
@@ -219,12 +209,10 @@ def _hf_sample(oracle: Any, draft: Any, prompt: list[int], cfg: Config, sampling
         out = oracle.generate(ids, streamer=timer, pad_token_id=0, **kwargs)
     seconds = time.perf_counter() - start
     generated = [int(t) for t in out[0, len(prompt) :]]
-    sample = Sample(len(generated), seconds, timer.times[0][0] - start if timer.times else seconds)
-    last = start + sample.ttft_s
-    for when, n in timer.times[1:]:
-        sample.itl_s.extend([(when - last) / n] * n)
-        last = when
-    sample.token_ids = generated
+    sample = Sample(0, seconds, seconds)
+    for when, n in timer.times:
+        sample.arrive(generated[sample.tokens : sample.tokens + n], when, start)
+    sample.tokens, sample.token_ids = len(generated), generated
     return sample
 
 
@@ -313,6 +301,7 @@ def run_bench(args: argparse.Namespace) -> None:
     oracle_port = free_port()
     proxy = ProxyThread(oracle_port)
     rows: list[dict[str, Any]] = []
+    drafted: list[dict[str, Any]] = []  # the rows of the draft model's configurations
     with tempfile.TemporaryDirectory() as workdir, cluster(Path(workdir), env) as c:
         c.start_gateway("--tokenizer", oracle_path, "--default-max-new-tokens", "512")
         recovery = ["--recovery-draft", draft_path] if args.recovery else []
@@ -354,14 +343,20 @@ def run_bench(args: argparse.Namespace) -> None:
                         row["vs_hf_generate"] = (
                             row["tokens_per_s"] / hf_base.summary(None)["tokens_per_s"]
                         )
+                    if not cf.hf and not workload.startswith("sample"):
+                        row["mismatched_outputs"] = _mismatches(result, base)
+                    if cf.k and not cf.hf and cf.drafter is None:
+                        drafted.append(row)
                     rows.append(row)
                 assisted = next((r for cf, r in results.items() if cf.hf == "assisted"), None)
                 if assisted is not None:
                     hf_tps = assisted.summary(None)["tokens_per_s"]
                     for row in rows[-len(results) :]:
                         row["vs_hf_assisted"] = row["tokens_per_s"] / hf_tps
-                print(table(rows[-len(results) :]), flush=True)
+                if len(cases) > 1:
+                    print(table(rows[-len(results) :]), flush=True)
     proxy.stop()
+    round_trip = round_trip_retention(drafted)
     report = {
         "command": "specdec " + " ".join(sys.argv[1:]),
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
@@ -371,11 +366,54 @@ def run_bench(args: argparse.Namespace) -> None:
         "models": {"oracle": oracle_path, "draft": draft_path},
         "prompts": len(prompts),
         "rows": rows,
+        "round_trip": round_trip,
     }  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    print(f"\n{table(rows)}\n\nwrote {out}")
+    lines = [
+        f"{r['workload']} +{r['delay_ms']:g} ms: best {r['best_speedup']:.2f}x "
+        f"({r['best_config']}) keeps {r['retained']:.0%} of the best at 0 ms, "
+        f"{r['best_0ms_speedup']:.2f}x ({r['best_0ms_config']})"
+        for r in round_trip
+    ]
+    print("\n".join(["", table(rows), "", *lines, "", f"wrote {out}"]))
+
+
+def _mismatches(result: Result, base: Result) -> int:
+    """Requests whose tokens differ from the oracle alone's for the same prompt (greedy:
+    every configuration must give exactly the oracle's output)."""
+    pairs = zip(result.samples, base.samples, strict=True)
+    return sum(a.token_ids != b.token_ids for a, b in pairs)
+
+
+def round_trip_retention(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per workload and added round trip, the best speedup of the draft model's
+    configurations there against their best at 0 ms (``retained``: the round-trip
+    target's ratio, best against best); each row with an added round trip also gets
+    ``vs_0ms``, its speedup against the same configuration's at 0 ms."""
+    at_zero = {(r["workload"], r["config"]): r for r in rows if r["delay_ms"] == 0}
+    out = []
+    for workload in dict.fromkeys(r["workload"] for r in rows):
+        zero = [r for (w, _), r in at_zero.items() if w == workload and "speedup" in r]
+        delays = sorted({r["delay_ms"] for r in rows if r["workload"] == workload} - {0})
+        if not zero:
+            continue
+        best_zero = max(zero, key=lambda r: r["speedup"])
+        for delay in delays:
+            here = [r for r in rows if (r["workload"], r["delay_ms"]) == (workload, delay)]
+            for row in here:
+                same = at_zero.get((workload, row["config"]))
+                if same is not None and same["speedup"] > 0:
+                    row["vs_0ms"] = row["speedup"] / same["speedup"]
+            best = max(here, key=lambda r: r["speedup"])
+            out.append({
+                "workload": workload, "delay_ms": delay,
+                "best_config": best["config"], "best_speedup": best["speedup"],
+                "best_0ms_config": best_zero["config"], "best_0ms_speedup": best_zero["speedup"],
+                "retained": best["speedup"] / best_zero["speedup"],
+            })  # fmt: skip
+    return out
 
 
 def main(argv: list[str]) -> int:
