@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from specdec.config import MAX_BRANCHES, MAX_PIPELINE_DEPTH, QUANTIZE_CHOICES, setting
-from specdec.errors import InvalidArgument
+from specdec.config import QUANTIZE_CHOICES, setting
+from specdec.core.errors import InvalidArgument
+from specdec.core.types import MAX_BRANCHES, MAX_PIPELINE_DEPTH
 
 
 @dataclass

@@ -19,13 +19,13 @@ import torch
 from draft_service.config import DraftConfig
 from draft_service.worker import DraftWorker
 from specdec.config import load_config
-from specdec.lean_forward import lean_unsupported
-from specdec.models import DEMO_DRAFT
-from specdec.quantize import load_draft_model
-from specdec.serving.logs import configure_logging
-from specdec.serving.registration import GatewayConnection, stay_registered
-from specdec.serving.security import ChannelSecurity
-from specdec.serving.server import ServiceServer, start_server
+from specdec.engine.lean_forward import lean_unsupported
+from specdec.engine.models import DEMO_DRAFT
+from specdec.engine.quantize import load_draft_model
+from specdec.rpc.logs import configure_logging
+from specdec.rpc.registration import GatewayConnection, stay_registered
+from specdec.rpc.security import ChannelSecurity
+from specdec.rpc.server import ServiceServer, start_server
 from specdec.telemetry import configure_telemetry, observe
 
 log = logging.getLogger("draft")

@@ -1,7 +1,7 @@
 """The draft worker: takes assignments from the gateway and drives draft -> verify rounds.
 
 For each assignment it dials the assigned oracle's Verify stream and runs the
-core loop (``specdec.round_loop.run_turn``) with a model drafter, reporting every
+core loop (``specdec.core.loop.run_turn``) with a model drafter, reporting every
 commit back to the gateway over the worker's Connect stream. Draft KV caches
 are kept per session (LRU) so the next turn of a session drafts without
 re-prefilling.
@@ -19,19 +19,20 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from draft_service.config import DraftConfig
-from specdec.adaptive import AdaptiveMemory
+from specdec.core.adaptive import AdaptiveMemory
+from specdec.core.errors import SpecdecError
+from specdec.core.loop import run_turn
+from specdec.core.stopping import StopChecker
+from specdec.core.types import OpenResult, RoundReport, Turn
 from specdec.drafters.model_drafter import ModelDrafter
-from specdec.errors import SpecdecError
-from specdec.models import LoadedModel
-from specdec.round_loop import run_turn
-from specdec.serving import convert
-from specdec.serving.channels import open_channel
-from specdec.serving.oracle_link import GrpcOracleLink, OracleRpcError
-from specdec.serving.registration import GatewayConnection
-from specdec.serving.security import ChannelSecurity
-from specdec.stopping import StopChecker
+from specdec.drafters.proposers import ThreadProposer
+from specdec.engine.models import LoadedModel
+from specdec.rpc import convert
+from specdec.rpc.channels import open_channel
+from specdec.rpc.oracle_link import GrpcOracleLink, OracleRpcError
+from specdec.rpc.registration import GatewayConnection
+from specdec.rpc.security import ChannelSecurity
 from specdec.telemetry.rounds import round_tracer
-from specdec.turn import OpenResult, RoundReport, ThreadProposer, Turn
 from specdec.v1 import gateway_pb2, oracle_pb2_grpc, registry_pb2
 
 log = logging.getLogger(__name__)

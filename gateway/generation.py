@@ -24,17 +24,18 @@ import grpc
 from gateway.detokenize import IncrementalDecoder
 from gateway.registry import Registry, Worker
 from gateway.sessions import Session
-from specdec.adaptive import AdaptiveMemory
+from specdec.core.adaptive import AdaptiveMemory
+from specdec.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from specdec.core.loop import run_turn
+from specdec.core.sampling import SamplingParams, resolve_seed, validate_token_ids
+from specdec.core.stopping import FinishReason, StopChecker
+from specdec.core.types import OpenResult, RoundReport, Turn, TurnStats, check_k
 from specdec.drafters.ngram import NgramDrafter
-from specdec.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
-from specdec.round_loop import run_turn
-from specdec.sampling import SamplingParams, resolve_seed, validate_token_ids
-from specdec.serving import convert
-from specdec.serving.oracle_link import GrpcOracleLink, OracleRpcError
-from specdec.stopping import FinishReason, StopChecker
+from specdec.drafters.proposers import InlineProposer
+from specdec.rpc import convert
+from specdec.rpc.oracle_link import GrpcOracleLink, OracleRpcError
 from specdec.telemetry.gateway import record_round
 from specdec.telemetry.rounds import current_trace_context, round_tracer
-from specdec.turn import InlineProposer, OpenResult, RoundReport, Turn, TurnStats, check_k
 from specdec.v1 import common_pb2, oracle_pb2, registry_pb2
 
 log = logging.getLogger(__name__)

@@ -14,13 +14,13 @@ from gateway.registry import Registry, RegistryServicer
 from gateway.servicer import GatewayServicer
 from gateway.sessions import SessionTable
 from specdec.config import load_config
-from specdec.errors import NotFound
-from specdec.models import DEMO_ORACLE, vocab_fingerprint
-from specdec.serving.grants import GrantSigner
-from specdec.serving.health_endpoint import start_health_endpoint
-from specdec.serving.logs import configure_logging
-from specdec.serving.security import ChannelSecurity, gateway_auth, server_credentials
-from specdec.serving.server import ServiceServer, start_server
+from specdec.core.errors import NotFound
+from specdec.engine.models import DEMO_ORACLE, vocab_fingerprint
+from specdec.rpc.grants import GrantSigner
+from specdec.rpc.health_endpoint import start_health_endpoint
+from specdec.rpc.logs import configure_logging
+from specdec.rpc.security import ChannelSecurity, gateway_auth, server_credentials
+from specdec.rpc.server import ServiceServer, start_server
 from specdec.telemetry import configure_telemetry
 from specdec.v1 import gateway_pb2, gateway_pb2_grpc, registry_pb2, registry_pb2_grpc
 

@@ -18,10 +18,10 @@ from typing import Any
 
 import grpc
 
-from specdec.errors import FailedPrecondition, InvalidArgument
-from specdec.serving.channels import open_channel
-from specdec.serving.grants import GrantSigner
-from specdec.serving.security import ChannelSecurity
+from specdec.core.errors import FailedPrecondition, InvalidArgument
+from specdec.rpc.channels import open_channel
+from specdec.rpc.grants import GrantSigner
+from specdec.rpc.security import ChannelSecurity
 from specdec.v1 import gateway_pb2, oracle_pb2_grpc, registry_pb2, registry_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -8,10 +8,10 @@ from typing import Any
 
 from gateway.generation import Chunk, TurnRequest, TurnRunner
 from gateway.sessions import Session, SessionTable
-from specdec.config import MAX_BRANCHES, MAX_PIPELINE_DEPTH
-from specdec.errors import FailedPrecondition, InvalidArgument
-from specdec.serving import convert
-from specdec.serving.security import current_principal
+from specdec.core.errors import FailedPrecondition, InvalidArgument
+from specdec.core.types import MAX_BRANCHES, MAX_PIPELINE_DEPTH
+from specdec.rpc import convert
+from specdec.rpc.security import current_principal
 from specdec.telemetry.gateway import request_observer
 from specdec.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, oracle_pb2, registry_pb2
 

@@ -12,7 +12,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from specdec.errors import FailedPrecondition, NotFound, ResourceExhausted
+from specdec.core.errors import FailedPrecondition, NotFound, ResourceExhausted
 
 
 def _now_ms() -> int:

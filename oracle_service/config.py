@@ -7,7 +7,7 @@ import socket
 from dataclasses import dataclass
 
 from specdec.config import QUANTIZE_CHOICES, setting
-from specdec.errors import InvalidArgument
+from specdec.core.errors import InvalidArgument
 
 MIB = 1024 * 1024
 MAX_VERIFY_LANES = 8
@@ -105,13 +105,13 @@ class OracleConfig:
     def model_name(self) -> str:
         if self.model:
             return self.model
-        from specdec.models import DEMO_ORACLE
+        from specdec.engine.models import DEMO_ORACLE
 
         return str(DEMO_ORACLE)
 
     def recovery_draft_name(self) -> str:
         if self.recovery_draft == "demo":
-            from specdec.models import DEMO_DRAFT
+            from specdec.engine.models import DEMO_DRAFT
 
             return str(DEMO_DRAFT)
         return self.recovery_draft

@@ -3,7 +3,7 @@
 All torch work runs in the engine's lanes, one thread each, and the event loop
 stays free for the gRPC streams. On the CPU there is one lane: two forwards would
 only contend for the same cores. With CUDA graphs there are two by default, each
-on its own CUDA stream (``specdec.static_kv``): the demo oracle's forward is bound
+on its own CUDA stream (``specdec.engine.static_kv``): the demo oracle's forward is bound
 by kernel latency, so a batch that would wait for the running one runs beside it.
 A session is in one lane's job at a time (``oracle_service.lanes``).
 
@@ -11,7 +11,7 @@ Blocks are verified in batches across sessions: ``verify`` queues its block
 (``scheduler.BlockQueue``) and awaits it; one batcher task takes up to
 ``max_batch`` queued blocks, at most one per session, oldest first, and runs
 them in a free lane as one job whose forward covers all of them
-(``specdec.batched.verify_batch``: each row's verdict is exactly the one the
+(``specdec.engine.batched.verify_batch``: each row's verdict is exactly the one the
 session would get alone). Opens, releases and evictions go through the lanes too,
 an open or a release once no job of its session runs. Each call is timed twice:
 
@@ -45,21 +45,22 @@ from oracle_service.lanes import Lanes
 from oracle_service.recovery import Recoveries, RecoveryDrafter
 from oracle_service.scheduler import BatchCounters, BlockQueue, PendingBlock
 from oracle_service.sessions import Lease, OracleSession, SessionStore
-from specdec.batched import BatchItem, verify_batch
-from specdec.errors import FailedPrecondition, InvalidArgument, Unavailable
-from specdec.models import LoadedModel
-from specdec.oracle import Oracle, PrefillResult
-from specdec.sampling import SamplingParams, validate_token_ids
-from specdec.static_kv import slot_pool_for
-from specdec.telemetry.setup import metrics
-from specdec.turn import OpenResult, VerifyResult
-from specdec.verifier import (
+from specdec.core.errors import FailedPrecondition, InvalidArgument, Unavailable
+from specdec.core.sampling import SamplingParams, validate_token_ids
+from specdec.core.types import (
     MAX_SPECULATIVE_TOKENS,
     DraftBlock,
+    OpenResult,
     Verdict,
+    VerifyResult,
     committed_tokens,
-    validate_block,
 )
+from specdec.core.verifier import validate_block
+from specdec.engine.batched import BatchItem, verify_batch
+from specdec.engine.models import LoadedModel
+from specdec.engine.oracle import Oracle, PrefillResult
+from specdec.engine.static_kv import slot_pool_for
+from specdec.telemetry.setup import metrics
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class OracleEngine:
         recovery_draft: LoadedModel | None = None,
     ) -> None:
         """``max_batch``: the most blocks (of different sessions) verified in one forward.
-        ``static_kv``, ``cuda_graphs``: see ``specdec.static_kv.slot_pool_for``.
+        ``static_kv``, ``cuda_graphs``: see ``specdec.engine.static_kv.slot_pool_for``.
         ``lanes``: batches verified at once (0 = auto: 2 with CUDA graphs, else 1).
         ``recovery_draft``: drafts the next block after a miss, for streams that allow
         it (``oracle_service.recovery``; it needs one lane)."""

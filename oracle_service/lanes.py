@@ -1,7 +1,7 @@
 """The oracle's lanes: the threads its torch work runs in, and which job may run where.
 
 A lane is one thread (a single-worker executor); with CUDA graphs each lane also has
-its own CUDA stream and graphs (``specdec.static_kv.SlotPool.enter_lane``), so two
+its own CUDA stream and graphs (``specdec.engine.static_kv.SlotPool.enter_lane``), so two
 lanes' forwards run at once on the GPU. The event loop submits every job here:
 
 * a batch takes a lane with no batch running (``take`` ... ``give_back``): a lane runs

@@ -28,15 +28,15 @@ from oracle_service.engine import OracleEngine
 from oracle_service.servicer import SERVICE_NAME, OracleServicer
 from specdec.config import add_arguments as add_config_arguments
 from specdec.config import from_namespace, load_config
-from specdec.errors import SpecdecError
-from specdec.models import LoadedModel, check_compatible, load_model
-from specdec.quantize import load_draft_model
-from specdec.serving.grants import GrantSigner
-from specdec.serving.health_endpoint import start_health_endpoint
-from specdec.serving.logs import configure_logging
-from specdec.serving.registration import GatewayConnection, stay_registered
-from specdec.serving.security import ChannelSecurity, oracle_auth, server_credentials
-from specdec.serving.server import ServiceServer, start_server
+from specdec.core.errors import SpecdecError
+from specdec.engine.models import LoadedModel, check_compatible, load_model
+from specdec.engine.quantize import load_draft_model
+from specdec.rpc.grants import GrantSigner
+from specdec.rpc.health_endpoint import start_health_endpoint
+from specdec.rpc.logs import configure_logging
+from specdec.rpc.registration import GatewayConnection, stay_registered
+from specdec.rpc.security import ChannelSecurity, oracle_auth, server_credentials
+from specdec.rpc.server import ServiceServer, start_server
 from specdec.telemetry import configure_telemetry
 from specdec.telemetry.oracle import observe_store
 from specdec.v1 import gateway_pb2, oracle_pb2_grpc, registry_pb2

@@ -67,10 +67,9 @@ from dataclasses import dataclass, replace
 
 from oracle_service.scheduler import BlockQueue, PendingBlock
 from oracle_service.sessions import Lease, OracleSession
+from specdec.core.types import DraftBlock, Recovery, VerifyResult
 from specdec.drafters.model_drafter import ModelDrafter
-from specdec.models import LoadedModel
-from specdec.turn import Recovery, VerifyResult
-from specdec.verifier import DraftBlock
+from specdec.engine.models import LoadedModel
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from oracle_service.sessions import Lease, OracleSession
-from specdec.turn import VerifyResult
-from specdec.verifier import DraftBlock
+from specdec.core.types import DraftBlock, VerifyResult
 
 
 @dataclass(eq=False)

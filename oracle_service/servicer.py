@@ -1,6 +1,6 @@
 """The Oracle gRPC servicer: protobuf in, engine call, protobuf out; no logic of its own.
 
-Errors are raised as the core's typed errors; ``specdec.serving``'s error
+Errors are raised as the core's typed errors; ``specdec.rpc``'s error
 interceptor turns them into statuses (a bad block aborts its stream with,
 e.g., FAILED_PRECONDITION, and the session's state is left as it was).
 """
@@ -18,12 +18,11 @@ import grpc
 
 from oracle_service.engine import OracleEngine
 from oracle_service.sessions import Lease
-from specdec.config import MAX_BRANCHES, MAX_PIPELINE_DEPTH
-from specdec.errors import InvalidArgument, Unavailable
-from specdec.serving.convert import block_from_pb, sampling_from_pb
-from specdec.serving.grants import GrantSigner
+from specdec.core.errors import InvalidArgument, Unavailable
+from specdec.core.types import MAX_BRANCHES, MAX_PIPELINE_DEPTH, Recovery, VerifyResult
+from specdec.rpc.convert import block_from_pb, sampling_from_pb
+from specdec.rpc.grants import GrantSigner
 from specdec.telemetry.oracle import VerifyObserver, verify_observer
-from specdec.turn import Recovery, VerifyResult
 from specdec.v1 import oracle_pb2, oracle_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -27,10 +27,10 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from specdec.core.errors import FailedPrecondition, ResourceExhausted
+from specdec.core.sampling import SamplingParams
 from specdec.drafters import Drafter
-from specdec.errors import FailedPrecondition, ResourceExhausted
-from specdec.kv_cache import SequenceCache
-from specdec.sampling import SamplingParams
+from specdec.engine.kv_cache import SequenceCache
 
 EVICTED_IDS_KEPT = 4096
 

@@ -38,7 +38,7 @@ def _worker(model: str, quantize: str, steps: int, barrier: Barrier, results: An
 
     torch.set_num_threads(1)
     from specdec.drafters.model_drafter import ModelDrafter
-    from specdec.quantize import load_draft_model
+    from specdec.engine.quantize import load_draft_model
 
     loaded = load_draft_model(model, "cpu", "float32", quantize)
     cache = ModelDrafter(loaded).cache
@@ -89,7 +89,7 @@ def measure(model: str, quantize: str, processes: int, steps: int) -> dict[str, 
 
 
 def main() -> None:
-    from specdec.models import DEMO_DRAFT
+    from specdec.engine.models import DEMO_DRAFT
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(DEMO_DRAFT))

@@ -19,12 +19,12 @@ import time
 
 import torch
 
-from specdec.batched import BatchItem, verify_batch
-from specdec.models import DEMO_ORACLE, load_model
-from specdec.oracle import Oracle
-from specdec.sampling import SamplingParams
-from specdec.static_kv import SlotPool
-from specdec.verifier import DraftBlock, committed_tokens
+from specdec.core.sampling import SamplingParams
+from specdec.core.types import DraftBlock, committed_tokens
+from specdec.engine.batched import BatchItem, verify_batch
+from specdec.engine.models import DEMO_ORACLE, load_model
+from specdec.engine.oracle import Oracle
+from specdec.engine.static_kv import SlotPool
 
 WARMUP_ROUNDS = 5
 PROMPT_TOKENS = 200

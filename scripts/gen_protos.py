@@ -2,7 +2,7 @@
 
 Usage: python scripts/gen_protos.py [--out DIR]
 
-The stubs are committed; tests/test_protos.py regenerates them into a temporary
+The stubs are committed; tests/rpc/test_protos.py regenerates them into a temporary
 folder and fails when the committed ones differ (never edit them by hand).
 """
 

@@ -47,12 +47,12 @@ def _run_service(args: argparse.Namespace) -> None:
     import asyncio
 
     from specdec.config import from_namespace
-    from specdec.serving.logs import configure_logging
+    from specdec.rpc.logs import configure_logging
 
     config_module, config_class, main_module = SERVICES[args.service]
     config = from_namespace(getattr(_import(config_module), config_class), args)
     configure_logging(config.log_level, args.service)  # type: ignore[attr-defined]
-    from specdec.errors import SpecdecError
+    from specdec.core.errors import SpecdecError
 
     try:
         asyncio.run(_import(main_module).serve(config))
@@ -115,7 +115,7 @@ def _generate(args: argparse.Namespace) -> None:
     import grpc
 
     from specdec.client import Client, Completion
-    from specdec.errors import SpecdecError
+    from specdec.core.errors import SpecdecError
 
     completion = Completion()
     try:
@@ -187,7 +187,7 @@ def _add_up(sub: Any) -> None:
 
 
 def _up(args: argparse.Namespace) -> None:
-    from specdec.local import run_local
+    from specdec.up import run_local
 
     run_local(args)
 
@@ -201,7 +201,7 @@ def _add_healthcheck(sub: Any) -> None:
 
 
 def _healthcheck(args: argparse.Namespace) -> None:
-    from specdec.serving.healthcheck import check
+    from specdec.rpc.healthcheck import check
 
     ok = check(args.address, args.service, args.timeout)
     print("SERVING" if ok else "NOT SERVING")
@@ -230,7 +230,7 @@ def _add_traces(sub: Any) -> None:
 
 
 def _traces(args: argparse.Namespace) -> None:
-    from specdec.errors import SpecdecError
+    from specdec.core.errors import SpecdecError
     from specdec.telemetry.report import show
     from specdec.telemetry.tail import show_tail
 
@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from specdec.errors import SpecdecError
+    from specdec.core.errors import SpecdecError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

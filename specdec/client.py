@@ -22,8 +22,8 @@ from typing import Any
 
 import grpc
 
-from specdec.serving.channels import CHANNEL_OPTIONS
-from specdec.serving.security import tls_credentials
+from specdec.rpc.channels import CHANNEL_OPTIONS
+from specdec.rpc.security import tls_credentials
 from specdec.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 DRAFTERS = {

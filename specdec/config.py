@@ -21,12 +21,6 @@ T = TypeVar("T")
 ENV_PREFIX = "SPECDEC_"
 
 
-# Blocks in flight to an oracle at once (a draft setting and a request field);
-# deeper guesses are rarely all right.
-MAX_PIPELINE_DEPTH = 4
-# Likely corrections drafted ahead per block in flight (a draft setting and a request
-# field); beyond a few, each adds less than it costs to draft and send.
-MAX_BRANCHES = 8
 # Draft weights: int8 where it runs (auto), always (int8, warns where it cannot), never.
 QUANTIZE_CHOICES = ("auto", "int8", "none")
 

@@ -1,12 +1,12 @@
 """The in-process speculative loop: the shared round loop with the oracle in this process.
 
-``speculative_generate`` runs ``specdec.round_loop.run_turn`` — the very loop the
+``speculative_generate`` runs ``specdec.core.loop.run_turn`` — the very loop the
 draft service and the gateway run over gRPC — with ``LocalOracleLink``, which
 calls the ``Oracle`` directly. The greedy-equivalence tests therefore check
 the production loop, not a copy of it.
 
 One round with a block of k draft tokens commits n + 1 tokens, n in [0, k]: the
-accepted prefix and one recovered/bonus token (see ``specdec.verifier``). With
+accepted prefix and one recovered/bonus token (see ``specdec.core.verifier``). With
 per-token acceptance rate a (i.i.d. model), the expected tokens per round are
 (1 - a^(k+1)) / (1 - a) (Leviathan et al. 2023, eq. 1). k = 0, or no drafter,
 is plain decoding through the same verify path.
@@ -18,25 +18,24 @@ import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from specdec.drafters import Drafter
-from specdec.errors import InvalidArgument
-from specdec.models import LoadedModel, check_compatible
-from specdec.oracle import Oracle
-from specdec.round_loop import run_turn
-from specdec.sampling import SamplingParams, resolve_seed, validate_token_ids
-from specdec.stopping import FinishReason, StopChecker
-from specdec.turn import (
-    InlineProposer,
-    KPolicy,
+from specdec.core.errors import InvalidArgument
+from specdec.core.loop import run_turn
+from specdec.core.protocols import KPolicy, OracleLink
+from specdec.core.sampling import SamplingParams, resolve_seed, validate_token_ids
+from specdec.core.stopping import FinishReason, StopChecker
+from specdec.core.types import (
+    DraftBlock,
     OpenResult,
-    OracleLink,
     RoundReport,
     Turn,
     TurnStats,
     VerifyResult,
     check_k,
 )
-from specdec.verifier import DraftBlock
+from specdec.drafters import Drafter
+from specdec.drafters.proposers import InlineProposer
+from specdec.engine.models import LoadedModel, check_compatible
+from specdec.engine.oracle import Oracle
 
 
 @dataclass(frozen=True)
@@ -126,9 +125,9 @@ def speculative_generate(
     """Generate after ``prompt_ids`` with ``oracle``, drafting ``k`` tokens per round.
 
     ``decode`` (ids -> text) is needed for stop strings; it defaults to the oracle's tokenizer.
-    ``policy`` chooses k per round (``specdec.adaptive.AdaptiveK``); k is then its upper bound.
+    ``policy`` chooses k per round (``specdec.core.adaptive.AdaptiveK``); k is then its upper bound.
     ``link`` replaces the in-process link to ``oracle`` (e.g. one with a round trip).
-    ``draft_ahead``, ``pipeline_depth`` and ``branches``: see ``specdec.turn.Turn``.
+    ``draft_ahead``, ``pipeline_depth`` and ``branches``: see ``specdec.core.types.Turn``.
     """
     validate_request(prompt_ids, oracle, drafter, params, k)
     if decode is None and params.stop:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from specdec.errors import InvalidArgument
+from specdec.core.errors import InvalidArgument
 
 READY_TIMEOUT_S = 300.0
 

@@ -161,7 +161,7 @@ def model_dir(
 @pytest.fixture(scope="session")
 def loaded(model_dir: Callable[[str, str], Path]) -> Callable[[str, str], Any]:
     """loaded(arch, role) -> LoadedModel (fp32, CPU), loaded once per session. Do not mutate."""
-    from specdec.models import load_model
+    from specdec.engine.models import load_model
 
     cache: dict[tuple[str, str], Any] = {}
 

@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from specdec.bench.measure import Result, Sample, percentile
-from specdec.errors import InvalidArgument
+from specdec.core.errors import InvalidArgument
 from specdec.v1 import common_pb2
 
 WARMUP_TOKENS = 8

@@ -21,12 +21,12 @@ from specdec.bench.measure import percentile
 def run_in_process(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, Any]:
     import torch
 
-    from specdec.adaptive import AdaptiveK
+    from specdec.core.adaptive import AdaptiveK
+    from specdec.core.sampling import SamplingParams
     from specdec.drafters.model_drafter import ModelDrafter
+    from specdec.engine.models import load_model
+    from specdec.engine.oracle import Oracle
     from specdec.generate import speculative_generate
-    from specdec.models import load_model
-    from specdec.oracle import Oracle
-    from specdec.sampling import SamplingParams
 
     oracle = load_model(args.oracle_path, args.device, args.dtype)
     draft = load_model(args.draft_path, args.draft_device, args.dtype)
@@ -57,7 +57,7 @@ def run_in_process(args: argparse.Namespace, prompts: list[list[int]]) -> dict[s
         for name, k, policy, lean in [
             (names[1], 0, None, True),
             (names[2], 4, None, True),
-            (names[3], 4, None, False),  # the draft's forward without specdec.lean_forward
+            (names[3], 4, None, False),  # the draft's forward without specdec.engine.lean_forward
             (names[4], 8, None, True),
             (names[5], 8, AdaptiveK(8), True),
         ]:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from specdec.adaptive import expected_tokens
+from specdec.core.adaptive import expected_tokens
 
 
 @dataclass

@@ -251,8 +251,8 @@ def run_bench(args: argparse.Namespace) -> None:
 
     from specdec.bench.workload import heldout_prompts
     from specdec.client import Client
+    from specdec.engine.models import DEMO_DRAFT, DEMO_ORACLE
     from specdec.launch import cluster, free_port
-    from specdec.models import DEMO_DRAFT, DEMO_ORACLE
 
     torch.set_num_threads(args.threads)
     if not args.out:

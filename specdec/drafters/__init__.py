@@ -6,13 +6,10 @@ Modelled on transformers' ``CandidateGenerator``: ``propose`` then ``update``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
-from specdec.sampling import SamplingParams
-from specdec.verifier import DraftBlock
-
-if TYPE_CHECKING:
-    from specdec.drafters.branches import Branch, BranchTicket
+from specdec.core.sampling import SamplingParams
+from specdec.core.types import Branch, BranchTicket, DraftBlock
 
 
 class Drafter(Protocol):
@@ -42,5 +39,5 @@ class BranchingDrafter(Drafter, Protocol):
     ) -> list[Branch]:
         """Blocks for the likely outcomes of verifying ``block`` after ``context``: full
         acceptance first, then up to ``width`` likely corrections. ``ticket``: see
-        ``specdec.drafters.branches.BranchTicket``."""
+        ``specdec.core.types.BranchTicket``."""
         ...

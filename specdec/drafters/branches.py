@@ -35,57 +35,23 @@ block against the tokens it really committed.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from specdec.batched import batch_unsupported
+from specdec.core.sampling import SamplingParams
+from specdec.core.types import Branch, BranchTicket, DraftBlock, RunnerUps
 from specdec.drafters import Drafter
-from specdec.kv_cache import SequenceCache, dynamic_cache_of, forward_arguments
-from specdec.lean_forward import LeanCache, LeanRows
-from specdec.sampling import SamplingParams
-from specdec.verifier import DraftBlock, RunnerUps
+from specdec.engine.batched import batch_unsupported
+from specdec.engine.kv_cache import SequenceCache, dynamic_cache_of, forward_arguments
+from specdec.engine.lean_forward import LeanCache, LeanRows
 
 # How many of the draft's next choices behind its token may be a correction's guess.
 CHOICES_BEHIND = 2
 
 
-class BranchTicket:
-    """What the loop and the thread drafting its branches share (plain attributes: each is
-    written by one side only, in one assignment).
-
-    outcomes: each branch's ``assumed`` tokens, in branch order, set by ``choose`` (which
-    then calls ``on_chosen``, from the drafting thread) before any row is drafted.
-    cancelled: set by the loop when no branch can be used: drafting stops at the next step.
-    """
-
-    def __init__(self, on_chosen: Callable[[], None] | None = None) -> None:
-        self.outcomes: tuple[tuple[int, ...], ...] | None = None
-        self.cancelled = False
-        self._on_chosen = on_chosen
-
-    def choose(self, outcomes: tuple[tuple[int, ...], ...]) -> None:
-        self.outcomes = outcomes
-        if self._on_chosen is not None:
-            self._on_chosen()
-
-
 class BranchesCancelled(Exception):
     """The ticket was cancelled while the rows were drafted (internal to this module)."""
-
-
-@dataclass(frozen=True)
-class Branch:
-    """A block drafted for one outcome of verifying the block in flight.
-
-    assumed: the tokens that outcome commits after the context the block in flight
-    extends (its accepted prefix, then the correction or the guessed bonus).
-    block: the next block, drafted after them.
-    """
-
-    assumed: tuple[int, ...]
-    block: DraftBlock
 
 
 def full_acceptance_branch(

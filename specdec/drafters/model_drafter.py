@@ -25,18 +25,8 @@ from collections.abc import Sequence
 
 import torch
 
-from specdec.drafters.branches import (
-    Branch,
-    BranchTicket,
-    draft_branches,
-    full_acceptance_branch,
-    greedy_choices,
-)
-from specdec.errors import InvalidArgument
-from specdec.kv_cache import SequenceCache
-from specdec.lean_forward import LeanCache, lean_unsupported
-from specdec.models import LoadedModel
-from specdec.sampling import (
+from specdec.core.errors import InvalidArgument
+from specdec.core.sampling import (
     SamplingParams,
     SparseDist,
     logits_to_probs,
@@ -45,7 +35,11 @@ from specdec.sampling import (
     sample_sparse,
     truncate_to_sparse,
 )
-from specdec.verifier import DraftBlock, RunnerUps
+from specdec.core.types import Branch, BranchTicket, DraftBlock, RunnerUps
+from specdec.drafters.branches import draft_branches, full_acceptance_branch, greedy_choices
+from specdec.engine.kv_cache import SequenceCache
+from specdec.engine.lean_forward import LeanCache, lean_unsupported
+from specdec.engine.models import LoadedModel
 
 # Random stream of draft proposals (0 is the oracle's verification stream).
 DRAFT_STREAM = 1
@@ -61,7 +55,7 @@ class ModelDrafter:
         seed: int | None = None,
         lean: bool = True,
     ) -> None:
-        """lean: draft on ``specdec.lean_forward`` where the model qualifies (else HF's)."""
+        """lean: draft on ``specdec.engine.lean_forward`` where the model qualifies (else HF's)."""
         if max_support < 1:
             raise InvalidArgument(f"max_support must be >= 1, got {max_support}")
         self.model = model

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from specdec.errors import InvalidArgument
-from specdec.sampling import SamplingParams
-from specdec.verifier import DraftBlock
+from specdec.core.errors import InvalidArgument
+from specdec.core.sampling import SamplingParams
+from specdec.core.types import DraftBlock
 
 
 class NgramDrafter:

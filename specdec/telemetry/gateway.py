@@ -14,12 +14,12 @@ from typing import Any, Protocol
 from opentelemetry import trace
 from opentelemetry.trace import Span
 
-from specdec.sampling import SamplingParams
-from specdec.stopping import FinishReason
+from specdec.core.sampling import SamplingParams
+from specdec.core.stopping import FinishReason
+from specdec.core.types import RoundReport, TurnStats
 from specdec.telemetry import names
 from specdec.telemetry.metrics import Metrics
 from specdec.telemetry.setup import metrics, tracer
-from specdec.turn import RoundReport, TurnStats
 from specdec.v1 import common_pb2
 
 

@@ -19,10 +19,10 @@ from opentelemetry import propagate
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, Tracer
 
+from specdec.core.types import OpenResult, VerifyResult
 from specdec.telemetry import names
 from specdec.telemetry.metrics import Metrics
 from specdec.telemetry.setup import metrics, tracer
-from specdec.turn import OpenResult, VerifyResult
 
 
 class StoreCounters(Protocol):

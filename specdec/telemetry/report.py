@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
-from specdec.errors import InvalidArgument, NotFound
+from specdec.core.errors import InvalidArgument, NotFound
 from specdec.telemetry import names
 from specdec.telemetry.jsonl import SpanRecord, read_spans
 

@@ -25,10 +25,10 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
 
+from specdec.core.types import RoundReport
 from specdec.telemetry import names
 from specdec.telemetry.metrics import Metrics
 from specdec.telemetry.setup import metrics, tracer
-from specdec.turn import RoundReport
 
 
 def inject(context: otel_context.Context | None = None) -> dict[str, str]:

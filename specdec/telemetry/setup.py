@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
-from specdec.errors import InvalidArgument
+from specdec.core.errors import InvalidArgument
 from specdec.telemetry.names import SERVICE_NAMES
 
 if TYPE_CHECKING:

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TextIO
 
-from specdec.errors import InvalidArgument, NotFound
+from specdec.core.errors import InvalidArgument, NotFound
 from specdec.telemetry.jsonl import read_spans
 from specdec.telemetry.report import RoundRow, group_traces, rounds_of
 

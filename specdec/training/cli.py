@@ -208,7 +208,7 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Evaluate a saved pair and print the JSON result."""
-    from specdec.errors import InvalidArgument
+    from specdec.core.errors import InvalidArgument
     from specdec.training.evaluate import evaluate_folders
     from specdec.training.loop import resolve_device
 

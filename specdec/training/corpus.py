@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from specdec.errors import InvalidArgument
+from specdec.core.errors import InvalidArgument
 
 STDLIB = "stdlib"
 

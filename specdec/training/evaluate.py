@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from specdec.errors import InvalidArgument, VocabularyMismatch
+from specdec.core.errors import InvalidArgument, VocabularyMismatch
 from specdec.training.corpus import (
     DEFAULT_EVAL_PERMILLE,
     DEFAULT_MAX_FILE_BYTES,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from specdec.errors import InvalidArgument
+from specdec.core.errors import InvalidArgument
 
 
 def log(stage: str, message: str) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from specdec.errors import InvalidArgument
+from specdec.core.errors import InvalidArgument
 
 
 @dataclass(frozen=True)

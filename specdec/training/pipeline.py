@@ -21,7 +21,7 @@ import torch
 from tokenizers import Tokenizer
 from transformers.utils import logging as hf_logging
 
-from specdec.errors import InvalidArgument
+from specdec.core.errors import InvalidArgument
 from specdec.training import card, corpus, evaluate
 from specdec.training.distill import (
     DistillConfig,

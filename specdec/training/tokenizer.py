@@ -18,7 +18,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from specdec.errors import InvalidArgument
+from specdec.core.errors import InvalidArgument
 
 EOT = "<|endoftext|>"
 
