@@ -34,10 +34,10 @@ class DraftConfig:
         "greedy: also draft ahead for this many likely corrections of each block in flight, "
         f"so a rejection too finds its next block ready (0 = off, at most {MAX_BRANCHES})",
     )
-    recovery: bool = setting(
+    rescue: bool = setting(
         True,
         "greedy: let the oracle draft the next block itself after a verdict that no block "
-        "drafted ahead extends, where it has a recovery draft (saves a round trip)",
+        "drafted ahead extends, where it has a rescue draft (saves a round trip)",
     )
     quantize: str = setting(
         "auto",

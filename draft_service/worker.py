@@ -142,7 +142,7 @@ class DraftWorker:
             trace_context=rounds.trace_context if rounds is not None else None,
             # A stalled link sends nothing: only a deadline per round notices it.
             round_timeout_s=self.config.verify_timeout_s or None,
-            allow_recovery=a.recovery if a.HasField("recovery") else self.config.recovery,
+            allow_rescue=a.rescue if a.HasField("rescue") else self.config.rescue,
         )
         try:
             params = convert.sampling_from_pb(a.sampling)
@@ -235,7 +235,7 @@ def _round_to_pb(report: RoundReport) -> registry_pb2.RoundReport:
         pipelined=report.pipelined,
         skipped_blocks=report.skipped_blocks,
         branch=report.branch,
-        recovered=report.recovered,
+        rescued=report.rescued,
     )
 
 

@@ -52,7 +52,7 @@ class TurnRequest:
     drafter: int  # common_pb2.DrafterKind
     pipeline_depth: int = 0  # blocks in flight to the oracle (0 = the draft's default)
     branches: int | None = None  # likely corrections drafted ahead (None = the draft's default)
-    recovery: bool | None = None  # the oracle drafts after a miss (None = the draft's default)
+    rescue: bool | None = None  # the oracle drafts after a miss (None = the draft's default)
 
 
 @dataclass(frozen=True)
@@ -333,8 +333,8 @@ class TurnRunner:
         )
         if request.branches is not None:
             assignment.branches = request.branches
-        if request.recovery is not None:
-            assignment.recovery = request.recovery
+        if request.rescue is not None:
+            assignment.rescue = request.rescue
         finished = False
         try:
             await draft.outbox.put(registry_pb2.ConnectResponse(assignment=assignment))
@@ -508,7 +508,7 @@ def _report(commit: registry_pb2.AssignmentCommit) -> RoundReport:
         pipelined=r.pipelined,
         skipped_blocks=r.skipped_blocks,
         branch=r.branch,
-        recovered=r.recovered,
+        rescued=r.rescued,
     )
 
 

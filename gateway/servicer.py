@@ -80,10 +80,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise InvalidArgument(
                 f"speculation.branches must be in [0, {MAX_BRANCHES}], got {branches}"
             )
-        recovery = speculation.recovery if speculation.HasField("recovery") else None
+        rescue = speculation.rescue if speculation.HasField("rescue") else None
         return TurnRequest(
             prompt_ids, params, k, speculation.adaptive, speculation.drafter, depth, branches,
-            recovery,
+            rescue,
         )  # fmt: skip
 
     async def Generate(

@@ -61,18 +61,18 @@ class OracleConfig:
     verify_lanes: int = setting(
         0,
         "verify batches run at once, each in its own thread and CUDA stream (0 = auto: 2 "
-        "with CUDA graphs, else 1; a recovery draft needs 1)",
+        "with CUDA graphs, else 1; a rescue draft needs 1)",
     )
-    recovery_draft: str = setting(
+    rescue_draft: str = setting(
         "",
         "a small draft model (folder or hub id; 'demo' = the bundled demo draft) the oracle "
         "drafts a session's next block with after a verdict that no block sent ahead "
         "extends, instead of idling for a round trip (greedy streams that allow it; "
         "empty = never)",
     )
-    recovery_quantize: str = setting(
+    rescue_quantize: str = setting(
         "auto",
-        "int8 weights for the recovery draft: auto = where they run (CPU, float32), none = off",
+        "int8 weights for the rescue draft: auto = where they run (CPU, float32), none = off",
         choices=QUANTIZE_CHOICES,
     )
     log_level: str = setting(
@@ -109,12 +109,12 @@ class OracleConfig:
 
         return str(DEMO_ORACLE)
 
-    def recovery_draft_name(self) -> str:
-        if self.recovery_draft == "demo":
+    def rescue_draft_name(self) -> str:
+        if self.rescue_draft == "demo":
             from specdec.engine.models import DEMO_DRAFT
 
             return str(DEMO_DRAFT)
-        return self.recovery_draft
+        return self.rescue_draft
 
     @property
     def kv_budget_bytes(self) -> int:
@@ -137,9 +137,9 @@ class OracleConfig:
                 f"--verify-lanes must be in [0, {MAX_VERIFY_LANES}] (0 = auto), got "
                 f"{self.verify_lanes}"
             )
-        if self.verify_lanes > 1 and self.recovery_draft:
+        if self.verify_lanes > 1 and self.rescue_draft:
             raise InvalidArgument(
-                "--recovery-draft needs one verify lane: set --verify-lanes to 0 or 1"
+                "--rescue-draft needs one verify lane: set --verify-lanes to 0 or 1"
             )
         if not 0 <= self.batch_wait_ms <= 1000:
             raise InvalidArgument(f"--batch-wait-ms must be in [0, 1000], got {self.batch_wait_ms}")

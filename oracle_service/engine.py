@@ -20,7 +20,7 @@ an open or a release once no job of its session runs. Each call is timed twice:
 
 After a verdict that no waiting block of its session extends, a stream that
 allows it may get a block drafted by the oracle itself, decided once the draft's
-blocks for the verdict are all here (``oracle_service.recovery``).
+blocks for the verdict are all here (``oracle_service.rescue``).
 
 Requests are checked before they reach the queue where that needs no session
 state (ids in vocabulary, block well formed, context room); the committed
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from oracle_service.lanes import Lanes
-from oracle_service.recovery import Recoveries, RecoveryDrafter
+from oracle_service.rescue import RescueDrafter, Rescues
 from oracle_service.scheduler import BatchCounters, BlockQueue, PendingBlock
 from oracle_service.sessions import Lease, OracleSession, SessionStore
 from specdec.core.errors import FailedPrecondition, InvalidArgument, Unavailable
@@ -90,8 +90,8 @@ class EngineInfo:
     batches: int  # verify batches run since start
     verified_blocks: int  # blocks verified in them
     verify_busy_ns: int  # lane time of those batches (summed over lanes)
-    recovery_draft: str  # the model recovery blocks are drafted with ("" = none)
-    recovery_blocks: int  # recovery blocks announced since start
+    rescue_draft: str  # the model rescue blocks are drafted with ("" = none)
+    rescue_blocks: int  # rescue blocks announced since start
 
 
 class OracleEngine:
@@ -110,20 +110,20 @@ class OracleEngine:
         static_kv: str = "off",
         cuda_graphs: bool = True,
         lanes: int = 0,
-        recovery_draft: LoadedModel | None = None,
+        rescue_draft: LoadedModel | None = None,
     ) -> None:
         """``max_batch``: the most blocks (of different sessions) verified in one forward.
         ``static_kv``, ``cuda_graphs``: see ``specdec.engine.static_kv.slot_pool_for``.
         ``lanes``: batches verified at once (0 = auto: 2 with CUDA graphs, else 1).
-        ``recovery_draft``: drafts the next block after a miss, for streams that allow
-        it (``oracle_service.recovery``; it needs one lane)."""
+        ``rescue_draft``: drafts the next block after a miss, for streams that allow
+        it (``oracle_service.rescue``; it needs one lane)."""
         if max_batch < 1:
             raise InvalidArgument(f"max_batch must be >= 1, got {max_batch}")
         if lanes < 0:
             raise InvalidArgument(f"lanes must be >= 0 (0 = auto), got {lanes}")
-        if recovery_draft is not None and lanes > 1:
+        if rescue_draft is not None and lanes > 1:
             raise InvalidArgument(
-                f"recovery blocks need one verify lane, got {lanes}: drop the recovery "
+                f"rescue blocks need one verify lane, got {lanes}: drop the rescue "
                 "draft or set the lanes to 1"
             )
         self.model = model
@@ -134,7 +134,7 @@ class OracleEngine:
             max_rows=max_batch,
             budget_bytes=kv_budget_bytes,
             cuda_graphs=cuda_graphs,
-            lanes=1 if recovery_draft is not None else lanes,
+            lanes=1 if rescue_draft is not None else lanes,
         )
         self.oracle = Oracle(model, slots)
         self.oracle_id = oracle_id
@@ -152,17 +152,17 @@ class OracleEngine:
         self.batch_wait_s = batch_wait_s
         self.batch_counters = BatchCounters()
         self._queue = BlockQueue(max_batch)
-        self.recoveries: Recoveries | None = None
-        if recovery_draft is not None:
-            on_cpu = recovery_draft.device.type == "cpu"
+        self.rescues: Rescues | None = None
+        if rescue_draft is not None:
+            on_cpu = rescue_draft.device.type == "cpu"
             if not on_cpu:
                 log.warning(
-                    "recovery blocks on %s: on a GPU oracle they were measured not to pay "
-                    "(BENCHMARKS.md); consider running without a recovery draft",
-                    recovery_draft.device,
+                    "rescue blocks on %s: on a GPU oracle they were measured not to pay "
+                    "(BENCHMARKS.md); consider running without a rescue draft",
+                    rescue_draft.device,
                 )
-            drafter = RecoveryDrafter(recovery_draft, self._lanes.executors[0] if on_cpu else None)
-            self.recoveries = Recoveries(drafter, self._queue, self._wake)
+            drafter = RescueDrafter(rescue_draft, self._lanes.executors[0] if on_cpu else None)
+            self.rescues = Rescues(drafter, self._queue, self._wake)
         self._wakeup: asyncio.Event | None = None
         self._batcher: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -202,15 +202,15 @@ class OracleEngine:
         tokens: Sequence[int],
         sampling: SamplingParams,
         seed: int,
-        allow_recovery: bool = False,
+        allow_rescue: bool = False,
     ) -> tuple[Lease, OpenResult]:
         """Start a verify stream on ``session_id`` whose committed tokens are ``tokens``.
 
         Reuses the longest cached prefix and computes the rest: afterwards the
         cache holds tokens[:-1] (the last token is the first input of the next
         verify), so cached_tokens + computed_tokens = len(tokens) - 1.
-        ``allow_recovery``: greedy streams get recovery blocks after a miss (when this
-        oracle has a recovery draft).
+        ``allow_rescue``: greedy streams get rescue blocks after a miss (when this
+        oracle has a rescue draft).
         Raises ``ResourceExhausted`` at once when max_sessions streams are open.
         The lease must be given back with ``close`` when the stream ends.
         """
@@ -227,7 +227,7 @@ class OracleEngine:
         if not 0 <= seed <= MAX_SEED:
             raise InvalidArgument(f"seed must be in [0, 2^64), got {seed}")
         lease = self.sessions.admit(session_id)
-        lease.recovery = allow_recovery and self.recoveries is not None and sampling.greedy
+        lease.rescue = allow_rescue and self.rescues is not None and sampling.greedy
         lease.opened_length = len(tokens)
         try:
             prefill, _, compute_ns = await self._lanes.run(
@@ -298,7 +298,7 @@ class OracleEngine:
         granted, sent before their verdict was known. If the session's tokens
         do not end with them at ``base_length``, the block is skipped: the
         result's verdict is None and nothing changes. ``last_alternative``: the
-        draft sends no more blocks for that verdict (``oracle_service.recovery``).
+        draft sends no more blocks for that verdict (``oracle_service.rescue``).
 
         A session's blocks are verified in the order they were submitted, one per batch.
         """
@@ -317,17 +317,17 @@ class OracleEngine:
             last_alternative,
         )
         self._queue.put(pending)
-        if self.recoveries is not None:
-            self.recoveries.arrived(pending)
+        if self.rescues is not None:
+            self.rescues.arrived(pending)
         self._start_batcher(loop)
         assert self._wakeup is not None
         self._wakeup.set()
         return pending.future
 
     def blocks_ended(self, lease: Lease) -> None:
-        """The stream of ``lease`` sends no more blocks: no recovery block for it any more
+        """The stream of ``lease`` sends no more blocks: no rescue block for it any more
         (a chain of them would go on without the draft)."""
-        lease.recovery = False
+        lease.rescue = False
         self._wake()
 
     def _wake(self) -> None:
@@ -347,13 +347,13 @@ class OracleEngine:
         while not self._closed:
             lane = await self._free_lane()
             await self._let_batch_fill()
-            if self.recoveries is not None:
-                self.recoveries.settle(self._extends)
+            if self.rescues is not None:
+                self.rescues.settle(self._extends)
             batch, skipped = self._queue.take(self._known_stale)
             self._skip(skipped)
             if not batch:
                 self._wakeup.clear()
-                due_s = self.recoveries.next_deadline_s() if self.recoveries else None
+                due_s = self.rescues.next_deadline_s() if self.rescues else None
                 with contextlib.suppress(TimeoutError):  # a miss is due for its decision
                     await asyncio.wait_for(self._wakeup.wait(), due_s)
                 continue
@@ -406,10 +406,10 @@ class OracleEngine:
                 verify_ns=compute_ns,
                 queue_ns=start_ns - pending.enqueued_ns,
             )
-            k = self._recovery_k(pending, verdict)
-            if k and self.recoveries is not None:
+            k = self._rescue_k(pending, verdict)
+            if k and self.rescues is not None:
                 extended = self._extends(pending.session)
-                result = self.recoveries.after_verdict(pending, result, k, extended)
+                result = self.rescues.after_verdict(pending, result, k, extended)
             pending.future.set_result(result)
 
     def _extends(self, session: OracleSession) -> bool:
@@ -420,13 +420,13 @@ class OracleEngine:
             for waiting in self._queue.waiting(session)
         )
 
-    def _recovery_k(self, pending: PendingBlock, verdict: Verdict | None) -> int:
-        """Tokens of a recovery block after ``pending``'s verdict, should no block of the
+    def _rescue_k(self, pending: PendingBlock, verdict: Verdict | None) -> int:
+        """Tokens of a rescue block after ``pending``'s verdict, should no block of the
         draft's extend it (0 = none): as long as the block just verified, within the
         turn's max_new_tokens and the context; none after an end-of-sequence token.
         """
         lease = pending.lease
-        if verdict is None or not lease.recovery or verdict.next_token in self.model.eos_token_ids:
+        if verdict is None or not lease.rescue or verdict.next_token in self.model.eos_token_ids:
             return 0
         session = lease.session
         have = len(session.committed)
@@ -625,8 +625,8 @@ class OracleEngine:
             batches=self.batch_counters.batches,
             verified_blocks=self.batch_counters.verified,
             verify_busy_ns=self.batch_counters.busy_ns,
-            recovery_draft=self.recoveries.drafter.name if self.recoveries else "",
-            recovery_blocks=self.recoveries.blocks if self.recoveries else 0,
+            rescue_draft=self.rescues.drafter.name if self.rescues else "",
+            rescue_blocks=self.rescues.blocks if self.rescues else 0,
         )
 
     def shutdown(self) -> None:
@@ -646,8 +646,8 @@ class OracleEngine:
         """Event loop: cancel the blocks still queued and the batcher."""
         for pending in self._queue.drain():
             pending.future.cancel()
-        if self.recoveries is not None:
-            self.recoveries.cancel()
+        if self.rescues is not None:
+            self.rescues.cancel()
         if self._batcher is not None:
             self._batcher.cancel()
         for task in self._running:

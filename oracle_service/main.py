@@ -53,11 +53,11 @@ def load_oracle_model(config: OracleConfig) -> LoadedModel:
     return load_model(config.model_name(), device=config.device, dtype=config.dtype)
 
 
-def load_recovery_draft(config: OracleConfig, oracle: LoadedModel) -> LoadedModel:
-    """The recovery draft (``--recovery-draft``) on the oracle's device; it must share the
+def load_rescue_draft(config: OracleConfig, oracle: LoadedModel) -> LoadedModel:
+    """The rescue draft (``--rescue-draft``) on the oracle's device; it must share the
     oracle's vocabulary (``VocabularyMismatch`` otherwise)."""
     draft = load_draft_model(
-        config.recovery_draft_name(), config.device, config.dtype, config.recovery_quantize
+        config.rescue_draft_name(), config.device, config.dtype, config.rescue_quantize
     )
     check_compatible(draft, oracle)
     return draft
@@ -87,9 +87,9 @@ class OracleService:
         start = time.monotonic()
         model = await _in_daemon_thread(lambda: loader(config))
         draft = None
-        if config.recovery_draft:
-            draft = await _in_daemon_thread(lambda: load_recovery_draft(config, model))
-            log.info("drafting recovery blocks with %s", draft.name)
+        if config.rescue_draft:
+            draft = await _in_daemon_thread(lambda: load_rescue_draft(config, model))
+            log.info("drafting rescue blocks with %s", draft.name)
         engine = OracleEngine(
             model,
             oracle_id=self.oracle_id,
@@ -101,7 +101,7 @@ class OracleService:
             static_kv=config.static_kv,
             cuda_graphs=config.cuda_graphs,
             lanes=config.verify_lanes,
-            recovery_draft=draft,
+            rescue_draft=draft,
         )
         await engine.warm_up()
         self.engine = engine

@@ -110,7 +110,7 @@ class BlockQueue:
 
     def put_next(self, pending: PendingBlock) -> None:
         """Queue ``pending`` as its session's next block, ahead of the others it has
-        waiting (a recovery block: the session's next verdict is promised to it)."""
+        waiting (a rescue block: the session's next verdict is promised to it)."""
         for index, waiting in enumerate(self._waiting):
             if waiting.session is pending.session:
                 self._waiting.insert(index, pending)

@@ -19,7 +19,7 @@ import grpc
 from oracle_service.engine import OracleEngine
 from oracle_service.sessions import Lease
 from specdec.core.errors import InvalidArgument, Unavailable
-from specdec.core.types import MAX_BRANCHES, MAX_PIPELINE_DEPTH, Recovery, VerifyResult
+from specdec.core.types import MAX_BRANCHES, MAX_PIPELINE_DEPTH, Rescue, VerifyResult
 from specdec.rpc.convert import block_from_pb, sampling_from_pb
 from specdec.rpc.grants import GrantSigner
 from specdec.telemetry.oracle import VerifyObserver, verify_observer
@@ -70,7 +70,7 @@ class OracleServicer(oracle_pb2_grpc.OracleServicer):  # type: ignore[misc]
         sampling = sampling_from_pb(request.sampling)
         watch = verify_observer(engine.sessions, request.session_id)  # None: telemetry off
         lease, opened = await engine.open(
-            request.session_id, request.token_ids, sampling, request.seed, request.allow_recovery
+            request.session_id, request.token_ids, sampling, request.seed, request.allow_rescue
         )
         if watch is not None:
             watch.opened(first.trace_context, opened, lease.reprefill)
@@ -88,23 +88,23 @@ class OracleServicer(oracle_pb2_grpc.OracleServicer):  # type: ignore[misc]
             # pipelined block (and the alternatives sent with it) waits in the engine's
             # queue while its predecessor is verified, so the batch after that verdict
             # finds it there. Answers go back in request order, as the client reads them.
-            # A verdict with a recovery pending is followed by the decision and, if the
+            # A verdict with a rescue pending is followed by the decision and, if the
             # oracle drafted a block, by that block's verdict.
             answers: asyncio.Queue[_Answer | Exception | None] = asyncio.Queue()
             reader = asyncio.ensure_future(_read_blocks(request_iterator, engine, lease, answers))
-            waiting: asyncio.Future[Any] | None = None  # a decision or a recovery's verdict
+            waiting: asyncio.Future[Any] | None = None  # a decision or a rescue's verdict
             try:
                 while (answer := await answers.get()) is not None:
                     if isinstance(answer, Exception):
                         raise answer
                     yield await answer.response(watch, request.session_id)
                     while (waiting := answer.decision()) is not None:
-                        recovery = await waiting
-                        yield _decision_pb(answer.block.round, recovery)
-                        if recovery is None:
+                        rescue = await waiting
+                        yield _decision_pb(answer.block.round, rescue)
+                        if rescue is None:
                             break
-                        waiting = recovery.result
-                        answer = _Answer.recovered(answer, recovery)
+                        waiting = rescue.result
+                        answer = _Answer.rescued(answer, rescue)
                         yield await answer.response(watch, request.session_id)
                     waiting = None
             finally:
@@ -138,8 +138,8 @@ class OracleServicer(oracle_pb2_grpc.OracleServicer):  # type: ignore[misc]
             batches=info.batches,
             verified_blocks=info.verified_blocks,
             verify_busy_ns=info.verify_busy_ns,
-            recovery_draft=info.recovery_draft,
-            recovery_blocks=info.recovery_blocks,
+            rescue_draft=info.rescue_draft,
+            rescue_blocks=info.rescue_blocks,
         )
 
     async def ReleaseSession(
@@ -153,7 +153,7 @@ class OracleServicer(oracle_pb2_grpc.OracleServicer):  # type: ignore[misc]
 
 @dataclass
 class _Answer:
-    """A block queued in the engine (read from the stream, or a recovery block the oracle
+    """A block queued in the engine (read from the stream, or a rescue block the oracle
     drafted after the verdict of ``block``); ``response`` awaits its verdict."""
 
     block: oracle_pb2.VerifyBlock
@@ -161,7 +161,7 @@ class _Answer:
     arrived_ns: int  # time.time_ns() when it was read (or announced): its span starts there
     result: asyncio.Future[VerifyResult]
     k: int  # its drafted tokens
-    is_recovery: bool = False
+    is_rescue: bool = False
 
     @classmethod
     def of(cls, message: oracle_pb2.VerifyRequest, result: asyncio.Future[VerifyResult]) -> _Answer:
@@ -169,19 +169,19 @@ class _Answer:
         return cls(block, dict(message.trace_context), time.time_ns(), result, len(block.token_ids))
 
     @classmethod
-    def recovered(cls, after: _Answer, recovery: Recovery) -> _Answer:
-        """The recovery block drafted after ``after``'s verdict (traced in its round)."""
+    def rescued(cls, after: _Answer, rescue: Rescue) -> _Answer:
+        """The rescue block drafted after ``after``'s verdict (traced in its round)."""
         return cls(
             after.block,
             after.trace_context,
             time.time_ns(),
-            recovery.result,
-            len(recovery.block),
+            rescue.result,
+            len(rescue.block),
             True,
         )
 
-    def decision(self) -> asyncio.Future[Recovery | None] | None:
-        """The recovery decision this answer's verdict awaits (call once it is answered)."""
+    def decision(self) -> asyncio.Future[Rescue | None] | None:
+        """The rescue decision this answer's verdict awaits (call once it is answered)."""
         return self.result.result().decision
 
     async def response(
@@ -205,7 +205,7 @@ class _Answer:
             "session %s round %d%s: %d/%d accepted, next %d",
             session_id,
             pb.round,
-            " (recovery)" if self.is_recovery else "",
+            " (rescue)" if self.is_rescue else "",
             verdict.num_accepted,
             self.k,
             verdict.next_token,
@@ -219,16 +219,16 @@ class _Answer:
                 committed_length=result.committed_length,
                 verify_ns=result.verify_ns,
                 queue_ns=result.queue_ns,
-                recovery_pending=result.decision is not None,
-                recovered=self.is_recovery,
+                rescue_pending=result.decision is not None,
+                rescued=self.is_rescue,
             )
         )
 
 
-def _decision_pb(round_index: int, recovery: Recovery | None) -> oracle_pb2.VerifyResponse:
-    tokens = list(recovery.block.token_ids) if recovery is not None else []
+def _decision_pb(round_index: int, rescue: Rescue | None) -> oracle_pb2.VerifyResponse:
+    tokens = list(rescue.block.token_ids) if rescue is not None else []
     return oracle_pb2.VerifyResponse(
-        recovery=oracle_pb2.RecoveryDecision(round=round_index, token_ids=tokens)
+        rescue=oracle_pb2.RescueDecision(round=round_index, token_ids=tokens)
     )
 
 
@@ -243,7 +243,7 @@ async def _read_blocks(
     A malformed message or a failed read ends the stream: its error is queued in
     order, after the answers to the blocks before it. With MAX_QUEUED blocks
     waiting for the engine, reading pauses until it answers one. (Answers given but
-    not yet sent do not count: while a chain of recovery blocks' verdicts goes out,
+    not yet sent do not count: while a chain of rescue blocks' verdicts goes out,
     the blocks the draft sends meanwhile must reach the engine, or none would ever
     end the chain.)
     """

@@ -67,15 +67,15 @@ class Lease:
     epoch: int
     reprefill: bool = False  # the session's cache had been evicted: its context is recomputed
     refused: bool = False  # a block of this stream was refused: the later ones are too
-    # Recovery (oracle_service.recovery): whether this stream's misses get a block drafted
+    # Rescue (oracle_service.rescue): whether this stream's misses get a block drafted
     # by the oracle, the committed length at its open (its turn's output starts there) and
     # the stream's own drafter (made at the first miss, gone with the stream).
-    recovery: bool = False
+    rescue: bool = False
     opened_length: int = 0
     drafter: Drafter | None = None
     # How late this stream's blocks come after the verdict they extend (a running mean,
-    # ns; it sets how long a recovery decision may wait for the draft's block),
-    # and the committed length -> verdict time of its last recoveries.
+    # ns; it sets how long a rescue decision may wait for the draft's block),
+    # and the committed length -> verdict time of its last rescues.
     late_ns: float = 5_000_000.0
     missed: dict[int, int] = field(default_factory=dict)
     # (start, assumed tokens) of the last blocks it flagged as the last for a verdict.

@@ -95,7 +95,7 @@ def _add_generate(sub: Any) -> None:
         help="likely corrections drafted ahead per block, greedy (0 = none; default: the draft's)",
     )
     p.add_argument(
-        "--recovery",
+        "--rescue",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="greedy: let the oracle draft a block itself after a miss (default: the draft's)",
@@ -141,7 +141,7 @@ def _generate(args: argparse.Namespace) -> None:
                 drafter=args.drafter,
                 pipeline_depth=args.pipeline_depth,
                 branches=args.branches,
-                recovery=args.recovery,
+                rescue=args.rescue,
             ):
                 completion.add(response)
                 sys.stdout.write(response.text)

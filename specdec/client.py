@@ -71,7 +71,7 @@ def build_request(
     drafter: str | None = None,
     pipeline_depth: int | None = None,
     branches: int | None = None,
-    recovery: bool | None = None,
+    rescue: bool | None = None,
 ) -> gateway_pb2.GenerateRequest:
     """A GenerateRequest from keyword arguments (k=None: the gateway's default; 0: oracle alone)."""
     sampling = common_pb2.SamplingParams(
@@ -92,8 +92,8 @@ def build_request(
         speculation.pipeline_depth = pipeline_depth
     if branches is not None:
         speculation.branches = branches
-    if recovery is not None:
-        speculation.recovery = recovery
+    if rescue is not None:
+        speculation.rescue = rescue
     request = gateway_pb2.GenerateRequest(
         session_id=session_id, sampling=sampling, speculation=speculation
     )

@@ -24,20 +24,20 @@ def run_local(args: argparse.Namespace) -> None:
         try:
             gateway_flags = ["--tokenizer", args.oracle_model] if args.oracle_model else []
             c.start_gateway(*gateway_flags, port=args.port)
-            # On a CPU the draft's model also serves the oracle as recovery draft (after
+            # On a CPU the draft's model also serves the oracle as rescue draft (after
             # a verdict none of the draft's blocks fit, the oracle drafts the next one
             # itself; on the H200 it did not pay); not the demo draft for an oracle of
             # another family.
-            recovery = []
+            rescue = []
             if (
                 args.device == "cpu"
                 and not args.no_draft
                 and (args.draft_model or not args.oracle_model)
             ):
-                recovery = ["--recovery-draft", args.draft_model or "demo"]
+                rescue = ["--rescue-draft", args.draft_model or "demo"]
             oracle = c.start_oracle(
                 args.oracle_model or None,
-                "--device", args.device, *recovery,
+                "--device", args.device, *rescue,
                 port=args.oracle_port or args.port + 1,
             )  # fmt: skip
             if not args.no_draft:

@@ -111,8 +111,8 @@ class Result:
                 skipped_blocks=sum(st.skipped_blocks for st in stats),
                 # Rounds whose block was drafted ahead for a guessed correction.
                 branch_share=sum(st.branch_rounds for st in stats) / max(rounds, 1),
-                # Rounds whose block the oracle drafted after a miss (recovery).
-                recovery_share=sum(st.recovered_rounds for st in stats) / max(rounds, 1),
+                # Rounds whose block the oracle drafted after a miss (rescue).
+                rescue_share=sum(st.rescued_rounds for st in stats) / max(rounds, 1),
             )
         if baseline is not None:
             pairs = zip(self.samples, baseline.samples, strict=False)
@@ -150,7 +150,7 @@ COLUMNS = [
     ("rounds", "rounds", "{}"),
     ("pipelined_share", "piped", "{:.2f}"),
     ("branch_share", "branch", "{:.2f}"),
-    ("recovery_share", "recov.", "{:.2f}"),
+    ("rescue_share", "recov.", "{:.2f}"),
     ("skipped_blocks", "skip", "{}"),
     ("wire_bytes_per_token", "B/tok", "{:.0f}"),
     ("mismatched_outputs", "diff", "{}"),

@@ -39,7 +39,7 @@ class Config:
     hf: str = ""  # "alone" / "assisted": in-process baselines
     pipeline_depth: int | None = None  # None: the draft's default
     branches: int | None = None  # None: the draft's default
-    recovery: bool | None = None  # None: the draft's default
+    rescue: bool | None = None  # None: the draft's default
 
 
 def add_bench_parser(sub: Any) -> None:
@@ -72,10 +72,10 @@ def add_bench_parser(sub: Any) -> None:
         help="compare likely corrections drafted ahead, e.g. 0,3 (default: the draft's only)",
     )
     p.add_argument(
-        "--recovery",
+        "--rescue",
         default="",
         help="compare the oracle drafting after a miss off and on, e.g. 0,1; the oracle "
-        "then gets the draft model as recovery draft (default: none, no recovery)",
+        "then gets the draft model as rescue draft (default: none, no rescue)",
     )
     p.add_argument("--no-hf", action="store_true", help="skip the in-process HF baselines")
     p.add_argument("--threads", type=int, default=1, help="compute threads per process")
@@ -164,7 +164,7 @@ def _gateway_sample(
     sample = Sample(0, 0.0, 0.0)
     for response in client.stream(
         prompt, k=cfg.k, adaptive=cfg.adaptive, drafter=cfg.drafter, ignore_eos=True,
-        pipeline_depth=cfg.pipeline_depth, branches=cfg.branches, recovery=cfg.recovery,
+        pipeline_depth=cfg.pipeline_depth, branches=cfg.branches, rescue=cfg.rescue,
         **sampling,
     ):  # fmt: skip
         sample.arrive(response.token_ids, time.perf_counter(), start)
@@ -221,23 +221,23 @@ def _configs(args: argparse.Namespace) -> list[Config]:
     delays = [float(d) for d in args.delays.split(",") if d]
     depths = [int(d) for d in args.pipeline_depths.split(",") if d] or [0]
     widths = [int(b) for b in args.branches.split(",") if b] or [-1]
-    recoveries: list[bool | None] = [bool(int(r)) for r in args.recovery.split(",") if r]
-    recoveries = recoveries or [None]
+    rescues: list[bool | None] = [bool(int(r)) for r in args.rescue.split(",") if r]
+    rescues = rescues or [None]
     configs = [Config("oracle alone (k=0)", 0), Config("ngram k=4", 4, drafter="ngram")]
     for delay in delays:
-        for depth, width, recovery in itertools.product(depths, widths, recoveries):
+        for depth, width, rescue in itertools.product(depths, widths, rescues):
             tag = f" pipe={depth}" if len(depths) > 1 else ""
             tag += f" br={width}" if len(widths) > 1 else ""
-            tag += f" rec={int(bool(recovery))}" if len(recoveries) > 1 else ""
+            tag += f" rec={int(bool(rescue))}" if len(rescues) > 1 else ""
             pipe, branches = depth or None, None if width < 0 else width
             configs += [
                 Config(f"draft k={k}{tag}", k, delay_ms=delay, pipeline_depth=pipe,
-                       branches=branches, recovery=recovery)
+                       branches=branches, rescue=rescue)
                 for k in ks
             ]  # fmt: skip
             configs.append(
                 Config(f"draft adaptive{tag}", max(ks), True, delay_ms=delay,
-                       pipeline_depth=pipe, branches=branches, recovery=recovery)
+                       pipeline_depth=pipe, branches=branches, rescue=rescue)
             )  # fmt: skip
     if not args.no_hf:
         configs += [Config("HF generate (oracle)", 0, hf="alone"),
@@ -304,10 +304,10 @@ def run_bench(args: argparse.Namespace) -> None:
     drafted: list[dict[str, Any]] = []  # the rows of the draft model's configurations
     with tempfile.TemporaryDirectory() as workdir, cluster(Path(workdir), env) as c:
         c.start_gateway("--tokenizer", oracle_path, "--default-max-new-tokens", "512")
-        recovery = ["--recovery-draft", draft_path] if args.recovery else []
+        rescue = ["--rescue-draft", draft_path] if args.rescue else []
         c.start_oracle(
             oracle_path, "--device", args.device, "--dtype", args.dtype,
-            "--public-address", f"127.0.0.1:{proxy.port}", *recovery, port=oracle_port,
+            "--public-address", f"127.0.0.1:{proxy.port}", *rescue, port=oracle_port,
         )  # fmt: skip
         c.start_draft(draft_path, "--device", args.draft_device, "--dtype", draft_dtype)
         c.wait_workers(oracles=1, drafts=1)

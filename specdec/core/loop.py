@@ -21,12 +21,12 @@ do not depend on each other:
   others. A round then costs max(verify, draft) instead of
   verify + round trip + draft whenever one of the guesses was right; when none
   was, it costs what no pipelining costs.
-* recovery (greedy, over a link that allows it, to an oracle with a recovery
+* rescue (greedy, over a link that allows it, to an oracle with a rescue
   draft): a verdict that none of the blocks sent fits yet comes with a pending
   decision. Until it comes, every block sent assumes at least the verdict's last
   token (so that the oracle can skip it). If the oracle drafts the next block
   itself, the loop takes that block as the one in flight, drops the rest and
-  drafts ahead after it (``specdec.core.types.Recovery``).
+  drafts ahead after it (``specdec.core.types.Rescue``).
 
 The output is unchanged by either: a block is only ever verified against the
 exact sequence it was drafted after, and every draw depends only on (seed,
@@ -53,7 +53,7 @@ from specdec.core.types import (
     Branch,
     BranchTicket,
     DraftBlock,
-    Recovery,
+    Rescue,
     RoundReport,
     Turn,
     TurnStats,
@@ -96,7 +96,7 @@ class _Sent:
     branch: bool  # drafted for a guessed correction of the block before it
     sent_ns: int
     result: asyncio.Future[VerifyResult]
-    recovered: bool = False  # drafted by the oracle (a ``Recovery``), not sent
+    rescued: bool = False  # drafted by the oracle (a ``Rescue``), not sent
     pipelined: bool = False  # sent before the verdict it assumes
 
     @property
@@ -181,8 +181,8 @@ class _RoundLoop:
         self.ahead_drafted = 0.0  # proposals drafted ahead (decayed) ...
         self.ahead_used = 0.0  # ... and rounds that used one
         self.last_verdict_ns = 0
-        # The recovery decision the last verdict awaits (None: none pending).
-        self.decision: asyncio.Future[Recovery | None] | None = None
+        # The rescue decision the last verdict awaits (None: none pending).
+        self.decision: asyncio.Future[Rescue | None] | None = None
         # Blocks in flight one after another: 1 = wait for each verdict before sending
         # the next (alternatives drafted for the same verdict count once).
         depth = min(max(1, turn.pipeline_depth), MAX_PIPELINE_DEPTH)
@@ -211,7 +211,7 @@ class _RoundLoop:
                 self._draft_ahead()
                 head = self.in_flight[0]
                 if not await self._await_head(head):
-                    continue  # a recovery decision came first
+                    continue  # a rescue decision came first
                 result = await head.result
                 received = time.perf_counter_ns()
                 self.in_flight.popleft()
@@ -225,7 +225,7 @@ class _RoundLoop:
 
     async def _await_head(self, head: _Sent) -> bool:
         """Until ``head``'s verdict is in, send the blocks drafted ahead as soon as they
-        are ready. False: a recovery decision came first (it goes before the verdict)."""
+        are ready. False: a rescue decision came first (it goes before the verdict)."""
         while True:
             if self.decision is not None and self.decision.done():
                 return False
@@ -309,7 +309,7 @@ class _RoundLoop:
         round_index, self.next_round = self.next_round, self.next_round + 1
         start, pipelined = len(self.committed), bool(assumed)
         if self.decision is not None and not assumed:
-            # The oracle may still recover the last verdict: it must be able to skip this.
+            # The oracle may still rescue the last verdict: it must be able to skip this.
             start, assumed = start - 1, tuple(self.committed[-1:])
         if self.observer is not None:
             self.observer.round_started(round_index, k, draft_ns)
@@ -416,7 +416,7 @@ class _RoundLoop:
                 "as they are; the draft and the oracle disagree about the session"
             )
         block = head.block
-        if self.proposer is not None and len(block) and not head.recovered:
+        if self.proposer is not None and len(block) and not head.rescued:
             self.proposer.update(verdict.num_accepted)
         new = committed_tokens(block, verdict)
         keep, reason = self.turn.stop.feed(new)
@@ -446,7 +446,7 @@ class _RoundLoop:
             branch=head.branch,
             skipped_blocks=skipped,
             wall_ns=wall_ns,
-            recovered=head.recovered,
+            rescued=head.rescued,
         )
         self.stats.add(report)
         self.ahead_used += report.drafted_ahead
@@ -485,7 +485,7 @@ class _RoundLoop:
         return len(stale)
 
     async def _send_late_ahead(self) -> None:
-        """A verdict awaits a recovery decision and nothing is in flight: the blocks
+        """A verdict awaits a rescue decision and nothing is in flight: the blocks
         drafted ahead for it were not sent yet. Send the one it makes true, if any; else
         tell the oracle that none is coming, so that it decides at once."""
         ahead = self.ahead or self.dropped
@@ -512,14 +512,14 @@ class _RoundLoop:
             asyncio.ensure_future(verify).add_done_callback(_consume)
 
     async def _take_decision(self) -> None:
-        """Wait for the pending recovery decision; adopt the oracle's block if it drafted one."""
+        """Wait for the pending rescue decision; adopt the oracle's block if it drafted one."""
         decision, self.decision = self.decision, None
         assert decision is not None
-        recovery = await decision
-        if recovery is not None:
-            self.stats.skipped_blocks += self._adopt(recovery)
+        rescue = await decision
+        if rescue is not None:
+            self.stats.skipped_blocks += self._adopt(rescue)
 
-    def _adopt(self, recovery: Recovery) -> int:
+    def _adopt(self, rescue: Rescue) -> int:
         """The oracle drafted the next block itself: it is the block in flight now.
 
         The oracle verifies it before anything else, so of the blocks still in flight
@@ -530,9 +530,9 @@ class _RoundLoop:
         """
         # The proposal drafted ahead for the verdict was not judged by the draft: the
         # oracle did not wait for it. It must not count as a failed guess, or the loop
-        # would draft ahead less and make the oracle recover more.
+        # would draft ahead less and make the oracle rescue more.
         self.ahead_drafted = max(0.0, self.ahead_drafted - 1)
-        committed, tokens = self.committed, recovery.block.token_ids
+        committed, tokens = self.committed, rescue.block.token_ids
         kept: deque[_Sent] = deque()
         for sent in self.in_flight:
             after = sent.assumed[len(committed) - sent.start :]  # beyond the committed tokens
@@ -546,12 +546,12 @@ class _RoundLoop:
             self.ahead.drop()
             self.ahead = None
         round_index, self.next_round = self.next_round, self.next_round + 1
-        k = len(recovery.block)
+        k = len(rescue.block)
         if self.observer is not None:
             self.observer.round_started(round_index, k, 0)
         head = _Sent(
-            round_index, k, recovery.block, len(committed), (), 0, False, False,
-            time.perf_counter_ns(), recovery.result, recovered=True,
+            round_index, k, rescue.block, len(committed), (), 0, False, False,
+            time.perf_counter_ns(), rescue.result, rescued=True,
         )  # fmt: skip
         dropped = len(self.in_flight) - len(kept)
         self.in_flight = deque([head, *kept])

@@ -2,7 +2,7 @@
 
 A leaf module: it imports nothing of models, gRPC, protobuf or torch at run time, so
 the gateway, the converters, telemetry, the policies and the service configs can use
-these types without loading the engine. Terms (accepted, recovered, bonus) are defined in
+these types without loading the engine. Terms (accepted, rescued, bonus) are defined in
 ``specdec.core.verifier``.
 """
 
@@ -159,7 +159,7 @@ class VerifyResult:
 
     Only a pipelined block (one sent with assumed tokens) can be skipped: its
     assumption about the verdict before it did not hold, so it was not verified.
-    ``decision`` (recovery, see ``Recovery``): set when no block extends the verdict
+    ``decision`` (rescue, see ``Rescue``): set when no block extends the verdict
     yet; it gets the oracle's own block for what follows, or None.
     """
 
@@ -167,15 +167,15 @@ class VerifyResult:
     committed_length: int
     verify_ns: int
     queue_ns: int = 0
-    decision: asyncio.Future[Recovery | None] | None = None
+    decision: asyncio.Future[Rescue | None] | None = None
 
 
 @dataclass(frozen=True)
-class Recovery:
+class Rescue:
     """A block the oracle drafted itself after a verdict that no block sent extended.
 
     A miss (no block drafted ahead fits the verdict) would otherwise leave the oracle
-    idle for a round trip plus a fresh draft. With a recovery draft (a copy of a
+    idle for a round trip plus a fresh draft. With a rescue draft (a copy of a
     small draft model) the oracle drafts ``block`` after the verdict and verifies it
     next; ``result`` gets that verdict. The verdict itself goes out at once, marked
     as awaiting this decision, so the draft keeps drafting ahead meanwhile; told of
@@ -207,15 +207,15 @@ class RoundReport:
     branch: bool = False  # ... for a guessed correction of that block, not its full acceptance
     skipped_blocks: int = 0  # blocks sent ahead that this round's verdict made stale
     wall_ns: int = 0  # since the previous verdict (the first round: since the open)
-    recovered: bool = False  # the oracle drafted the block itself (a ``Recovery``)
+    rescued: bool = False  # the oracle drafted the block itself (a ``Rescue``)
 
     @property
     def block_origin(self) -> str:
         """How the block was drafted: fresh (after the previous verdict), ahead (during
         its verification), piped (and sent before it), branch (for a guessed correction),
-        branch+piped, recovery (by the oracle, after a verdict no block extended)."""
-        if self.recovered:
-            return "recovery"
+        branch+piped, rescue (by the oracle, after a verdict no block extended)."""
+        if self.rescued:
+            return "rescue"
         if self.branch:
             return "branch+piped" if self.pipelined else "branch"
         if self.pipelined:
@@ -236,7 +236,7 @@ class TurnStats:
     ahead_hits: int = 0  # rounds whose block was drafted during the previous verification
     pipelined_rounds: int = 0  # ... and sent before the previous verdict came back
     branch_rounds: int = 0  # ... drafted for a guessed correction, not a full acceptance
-    recovered_rounds: int = 0  # rounds whose block the oracle drafted (``Recovery``)
+    rescued_rounds: int = 0  # rounds whose block the oracle drafted (``Rescue``)
     skipped_blocks: int = 0  # blocks sent ahead of a verdict that proved them stale
     cached_tokens: int = 0
     prefilled_tokens: int = 0
@@ -258,7 +258,7 @@ class TurnStats:
         self.ahead_hits += int(report.drafted_ahead)
         self.pipelined_rounds += int(report.pipelined)
         self.branch_rounds += int(report.branch)
-        self.recovered_rounds += int(report.recovered)
+        self.rescued_rounds += int(report.rescued)
         self.skipped_blocks += report.skipped_blocks
         self.output_tokens += report.committed
         self.draft_ns += report.draft_ns

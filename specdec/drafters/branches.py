@@ -124,7 +124,7 @@ def draft_branches(
     k = min(k, model.max_context - end)
     if k < 1 or start == 0:
         return []
-    # A block drafted elsewhere (the oracle's recovery block) has no runner-ups: its
+    # A block drafted elsewhere (the oracle's rescue block) has no runner-ups: its
     # positions are fed again to read the draft's choices there.
     rescore = not block.runner_ups and len(block) > 0
     reused = min(cache.sync(sequence), start - 1 if rescore else end - 1)

@@ -151,6 +151,6 @@ def stats_to_pb(
         pipelined_rounds=stats.pipelined_rounds,
         skipped_blocks=stats.skipped_blocks,
         branch_rounds=stats.branch_rounds,
-        recovered_rounds=stats.recovered_rounds,
+        rescued_rounds=stats.rescued_rounds,
         mean_speculative_tokens=stats.proposed / stats.rounds if stats.rounds else 0.0,
     )

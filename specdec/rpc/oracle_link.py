@@ -16,7 +16,7 @@ import grpc
 
 from specdec.core.errors import SpecdecError
 from specdec.core.sampling import SamplingParams
-from specdec.core.types import DraftBlock, OpenResult, Recovery, Verdict, VerifyResult
+from specdec.core.types import DraftBlock, OpenResult, Rescue, Verdict, VerifyResult
 from specdec.rpc import convert
 from specdec.v1 import oracle_pb2, oracle_pb2_grpc
 
@@ -55,10 +55,10 @@ class GrpcOracleLink:
         trace_context: Callable[[int | None], dict[str, str]] | None = None,
         timeout_s: float | None = None,
         round_timeout_s: float | None = None,
-        allow_recovery: bool = False,
+        allow_rescue: bool = False,
     ) -> None:
-        """``allow_recovery``: let the oracle draft a block itself after a miss (greedy
-        turns; see ``specdec.core.types.Recovery``)."""
+        """``allow_rescue``: let the oracle draft a block itself after a miss (greedy
+        turns; see ``specdec.core.types.Rescue``)."""
         self._stub = stub
         self._session_id = session_id
         self._grant = grant
@@ -75,9 +75,9 @@ class GrpcOracleLink:
         # Why this link cancelled its call (a stalled exchange): the other exchanges in
         # flight on it then fail for the same reason, not as "cancelled".
         self._broken: OracleRpcError | None = None
-        self._allow_recovery = allow_recovery
-        # Recovery: what the next follow-up response on the stream (a recovery decision,
-        # a recovery block's verdict) resolves. Whichever reads it first routes it: a
+        self._allow_rescue = allow_rescue
+        # Rescue: what the next follow-up response on the stream (a rescue decision,
+        # a rescue block's verdict) resolves. Whichever reads it first routes it: a
         # reader started for it, or an exchange in flight (which then reads on). One
         # read before the verdict it follows was parsed waits in ``_early``.
         self._expect: asyncio.Future[Any] | None = None
@@ -162,10 +162,10 @@ class GrpcOracleLink:
                     return None
 
     def _result(self, verdict: oracle_pb2.VerifyVerdict) -> VerifyResult:
-        """The verdict as the loop sees it, with a future for its recovery decision if one
+        """The verdict as the loop sees it, with a future for its rescue decision if one
         is pending."""
-        decision: asyncio.Future[Recovery | None] | None = None
-        if verdict.recovery_pending:
+        decision: asyncio.Future[Rescue | None] | None = None
+        if verdict.rescue_pending:
             decision = asyncio.get_running_loop().create_future()
             self._follow(decision)
         return VerifyResult(
@@ -194,17 +194,17 @@ class GrpcOracleLink:
 
     def _route(self, response: oracle_pb2.VerifyResponse) -> None:
         """Resolve the expected future with a follow-up response: a decision (None, or the
-        oracle's block, whose verdict is then expected) or a recovery block's verdict."""
+        oracle's block, whose verdict is then expected) or a rescue block's verdict."""
         future, self._expect = self._expect, None
         if future is None:
             self._early.append(response)
             return
-        value: Recovery | VerifyResult | None = None
-        if response.WhichOneof("kind") == "recovery":
-            tokens = tuple(response.recovery.token_ids)
+        value: Rescue | VerifyResult | None = None
+        if response.WhichOneof("kind") == "rescue":
+            tokens = tuple(response.rescue.token_ids)
             if tokens:
                 follow: asyncio.Future[VerifyResult] = asyncio.get_running_loop().create_future()
-                value = Recovery(DraftBlock(tokens), follow)
+                value = Rescue(DraftBlock(tokens), follow)
                 self._follow(follow)
         else:
             value = self._result(response.verdict)
@@ -225,7 +225,7 @@ class GrpcOracleLink:
             future.set_exception(
                 OracleRpcError(
                     grpc.StatusCode.INTERNAL,
-                    "the oracle owed a recovery decision or a recovery block's verdict, and "
+                    "the oracle owed a rescue decision or a rescue block's verdict, and "
                     f"sent a `{response.WhichOneof('kind')}` instead",
                 )
             )
@@ -239,7 +239,7 @@ class GrpcOracleLink:
                 sampling=convert.sampling_to_pb(params),
                 seed=seed,
                 grant=self._grant,
-                allow_recovery=self._allow_recovery,
+                allow_rescue=self._allow_rescue,
             ),
             trace_context=self._trace_context(None),
         )
@@ -299,11 +299,11 @@ class GrpcOracleLink:
 
 
 def _follow_up(response: Any) -> bool:
-    """A recovery decision or a recovery block's verdict: no request's answer."""
+    """A rescue decision or a rescue block's verdict: no request's answer."""
     if response is grpc.aio.EOF:
         return False
     kind = response.WhichOneof("kind")
-    return kind == "recovery" or (kind == "verdict" and response.verdict.recovered)
+    return kind == "rescue" or (kind == "verdict" and response.verdict.rescued)
 
 
 def _no_trace_context(round_index: int | None) -> dict[str, str]:

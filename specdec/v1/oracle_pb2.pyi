@@ -25,20 +25,20 @@ class VerifyRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[OpenVerify, _Mapping]] = ..., block: _Optional[_Union[VerifyBlock, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class OpenVerify(_message.Message):
-    __slots__ = ("session_id", "token_ids", "sampling", "seed", "grant", "allow_recovery")
+    __slots__ = ("session_id", "token_ids", "sampling", "seed", "grant", "allow_rescue")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     GRANT_FIELD_NUMBER: _ClassVar[int]
-    ALLOW_RECOVERY_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_RESCUE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
     seed: int
     grant: str
-    allow_recovery: bool
-    def __init__(self, session_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., grant: _Optional[str] = ..., allow_recovery: _Optional[bool] = ...) -> None: ...
+    allow_rescue: bool
+    def __init__(self, session_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., grant: _Optional[str] = ..., allow_rescue: _Optional[bool] = ...) -> None: ...
 
 class VerifyBlock(_message.Message):
     __slots__ = ("round", "base_length", "token_ids", "draft_distributions", "draft_ns", "assumed_token_ids", "last_alternative")
@@ -59,14 +59,14 @@ class VerifyBlock(_message.Message):
     def __init__(self, round: _Optional[int] = ..., base_length: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., draft_distributions: _Optional[_Iterable[_Union[_common_pb2.SparseDistribution, _Mapping]]] = ..., draft_ns: _Optional[int] = ..., assumed_token_ids: _Optional[_Iterable[int]] = ..., last_alternative: _Optional[bool] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
-    __slots__ = ("opened", "verdict", "recovery")
+    __slots__ = ("opened", "verdict", "rescue")
     OPENED_FIELD_NUMBER: _ClassVar[int]
     VERDICT_FIELD_NUMBER: _ClassVar[int]
-    RECOVERY_FIELD_NUMBER: _ClassVar[int]
+    RESCUE_FIELD_NUMBER: _ClassVar[int]
     opened: VerifyOpened
     verdict: VerifyVerdict
-    recovery: RecoveryDecision
-    def __init__(self, opened: _Optional[_Union[VerifyOpened, _Mapping]] = ..., verdict: _Optional[_Union[VerifyVerdict, _Mapping]] = ..., recovery: _Optional[_Union[RecoveryDecision, _Mapping]] = ...) -> None: ...
+    rescue: RescueDecision
+    def __init__(self, opened: _Optional[_Union[VerifyOpened, _Mapping]] = ..., verdict: _Optional[_Union[VerifyVerdict, _Mapping]] = ..., rescue: _Optional[_Union[RescueDecision, _Mapping]] = ...) -> None: ...
 
 class VerifyOpened(_message.Message):
     __slots__ = ("cached_tokens", "computed_tokens", "prefill_ns", "committed_length", "oracle_id")
@@ -83,7 +83,7 @@ class VerifyOpened(_message.Message):
     def __init__(self, cached_tokens: _Optional[int] = ..., computed_tokens: _Optional[int] = ..., prefill_ns: _Optional[int] = ..., committed_length: _Optional[int] = ..., oracle_id: _Optional[str] = ...) -> None: ...
 
 class VerifyVerdict(_message.Message):
-    __slots__ = ("round", "num_accepted", "next_token_id", "is_bonus", "committed_length", "verify_ns", "queue_ns", "skipped", "recovery_pending", "recovered")
+    __slots__ = ("round", "num_accepted", "next_token_id", "is_bonus", "committed_length", "verify_ns", "queue_ns", "skipped", "rescue_pending", "rescued")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -92,8 +92,8 @@ class VerifyVerdict(_message.Message):
     VERIFY_NS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_NS_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_FIELD_NUMBER: _ClassVar[int]
-    RECOVERY_PENDING_FIELD_NUMBER: _ClassVar[int]
-    RECOVERED_FIELD_NUMBER: _ClassVar[int]
+    RESCUE_PENDING_FIELD_NUMBER: _ClassVar[int]
+    RESCUED_FIELD_NUMBER: _ClassVar[int]
     round: int
     num_accepted: int
     next_token_id: int
@@ -102,11 +102,11 @@ class VerifyVerdict(_message.Message):
     verify_ns: int
     queue_ns: int
     skipped: bool
-    recovery_pending: bool
-    recovered: bool
-    def __init__(self, round: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token_id: _Optional[int] = ..., is_bonus: _Optional[bool] = ..., committed_length: _Optional[int] = ..., verify_ns: _Optional[int] = ..., queue_ns: _Optional[int] = ..., skipped: _Optional[bool] = ..., recovery_pending: _Optional[bool] = ..., recovered: _Optional[bool] = ...) -> None: ...
+    rescue_pending: bool
+    rescued: bool
+    def __init__(self, round: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token_id: _Optional[int] = ..., is_bonus: _Optional[bool] = ..., committed_length: _Optional[int] = ..., verify_ns: _Optional[int] = ..., queue_ns: _Optional[int] = ..., skipped: _Optional[bool] = ..., rescue_pending: _Optional[bool] = ..., rescued: _Optional[bool] = ...) -> None: ...
 
-class RecoveryDecision(_message.Message):
+class RescueDecision(_message.Message):
     __slots__ = ("round", "token_ids")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -119,7 +119,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("oracle_id", "model", "vocab_fingerprint", "vocab_size", "max_context", "eos_token_ids", "active_sessions", "cached_sessions", "kv_cache_bytes", "kv_cache_budget_bytes", "device", "batches", "verified_blocks", "verify_busy_ns", "recovery_draft", "recovery_blocks")
+    __slots__ = ("oracle_id", "model", "vocab_fingerprint", "vocab_size", "max_context", "eos_token_ids", "active_sessions", "cached_sessions", "kv_cache_bytes", "kv_cache_budget_bytes", "device", "batches", "verified_blocks", "verify_busy_ns", "rescue_draft", "rescue_blocks")
     ORACLE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -134,8 +134,8 @@ class GetInfoResponse(_message.Message):
     BATCHES_FIELD_NUMBER: _ClassVar[int]
     VERIFIED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     VERIFY_BUSY_NS_FIELD_NUMBER: _ClassVar[int]
-    RECOVERY_DRAFT_FIELD_NUMBER: _ClassVar[int]
-    RECOVERY_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    RESCUE_DRAFT_FIELD_NUMBER: _ClassVar[int]
+    RESCUE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     oracle_id: str
     model: str
     vocab_fingerprint: str
@@ -150,9 +150,9 @@ class GetInfoResponse(_message.Message):
     batches: int
     verified_blocks: int
     verify_busy_ns: int
-    recovery_draft: str
-    recovery_blocks: int
-    def __init__(self, oracle_id: _Optional[str] = ..., model: _Optional[str] = ..., vocab_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., active_sessions: _Optional[int] = ..., cached_sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., kv_cache_budget_bytes: _Optional[int] = ..., device: _Optional[str] = ..., batches: _Optional[int] = ..., verified_blocks: _Optional[int] = ..., verify_busy_ns: _Optional[int] = ..., recovery_draft: _Optional[str] = ..., recovery_blocks: _Optional[int] = ...) -> None: ...
+    rescue_draft: str
+    rescue_blocks: int
+    def __init__(self, oracle_id: _Optional[str] = ..., model: _Optional[str] = ..., vocab_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., active_sessions: _Optional[int] = ..., cached_sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., kv_cache_budget_bytes: _Optional[int] = ..., device: _Optional[str] = ..., batches: _Optional[int] = ..., verified_blocks: _Optional[int] = ..., verify_busy_ns: _Optional[int] = ..., rescue_draft: _Optional[str] = ..., rescue_blocks: _Optional[int] = ...) -> None: ...
 
 class ReleaseSessionRequest(_message.Message):
     __slots__ = ("session_id",)

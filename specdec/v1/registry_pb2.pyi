@@ -77,7 +77,7 @@ class WorkerLoad(_message.Message):
     def __init__(self, active_sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("assignment_id", "session_id", "oracle_id", "oracle_address", "token_ids", "prompt_tokens", "sampling", "seed", "num_speculative_tokens", "adaptive", "grant", "trace_context", "max_context", "pipeline_depth", "branches", "recovery")
+    __slots__ = ("assignment_id", "session_id", "oracle_id", "oracle_address", "token_ids", "prompt_tokens", "sampling", "seed", "num_speculative_tokens", "adaptive", "grant", "trace_context", "max_context", "pipeline_depth", "branches", "rescue")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -100,7 +100,7 @@ class Assignment(_message.Message):
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     PIPELINE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     BRANCHES_FIELD_NUMBER: _ClassVar[int]
-    RECOVERY_FIELD_NUMBER: _ClassVar[int]
+    RESCUE_FIELD_NUMBER: _ClassVar[int]
     assignment_id: str
     session_id: str
     oracle_id: str
@@ -116,8 +116,8 @@ class Assignment(_message.Message):
     max_context: int
     pipeline_depth: int
     branches: int
-    recovery: bool
-    def __init__(self, assignment_id: _Optional[str] = ..., session_id: _Optional[str] = ..., oracle_id: _Optional[str] = ..., oracle_address: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., prompt_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., num_speculative_tokens: _Optional[int] = ..., adaptive: _Optional[bool] = ..., grant: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., max_context: _Optional[int] = ..., pipeline_depth: _Optional[int] = ..., branches: _Optional[int] = ..., recovery: _Optional[bool] = ...) -> None: ...
+    rescue: bool
+    def __init__(self, assignment_id: _Optional[str] = ..., session_id: _Optional[str] = ..., oracle_id: _Optional[str] = ..., oracle_address: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., prompt_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., num_speculative_tokens: _Optional[int] = ..., adaptive: _Optional[bool] = ..., grant: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., max_context: _Optional[int] = ..., pipeline_depth: _Optional[int] = ..., branches: _Optional[int] = ..., rescue: _Optional[bool] = ...) -> None: ...
 
 class CancelAssignment(_message.Message):
     __slots__ = ("assignment_id", "reason")
@@ -134,7 +134,7 @@ class ReleaseDraftSession(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class RoundReport(_message.Message):
-    __slots__ = ("round", "proposed", "accepted", "is_bonus", "draft_ns", "verify_ns", "network_ns", "queue_ns", "drafted_ahead", "pipelined", "skipped_blocks", "branch", "recovered")
+    __slots__ = ("round", "proposed", "accepted", "is_bonus", "draft_ns", "verify_ns", "network_ns", "queue_ns", "drafted_ahead", "pipelined", "skipped_blocks", "branch", "rescued")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     PROPOSED_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -147,7 +147,7 @@ class RoundReport(_message.Message):
     PIPELINED_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
-    RECOVERED_FIELD_NUMBER: _ClassVar[int]
+    RESCUED_FIELD_NUMBER: _ClassVar[int]
     round: int
     proposed: int
     accepted: int
@@ -160,8 +160,8 @@ class RoundReport(_message.Message):
     pipelined: bool
     skipped_blocks: int
     branch: bool
-    recovered: bool
-    def __init__(self, round: _Optional[int] = ..., proposed: _Optional[int] = ..., accepted: _Optional[int] = ..., is_bonus: _Optional[bool] = ..., draft_ns: _Optional[int] = ..., verify_ns: _Optional[int] = ..., network_ns: _Optional[int] = ..., queue_ns: _Optional[int] = ..., drafted_ahead: _Optional[bool] = ..., pipelined: _Optional[bool] = ..., skipped_blocks: _Optional[int] = ..., branch: _Optional[bool] = ..., recovered: _Optional[bool] = ...) -> None: ...
+    rescued: bool
+    def __init__(self, round: _Optional[int] = ..., proposed: _Optional[int] = ..., accepted: _Optional[int] = ..., is_bonus: _Optional[bool] = ..., draft_ns: _Optional[int] = ..., verify_ns: _Optional[int] = ..., network_ns: _Optional[int] = ..., queue_ns: _Optional[int] = ..., drafted_ahead: _Optional[bool] = ..., pipelined: _Optional[bool] = ..., skipped_blocks: _Optional[int] = ..., branch: _Optional[bool] = ..., rescued: _Optional[bool] = ...) -> None: ...
 
 class AssignmentOpened(_message.Message):
     __slots__ = ("assignment_id", "cached_tokens", "prefilled_tokens", "prefill_ns", "oracle_id")

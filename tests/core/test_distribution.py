@@ -254,7 +254,7 @@ def pair_outcome_probs(p: torch.Tensor, q0: torch.Tensor, q1: torch.Tensor) -> t
 
     Cell a (a < V): x_0 rejected, recovered token a:   max(0, p_0 - q_0)(a).
     Cell V + a*V + b: x_0 = a accepted, then the second emitted token (x_1 accepted or
-    recovered) is b:  min(p_0, q_0)(a) * p_1(b)  (the second emitted token ~ p_1 by the
+    rescued) is b:  min(p_0, q_0)(a) * p_1(b)  (the second emitted token ~ p_1 by the
     one-step identity, independently of the first step).
     """
     v = p.shape[-1]

@@ -88,7 +88,7 @@ class VerifyStream:
         *,
         temperature: float = 0.0,
         seed: int = 0,
-        allow_recovery: bool = False,
+        allow_rescue: bool = False,
     ) -> oracle_pb2.VerifyOpened:
         request = oracle_pb2.VerifyRequest(
             open=oracle_pb2.OpenVerify(
@@ -96,7 +96,7 @@ class VerifyStream:
                 token_ids=list(tokens),
                 sampling=common_pb2.SamplingParams(temperature=temperature, max_new_tokens=64),
                 seed=seed,
-                allow_recovery=allow_recovery,
+                allow_rescue=allow_rescue,
             )
         )
         response = await self.send(request)

@@ -184,11 +184,11 @@ def test_verify_lanes_are_configured_and_checked(oracle_model: LoadedModel) -> N
     assert load_config(OracleConfig, [], {"SPECDEC_VERIFY_LANES": "1"}).verify_lanes == 1
     for argv, message in [
         (["--verify-lanes", "-1"], "--verify-lanes must be in"),
-        (["--verify-lanes", "2", "--recovery-draft", "demo"], "needs one verify lane"),
+        (["--verify-lanes", "2", "--rescue-draft", "demo"], "needs one verify lane"),
     ]:
         with pytest.raises(InvalidArgument, match=message):
             load_config(OracleConfig, argv, {}).validate()
-    with pytest.raises(InvalidArgument, match="recovery blocks need one verify lane"):
+    with pytest.raises(InvalidArgument, match="rescue blocks need one verify lane"):
         OracleEngine(
             oracle_model,
             oracle_id="x",
@@ -196,5 +196,5 @@ def test_verify_lanes_are_configured_and_checked(oracle_model: LoadedModel) -> N
             max_sessions=1,
             max_cached_sessions=1,
             lanes=2,
-            recovery_draft=oracle_model,
+            rescue_draft=oracle_model,
         )

@@ -43,9 +43,9 @@ def system(
     draft_path = model_dir("llama", "close_draft")
     with cluster(tmp_path_factory.mktemp("e2e")) as c:
         c.start_gateway("--tokenizer", str(oracle_path))
-        # The draft's model as recovery draft: a miss is recovered by the oracle (on by
-        # default for greedy turns), so every test here also runs through recoveries.
-        c.start_oracle(oracle_path, "--recovery-draft", str(draft_path), oracle_id="oracle-a")
+        # The draft's model as rescue draft: a miss is rescued by the oracle (on by
+        # default for greedy turns), so every test here also runs through rescues.
+        c.start_oracle(oracle_path, "--rescue-draft", str(draft_path), oracle_id="oracle-a")
         c.start_draft(draft_path, draft_id="draft-a")
         c.wait_workers(oracles=1, drafts=1)
         yield c, oracle_path
@@ -85,23 +85,23 @@ def test_branches_are_per_request_and_change_no_token(system: tuple[Cluster, Pat
     assert branch_rounds[0] == 0 and branch_rounds[3] > 0, branch_rounds
 
 
-def test_recovery_is_per_request_and_changes_no_token(system: tuple[Cluster, Path]) -> None:
-    # Without branches every rejection is a miss: with recovery the oracle drafts those
+def test_rescue_is_per_request_and_changes_no_token(system: tuple[Cluster, Path]) -> None:
+    # Without branches every rejection is a miss: with rescue the oracle drafts those
     # blocks itself; without it, none. The tokens are the same.
     c, oracle_path = system
-    recovered = {False: 0, True: 0}
+    rescued = {False: 0, True: 0}
     with Client(c.address, timeout=60) as client:
         for prompt in PROMPTS:
             expected = reference(oracle_path, prompt, 24)
-            for recovery in (False, True):
+            for rescue in (False, True):
                 result = client.generate(
                     prompt, max_new_tokens=24, k=3, ignore_eos=True, branches=0,
-                    recovery=recovery,
+                    rescue=rescue,
                 )  # fmt: skip
-                assert result.token_ids == expected, (recovery, prompt)
+                assert result.token_ids == expected, (rescue, prompt)
                 assert result.stats.output_tokens == 24
-                recovered[recovery] += result.stats.recovered_rounds
-    assert recovered[False] == 0 and recovered[True] > 0, recovered
+                rescued[rescue] += result.stats.rescued_rounds
+    assert rescued[False] == 0 and rescued[True] > 0, rescued
 
 
 @pytest.mark.parametrize("k", [0, 1, 4, 8])

@@ -1,4 +1,4 @@
-"""Recovery blocks: after a miss, the oracle drafts the session's next block itself.
+"""Rescue blocks: after a miss, the oracle drafts the session's next block itself.
 
 A draft hides the round trip by drafting ahead, during verification, for the
 likely outcomes of the block in flight (its full acceptance, its likeliest
@@ -8,14 +8,14 @@ oracle has nothing of that session to verify until the verdict has reached the
 draft, a fresh block has been drafted and it has come back: a round trip plus a
 draft, idle. On a 20 ms link that is most of a verification.
 
-An oracle started with a recovery draft (``--recovery-draft``, a copy of a small
+An oracle started with a rescue draft (``--rescue-draft``, a copy of a small
 draft model) fills that gap: it drafts the block itself, tells the draft
-(``RecoveryDecision``) and verifies it at once. The draft then drafts ahead after
+(``RescueDecision``) and verifies it at once. The draft then drafts ahead after
 that block as after one of its own, so the next round finds its block ready
-again; the oracle sends the recovery block's verdict next on the stream
-(``recovered``).
+again; the oracle sends the rescue block's verdict next on the stream
+(``rescued``).
 
-Only for greedy turns whose stream asked for it (``OpenVerify.allow_recovery``),
+Only for greedy turns whose stream asked for it (``OpenVerify.allow_rescue``),
 after a verdict that is not the end of the sequence, when no block of the session
 waiting in the queue extends it. The block is as long as the one just verified,
 never past the turn's max_new_tokens or the context. Lossless like every other
@@ -29,28 +29,28 @@ drafting after the oracle's block, would be late again every round: the oracle
 would end up drafting everything. So the oracle decides only once the draft's
 blocks for the verdict are all here (the last of them is flagged,
 ``VerifyBlock.last_alternative``): one that extends the verdict means no
-recovery, none means a miss. A draft that flags nothing is waited for at most
+rescue, none means a miss. A draft that flags nothing is waited for at most
 ``2 x late + 1 ms``, ``late`` being the stream's running mean of how late its
-matching blocks came (blocks that come after a recovery count too).
+matching blocks came (blocks that come after a rescue count too).
 
-The verdict is not held meanwhile: it goes out at once with ``recovery_pending``,
+The verdict is not held meanwhile: it goes out at once with ``rescue_pending``,
 so the draft keeps drafting ahead after the block it has in flight, and the
-decision follows it on the stream. The recovery block is drafted while the
+decision follows it on the stream. The rescue block is drafted while the
 decision waits, in a thread of its own (a block that arrives meanwhile is
 verified at once; on a CPU, in the model thread): a miss costs the longer of the
 wait and the drafting, not both.
 
-**A busy drafter does not hold up misses.** Recovery blocks are drafted one at a
+**A busy drafter does not hold up misses.** Rescue blocks are drafted one at a
 time, in the order of their verdicts. A miss waits only for the first of them: a
 miss whose block still waits behind another's is decided "none", and the draft
 drafts its own block. A block no longer wanted is dropped, before it starts if it
-has not. Before this, recovery on the H200 with 16 sessions cut throughput from
+has not. Before this, rescue on the H200 with 16 sessions cut throughput from
 1722 to 295 tok/s. Read from the code (the fix was not measured there): every
 verdict that no block extended yet queued a block in the one drafter thread,
 blocks for verdicts that a late block then extended were drafted all the same,
 and every decision waited for its block to come out of that queue.
 
-    verdict, nothing extends it --> send it (recovery_pending); draft B' meanwhile
+    verdict, nothing extends it --> send it (rescue_pending); draft B' meanwhile
         a block extends it             --> decision: none (B' dropped)
         all blocks here, or wait over  --> decision: B'; queue B', verify it next
             ... while B' waits behind another miss's block --> decision: none
@@ -67,7 +67,7 @@ from dataclasses import dataclass, replace
 
 from oracle_service.scheduler import BlockQueue, PendingBlock
 from oracle_service.sessions import Lease, OracleSession
-from specdec.core.types import DraftBlock, Recovery, VerifyResult
+from specdec.core.types import DraftBlock, Rescue, VerifyResult
 from specdec.drafters.model_drafter import ModelDrafter
 from specdec.engine.models import LoadedModel
 
@@ -80,11 +80,11 @@ HOLD_FACTOR = 2.0
 HOLD_MARGIN_NS = 1_000_000
 MAX_HOLD_NS = 200_000_000
 LATE_DECAY = 0.8
-MISSES_REMEMBERED = 4  # recent recoveries whose late blocks still teach the lateness
+MISSES_REMEMBERED = 4  # recent rescues whose late blocks still teach the lateness
 
 
-class RecoveryDrafter:
-    """Drafts recovery blocks with ``model`` in ``executor``.
+class RescueDrafter:
+    """Drafts rescue blocks with ``model`` in ``executor``.
 
     On a GPU, a thread of its own (the default): the oracle's model thread stays free
     for a block that arrives meanwhile. On a CPU the oracle passes its model thread:
@@ -94,7 +94,7 @@ class RecoveryDrafter:
     def __init__(self, model: LoadedModel, executor: Executor | None = None) -> None:
         self.model = model
         self._own = executor is None
-        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="oracle-recovery")
+        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="oracle-rescue")
 
     @property
     def name(self) -> str:
@@ -117,25 +117,23 @@ class RecoveryDrafter:
 
 @dataclass(eq=False)
 class Miss:
-    """A verdict no waiting block extends, whose recovery is not decided yet; its
-    recovery block is drafted meanwhile (``draft``), in case no block comes."""
+    """A verdict no waiting block extends, whose rescue is not decided yet; its
+    rescue block is drafted meanwhile (``draft``), in case no block comes."""
 
     pending: PendingBlock
     committed_length: int
     verdict_ns: int
     deadline_ns: int
     draft: asyncio.Future[DraftBlock | None]
-    decision: asyncio.Future[Recovery | None]
+    decision: asyncio.Future[Rescue | None]
 
 
-class Recoveries:
-    """Decides the misses' recoveries (event loop). ``wake`` wakes the batcher."""
+class Rescues:
+    """Decides the misses' rescues (event loop). ``wake`` wakes the batcher."""
 
-    def __init__(
-        self, drafter: RecoveryDrafter, queue: BlockQueue, wake: Callable[[], None]
-    ) -> None:
+    def __init__(self, drafter: RescueDrafter, queue: BlockQueue, wake: Callable[[], None]) -> None:
         self.drafter = drafter
-        self.blocks = 0  # recovery blocks queued since start
+        self.blocks = 0  # rescue blocks queued since start
         self._queue = queue
         self._wake = wake
         self._misses: list[Miss] = []
@@ -143,9 +141,9 @@ class Recoveries:
     def after_verdict(
         self, pending: PendingBlock, result: VerifyResult, k: int, extended: bool
     ) -> VerifyResult:
-        """``pending``'s verdict (``result``), which a recovery block of k tokens could
+        """``pending``'s verdict (``result``), which a rescue block of k tokens could
         follow: unless a waiting block already ``extended`` it, the result with a pending
-        recovery decision, its block drafted at once."""
+        rescue decision, its block drafted at once."""
         lease = pending.lease
         if extended:
             _learn(lease, 0)  # on time
@@ -158,7 +156,7 @@ class Recoveries:
         committed = list(lease.session.committed)  # (the model thread may extend it later)
         draft = asyncio.ensure_future(self._draft(lease, committed, k))
         draft.add_done_callback(lambda _: self._wake())
-        decision: asyncio.Future[Recovery | None] = loop.create_future()
+        decision: asyncio.Future[Rescue | None] = loop.create_future()
         miss = Miss(pending, result.committed_length, now, now + int(wait), draft, decision)
         self._misses.append(miss)
         return replace(result, decision=decision)
@@ -173,7 +171,7 @@ class Recoveries:
 
     def arrived(self, pending: PendingBlock) -> None:
         """A block was queued: if it is the last the draft sends for a verdict, a miss
-        waiting on that verdict is due now; if it extends a verdict a recovery answered,
+        waiting on that verdict is due now; if it extends a verdict a rescue answered,
         learn how late it came."""
         lease = pending.lease
         if pending.last_alternative and pending.assumed:
@@ -192,8 +190,8 @@ class Recoveries:
                 return
 
     def settle(self, extends: Callable[[OracleSession], bool]) -> None:
-        """Decide the misses whose block came (``extends`` their session: no recovery),
-        and those whose wait is over and whose recovery block is drafted (recovery).
+        """Decide the misses whose block came (``extends`` their session: no rescue),
+        and those whose wait is over and whose rescue block is drafted (rescue).
         Call before the next batch is taken: a block that extends a miss's verdict must
         find it decided."""
         now = time.perf_counter_ns()
@@ -205,13 +203,13 @@ class Recoveries:
                 miss.draft.cancel()
                 continue
             due = now >= miss.deadline_ns
-            if not lease.recovery:  # its stream sends no more blocks
+            if not lease.rescue:  # its stream sends no more blocks
                 _decide(miss, None)
             elif extends(lease.session):
                 _learn(lease, now - miss.verdict_ns)
                 _decide(miss, None)
             elif due and miss.draft.done():
-                _decide(miss, self._recover(miss))
+                _decide(miss, self._rescue(miss))
             elif due and queued:
                 _decide(miss, None)  # behind other misses' blocks: the draft drafts its own
             else:
@@ -219,8 +217,8 @@ class Recoveries:
                 queued = queued or not miss.draft.done()
         self._misses = undecided
 
-    def _recover(self, miss: Miss) -> Recovery | None:
-        """Queue the miss's recovery block as its session's next (None: drafting failed)."""
+    def _rescue(self, miss: Miss) -> Rescue | None:
+        """Queue the miss's rescue block as its session's next (None: drafting failed)."""
         draft = miss.draft
         block = None if draft.cancelled() or draft.exception() else draft.result()
         if block is None or not len(block):
@@ -235,14 +233,14 @@ class Recoveries:
         while len(lease.missed) > MISSES_REMEMBERED:
             del lease.missed[next(iter(lease.missed))]
         self.blocks += 1
-        return Recovery(block, follow)
+        return Rescue(block, follow)
 
     async def _draft(self, lease: Lease, committed: list[int], k: int) -> DraftBlock | None:
-        """The recovery block; None if drafting failed."""
+        """The rescue block; None if drafting failed."""
         try:
             return await self.drafter.draft(lease, committed, k)
-        except Exception:  # a failed recovery costs only the wait it would have saved
-            log.exception("drafting a recovery block for %s failed", lease.session.session_id)
+        except Exception:  # a failed rescue costs only the wait it would have saved
+            log.exception("drafting a rescue block for %s failed", lease.session.session_id)
             return None
 
     def cancel(self) -> None:
@@ -253,10 +251,10 @@ class Recoveries:
         self.drafter.close()
 
 
-def _decide(miss: Miss, recovery: Recovery | None) -> None:
-    """Settle ``miss``; its recovery block, if still to be drafted, is no longer wanted."""
+def _decide(miss: Miss, rescue: Rescue | None) -> None:
+    """Settle ``miss``; its rescue block, if still to be drafted, is no longer wanted."""
     miss.draft.cancel()
-    miss.decision.set_result(recovery)
+    miss.decision.set_result(rescue)
 
 
 def _follows(pending: PendingBlock, start: int, assumed: tuple[int, ...]) -> bool:
