@@ -46,6 +46,7 @@ from oracle_service.rescue import RescueDrafter, Rescues
 from oracle_service.scheduler import BatchCounters, BlockQueue, PendingBlock
 from oracle_service.sessions import Lease, OracleSession, SessionStore
 from specdec.core.errors import FailedPrecondition, InvalidArgument, Unavailable
+from specdec.core.prefix import ends_with
 from specdec.core.sampling import SamplingParams, validate_token_ids
 from specdec.core.types import (
     MAX_SPECULATIVE_TOKENS,
@@ -538,7 +539,7 @@ class OracleEngine:
         in a batch (not running now) or when its stream opens (before any of its blocks).
         """
         committed = pending.session.committed
-        return bool(pending.assumed) and not _ends_with(
+        return bool(pending.assumed) and not ends_with(
             committed, pending.base_length, pending.assumed
         )
 
@@ -562,7 +563,7 @@ class OracleEngine:
             )
         have = len(session.committed)
         base_length, block, assumed = pending.base_length, pending.block, pending.assumed
-        if assumed and not _ends_with(session.committed, base_length, assumed):
+        if assumed and not ends_with(session.committed, base_length, assumed):
             return None
         if base_length != have:
             raise FailedPrecondition(
@@ -678,8 +679,3 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
-
-
-def _ends_with(committed: Sequence[int], length: int, tail: Sequence[int]) -> bool:
-    """committed has exactly ``length`` tokens and its last ones are ``tail``."""
-    return len(committed) == length and list(committed[length - len(tail) :]) == list(tail)
