@@ -58,13 +58,14 @@ async def run_plain_turn(
     state = TurnState(link, proposer, turn, on_commit, policy, observer)
     await open_turn(state, on_open)
     while len(state.committed) < turn.max_context:
-        k = k_for(state, len(state.committed))
+        k = k_for(state, len(state.committed))  # within max_new_tokens and the context
         t0 = time.perf_counter_ns()
-        block = await propose(state, k)
-        sent = send(state, block, k, time.perf_counter_ns() - t0, len(state.committed))
-        result = await sent.result
+        block = await propose(state, k)  # x_1..x_k after the committed tokens c
+        draft_ns = time.perf_counter_ns() - t0
+        sent = send(state, block, k, draft_ns, start=len(state.committed))
+        result = await sent.result  # one oracle forward over c + x_1..x_k: n accepted
         received = time.perf_counter_ns()
-        new, keep, reason = fold(state, sent, result)
+        new, keep, reason = fold(state, sent, result)  # x_1..x_n, y; cut at a stop
         await publish(state, new[:keep], report(state, sent, result, keep, received))
         if reason is not None:
             return reason, finish(state)

@@ -18,12 +18,13 @@ import pytest
 from specdec.core.loop import run_turn
 from specdec.core.sampling import SamplingParams
 from specdec.core.stopping import StopChecker
-from specdec.core.types import Branch, BranchTicket, DraftBlock, RoundReport, Turn
+from specdec.core.types import Branch, BranchTicket, DraftBlock, Turn
 from specdec.drafters.model_drafter import ModelDrafter
 from specdec.drafters.proposers import ThreadProposer
 from specdec.engine.oracle import Oracle
 from specdec.generate import speculative_generate
 from tests.core.test_pipeline import RoundTripLink, generate
+from tests.core.test_round import run_with
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -139,17 +140,10 @@ def test_a_miss_stops_the_drafting_ahead_instead_of_waiting_for_it(
         stop=StopChecker(params, (), None), max_context=oracle.max_context,
         draft_ahead=True, branches=3,
     )  # fmt: skip
-    tokens: list[int] = []
-    rounds: list[RoundReport] = []
-
-    async def on_commit(new: list[int], report: RoundReport) -> None:
-        tokens.extend(new)
-        rounds.append(report)
-
     ahead_s = 0.2
     with ThreadPoolExecutor(max_workers=1) as executor:
         proposer = SlowAhead(drafter, executor, ahead_s)
-        asyncio.run(run_turn(RoundTripLink(oracle, 0.002), proposer, turn, on_commit))
+        tokens, _, _, rounds = run_with(run_turn, RoundTripLink(oracle, 0.002), proposer, turn)
     assert tokens == alone.tokens
     assert proposer.cancelled > 0 and proposer.finished > 0  # misses, and hits waited for
     fresh = [r for r in rounds[1:] if r.block_origin == "fresh"]

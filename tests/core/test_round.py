@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from specdec.core.loop import run_turn
+from specdec.core.protocols import OracleLink, Proposer
 from specdec.core.round import run_plain_turn
 from specdec.core.sampling import SamplingParams
 from specdec.core.stopping import FinishReason, StopChecker
@@ -42,6 +43,16 @@ def run(
         context=list(prompt), prompt_tokens=len(prompt), params=params, seed=params.seed or 0,
         k=k, stop=StopChecker(params, eos, None), max_context=oracle.max_context, **options,
     )  # fmt: skip
+    if hasattr(drafter, "reset"):
+        drafter.reset(turn.seed)  # as speculative_generate does: the draft's draws too
+    proposer = InlineProposer(drafter) if drafter is not None else None
+    return run_with(runner, LocalOracleLink(oracle), proposer, turn)
+
+
+def run_with(
+    runner: Any, link: OracleLink, proposer: Proposer | None, turn: Turn
+) -> tuple[list[int], FinishReason, TurnStats, list[RoundReport]]:
+    """``run`` over any link and proposer."""
     tokens: list[int] = []
     rounds: list[RoundReport] = []
 
@@ -49,10 +60,7 @@ def run(
         tokens.extend(new)
         rounds.append(report)
 
-    if hasattr(drafter, "reset"):
-        drafter.reset(turn.seed)  # as speculative_generate does: the draft's draws too
-    proposer = InlineProposer(drafter) if drafter is not None else None
-    reason, stats = asyncio.run(runner(LocalOracleLink(oracle), proposer, turn, on_commit))
+    reason, stats = asyncio.run(runner(link, proposer, turn, on_commit))
     return tokens, reason, stats, rounds
 
 
