@@ -25,11 +25,18 @@ from specdec.core.prefix import agrees, ends_with, may_hold
 from specdec.core.protocols import Proposer
 from specdec.core.round import consume
 from specdec.core.sampling import SamplingParams
-from specdec.core.types import Branch, BranchTicket, DraftBlock
+from specdec.core.types import MAX_BRANCHES, Branch, BranchTicket, DraftBlock, Turn
 
 # A branch still possible: (branch, drafted for a correction, the length its block
 # extends, the tokens it assumes beyond the committed ones).
 Possible = tuple[Branch, bool, int, tuple[int, ...]]
+
+
+def branch_width(turn: Turn) -> int:
+    """Likely corrections drafted ahead per block in flight, besides its full acceptance.
+    Greedy only: a sampled correction is a draw from norm(max(0, p - q)), not the draft's
+    runner-up."""
+    return min(max(0, turn.branches), MAX_BRANCHES) if turn.params.greedy else 0
 
 
 @dataclass

@@ -30,6 +30,7 @@ from typing import Any
 from specdec.core import ahead as drafting_ahead
 from specdec.core import pipeline, rescue
 from specdec.core.ahead import Ahead
+from specdec.core.branches import branch_width
 from specdec.core.protocols import KPolicy, OnCommit, OnOpen, OracleLink, Proposer, RoundObserver
 from specdec.core.round import (
     FRESH,
@@ -47,7 +48,6 @@ from specdec.core.round import (
 )
 from specdec.core.stopping import FinishReason
 from specdec.core.types import (
-    MAX_BRANCHES,
     DraftBlock,
     Rescue,
     Turn,
@@ -69,22 +69,21 @@ async def run_turn(
     """Run rounds until a stop condition; report each round's new tokens through on_commit."""
     check_k(turn.k)
     state = TurnState(link, proposer, turn, on_commit, policy, observer)
-    width = min(max(0, turn.branches), MAX_BRANCHES) if turn.params.greedy else 0
-    loop = _Loop(state, pipeline.pipeline_depth(turn), width)
+    loop = _Loop(state, pipeline.pipeline_depth(turn), branch_width(turn))
     await open_turn(state, on_open)
     try:
         while True:
             if loop.decision is not None and not loop.in_flight:
-                await _send_late_ahead(loop)
+                await _send_late_ahead(loop)  # rescue: the block for the verdict, or word of none
             if loop.decision is not None and (loop.decision.done() or not loop.in_flight):
-                await _take_decision(loop)
+                await _take_decision(loop)  # rescue: the oracle's own block, or none
             if not loop.in_flight:
                 if len(state.committed) >= turn.max_context:
                     return FinishReason.CONTEXT_LIMIT, finish(state)
-                await _send_next(loop)
-            _draft_ahead(loop)
+                await _send_next(loop)  # the plain round's block (or one drafted ahead)
+            _draft_ahead(loop)  # the next block, while this one is verified
             head = loop.in_flight[0]
-            if not await _await_head(loop, head):
+            if not await _await_head(loop, head):  # pipelining: send blocks ahead meanwhile
                 continue  # a rescue decision came first
             result = await head.result
             received = time.perf_counter_ns()
