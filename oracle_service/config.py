@@ -6,7 +6,13 @@ import os
 import socket
 from dataclasses import dataclass
 
-from specdec.config import QUANTIZE_CHOICES, setting
+from specdec.config import (
+    QUANTIZE_CHOICES,
+    SECURITY,
+    SecuritySettings,
+    TelemetrySettings,
+    setting,
+)
 from specdec.core.errors import InvalidArgument
 
 MIB = 1024 * 1024
@@ -14,7 +20,7 @@ MAX_VERIFY_LANES = 8
 
 
 @dataclass
-class OracleConfig:
+class OracleConfig(SecuritySettings, TelemetrySettings):
     """Serve an oracle model: verify drafted blocks for drafts and the gateway."""
 
     host: str = setting("0.0.0.0", "interface to listen on")
@@ -78,19 +84,10 @@ class OracleConfig:
     log_level: str = setting(
         "info", "log level", choices=("debug", "info", "warning", "error", "critical")
     )
-    metrics_port: int = setting(0, "Prometheus metrics port (0 = no metrics endpoint)")
-    # Security (docs/security.md): all off by default.
-    tls_cert: str = setting("", "PEM certificate (served, and presented to the gateway)")
-    tls_key: str = setting("", "PEM private key of --tls-cert")
-    tls_ca: str = setting("", "PEM CA bundle: verifies the gateway; callers need a certificate")
-    tls_server_name: str = setting(
-        "", "name the gateway's certificate must carry (default: the dialled host)"
-    )
-    auth_token: str = setting(
-        "", "worker token: required of callers, presented to the gateway (empty = none)"
-    )
     grant_secret: str = setting(
-        "", "the gateway's grant secret: serve only sessions it granted (empty = any)"
+        "",
+        "the gateway's grant secret: serve only sessions it granted (empty = any)",
+        group=SECURITY,
     )
     health_host: str = setting("127.0.0.1", "interface of the plaintext health endpoint")
     health_port: int = setting(-1, "plaintext health-only port (-1 = off: health on --port)")

@@ -49,7 +49,7 @@ class GrpcOracleLink:
 
     def __init__(
         self,
-        stub: oracle_pb2_grpc.OracleStub,
+        channel: grpc.aio.Channel,
         session_id: str,
         grant: str = "",
         trace_context: Callable[[int | None], dict[str, str]] | None = None,
@@ -59,7 +59,7 @@ class GrpcOracleLink:
     ) -> None:
         """``allow_rescue``: let the oracle draft a block itself after a miss (greedy
         turns; see ``specdec.core.types.Rescue``)."""
-        self._stub = stub
+        self._stub = oracle_pb2_grpc.OracleStub(channel)
         self._session_id = session_id
         self._grant = grant
         # The trace context of a round (None: of the turn, for the open message).
