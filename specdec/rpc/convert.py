@@ -9,6 +9,7 @@ application client uses it): the sampling maths' module is imported on first use
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -36,11 +37,14 @@ from specdec.core.types import (
     DraftBlock,
     DrafterKind,
     OpenResult,
+    Rescue,
     RoundReport,
     Speculation,
     TurnStats,
+    Verdict,
+    VerifyResult,
 )
-from specdec.v1 import common_pb2, gateway_pb2, registry_pb2
+from specdec.v1 import common_pb2, gateway_pb2, oracle_pb2, registry_pb2
 
 if TYPE_CHECKING:
     from specdec.core.sampling import SamplingParams, SparseDist
@@ -131,6 +135,76 @@ def block_from_pb(
         )
     q = tuple(sparse_from_pb(d) for d in distributions) if distributions else None
     return DraftBlock(token_ids=tuple(int(t) for t in token_ids), q=q)
+
+
+# ---- the Verify stream's answers ---------------------------------------------------------
+
+
+def opened_to_pb(opened: OpenResult, committed_length: int) -> oracle_pb2.VerifyResponse:
+    return oracle_pb2.VerifyResponse(
+        opened=oracle_pb2.VerifyOpened(
+            cached_tokens=opened.cached_tokens,
+            computed_tokens=opened.computed_tokens,
+            prefill_ns=opened.prefill_ns,
+            committed_length=committed_length,
+            oracle_id=opened.oracle_id,
+        )
+    )
+
+
+def opened_from_pb(pb: oracle_pb2.VerifyOpened) -> OpenResult:
+    return OpenResult(pb.cached_tokens, pb.computed_tokens, pb.prefill_ns, pb.oracle_id)
+
+
+def verdict_to_pb(
+    round_index: int, result: VerifyResult, *, rescued: bool = False
+) -> oracle_pb2.VerifyResponse:
+    """``result`` of round ``round_index``; ``rescued``: the block was a rescue block. A
+    verdict whose rescue decision is pending says so (the decision follows it)."""
+    verdict = result.verdict
+    if verdict is None:  # a pipelined block whose assumption failed
+        skipped = oracle_pb2.VerifyVerdict(
+            round=round_index,
+            skipped=True,
+            committed_length=result.committed_length,
+            queue_ns=result.queue_ns,
+        )
+        return oracle_pb2.VerifyResponse(verdict=skipped)
+    return oracle_pb2.VerifyResponse(
+        verdict=oracle_pb2.VerifyVerdict(
+            round=round_index,
+            num_accepted=verdict.num_accepted,
+            next_token_id=verdict.next_token,
+            is_bonus=verdict.is_bonus,
+            committed_length=result.committed_length,
+            verify_ns=result.verify_ns,
+            queue_ns=result.queue_ns,
+            rescue_pending=result.decision is not None,
+            rescued=rescued,
+        )
+    )
+
+
+def verify_result_from_pb(
+    pb: oracle_pb2.VerifyVerdict, decision: asyncio.Future[Rescue | None] | None = None
+) -> VerifyResult:
+    """``decision``: the future the rescue decision that follows will resolve (the
+    caller's, when ``pb.rescue_pending``)."""
+    verdict = None if pb.skipped else Verdict(pb.num_accepted, pb.next_token_id, pb.is_bonus)
+    return VerifyResult(verdict, pb.committed_length, pb.verify_ns, pb.queue_ns, decision)
+
+
+def rescue_decision_to_pb(round_index: int, rescue: Rescue | None) -> oracle_pb2.VerifyResponse:
+    """The decision after round ``round_index``'s verdict: the oracle's own block, or none."""
+    tokens = list(rescue.block.token_ids) if rescue is not None else []
+    return oracle_pb2.VerifyResponse(
+        rescue=oracle_pb2.RescueDecision(round=round_index, token_ids=tokens)
+    )
+
+
+def rescue_block_from_pb(pb: oracle_pb2.RescueDecision) -> DraftBlock | None:
+    """The block of a rescue decision; None: the oracle drafted none."""
+    return DraftBlock(tuple(pb.token_ids)) if pb.token_ids else None
 
 
 # ---- enums ------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ are listed, each with its reason.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import enum
 import itertools
@@ -34,11 +35,15 @@ from specdec.core.messages import (
 from specdec.core.sampling import SamplingParams
 from specdec.core.stopping import FinishReason
 from specdec.core.types import (
+    DraftBlock,
     DrafterKind,
     OpenResult,
+    Rescue,
     RoundReport,
     Speculation,
     TurnStats,
+    Verdict,
+    VerifyResult,
 )
 from specdec.rpc import convert
 from specdec.v1 import common_pb2, gateway_pb2, registry_pb2
@@ -269,3 +274,39 @@ def test_a_failure_with_a_status_unknown_here_reads_as_unknown() -> None:
 )
 def test_gateway_messages_round_trip(message: Any) -> None:
     assert convert.gateway_message_from_pb(convert.gateway_message_to_pb(message)) == message
+
+
+# -- the Verify stream's answers ---------------------------------------------------------------
+
+
+def test_opened_round_trip() -> None:
+    opened = distinct(OpenResult)
+    pb = convert.opened_to_pb(opened, committed_length=17).opened
+    assert convert.opened_from_pb(pb) == opened
+    assert pb.committed_length == 17
+
+
+async def test_verdict_round_trip_with_its_pending_rescue_decision() -> None:
+    decision: asyncio.Future[Rescue | None] = asyncio.get_running_loop().create_future()
+    result = distinct(VerifyResult, verdict=distinct(Verdict), decision=decision)
+    pb = convert.verdict_to_pb(9, result, rescued=True).verdict
+    assert (pb.round, pb.rescue_pending, pb.rescued) == (9, True, True)
+    assert convert.verify_result_from_pb(pb, decision) == result
+    settled = dataclasses.replace(result, decision=None)
+    assert not convert.verdict_to_pb(9, settled).verdict.rescue_pending
+
+
+def test_a_skipped_block_round_trips_as_skipped() -> None:
+    result = VerifyResult(None, committed_length=30, verify_ns=0, queue_ns=55)
+    pb = convert.verdict_to_pb(4, result).verdict
+    assert pb.skipped
+    assert convert.verify_result_from_pb(pb) == result
+
+
+async def test_rescue_decision_round_trip() -> None:
+    follow: asyncio.Future[VerifyResult] = asyncio.get_running_loop().create_future()
+    block = DraftBlock((5, 6, 7))
+    pb = convert.rescue_decision_to_pb(3, Rescue(block, follow)).rescue
+    assert pb.round == 3
+    assert convert.rescue_block_from_pb(pb) == block
+    assert convert.rescue_block_from_pb(convert.rescue_decision_to_pb(3, None).rescue) is None
