@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -265,7 +264,7 @@ def _in_daemon_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The oracle's flags, for a ``specdec oracle`` subparser."""
-    add_config_arguments(parser, OracleConfig, os.environ)
+    add_config_arguments(parser, OracleConfig)
 
 
 def run(config: OracleConfig) -> None:

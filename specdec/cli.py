@@ -14,7 +14,6 @@ Imports are lazy so that `specdec train` needs only torch and transformers.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -39,7 +38,7 @@ def _add_service(sub: Any, name: str) -> None:
     config_module, config_class, _ = SERVICES[name]
     cls = getattr(_import(config_module), config_class)
     parser = sub.add_parser(name, help=cls.__doc__, description=cls.__doc__)
-    add_arguments(parser, cls, os.environ)
+    add_arguments(parser, cls)
     parser.set_defaults(func=_run_service, service=name)
 
 
@@ -85,7 +84,11 @@ def add_speculation_flags(parser: Any) -> None:
         help=f"tokens drafted per round, at most {MAX_SPECULATIVE_TOKENS} (0 = the oracle "
         f"alone; default: the gateway's, {defaults.k} unless it was started otherwise)",
     )
-    parser.add_argument("--adaptive", action="store_true", help="adapt k per round (k: at most)")
+    parser.add_argument(
+        "--adaptive",
+        action="store_true",
+        help="choose k per round from the measured acceptance and costs (-k: its upper bound)",
+    )
     parser.add_argument(
         "--drafter",
         choices=[d.value for d in DrafterKind],

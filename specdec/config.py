@@ -43,6 +43,12 @@ def env_name(field_name: str) -> str:
     return ENV_PREFIX + field_name.upper()
 
 
+def settings_in_environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Every ``SPECDEC_*`` variable set, by name (what a benchmark records of its run)."""
+    env = os.environ if env is None else env
+    return {k: v for k, v in sorted(env.items()) if k.startswith(ENV_PREFIX)}
+
+
 def env_default(
     field_name: str, default: str | None = None, env: Mapping[str, str] | None = None
 ) -> str | None:
@@ -128,8 +134,12 @@ def _convert(kind: type, text: str, name: str) -> Any:
         raise SystemExit(f"invalid value for {name}: {exc}") from None
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, env: Mapping[str, str]) -> None:
-    """Add one flag per field of dataclass ``cls``, defaulting to its SPECDEC_ variable."""
+def add_arguments(
+    parser: argparse.ArgumentParser, cls: type, env: Mapping[str, str] | None = None
+) -> None:
+    """Add one flag per field of dataclass ``cls``, defaulting to its SPECDEC_ variable
+    in ``env`` (None: the process's environment)."""
+    env = os.environ if env is None else env
     groups: dict[str, Any] = {}
     for field in dataclasses.fields(cls):
         title = field.metadata.get("group")
@@ -173,5 +183,5 @@ def load_config(
 ) -> T:
     """Parse ``argv`` (default: sys.argv) into ``cls``, flags overriding SPECDEC_ variables."""
     parser = argparse.ArgumentParser(description=cls.__doc__)
-    add_arguments(parser, cls, os.environ if env is None else env)
+    add_arguments(parser, cls, env)
     return from_namespace(cls, parser.parse_args(argv))
