@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
@@ -209,29 +209,37 @@ def rescue_block_from_pb(pb: oracle_pb2.RescueDecision) -> DraftBlock | None:
 
 # ---- enums ------------------------------------------------------------------------------
 
-_FINISH_TO_PB = {
-    FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
-    FinishReason.EOS: common_pb2.FINISH_REASON_EOS,
-    FinishReason.STOP_TOKEN: common_pb2.FINISH_REASON_STOP_TOKEN,
-    FinishReason.STOP_STRING: common_pb2.FINISH_REASON_STOP_STRING,
-    FinishReason.CONTEXT_LIMIT: common_pb2.FINISH_REASON_CONTEXT_LIMIT,
-}
-_FINISH_FROM_PB: dict[int, FinishReason] = {int(v): k for k, v in _FINISH_TO_PB.items()}
+K = TypeVar("K")
 
-_DRAFTER_TO_PB = {
-    DrafterKind.AUTO: common_pb2.DRAFTER_KIND_UNSPECIFIED,
-    DrafterKind.MODEL: common_pb2.DRAFTER_KIND_MODEL,
-    DrafterKind.NGRAM: common_pb2.DRAFTER_KIND_NGRAM,
-    DrafterKind.NONE: common_pb2.DRAFTER_KIND_NONE,
-}
-_DRAFTER_FROM_PB: dict[int, DrafterKind] = {int(v): k for k, v in _DRAFTER_TO_PB.items()}
 
-_WORKER_KIND_TO_PB = {
-    WorkerKind.DRAFT: gateway_pb2.WORKER_KIND_DRAFT,
-    WorkerKind.ORACLE: gateway_pb2.WORKER_KIND_ORACLE,
-}
-_WORKER_KIND_FROM_PB: dict[int, WorkerKind] = {int(v): k for k, v in _WORKER_KIND_TO_PB.items()}
+def _both_ways(to_pb: dict[K, Any]) -> tuple[dict[K, Any], dict[int, K]]:
+    """A core enum's wire values, and the way back."""
+    return to_pb, {int(v): k for k, v in to_pb.items()}
 
+
+_FINISH_TO_PB, _FINISH_FROM_PB = _both_ways(
+    {
+        FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
+        FinishReason.EOS: common_pb2.FINISH_REASON_EOS,
+        FinishReason.STOP_TOKEN: common_pb2.FINISH_REASON_STOP_TOKEN,
+        FinishReason.STOP_STRING: common_pb2.FINISH_REASON_STOP_STRING,
+        FinishReason.CONTEXT_LIMIT: common_pb2.FINISH_REASON_CONTEXT_LIMIT,
+    }
+)
+_DRAFTER_TO_PB, _DRAFTER_FROM_PB = _both_ways(
+    {
+        DrafterKind.AUTO: common_pb2.DRAFTER_KIND_UNSPECIFIED,
+        DrafterKind.MODEL: common_pb2.DRAFTER_KIND_MODEL,
+        DrafterKind.NGRAM: common_pb2.DRAFTER_KIND_NGRAM,
+        DrafterKind.NONE: common_pb2.DRAFTER_KIND_NONE,
+    }
+)
+_WORKER_KIND_TO_PB, _WORKER_KIND_FROM_PB = _both_ways(
+    {
+        WorkerKind.DRAFT: gateway_pb2.WORKER_KIND_DRAFT,
+        WorkerKind.ORACLE: gateway_pb2.WORKER_KIND_ORACLE,
+    }
+)
 _STATUS_NAMES: dict[int, str] = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
