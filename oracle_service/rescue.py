@@ -24,7 +24,7 @@ made at the stream's first miss and dropped with the stream.
 
 **A late block is not a miss.** When the round trip plus the draft's drafting
 is about as long as a verification, the draft's blocks for a verdict often
-arrive after it. Recovering then would throw them away, and the draft, now
+arrive after it. Rescuing then would throw them away, and the draft, now
 drafting after the oracle's block, would be late again every round: the oracle
 would end up drafting everything. So the oracle decides only once the draft's
 blocks for the verdict are all here (the last of them is flagged,
@@ -44,11 +44,9 @@ wait and the drafting, not both.
 time, in the order of their verdicts. A miss waits only for the first of them: a
 miss whose block still waits behind another's is decided "none", and the draft
 drafts its own block. A block no longer wanted is dropped, before it starts if it
-has not. Before this, rescue on the H200 with 16 sessions cut throughput from
-1722 to 295 tok/s. Read from the code (the fix was not measured there): every
-verdict that no block extended yet queued a block in the one drafter thread,
-blocks for verdicts that a late block then extended were drafted all the same,
-and every decision waited for its block to come out of that queue.
+has not. With many sessions most verdicts are not extended yet when they go out;
+drafting a block for each of them in the one drafter thread, and making every
+decision wait for its block, would serialise all sessions' misses behind it.
 
     verdict, nothing extends it --> send it (rescue_pending); draft B' meanwhile
         a block extends it             --> decision: none (B' dropped)
