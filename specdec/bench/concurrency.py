@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from specdec.bench.measure import Result, Sample, percentile
+from specdec.config import settings_in_environment
 from specdec.core.errors import InvalidArgument
 from specdec.v1 import common_pb2
 
@@ -456,7 +457,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         "oracle_cpus": args.oracle_cpus,  # "" = any
         "draft_cpus": args.draft_cpus,
         # The oracle's settings that the services take from the environment (SPECDEC_*).
-        "oracle_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("SPECDEC_")},
+        "oracle_env": settings_in_environment(),
     }
 
 
