@@ -16,7 +16,14 @@ class GatewayConfig(SecuritySettings, TelemetrySettings):
     port: int = setting(50051, "port of the public API and of the worker registry")
     tokenizer: str = setting("", "tokenizer folder or hub id (default: the demo oracle's)")
     default_k: int = setting(
-        SPECULATION_DEFAULTS.k, "tokens drafted per round when a request does not say"
+        SPECULATION_DEFAULTS.k,
+        "tokens drafted per round when a request does not say (with --default-adaptive: "
+        "the most the controller drafts)",
+    )
+    default_adaptive: bool = setting(
+        SPECULATION_DEFAULTS.adaptive,
+        "requests that set neither k nor adaptive get the controller: k chosen per round "
+        "up to --default-k, 0 (the oracle alone) when drafting does not pay",
     )
     default_max_new_tokens: int = setting(128, "max_new_tokens when a request does not say")
     max_sessions: int = setting(10_000, "sessions held at once; beyond: RESOURCE_EXHAUSTED")

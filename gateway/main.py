@@ -60,6 +60,7 @@ async def start(config: GatewayConfig) -> ServiceServer:
         tokenizer,
         default_k=config.default_k,
         default_max_new_tokens=config.default_max_new_tokens,
+        default_adaptive=config.default_adaptive,
     )
     server = await start_server(
         f"{config.host}:{config.port}",

@@ -36,11 +36,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         *,
         default_k: int,
         default_max_new_tokens: int,
+        default_adaptive: bool,
     ) -> None:
         self._runner = runner
         self._sessions = sessions
         self._tokenizer = tokenizer
-        self._default_k = default_k
+        self._defaults = Speculation(k=default_k, adaptive=default_adaptive)
         self._default_max_new_tokens = default_max_new_tokens
 
     # -- Generate ------------------------------------------------------------
@@ -49,7 +50,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if request.prompt and request.prompt_token_ids:
             raise InvalidArgument("set either prompt or prompt_token_ids, not both")
         speculation = convert.speculation_from_pb(request.speculation)
-        speculation = speculation.over(Speculation(k=self._default_k))
+        speculation = speculation.over(self._defaults)
         if speculation.drafter is DrafterKind.NONE:
             speculation = dataclasses.replace(speculation, k=0)
         params = convert.sampling_from_pb(

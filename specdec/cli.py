@@ -82,12 +82,16 @@ def add_speculation_flags(parser: Any) -> None:
         type=int,
         default=None,
         help=f"tokens drafted per round, at most {MAX_SPECULATIVE_TOKENS} (0 = the oracle "
-        f"alone; default: the gateway's, {defaults.k} unless it was started otherwise)",
+        f"alone; default: the gateway's, {defaults.k} unless it was started otherwise); "
+        "without --adaptive, exactly k",
     )
     parser.add_argument(
         "--adaptive",
-        action="store_true",
-        help="choose k per round from the measured acceptance and costs (-k: its upper bound)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="choose k per round, 0 (the oracle alone) included, from the measured "
+        "acceptance and costs; -k is its upper bound (default: the gateway's, on unless "
+        "it was started otherwise, when -k is not given; off when it is)",
     )
     parser.add_argument(
         "--drafter",

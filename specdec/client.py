@@ -74,7 +74,7 @@ def build_request(
     stop_token_ids: Sequence[int] = (),
     ignore_eos: bool = False,
     k: int | None = Speculation.k,
-    adaptive: bool = Speculation.adaptive,
+    adaptive: bool | None = Speculation.adaptive,
     drafter: DrafterKind | str | None = Speculation.drafter,
     pipeline_depth: int | None = Speculation.pipeline_depth,
     branches: int | None = Speculation.branches,
@@ -83,7 +83,9 @@ def build_request(
     """A GenerateRequest from keyword arguments.
 
     The speculation settings are ``specdec.core.types.Speculation``'s: None = the
-    server's default (k: the gateway's; the others: the draft's); k=0: the oracle alone.
+    server's default (k and adaptive: the gateway's, the controller with k up to 8 unless
+    it was started otherwise; the others: the draft's); k=0: the oracle alone; k set
+    without adaptive: exactly k.
     They are not checked here: the gateway answers INVALID_ARGUMENT, naming the field.
     """
     sampling = common_pb2.SamplingParams(

@@ -162,9 +162,12 @@ def _send(
 
 
 def _draft_ahead(loop: _Loop) -> None:
-    """Draft after the newest block in flight, unless the pipeline is full."""
+    """Draft after the newest block in flight, unless the pipeline is full or the policy
+    is not speculating (plain steps, an occasional probe: nothing drafted ahead)."""
     state = loop.state
     if not state.turn.draft_ahead or state.proposer is None or loop.ahead.branches is not None:
+        return
+    if state.policy is not None and not state.policy.speculating():
         return
     if pipeline.levels(loop.in_flight) < max(loop.depth, 2):
         drafting_ahead.draft_after(state, loop.ahead, pipeline.tail(loop.in_flight), loop.width)
@@ -204,9 +207,13 @@ async def _commit(
 async def _send_late_ahead(loop: _Loop) -> None:
     """A verdict awaits a rescue decision and nothing is in flight: the blocks
     drafted ahead for it were not sent yet. Send the one it makes true, if any; else
-    tell the oracle that none is coming, so that it decides at once."""
+    tell the oracle that none is coming, so that it decides at once. With nothing
+    drafted ahead and a plain step next (k = 0), send that step now: it extends the
+    verdict, so the oracle drafts no rescue block for it."""
     branches = loop.ahead.branches or loop.ahead.dropped
     if branches is None:
+        if k_for(loop.state, len(loop.state.committed)) == 0:
+            await _send_next(loop)
         return
     found = await drafting_ahead.take(loop.ahead, loop.state.committed)
     if found is not None:

@@ -68,6 +68,11 @@ class KPolicy(Protocol):
 
     def next_k(self) -> int: ...
 
+    def speculating(self) -> bool:
+        """False while the policy takes plain steps (k = 0) and drafts only an occasional
+        probe: nothing is then drafted ahead or for likely corrections."""
+        ...
+
     def observe(self, report: RoundReport) -> None: ...
 
 

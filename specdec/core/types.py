@@ -212,11 +212,14 @@ class RoundReport:
 
     @property
     def block_origin(self) -> str:
-        """How the block was drafted: fresh (after the previous verdict), ahead (during
-        its verification), piped (and sent before it), branch (for a guessed correction),
-        branch+piped, rescue (by the oracle, after a verdict no block extended)."""
+        """How the block was drafted: alone (nothing was: the oracle alone's step), fresh
+        (after the previous verdict), ahead (during its verification), piped (and sent
+        before it), branch (for a guessed correction), branch+piped, rescue (by the
+        oracle, after a verdict no block extended)."""
         if self.rescued:
             return "rescue"
+        if not self.proposed:
+            return "alone"
         if self.branch:
             return "branch+piped" if self.pipelined else "branch"
         if self.pipelined:
@@ -238,6 +241,7 @@ class TurnStats:
     pipelined_rounds: int = 0  # ... and sent before the previous verdict came back
     branch_rounds: int = 0  # ... drafted for a guessed correction, not a full acceptance
     rescued_rounds: int = 0  # rounds whose block the oracle drafted (``Rescue``)
+    oracle_alone_rounds: int = 0  # rounds without speculation: no token drafted (k = 0)
     skipped_blocks: int = 0  # blocks sent ahead of a verdict that proved them stale
     cached_tokens: int = 0
     prefilled_tokens: int = 0
@@ -260,6 +264,7 @@ class TurnStats:
         self.pipelined_rounds += int(report.pipelined)
         self.branch_rounds += int(report.branch)
         self.rescued_rounds += int(report.rescued)
+        self.oracle_alone_rounds += int(report.proposed == 0)
         self.skipped_blocks += report.skipped_blocks
         self.output_tokens += report.committed
         self.draft_ns += report.draft_ns
@@ -330,17 +335,19 @@ def check_k(k: int) -> None:
 class Speculation:
     """How a turn speculates: the one home of these settings, their defaults and ranges.
 
-    A request leaves a setting None for "the server's default": ``k`` is then the
-    gateway's (``--default-k``), the others the draft's (its flags); ``over`` fills
-    them in. ``SPECULATION_DEFAULTS`` holds the defaults those flags ship with. None of
-    these settings changes the output (greedy: the same tokens; sampled: the same
-    distribution), only how fast it comes.
+    A request leaves a setting None for "the server's default": ``k`` and ``adaptive``
+    are then the gateway's (``--default-k``, ``--default-adaptive``), the others the
+    draft's (its flags); ``over`` fills them in. ``adaptive`` left unset with ``k`` set
+    is off: a request that names k gets exactly k. ``SPECULATION_DEFAULTS`` holds the
+    defaults those flags ship with. None of these settings changes the output (greedy:
+    the same tokens; sampled: the same distribution), only how fast it comes.
     """
 
     # Tokens drafted per round (the upper bound when adaptive); 0 = the oracle alone.
     k: int | None = None
-    # Choose k per round from the measured acceptance, costs and round trip.
-    adaptive: bool = False
+    # Choose k per round, 0 (the oracle alone's plain step) included, from the measured
+    # acceptance, costs and round trip (``specdec.core.adaptive``).
+    adaptive: bool | None = None
     drafter: DrafterKind = DrafterKind.AUTO
     # Draft the next block while this one is verified (a draft's setting; no request field).
     draft_ahead: bool | None = None
@@ -361,6 +368,8 @@ class Speculation:
             for f in dataclasses.fields(self)
             if getattr(self, f.name) is None
         }
+        if self.adaptive is None and self.k is not None:
+            unset["adaptive"] = False  # an explicit k is a fixed k
         return dataclasses.replace(self, **unset)
 
     def validate(self, label: Callable[[str], str] = str) -> None:
@@ -377,10 +386,12 @@ class Speculation:
                 _check_range(name, value, label(name))
 
 
-# The defaults of the gateway's --default-k and of the draft's flags.
+# The defaults of the gateway's --default-k and --default-adaptive and of the draft's
+# flags: the fastest configuration measured (docs/bench/CONTROLLER.md): the controller,
+# k up to 8.
 SPECULATION_DEFAULTS = Speculation(
-    k=4,
-    adaptive=False,
+    k=8,
+    adaptive=True,
     drafter=DrafterKind.AUTO,
     draft_ahead=True,
     pipeline_depth=2,

@@ -4,9 +4,10 @@ n-gram) both do around ``run_turn`` for an ``Assignment``.
 The wiring is the same wherever the turn runs: the turn's stop checker (EOS counts
 only when it is among the stop ids), every commit and the open reported as
 ``AssignmentCommitted`` / ``AssignmentOpened`` (each commit after the length the
-previous one reached), and adaptive k learnt per (drafter, oracle, pipeline depth):
-the costs a policy learns differ per oracle and with pipelining. The runner only
-says where the reports go and what its own defaults are.
+previous one reached), and adaptive k learnt per (drafter, oracle, pipeline depth,
+greedy or sampled) and per session: the costs a policy learns differ per oracle and
+with pipelining, the acceptance per mode and per text. The runner only says where the
+reports go and what its own defaults are.
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ from specdec.core.types import OpenResult, RoundReport, Speculation, Turn, TurnS
 Report = Callable[[AssignmentReport], Awaitable[None]]
 
 
-def adaptive_key(speculation: Speculation, oracle_id: str) -> str:
-    """Under which key turns share what adaptive k learnt: one drafter, oracle and depth."""
-    return f"{speculation.drafter.value}:{oracle_id}:{speculation.pipeline_depth}"
+def adaptive_key(speculation: Speculation, oracle_id: str, greedy: bool = True) -> str:
+    """Under which key turns share what adaptive k learnt: one drafter, oracle and depth,
+    greedy or sampled (a draft's acceptance, and what its guesses ahead are worth,
+    differ between the two)."""
+    mode = "greedy" if greedy else "sampled"
+    return f"{speculation.drafter.value}:{oracle_id}:{speculation.pipeline_depth}:{mode}"
 
 
 async def run_assignment(
@@ -75,12 +79,14 @@ async def run_assignment(
     async def on_open(opened: OpenResult) -> None:
         await report(AssignmentOpened(job.assignment_id, opened))
 
-    key = adaptive_key(speculation, job.oracle_id)
-    policy = memory.policy(key, turn.k) if speculation.adaptive and turn.k else None
+    key = adaptive_key(speculation, job.oracle_id, job.params.greedy)
+    policy = None
+    if speculation.adaptive and turn.k:
+        policy = memory.policy(key, turn.k, job.session_id)
     try:
         return await run_turn(
             link, proposer, turn, on_commit, policy=policy, on_open=on_open, observer=observer
         )
     finally:
         if policy is not None:
-            memory.remember(key, policy)
+            memory.remember(key, policy, job.session_id)

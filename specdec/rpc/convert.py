@@ -292,7 +292,7 @@ def speculation_from_pb(pb: common_pb2.SpeculationParams) -> Speculation:
     (the server's default). ``draft_ahead`` is the draft's own: no request field."""
     speculation = Speculation(
         k=pb.num_speculative_tokens if pb.HasField("num_speculative_tokens") else None,
-        adaptive=pb.adaptive,
+        adaptive=pb.adaptive if pb.HasField("adaptive") else None,
         drafter=drafter_from_pb(pb.drafter),
         pipeline_depth=pb.pipeline_depth if pb.HasField("pipeline_depth") else None,
         branches=pb.branches if pb.HasField("branches") else None,
@@ -304,9 +304,9 @@ def speculation_from_pb(pb: common_pb2.SpeculationParams) -> Speculation:
 
 def speculation_to_pb(speculation: Speculation) -> common_pb2.SpeculationParams:
     """Unvalidated: a client sends what it is given and the gateway judges it."""
-    pb = common_pb2.SpeculationParams(
-        adaptive=speculation.adaptive, drafter=drafter_to_pb(speculation.drafter)
-    )
+    pb = common_pb2.SpeculationParams(drafter=drafter_to_pb(speculation.drafter))
+    if speculation.adaptive is not None:
+        pb.adaptive = speculation.adaptive
     if speculation.k is not None:
         pb.num_speculative_tokens = speculation.k
     if speculation.pipeline_depth is not None:
@@ -333,6 +333,7 @@ _STATS_PB_NAMES = {
     "pipelined_rounds": "pipelined_rounds",
     "branch_rounds": "branch_rounds",
     "rescued_rounds": "rescued_rounds",
+    "oracle_alone_rounds": "oracle_alone_rounds",
     "skipped_blocks": "skipped_blocks",
     "cached_tokens": "cached_tokens",
     "prefilled_tokens": "prefilled_tokens",
@@ -463,7 +464,7 @@ def assignment_to_pb(job: Assignment) -> registry_pb2.Assignment:
         sampling=sampling_to_pb(job.params),
         seed=job.seed,
         num_speculative_tokens=s.k or 0,
-        adaptive=s.adaptive,
+        adaptive=bool(s.adaptive),
         grant=job.grant,
         trace_context=dict(job.trace_context),
         max_context=job.max_context,

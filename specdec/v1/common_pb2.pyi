@@ -78,7 +78,7 @@ class SparseDistribution(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("prompt_tokens", "output_tokens", "rounds", "proposed_tokens", "accepted_tokens", "cached_tokens", "prefilled_tokens", "prefill_ns", "draft_ns", "verify_ns", "network_ns", "total_ns", "time_to_first_token_ns", "acceptance_rate", "mean_tokens_per_round", "accepted_per_position", "proposed_per_position", "oracle_id", "draft_id", "drafter", "failovers", "mean_speculative_tokens", "rejected_rounds", "draft_ahead_hits", "pipelined_rounds", "skipped_blocks", "branch_rounds", "queue_ns", "rescued_rounds")
+    __slots__ = ("prompt_tokens", "output_tokens", "rounds", "proposed_tokens", "accepted_tokens", "cached_tokens", "prefilled_tokens", "prefill_ns", "draft_ns", "verify_ns", "network_ns", "total_ns", "time_to_first_token_ns", "acceptance_rate", "mean_tokens_per_round", "accepted_per_position", "proposed_per_position", "oracle_id", "draft_id", "drafter", "failovers", "mean_speculative_tokens", "rejected_rounds", "draft_ahead_hits", "pipelined_rounds", "skipped_blocks", "branch_rounds", "queue_ns", "rescued_rounds", "oracle_alone_rounds")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +108,7 @@ class GenerationStats(_message.Message):
     BRANCH_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_NS_FIELD_NUMBER: _ClassVar[int]
     RESCUED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    ORACLE_ALONE_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     output_tokens: int
     rounds: int
@@ -137,4 +138,5 @@ class GenerationStats(_message.Message):
     branch_rounds: int
     queue_ns: int
     rescued_rounds: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., rounds: _Optional[int] = ..., proposed_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., prefilled_tokens: _Optional[int] = ..., prefill_ns: _Optional[int] = ..., draft_ns: _Optional[int] = ..., verify_ns: _Optional[int] = ..., network_ns: _Optional[int] = ..., total_ns: _Optional[int] = ..., time_to_first_token_ns: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_tokens_per_round: _Optional[float] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., proposed_per_position: _Optional[_Iterable[int]] = ..., oracle_id: _Optional[str] = ..., draft_id: _Optional[str] = ..., drafter: _Optional[_Union[DrafterKind, str]] = ..., failovers: _Optional[int] = ..., mean_speculative_tokens: _Optional[float] = ..., rejected_rounds: _Optional[int] = ..., draft_ahead_hits: _Optional[int] = ..., pipelined_rounds: _Optional[int] = ..., skipped_blocks: _Optional[int] = ..., branch_rounds: _Optional[int] = ..., queue_ns: _Optional[int] = ..., rescued_rounds: _Optional[int] = ...) -> None: ...
+    oracle_alone_rounds: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., rounds: _Optional[int] = ..., proposed_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., prefilled_tokens: _Optional[int] = ..., prefill_ns: _Optional[int] = ..., draft_ns: _Optional[int] = ..., verify_ns: _Optional[int] = ..., network_ns: _Optional[int] = ..., total_ns: _Optional[int] = ..., time_to_first_token_ns: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_tokens_per_round: _Optional[float] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., proposed_per_position: _Optional[_Iterable[int]] = ..., oracle_id: _Optional[str] = ..., draft_id: _Optional[str] = ..., drafter: _Optional[_Union[DrafterKind, str]] = ..., failovers: _Optional[int] = ..., mean_speculative_tokens: _Optional[float] = ..., rejected_rounds: _Optional[int] = ..., draft_ahead_hits: _Optional[int] = ..., pipelined_rounds: _Optional[int] = ..., skipped_blocks: _Optional[int] = ..., branch_rounds: _Optional[int] = ..., queue_ns: _Optional[int] = ..., rescued_rounds: _Optional[int] = ..., oracle_alone_rounds: _Optional[int] = ...) -> None: ...

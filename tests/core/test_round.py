@@ -83,7 +83,7 @@ def test_plain_round_is_the_oracle_alone(
     # token); a block is proposed fresh after the verdict before it, never ahead.
     length = len(prompt)
     for r in rounds:
-        assert r.block_origin == "fresh" and r.skipped_blocks == 0
+        assert r.block_origin == ("fresh" if r.proposed else "alone") and r.skipped_blocks == 0
         assert r.accepted <= r.proposed <= r.k <= k
         assert r.is_bonus == (r.accepted == r.proposed)
         assert r.committed == r.accepted + 1 or r is rounds[-1]

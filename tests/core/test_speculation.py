@@ -85,13 +85,25 @@ def test_the_shipped_defaults_are_complete_and_valid() -> None:
     SPECULATION_DEFAULTS.validate()
     # Today's values (to be changed here, and only here).
     assert Speculation(
-        k=4, adaptive=False, drafter=DrafterKind.AUTO, draft_ahead=True, pipeline_depth=2,
+        k=8, adaptive=True, drafter=DrafterKind.AUTO, draft_ahead=True, pipeline_depth=2,
         branches=3, rescue=True,
     ) == SPECULATION_DEFAULTS  # fmt: skip
 
 
+def test_a_request_without_k_gets_the_controller_and_one_with_k_exactly_k() -> None:
+    assert Speculation().over(SPECULATION_DEFAULTS).adaptive is True
+    fixed = Speculation(k=3).over(SPECULATION_DEFAULTS)
+    assert (fixed.k, fixed.adaptive) == (3, False)
+    capped = Speculation(k=3, adaptive=True).over(SPECULATION_DEFAULTS)
+    assert (capped.k, capped.adaptive) == (3, True)
+    default_k = Speculation(adaptive=False).over(SPECULATION_DEFAULTS)
+    assert (default_k.k, default_k.adaptive) == (SPECULATION_DEFAULTS.k, False)
+
+
 def test_service_flags_default_to_the_shipped_defaults() -> None:
-    assert load_config(GatewayConfig, [], env={}).default_k == SPECULATION_DEFAULTS.k
+    gateway = load_config(GatewayConfig, [], env={})
+    assert gateway.default_k == SPECULATION_DEFAULTS.k
+    assert gateway.default_adaptive is SPECULATION_DEFAULTS.adaptive
     draft = load_config(DraftConfig, [], env={})
     assert draft.speculation() == Speculation(
         draft_ahead=SPECULATION_DEFAULTS.draft_ahead,
@@ -122,7 +134,7 @@ def test_generate_flags_left_out_are_the_servers_defaults() -> None:
     request = speculation_request(_generate_args())
     assert request == {
         "k": None,
-        "adaptive": False,
+        "adaptive": None,
         "drafter": DrafterKind.AUTO,
         "pipeline_depth": None,
         "branches": None,
@@ -130,6 +142,7 @@ def test_generate_flags_left_out_are_the_servers_defaults() -> None:
     }
     pb = build_request("hello", **request).speculation
     assert not pb.HasField("num_speculative_tokens") and not pb.HasField("pipeline_depth")
+    assert not pb.HasField("adaptive")
     assert not pb.HasField("branches") and not pb.HasField("rescue")
 
 
@@ -137,7 +150,7 @@ def test_generate_flags_are_checked_before_anything_is_sent() -> None:
     args = _generate_args("-k", "3", "--drafter", "ngram", "--no-rescue")
     assert speculation_request(args) == {
         "k": 3,
-        "adaptive": False,
+        "adaptive": None,
         "drafter": DrafterKind.NGRAM,
         "pipeline_depth": None,
         "branches": None,

@@ -118,16 +118,24 @@ def test_the_runners_defaults_fill_what_the_assignment_leaves_unset(
     assert stats.ahead_hits == 0
 
 
-def test_adaptive_k_learns_per_drafter_oracle_and_depth(loaded: Callable[[str, str], Any]) -> None:
+def test_adaptive_k_learns_per_drafter_oracle_depth_and_mode(
+    loaded: Callable[[str, str], Any],
+) -> None:
     memory = AdaptiveMemory()
     job = _job(SamplingParams(max_new_tokens=16), k=5, adaptive=True, pipeline_depth=1)
     _run(loaded, job, memory)
     resolved = job.speculation.over(SPECULATION_DEFAULTS)
-    assert adaptive_key(resolved, "o1") == "model:o1:1"
-    learnt = memory.policy("model:o1:1", 5)
+    assert adaptive_key(resolved, "o1", greedy=True) == "model:o1:1:greedy"
+    learnt = memory.policy("model:o1:1:greedy", 5)
     assert learnt.rounds > 0  # a fork of what the turn learnt
-    assert memory.policy("model:o1:2", 5).rounds == 0  # another depth learns apart
+    assert memory.policy("model:o1:1:greedy", 5, "s1").rounds > 0  # and of the session's
+    assert memory.policy("model:o1:2:greedy", 5).rounds == 0  # another depth learns apart
+    assert memory.policy("model:o1:1:sampled", 5).rounds == 0  # sampling learns apart
     fixed = AdaptiveMemory()
     speculation = dataclasses.replace(job.speculation, adaptive=False)
     _run(loaded, dataclasses.replace(job, speculation=speculation), fixed)
-    assert fixed.policy("model:o1:1", 5).rounds == 0  # fixed k learns nothing
+    assert fixed.policy("model:o1:1:greedy", 5).rounds == 0  # fixed k learns nothing
+    # A job that leaves adaptive unset with k set runs exactly k: nothing learnt either.
+    speculation = dataclasses.replace(job.speculation, adaptive=None)
+    _run(loaded, dataclasses.replace(job, speculation=speculation), fixed)
+    assert fixed.policy("model:o1:1:greedy", 5).rounds == 0

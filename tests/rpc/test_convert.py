@@ -227,9 +227,17 @@ def test_assignment_round_trip() -> None:
 
 
 def test_an_assignment_leaves_the_drafts_settings_unset() -> None:
-    job = _assignment(k=4)
+    # k and adaptive are the gateway's to resolve: an assignment carries them set.
+    job = _assignment(k=4, adaptive=False)
     back = convert.assignment_from_pb(convert.assignment_to_pb(job))
-    assert back.speculation == Speculation(k=4, drafter=DrafterKind.MODEL)
+    assert back.speculation == Speculation(k=4, adaptive=False, drafter=DrafterKind.MODEL)
+
+
+def test_adaptive_left_unset_in_a_request_stays_unset() -> None:
+    for adaptive in (None, False, True):
+        pb = convert.speculation_to_pb(Speculation(adaptive=adaptive))
+        assert pb.HasField("adaptive") == (adaptive is not None)
+        assert convert.speculation_from_pb(pb).adaptive is adaptive
 
 
 def test_an_assignment_out_of_range_is_refused() -> None:
