@@ -22,7 +22,16 @@ class DraftConfig(SecuritySettings, TelemetrySettings):
     draft_id: str = setting("", "worker id (default: draft-<hostname>-<pid>)")
     max_sessions: int = setting(8, "turns drafted at once; the gateway sends no more")
     max_cached_sessions: int = setting(64, "sessions whose draft KV cache is kept between turns")
-    max_support: int = setting(32, "largest support of a sampled draft distribution q")
+    max_support: int = setting(
+        32, "largest support of a sampled draft distribution q (without --coupled-sampling)"
+    )
+    coupled_sampling: bool = setting(
+        True,
+        "sampled turns: draft the oracle's own random draws (race the draft's distribution "
+        "with the noise of the turn's seed): blocks carry no q, and the bonus and likely "
+        "corrections can be drafted ahead, as when greedy (off: send q; the oracle runs "
+        "the rejection ladder). The output is the same either way",
+    )
     draft_ahead: bool = setting(
         _DEFAULTS.draft_ahead,
         "draft the next block while the current one is verified (hides the round trip)",
@@ -34,12 +43,13 @@ class DraftConfig(SecuritySettings, TelemetrySettings):
     )
     branches: int = setting(
         _DEFAULTS.branches,
-        "greedy: also draft ahead for this many likely corrections of each block in flight, "
+        "greedy (sampled: with --coupled-sampling): also draft ahead for this many likely "
+        "corrections of each block in flight, "
         f"so a rejection too finds its next block ready (0 = off, at most {MAX_BRANCHES})",
     )
     rescue: bool = setting(
         _DEFAULTS.rescue,
-        "greedy: let the oracle draft the next block itself after a verdict that no block "
+        "let the oracle draft the next block itself after a verdict that no block "
         "drafted ahead extends, where it has a rescue draft (saves a round trip)",
     )
     quantize: str = setting(

@@ -124,6 +124,7 @@ class DraftWorker:
                 self.model,
                 max_support=self.config.max_support,
                 lean=self.config.lean_forward,
+                coupled=self.config.coupled_sampling,
             )
         self._drafters[session_id] = drafter  # most recently used last
         while len(self._drafters) > self.config.max_cached_sessions:

@@ -172,8 +172,8 @@ class OracleEngine:
         Reuses the longest cached prefix and computes the rest: afterwards the
         cache holds tokens[:-1] (the last token is the first input of the next
         verify), so cached_tokens + computed_tokens = len(tokens) - 1.
-        ``allow_rescue``: greedy streams get rescue blocks after a miss (when this
-        oracle has a rescue draft).
+        ``allow_rescue``: the stream gets rescue blocks after a miss (when this oracle
+        has a rescue draft; coupled ones when sampled).
         Raises ``InvalidArgument`` for a malformed request, ``ResourceExhausted`` at once
         when max_sessions streams are open.
         The lease must be given back with ``close`` when the stream ends.

@@ -45,7 +45,7 @@ class Lifetimes:
         """Start a verify stream on ``session_id`` whose committed tokens are ``tokens``
         (checked already): see ``OracleEngine.open``."""
         lease = self.sessions.admit(session_id)
-        lease.rescue = allow_rescue and self.rescue and sampling.greedy
+        lease.rescue = allow_rescue and self.rescue
         lease.opened_length = len(tokens)
         try:
             prefill, _, compute_ns = await self._lanes.run(

@@ -15,12 +15,14 @@ that block as after one of its own, so the next round finds its block ready
 again; the oracle sends the rescue block's verdict next on the stream
 (``rescued``).
 
-Only for greedy turns whose stream asked for it (``OpenVerify.allow_rescue``),
-after a verdict that is not the end of the sequence, when no block of the session
-waiting in the queue extends it. The block is as long as the one just verified,
-never past the turn's max_new_tokens or the context. Lossless like every other
-block: the oracle verifies it. Each stream has its own drafter (its KV cache),
-made at the stream's first miss and dropped with the stream.
+Only for turns whose stream asked for it (``OpenVerify.allow_rescue``; sampled
+turns get coupled blocks, which race the oracle's own noise: see
+``specdec.drafters.model_drafter``), after a verdict that is not the end of the
+sequence, when no block of the session waiting in the queue extends it. The block
+is as long as the one just verified, never past the turn's max_new_tokens or the
+context. Lossless like every other block: the oracle verifies it. Each stream has
+its own drafter (its KV cache), made at the stream's first miss and dropped with
+the stream.
 
 **A late block is not a miss.** When the round trip plus the draft's drafting
 is about as long as a verification, the draft's blocks for a verdict often
@@ -111,6 +113,8 @@ class RescueDrafter:
     def _draft(self, lease: Lease, committed: list[int], k: int) -> DraftBlock:
         if lease.drafter is None:
             lease.drafter = ModelDrafter(self.model)
+        # Sampled turns: a coupled block races the oracle's own noise of this seed.
+        lease.drafter.seed = lease.session.seed
         return lease.drafter.propose(committed, k, lease.session.params)
 
     def close(self) -> None:

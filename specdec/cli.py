@@ -111,14 +111,15 @@ def add_speculation_flags(parser: Any) -> None:
         "--branches",
         type=int,
         default=None,
-        help=f"greedy: likely corrections drafted ahead per block, {bounds('branches')} "
+        help=f"likely corrections drafted ahead per block (greedy, or sampled with a coupled "
+        f"draft), {bounds('branches')} "
         f"(0 = none; default: the draft's, {defaults.branches} unless started otherwise)",
     )
     parser.add_argument(
         "--rescue",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="greedy: let the oracle draft a block itself after a miss (default: the "
+        help="let the oracle draft a block itself after a miss (default: the "
         f"draft's, {'on' if defaults.rescue else 'off'} unless started otherwise)",
     )
 

@@ -2,15 +2,17 @@
 
 ``Turn.draft_ahead`` (PEARL's post-verify, SpecEdge's proactive drafting): while
 block n is verified, the draft proposes k + 1 tokens after it as if it were
-accepted in full: a guess of its bonus token, then block n+1 (greedy, after its
-likely corrections too: ``specdec.core.branches``). Used only if that assumption
-and the guess come true: a block is only ever verified against the exact sequence
-it was drafted after, so the output is unchanged.
+accepted in full: a guess of its bonus token, then block n+1 (greedy, or sampled
+with coupled blocks, after its likely corrections too: ``specdec.core.branches``).
+Used only if that assumption and the guess come true: a block is only ever
+verified against the exact sequence it was drafted after, so the output is
+unchanged.
 
 Drafting ahead pays only when its guesses come true. Sampled bonus tokens seldom
-match the draft's guess, so at T = 1 most of that drafting (and, pipelined, its wire
-bytes) is wasted: below ``MIN_AHEAD_HIT_RATE`` the loop drafts ahead only every
-``AHEAD_PROBE``-th round, which is enough to notice when it pays again.
+match the guess of a draft that sends q (a coupled draft guesses the oracle's own
+draw), so there most of that drafting (and, pipelined, its wire bytes) is wasted:
+below ``MIN_AHEAD_HIT_RATE`` the loop drafts ahead only every ``AHEAD_PROBE``-th
+round, which is enough to notice when it pays again.
 """
 
 from __future__ import annotations

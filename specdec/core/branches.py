@@ -1,12 +1,12 @@
 """The loop's side of branches: blocks drafted ahead for the likely outcomes of a block in flight.
 
 While block n is verified the draft drafts, in one batched pass, after its full
-acceptance (a guess of its bonus token, then block n+1) and, greedy
-(``Turn.branches``), after its likeliest rejections, each corrected by one of its
-next choices there (``specdec.drafters.branches``). Whichever of these outcomes
-verdict n turns out to be, its next block is ready. If it is none of them (a
-miss), that drafting is stopped at its next step (``BranchTicket``) and the next
-block is drafted at once.
+acceptance (a guess of its bonus token, then block n+1) and, greedy or sampled
+with coupled blocks (``Turn.branches``), after its likeliest rejections, each
+corrected by one of its next choices there (``specdec.drafters.branches``).
+Whichever of these outcomes verdict n turns out to be, its next block is ready. If
+it is none of them (a miss), that drafting is stopped at its next step
+(``BranchTicket``) and the next block is drafted at once.
 
 ``Branches`` is that drafting as the loop holds it. The drafting thread publishes
 the outcomes it chose on the ticket before it drafts any row, so the loop knows on a
@@ -34,9 +34,10 @@ Possible = tuple[Branch, bool, int, tuple[int, ...]]
 
 def branch_width(turn: Turn) -> int:
     """Likely corrections drafted ahead per block in flight, besides its full acceptance.
-    Greedy only: a sampled correction is a draw from norm(max(0, p - q)), not the draft's
-    runner-up."""
-    return min(max(0, turn.branches), MAX_BRANCHES) if turn.params.greedy else 0
+    The drafter decides which it can guess: greedy, the runners-up of its argmax; sampled
+    with coupled blocks, those of its race with the oracle's noise; none when sampled
+    blocks carry q (a correction is then a draw from norm(max(0, p - q)))."""
+    return min(max(0, turn.branches), MAX_BRANCHES)
 
 
 @dataclass

@@ -6,7 +6,8 @@ not depend on each other overlapped:
 
 * drafting during verification (``specdec.core.ahead``): while block n is
   verified, the draft drafts block n+1 after its full acceptance;
-* drafting for the likely corrections too (``specdec.core.branches``, greedy):
+* drafting for the likely corrections too (``specdec.core.branches``; greedy, or
+  sampled with coupled blocks):
   whichever outcome verdict n is, its next block is ready; on a miss that drafting
   is stopped at its next step and the next block is drafted at once;
 * pipelining (``specdec.core.pipeline``): the blocks drafted ahead are sent before

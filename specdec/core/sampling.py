@@ -12,6 +12,9 @@ Everything here is pure (no model, no I/O):
   absolute position, derived from (seed, position) so the outcome does not
   depend on how positions were grouped into rounds, nor on which replica ran.
 * ``sample_from_probs`` / ``sample_sparse``: one inverse-CDF draw.
+* ``race_draw`` / ``race_scores``: the Gumbel-max draw (an exponential race) with the
+  noise of (seed, position): the oracle's own draw at a position, which a draft that
+  knows the seed can aim at with its own distribution (``race_scores``).
 * validation helpers raising ``InvalidArgument`` with a message naming the field.
 """
 
@@ -224,6 +227,36 @@ def sample_from_probs(probs: torch.Tensor, generator: torch.Generator) -> int:
 def sample_sparse(dist: SparseDist, generator: torch.Generator) -> int:
     """Draw a token id from a SparseDist with one uniform from ``generator``."""
     return int(dist.token_ids[sample_from_probs(dist.probs, generator)])
+
+
+# Random stream of the race noise: 0 is the oracle's rejection ladder, 1 the draft's q draws.
+RACE_STREAM = 2
+
+
+def race_times(seed: int, position: int, vocab_size: int) -> torch.Tensor:
+    """E [V] float64, i.i.d. Exp(1), of (seed, position): E_a = -log(1 - u_a)."""
+    u = torch.rand(vocab_size, generator=position_generator(seed, position, RACE_STREAM),
+                   dtype=torch.float64)  # fmt: skip
+    return -torch.log1p(-u)
+
+
+def race_scores(probs: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+    """[..., V] probs, [..., V] race times -> p_a / E_a (-1 where p_a = 0), float64.
+
+    argmax_a p_a / E_a = argmax_a (log p_a + G_a) with G_a = -log E_a i.i.d. Gumbel: the
+    Gumbel-max trick, an exact draw from p (the first of independent exponential clocks
+    of rates p_a to ring). Two distributions raced with the same E draw the same token
+    with a probability close to sum_a min(p_a, q_a) when they are close.
+    """
+    scores = probs.to(torch.float64) / times.to(probs.device)
+    return scores.masked_fill(probs <= 0, -1.0)
+
+
+def race_draw(probs: torch.Tensor, seed: int, position: int) -> int:
+    """The token at ``position`` drawn from probs [V] with the race noise of (seed,
+    position): a deterministic function of (seed, position, probs), distributed as probs."""
+    assert probs.dim() == 1, f"probs must be [V], got {tuple(probs.shape)}"
+    return int(race_scores(probs, race_times(seed, position, probs.shape[0])).argmax())
 
 
 # ---------------------------------------------------------------------------

@@ -307,9 +307,10 @@ class Turn:
     # Blocks in flight at once (needs draft_ahead): 2 sends the block drafted ahead
     # before the verdict it depends on, hiding the round trip when the guess is right.
     pipeline_depth: int = 1
-    # Greedy only (needs draft_ahead): besides the full acceptance, draft ahead for this
-    # many likely corrections of each block in flight (specdec.drafters.branches), so
-    # that a rejection, too, finds its next block drafted (and, pipelined, sent).
+    # Greedy, or sampled with coupled blocks (needs draft_ahead): besides the full
+    # acceptance, draft ahead for this many likely corrections of each block in flight
+    # (specdec.drafters.branches), so that a rejection, too, finds its next block
+    # drafted (and, pipelined, sent).
     branches: int = 0
 
 
@@ -354,11 +355,11 @@ class Speculation:
     # Blocks in flight to the oracle at once: 2 sends the block drafted ahead before the
     # verdict it depends on (1 = wait for each verdict).
     pipeline_depth: int | None = None
-    # Greedy: besides a block's full acceptance, draft ahead for this many of its likeliest
-    # corrections (0 = none).
+    # Greedy, or sampled with a coupled draft: besides a block's full acceptance, draft
+    # ahead for this many of its likeliest corrections (0 = none).
     branches: int | None = None
-    # Greedy: after a verdict no block drafted ahead extends, the oracle drafts the next
-    # block itself with its rescue draft, where it has one.
+    # After a verdict no block drafted ahead extends, the oracle drafts the next block
+    # itself with its rescue draft, where it has one.
     rescue: bool | None = None
 
     def over(self, defaults: Speculation) -> Speculation:

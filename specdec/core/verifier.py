@@ -25,14 +25,20 @@ because P(reject) = 1 - sum_b min(p(b), q(b)) = sum_b max(0, p(b) - q(b)).
 
 * p gets temperature, top-k and top-p exactly as plain sampling (``logits_to_probs``), so
   the emitted tokens follow the distribution plain sampling from the oracle would give.
-* Token-only mode (``block.q is None``): each x_i is treated as drawn from the point mass
-  q_i = delta(x_i). The test becomes u < p(x), the residual is p with x removed. This is
-  lossless for *any* proposer (the identity above holds for every fixed x), but accepts
-  less often than passing the proposer's real q.
+* Token-only mode (``block.q is None``): the oracle draws its own token at each position,
+  y_i = ``race_draw(p_i, seed, t_i)`` (the Gumbel-max draw with the noise of (seed, t_i),
+  an exact draw from p_i), and accepts x_i iff x_i == y_i; the first y_i that differs is
+  the recovered token. The emitted tokens are then exactly the oracle alone's draws with
+  the same seed, whatever was proposed: lossless for *any* proposer. A proposer that
+  knows nothing of the noise is accepted with probability p(x), as in the point-mass
+  ladder (u < p(x), then the residual p without x); one that races its own q with the
+  same noise (``specdec.drafters.model_drafter``, coupled) is accepted about as often as
+  sum_a min(p_a, q_a), and can guess the bonus and the likely corrections ahead.
 * Randomness: every draw deciding absolute position t comes from
   ``position_generator(seed, t, 0)`` (first draw: the accept test u_t; second: the recovered
-  token), and the bonus at t is that generator's first draw. So the tokens depend only on
-  (seed, positions, distributions), not on how positions were grouped into rounds.
+  token) or is the race draw at t (token-only blocks, and the bonus of every block). So the
+  tokens depend only on (seed, positions, distributions), not on how positions were
+  grouped into rounds.
 """
 
 from __future__ import annotations
@@ -42,8 +48,10 @@ import torch
 from specdec.core.errors import InvalidArgument
 from specdec.core.sampling import (
     SamplingParams,
+    SparseDist,
     logits_to_probs,
     position_generator,
+    race_draw,
     sample_from_probs,
     sparse_prob,
     sparse_to_dense,
@@ -112,11 +120,9 @@ def greedy_verdict(target: list[int], block: DraftBlock) -> Verdict:
 # ---------------------------------------------------------------------------
 
 
-def draft_prob(block: DraftBlock, i: int) -> float:
-    """q_i(x_i): 1.0 in token-only mode (point mass), else the sparse q's value at x_i."""
-    if block.q is None:
-        return 1.0
-    return sparse_prob(block.q[i], block.token_ids[i])
+def draft_prob(q: tuple[SparseDist, ...], block: DraftBlock, i: int) -> float:
+    """q_i(x_i): the sparse q's value at x_i."""
+    return sparse_prob(q[i], block.token_ids[i])
 
 
 def accepts(u: float, p_x: float, q_x: float) -> bool:
@@ -137,17 +143,24 @@ def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return r / total
 
 
-def draft_dense(block: DraftBlock, i: int, vocab_size: int, device: torch.device) -> torch.Tensor:
-    """q_i as a [V] vector: the sparse q scattered, or one-hot at x_i in token-only mode."""
-    if block.q is None:
-        q = torch.zeros(vocab_size, dtype=torch.float32, device=device)
-        q[block.token_ids[i]] = 1.0
-        return q
-    return sparse_to_dense(block.q[i], vocab_size, device)
+def verify_raced(probs: torch.Tensor, block: DraftBlock, position: int, seed: int) -> Verdict:
+    """probs [k+1, V], a token-only block: accept x_i while it is the oracle's race draw
+    at its position; the first draw that differs (or the one after the block) follows."""
+    k = len(block.token_ids)
+    for i in range(k):
+        drawn = race_draw(probs[i], seed, position + i)
+        if drawn != block.token_ids[i]:
+            return Verdict(num_accepted=i, next_token=drawn, is_bonus=False)
+    return Verdict(
+        num_accepted=k, next_token=race_draw(probs[k], seed, position + k), is_bonus=True
+    )
 
 
 def verify_sampled(probs: torch.Tensor, block: DraftBlock, position: int, seed: int) -> Verdict:
     """probs [k+1, V] (the oracle's p after temperature/top-k/top-p) -> Verdict."""
+    q = block.q
+    if q is None:
+        return verify_raced(probs, block, position, seed)
     k = len(block.token_ids)
     vocab_size = probs.shape[-1]
     # p_i(x_i) for every block position in one gather: [k].
@@ -156,13 +169,14 @@ def verify_sampled(probs: torch.Tensor, block: DraftBlock, position: int, seed: 
     for i in range(k):
         gen = position_generator(seed, position + i, VERIFY_STREAM)
         u = uniform(gen)  # first draw at this position: the accept test
-        if accepts(u, p_x[i], draft_prob(block, i)):
+        if accepts(u, p_x[i], draft_prob(q, block, i)):
             continue
-        q = draft_dense(block, i, vocab_size, probs.device)
-        recovered = sample_from_probs(residual_distribution(probs[i], q), gen)  # second draw
+        q_i = sparse_to_dense(q[i], vocab_size, probs.device)
+        recovered = sample_from_probs(residual_distribution(probs[i], q_i), gen)  # second draw
         return Verdict(num_accepted=i, next_token=recovered, is_bonus=False)
-    gen = position_generator(seed, position + k, VERIFY_STREAM)
-    return Verdict(num_accepted=k, next_token=sample_from_probs(probs[k], gen), is_bonus=True)
+    return Verdict(
+        num_accepted=k, next_token=race_draw(probs[k], seed, position + k), is_bonus=True
+    )
 
 
 def verify_block(

@@ -30,6 +30,11 @@ branch point (an attention mask with a hole, its own position ids). A model whos
 padded rows may differ from single ones (``batch_unsupported``) drafts only the
 full-acceptance branch. None of this affects the output: the oracle verifies every
 block against the tokens it really committed.
+
+Sampled turns draft the same way when the draft races its distribution with the
+oracle's noise (``Ranking``; ``specdec.core.sampling.race_scores``): the oracle's
+token at a position is then its own race draw, which the draft's winner of the same
+race guesses, and whose likeliest alternatives are the runners-up of that race.
 """
 
 from __future__ import annotations
@@ -48,6 +53,16 @@ from specdec.engine.lean_forward import LeanCache, LeanRows
 
 # How many of the draft's next choices behind its token may be a correction's guess.
 CHOICES_BEHIND = 2
+
+# logits [B, V] of rows predicting the tokens at absolute ``positions`` [B] -> [B, V]
+# non-negative weights whose argmax is the draft's token there and whose order ranks its
+# next choices (greedy: the softmax; sampled and coupled: the race scores).
+Ranking = Callable[[torch.Tensor, Sequence[int]], torch.Tensor]
+
+
+def softmax_ranking(logits: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+    """The greedy ranking: the draft's own probabilities."""
+    return logits.float().softmax(-1)
 
 
 class BranchesCancelled(Exception):
@@ -74,9 +89,16 @@ def full_acceptance_branch(
 
 def greedy_choices(logits: torch.Tensor) -> tuple[list[int], list[RunnerUps]]:
     """logits [B, V] -> per row the argmax id and the ``CHOICES_BEHIND`` ids behind it."""
-    assert logits.dim() == 2 and logits.shape[-1] > CHOICES_BEHIND, tuple(logits.shape)
-    top = logits.float().softmax(-1).topk(1 + CHOICES_BEHIND, dim=-1)  # [B, 1 + behind]
-    values, indices = top.values.tolist(), top.indices.tolist()
+    return top_choices(logits.float().softmax(-1))
+
+
+def top_choices(weights: torch.Tensor) -> tuple[list[int], list[RunnerUps]]:
+    """weights [B, V] (a ``Ranking``'s) -> per row the top id and the ``CHOICES_BEHIND``
+    ids behind it, with their weights normalised to sum to 1 over the row."""
+    assert weights.dim() == 2 and weights.shape[-1] > CHOICES_BEHIND, tuple(weights.shape)
+    top = weights.topk(1 + CHOICES_BEHIND, dim=-1)  # [B, 1 + behind]
+    total = weights.clamp(min=0).sum(-1, keepdim=True).clamp(min=1e-30)
+    values, indices = (top.values / total).tolist(), top.indices.tolist()
     chosen = [int(row[0]) for row in indices]
     runner_ups = [
         RunnerUps(float(p[0]), tuple(int(i) for i in ids[1:]), tuple(float(q) for q in p[1:]))
@@ -107,8 +129,10 @@ def draft_branches(
     k: int,
     width: int,
     ticket: BranchTicket | None = None,
+    rank: Ranking = softmax_ranking,
 ) -> list[Branch]:
-    """Greedy blocks of up to k tokens for the outcomes of verifying ``block`` after ``context``.
+    """Blocks of up to k tokens (each the top of ``rank``) for the outcomes of verifying
+    ``block`` after ``context``.
 
     First the full acceptance (assumed = block + the guessed bonus), then up to
     ``width`` likeliest corrections (assumed = block[:j] + y, y one of the draft's next
@@ -131,7 +155,7 @@ def draft_branches(
     cache.rollback(reused)
     keep = end - start + 1 if rescore else 1
     logits = cache.extend(sequence[reused:], logits_to_keep=keep)[-keep:]  # [keep, V]
-    chosen, choices = greedy_choices(logits)
+    chosen, choices = top_choices(rank(logits, range(end - keep + 1, end + 1)))
     bonus, bonus_runner_up = chosen[-1], choices[-1]
     block_runner_ups = tuple(choices[:-1]) if rescore else (block.runner_ups or ())[: len(block)]
 
@@ -151,7 +175,7 @@ def draft_branches(
     if ticket is not None:
         ticket.choose(outcomes)
     try:
-        rows = _draft_rows(cache, kv or [], first_tokens, positions, k, ticket)
+        rows = _draft_rows(cache, kv or [], first_tokens, positions, k, ticket, rank)
     except BranchesCancelled:
         return []
     return [Branch(assumed, drafted) for assumed, drafted in zip(outcomes, rows, strict=True)]
@@ -164,12 +188,13 @@ def _draft_rows(
     positions: list[int],
     k: int,
     ticket: BranchTicket | None = None,
+    rank: Ranking = softmax_ranking,
 ) -> list[DraftBlock]:
-    """k greedy tokens per row: row b feeds first_tokens[b] at positions[b], seeing the
-    cached tokens before positions[b] only; one batched forward per step.
-    Raises BranchesCancelled at the first step after ``ticket`` is cancelled."""
+    """k tokens per row, each the top of ``rank``: row b feeds first_tokens[b] at
+    positions[b], seeing the cached tokens before positions[b] only; one batched forward
+    per step. Raises BranchesCancelled at the first step after ``ticket`` is cancelled."""
     if len(first_tokens) == 1:  # no hole needed: plain decoding on the cache itself
-        return [_draft_alone(cache, first_tokens[0], k, ticket)]
+        return [_draft_alone(cache, first_tokens[0], k, ticket, rank)]
     step = (
         LeanRows(cache, positions, k).step
         if isinstance(cache, LeanCache)
@@ -178,9 +203,10 @@ def _draft_rows(
     drafted: list[list[int]] = [[] for _ in first_tokens]
     runner_ups: list[list[RunnerUps]] = [[] for _ in first_tokens]
     tokens = first_tokens
-    for _ in range(k):
+    for fed in range(k):
         _check(ticket)
-        tokens, seconds = greedy_choices(step(tokens))  # [B, V] -> B ids
+        predicted = [position + 1 + fed for position in positions]
+        tokens, seconds = top_choices(rank(step(tokens), predicted))  # [B, V] -> B ids
         for b, (token, second) in enumerate(zip(tokens, seconds, strict=True)):
             drafted[b].append(token)
             runner_ups[b].append(second)
@@ -226,16 +252,22 @@ def _hf_rows(
 
 
 def _draft_alone(
-    cache: SequenceCache, first: int, k: int, ticket: BranchTicket | None = None
+    cache: SequenceCache,
+    first: int,
+    k: int,
+    ticket: BranchTicket | None = None,
+    rank: Ranking = softmax_ranking,
 ) -> DraftBlock:
-    """k greedy tokens after the cached tokens + ``first``, on the cache itself (a
-    cancelled ticket leaves it holding what was fed: the next sync drops that)."""
+    """k tokens after the cached tokens + ``first``, each the top of ``rank``, on the
+    cache itself (a cancelled ticket leaves it holding what was fed: the next sync drops
+    that)."""
     tokens: list[int] = []
     runner_ups: list[RunnerUps] = []
     feed = first
     for _ in range(k):
         _check(ticket)
-        (token,), (second,) = greedy_choices(cache.extend([feed])[-1:])
+        position = len(cache) + 1  # where the token predicted after ``feed`` goes
+        (token,), (second,) = top_choices(rank(cache.extend([feed])[-1:], [position]))
         tokens.append(token)
         runner_ups.append(second)
         feed = token

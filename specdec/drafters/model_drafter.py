@@ -13,10 +13,17 @@ accepts iff it would have chosen x_i itself. The block also records the draft's
 next choices at each position (runner-up and third), the likeliest corrections if
 x_i is rejected, and ``branch`` drafts ahead for those corrections (see
 ``specdec.drafters.branches``).
-Sampling: q_i = the draft's distribution under the request's temperature,
-top-k and top-p, truncated to its ``max_support`` most likely ids and
-renormalised; x_i ~ q_i. The truncated q is what the block carries, so the
-verifier's min(1, p/q) test uses the very distribution x_i was drawn from.
+Sampling, coupled (the default): q_i = the draft's distribution under the request's
+temperature, top-k and top-p, raced with the oracle's own noise at that position
+(``specdec.core.sampling.race_scores``, the turn's seed): x_i is the winner of that
+race, the draft's guess of the oracle's own draw there, and the block is token-only
+(the oracle accepts x_i iff it is its draw: ``specdec.core.verifier``). Nothing but
+the ids crosses the wire, and as when greedy the race's runners-up are the likely
+corrections, so ``branch`` drafts ahead for them and for the guessed bonus.
+Sampling, not coupled: q_i truncated to its ``max_support`` most likely ids and
+renormalised; x_i ~ q_i from the draft's own stream. The truncated q is what the
+block carries, so the verifier's min(1, p/q) test uses the very distribution x_i
+was drawn from.
 """
 
 from __future__ import annotations
@@ -31,12 +38,20 @@ from specdec.core.sampling import (
     SparseDist,
     logits_to_probs,
     position_generator,
+    race_scores,
+    race_times,
     resolve_seed,
     sample_sparse,
     truncate_to_sparse,
 )
 from specdec.core.types import Branch, BranchTicket, DraftBlock, RunnerUps
-from specdec.drafters.branches import draft_branches, full_acceptance_branch, greedy_choices
+from specdec.drafters.branches import (
+    Ranking,
+    draft_branches,
+    full_acceptance_branch,
+    softmax_ranking,
+    top_choices,
+)
 from specdec.engine.kv_cache import SequenceCache
 from specdec.engine.lean_forward import LeanCache, lean_unsupported
 from specdec.engine.models import LoadedModel
@@ -54,12 +69,16 @@ class ModelDrafter:
         max_support: int = 32,
         seed: int | None = None,
         lean: bool = True,
+        coupled: bool = True,
     ) -> None:
-        """lean: draft on ``specdec.engine.lean_forward`` where the model qualifies (else HF's)."""
+        """lean: draft on ``specdec.engine.lean_forward`` where the model qualifies (else HF's).
+        coupled: sampled blocks race the oracle's noise (token-only); else they carry q.
+        ``seed`` must be the turn's for coupled blocks to guess the oracle's draws."""
         if max_support < 1:
             raise InvalidArgument(f"max_support must be >= 1, got {max_support}")
         self.model = model
         self.max_support = max_support
+        self.coupled = coupled
         self.cache = (
             LeanCache(model) if lean and lean_unsupported(model) is None else SequenceCache(model)
         )
@@ -88,19 +107,38 @@ class ModelDrafter:
         tokens: list[int] = []
         dists: list[SparseDist] = []
         runner_ups: list[RunnerUps] = []
+        rank = self.ranking(params)
         for i in range(k):
             if i > 0:
                 logits = self.cache.extend([tokens[-1]])[-1]  # [V]
-            if params.greedy:
-                (token,), (runner_up,) = greedy_choices(logits[None])
+            if rank is not None:
+                (token,), (runner_up,) = top_choices(rank(logits[None], [len(context) + i]))
                 runner_ups.append(runner_up)
             else:
                 token, q = self._sample(logits, params, position=len(context) + i)
                 dists.append(q)
             tokens.append(token)
-        if params.greedy:
+        if rank is not None:
             return DraftBlock(tuple(tokens), None, tuple(runner_ups))
         return DraftBlock(tuple(tokens), tuple(dists))
+
+    def ranking(self, params: SamplingParams) -> Ranking | None:
+        """How a token and its runners-up are chosen from the logits: greedy, the draft's
+        argmax; sampled and coupled, the winner of the race with the oracle's noise at
+        that position; None when sampled blocks carry q (drawn from it instead)."""
+        if params.greedy:
+            return softmax_ranking
+        if not self.coupled:
+            return None
+        seed = self.seed
+
+        def race(logits: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+            probs = logits_to_probs(logits, params)  # [B, V]
+            vocab = probs.shape[-1]
+            times = torch.stack([race_times(seed, position, vocab) for position in positions])
+            return race_scores(probs, times).clamp(min=0)
+
+        return race
 
     def branch(
         self,
@@ -112,11 +150,12 @@ class ModelDrafter:
         ticket: BranchTicket | None = None,
     ) -> list[Branch]:
         """Blocks of up to k tokens for the likely outcomes of verifying ``block`` after
-        ``context``: full acceptance first, then (greedy) the ``width`` likeliest
-        corrections. Empty when not even the bonus guess fits, or once ``ticket`` is
-        cancelled."""
-        if params.greedy:
-            return draft_branches(self.cache, context, block, k, width, ticket)
+        ``context``: full acceptance first, then (greedy, or sampled and coupled) the
+        ``width`` likeliest corrections. Empty when not even the bonus guess fits, or
+        once ``ticket`` is cancelled."""
+        rank = self.ranking(params)
+        if rank is not None:
+            return draft_branches(self.cache, context, block, k, width, ticket, rank)
         return full_acceptance_branch(self, context, block, k, params, ticket)
 
     def update(self, num_accepted: int) -> None:

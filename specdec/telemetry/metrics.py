@@ -70,8 +70,8 @@ class Metrics:
         self.rounds = counter(
             "specdec_rounds",
             "{round}",
-            "verification rounds, by how their block was drafted (label block: fresh, ahead, "
-            "piped, branch, branch+piped)",
+            "verification rounds, by how their block was drafted (label block: alone (nothing "
+            "drafted: k = 0), fresh, ahead, piped, branch, branch+piped, rescue)",
         )
         self.draft_tokens = counter("specdec_draft_tokens", "{token}", "draft tokens verified")
         self.accepted_tokens = counter(

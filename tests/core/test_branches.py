@@ -47,18 +47,37 @@ def test_blocks_drafted_for_corrections_change_no_token(
     assert plain.stats.ahead_hits < stats.ahead_hits
 
 
-def test_sampled_turns_draft_no_correction_branches(loaded: Callable[..., Any]) -> None:
-    # A sampled correction is a draw from norm(max(0, p - q)), not the draft's runner-up:
-    # branches are greedy only, and asking for them changes no sampled token.
+def test_sampled_blocks_with_q_draft_no_correction_branches(loaded: Callable[..., Any]) -> None:
+    # A correction of a block that carries q is a draw from norm(max(0, p - q)), not the
+    # draft's runner-up: no branch is drafted for one, and asking changes no token.
     oracle = Oracle(loaded("qwen2", "oracle"))
     params = SamplingParams(max_new_tokens=32, temperature=1.0, seed=7)
+    runs = [
+        generate(oracle, ModelDrafter(loaded("qwen2", "close_draft"), coupled=False), params,
+                 3, 2, 0.005, branches=width)[0]
+        for width in (0, 3)
+    ]  # fmt: skip
+    assert runs[0].tokens == runs[1].tokens
+    assert runs[1].stats.branch_rounds == 0
+
+
+def test_coupled_sampled_turns_use_branches_and_give_the_oracle_alones_draws(
+    loaded: Callable[..., Any],
+) -> None:
+    # A coupled draft races the oracle's noise: its corrections are guessable as when
+    # greedy, so blocks drafted for them get used; and every emitted token is the
+    # oracle's own draw at its position, so the output is the oracle alone's (same seed).
+    oracle = Oracle(loaded("qwen2", "oracle"))
+    params = SamplingParams(max_new_tokens=48, temperature=1.0, top_k=20, seed=7)
+    alone = speculative_generate([1, 5, 9, 12, 7], oracle, None, params, 0)
     runs = [
         generate(oracle, ModelDrafter(loaded("qwen2", "close_draft")), params, 3, 2, 0.005,
                  branches=width)[0]
         for width in (0, 3)
     ]  # fmt: skip
-    assert runs[0].tokens == runs[1].tokens
-    assert runs[1].stats.branch_rounds == 0
+    assert runs[0].tokens == runs[1].tokens == alone.tokens
+    assert runs[1].stats.branch_rounds > 0 and runs[0].stats.branch_rounds == 0
+    assert runs[1].stats.ahead_hits > runs[0].stats.ahead_hits
 
 
 # --------------------------------------------------------------------------- the rules

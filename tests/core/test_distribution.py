@@ -16,7 +16,16 @@ import pytest
 import torch
 
 from specdec.core import verifier
-from specdec.core.sampling import SamplingParams, SparseDist, truncate_to_sparse
+from specdec.core.sampling import (
+    RACE_STREAM,
+    SamplingParams,
+    SparseDist,
+    logits_to_probs,
+    position_generator,
+    race_scores,
+    race_times,
+    truncate_to_sparse,
+)
 from specdec.core.types import DraftBlock, committed_tokens
 from specdec.core.verifier import verify_block
 
@@ -222,11 +231,23 @@ def _probs_without_filters(logits: torch.Tensor, params: SamplingParams) -> torc
     return torch.softmax(logits.float() / params.temperature, dim=-1)
 
 
+def _race_with_uniform_times(probs: torch.Tensor, seed: int, position: int) -> int:
+    """The race with U[0, 1) clocks instead of Exp(1) ones: not a draw from p."""
+    gen = position_generator(seed, position, RACE_STREAM)
+    u = torch.rand(probs.shape[0], generator=gen, dtype=torch.float64)
+    return int((probs.double() / u).argmax())
+
+
+def _race_without_noise(probs: torch.Tensor, seed: int, position: int) -> int:
+    return int(probs.argmax())
+
+
 @pytest.mark.parametrize(
     ("name", "broken", "case"),
     [
         ("residual_distribution", _residual_is_p, 0),  # recovered token drawn from p
-        ("residual_distribution", _residual_is_p, 2),  # same, token-only mode
+        ("race_draw", _race_with_uniform_times, 2),  # token-only: a biased race
+        ("race_draw", _race_without_noise, 3),  # token-only: the oracle's argmax
         ("accepts", _always_accept, 1),  # every draft token accepted
         ("logits_to_probs", _probs_without_filters, 2),  # oracle ignores top-k/top-p
     ],
@@ -239,6 +260,31 @@ def test_broken_verifier_is_detected(
     logits, xs, q = make_case(mode, seed, TRIALS)
     counts = first_token_counts(logits, xs, q, params)
     assert chi2_pvalue(counts, reference_p(logits[0], params)) < P_WRONG
+
+
+def test_a_proposal_raced_with_the_oracles_noise_changes_nothing() -> None:
+    # A draft that races its own q with the oracle's noise (the coupled drafter) is
+    # accepted far more often than one that does not, yet every emitted token is the
+    # oracle's own race draw: the output follows p, whatever q is.
+    params = SamplingParams(temperature=1.0)
+    g = torch.Generator().manual_seed(21)
+    logits = torch.randn(2, V, generator=g) * 1.5
+    draft_logits = logits + 0.5 * torch.randn(2, V, generator=g)  # a close, imperfect draft
+    q = logits_to_probs(draft_logits[0], params)
+    counts = torch.zeros(V, dtype=torch.int64)
+    accepted, trials = 0, TRIALS // 2
+    for seed in range(trials):
+        x = int(race_scores(q, race_times(seed, 7, V)).argmax())
+        verdict = verify_block(logits, DraftBlock((x,)), params, position=7, seed=seed)
+        accepted += verdict.num_accepted
+        counts[committed_tokens(DraftBlock((x,)), verdict)[0]] += 1
+        alone = verify_block(logits[:1], DraftBlock(()), params, position=7, seed=seed)
+        assert committed_tokens(DraftBlock((x,)), verdict)[0] == alone.next_token
+    p = reference_p(logits[0], params)
+    assert chi2_pvalue(counts, p) > P_OK
+    overlap = float(torch.minimum(p, q.double()).sum())
+    independent = float((p * q.double()).sum())
+    assert accepted / trials > (overlap + independent) / 2, (accepted / trials, overlap)
 
 
 # ---------------------------------------------------------------------------

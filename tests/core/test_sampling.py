@@ -20,6 +20,8 @@ from specdec.core.sampling import (
     logits_to_probs,
     mix_seed,
     position_generator,
+    race_draw,
+    race_times,
     resolve_seed,
     sample_from_probs,
     sample_sparse,
@@ -193,6 +195,18 @@ def test_sample_from_probs_inverts_the_cdf() -> None:
     for i in range(50):
         u = uniform(position_generator(9, i))
         assert sample_from_probs(probs, position_generator(9, i)) == (1 if u < 0.25 else 3)
+
+
+def test_the_race_draw_is_a_function_of_seed_and_position() -> None:
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.2])
+    draws = [race_draw(probs, seed, 9) for seed in range(300)]
+    assert draws == [race_draw(probs, seed, 9) for seed in range(300)]  # reproducible
+    assert 1 not in draws and set(draws) == {0, 2, 3}  # zero mass never wins
+    assert draws != [race_draw(probs, seed, 10) for seed in range(300)]  # per position
+    # The race is the Gumbel-max trick: argmax p_a / E_a = argmax log p_a - log E_a.
+    times = race_times(4, 9, 4)
+    gumbel = torch.log(probs.double()) - torch.log(times)
+    assert race_draw(probs, 4, 9) == int(gumbel.argmax())
 
 
 def test_sample_from_probs_rejects_all_zero() -> None:

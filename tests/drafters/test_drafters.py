@@ -15,6 +15,7 @@ from specdec.core.verifier import validate_block
 from specdec.drafters.branches import likeliest_corrections
 from specdec.drafters.model_drafter import ModelDrafter
 from specdec.drafters.ngram import NgramDrafter
+from specdec.engine.oracle import Oracle
 
 GREEDY = SamplingParams()
 
@@ -140,7 +141,7 @@ def test_greedy_blocks_after_partial_acceptance_match_a_fresh_drafter(
 )
 def test_sampled_block_is_valid(params: SamplingParams, loaded: Callable[..., Any]) -> None:
     draft = loaded("llama", "draft")
-    drafter = ModelDrafter(draft, max_support=16, seed=params.seed)
+    drafter = ModelDrafter(draft, max_support=16, seed=params.seed, coupled=False)
     block = drafter.propose([5, 9, 14, 3], 5, params)
     assert len(block.token_ids) == 5
     assert block.q is not None and len(block.q) == 5
@@ -152,6 +153,37 @@ def test_sampled_block_is_valid(params: SamplingParams, loaded: Callable[..., An
         if params.top_k:
             assert q.token_ids.numel() <= params.top_k
     validate_block(block, draft.vocab_size)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1.0, seed=3),
+        SamplingParams(temperature=0.7, top_k=10, seed=4),
+        SamplingParams(temperature=1.3, top_p=0.8, seed=5),
+    ],
+)
+def test_a_coupled_draft_that_is_the_oracle_is_always_accepted(
+    params: SamplingParams, loaded: Callable[..., Any]
+) -> None:
+    # A coupled block is token-only: each token the winner of the draft's race with the
+    # oracle's noise at its position. A draft identical to the oracle therefore proposes
+    # exactly the oracle's own draws, which it accepts in full.
+    oracle_model = loaded("llama", "oracle")
+    oracle = Oracle(oracle_model)
+    context = [5, 9, 14, 3]
+    assert params.seed is not None
+    drafter = ModelDrafter(oracle_model, seed=params.seed)
+    for _ in range(4):
+        block = drafter.propose(context, 5, params)
+        assert block.q is None and block.runner_ups is not None and len(block) == 5
+        validate_block(block, oracle_model.vocab_size)
+        verdict = oracle.verify(oracle.new_cache(), context, block, params, params.seed)
+        assert verdict.num_accepted == 5 and verdict.is_bonus
+        # Its runners-up are other tokens, ranked by their weight in the race.
+        for token, ups in zip(block.token_ids, block.runner_ups, strict=True):
+            assert token not in ups.token_ids and ups.p_chosen >= max(ups.probs)
+        context = [*context, *block.token_ids, verdict.next_token]
 
 
 def test_sampled_blocks_depend_only_on_seed_and_context(loaded: Callable[..., Any]) -> None:
@@ -281,12 +313,23 @@ def test_likeliest_corrections_follow_the_drafts_probabilities() -> None:
 
 def test_sampled_and_context_limited_branches(loaded: Callable[..., Any]) -> None:
     draft = loaded("llama", "draft")
-    drafter = ModelDrafter(draft)
     sampled = SamplingParams(temperature=1.0, seed=3)
+    # Blocks that carry q: a correction is a draw from the residual, nothing to guess.
+    drafter = ModelDrafter(draft, seed=3, coupled=False)
     block = drafter.propose([5, 9, 14], 3, sampled)
     assert block.runner_ups is None
     branches = drafter.branch([5, 9, 14], block, 3, sampled, width=3)
     assert len(branches) == 1 and branches[0].assumed[:-1] == block.token_ids  # no corrections
+    # Coupled blocks: the race's runners-up are the likely corrections, as when greedy.
+    drafter = ModelDrafter(draft, seed=3)
+    block = drafter.propose([5, 9, 14], 3, sampled)
+    branches = drafter.branch([5, 9, 14], block, 3, sampled, width=3)
+    assert len(branches) == 4 and branches[0].assumed[:-1] == block.token_ids
+    # Each branch's first token is the winner of the race at its position after it.
+    for branch in branches:
+        context = [5, 9, 14, *branch.assumed]
+        alone = ModelDrafter(draft, seed=3).propose(context, 1, sampled)
+        assert branch.block.token_ids[0] == alone.token_ids[0]
     # No room after the block for the bonus and a token: nothing to draft ahead.
     context = [5] * (draft.max_context - 3)
     block = drafter.propose(context, 3, GREEDY)

@@ -23,6 +23,8 @@ from specdec.core.types import DraftBlock
 from specdec.drafters.branches import draft_branches
 from specdec.drafters.model_drafter import ModelDrafter
 from specdec.engine.models import LoadedModel
+from specdec.engine.oracle import Oracle
+from specdec.generate import speculative_generate
 from specdec.v1 import oracle_pb2
 from tests.oracle_service.test_oracle_service import (  # noqa: F401 (fixtures)
     PROMPT,
@@ -108,21 +110,51 @@ async def test_a_miss_gets_a_rescue_block_verified_next_and_every_token_is_exact
     assert info.rescue_draft and info.rescue_blocks >= 4
 
 
-async def test_no_rescue_unless_the_stream_allows_it_or_the_turn_samples(
+async def test_no_rescue_unless_the_stream_allows_it(
     rescuing: Callable[[int], Awaitable[Running]],
     reference: list[int],  # noqa: F811
 ) -> None:
     oracle = await rescuing(0)
     base = len(PROMPT)
     wrong = (reference[0] + 1) % 96
-    for session, options in (("n1", {}), ("n2", {"allow_rescue": True, "temperature": 1.0})):
+    for temperature in (0.0, 1.0):
         stream = oracle.stream()
-        await stream.open(session, PROMPT, **options)  # type: ignore[arg-type]
+        await stream.open(f"n{temperature}", PROMPT, temperature=temperature)
         verdict = await stream.block(0, base, [wrong])
         assert not verdict.rescue_pending
         await stream.finish()
     info = await oracle.stub.GetInfo(oracle_pb2.GetInfoRequest())
     assert info.rescue_blocks == 0
+
+
+async def test_a_sampled_miss_gets_a_coupled_rescue_block_and_the_oracle_alones_draws(
+    rescuing: Callable[[int], Awaitable[Running]],
+    oracle_model: LoadedModel,  # noqa: F811
+) -> None:
+    # Sampled turns are rescued too: the rescue block races the oracle's own noise of
+    # the turn's seed, and every committed token is the oracle alone's draw.
+    params = SamplingParams(temperature=1.0, max_new_tokens=12, seed=5)
+    run = speculative_generate  # its own event loop: in a thread
+    alone = (await asyncio.to_thread(run, PROMPT, Oracle(oracle_model), None, params, 0)).tokens
+    oracle = await rescuing(0)
+    stream = oracle.stream()
+    await stream.open("sampled", PROMPT, temperature=1.0, seed=5, allow_rescue=True)
+    base = len(PROMPT)
+    first = await stream.block(0, base, [(alone[0] + 1) % 96, alone[1]])
+    assert (first.num_accepted, first.next_token_id) == (0, alone[0])
+    assert first.rescue_pending
+    committed = [*PROMPT, alone[0]]
+    announced = await read_decision(stream)
+    for _ in range(3):
+        verdict = await stream.read_verdict()
+        assert verdict.rescued
+        committed += [*announced[: verdict.num_accepted], verdict.next_token_id]
+        announced = await read_decision(stream)
+    assert committed[base:] == alone[: len(committed) - base]
+    await stream.call.done_writing()
+    while (await stream.read_verdict()).rescue_pending and await read_decision(stream):
+        pass
+    assert await stream.call.read() is grpc.aio.EOF
 
 
 async def test_a_late_block_for_the_verdict_means_no_rescue(

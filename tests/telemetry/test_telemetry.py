@@ -367,12 +367,14 @@ def test_metrics_move_with_the_stats(system: System) -> None:
     assert delta(g0, g1, "specdec_rounds_total") == stats.rounds
     rounds_by_block = {
         block: delta(g0, g1, f"specdec_rounds_total[{block}]")
-        for block in ("fresh", "ahead", "piped", "branch", "branch+piped")
+        for block in ("alone", "fresh", "ahead", "piped", "branch", "branch+piped")
     }
     assert sum(rounds_by_block.values()) == stats.rounds
+    assert rounds_by_block["alone"] == stats.oracle_alone_rounds
     assert rounds_by_block["branch"] + rounds_by_block["branch+piped"] == stats.branch_rounds
     assert rounds_by_block["piped"] + rounds_by_block["branch+piped"] == stats.pipelined_rounds
-    assert stats.rounds - rounds_by_block["fresh"] == stats.draft_ahead_hits
+    fresh = rounds_by_block["fresh"] + rounds_by_block["alone"]
+    assert stats.rounds - fresh == stats.draft_ahead_hits
     assert delta(g0, g1, "specdec_output_tokens_total") == stats.output_tokens == 20
     assert delta(g0, g1, "specdec_prompt_tokens_total") == len(PROMPT)
     assert delta(g0, g1, "specdec_requests_total") == 1
@@ -471,7 +473,8 @@ def test_traces_command_shows_a_request_round_by_round(
     blocks = [r[-1] for r in rows if r[4] != "skipped"]
     assert sum(b.startswith("branch") for b in blocks) == stats.branch_rounds
     assert sum(b.endswith("piped") for b in blocks) == stats.pipelined_rounds
-    assert sum(b != "fresh" for b in blocks) == stats.draft_ahead_hits
+    assert sum(b not in ("fresh", "alone") for b in blocks) == stats.draft_ahead_hits
+    assert blocks.count("alone") == stats.oracle_alone_rounds
     summary = lines[-1]
     assert summary.startswith(f"services: {DRAFT}, {GATEWAY}, {ORACLE} |")
     rounds = f"{stats.rounds} rounds" + (f" (+{len(skipped)} skipped)" if skipped else "")

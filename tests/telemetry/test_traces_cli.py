@@ -110,7 +110,7 @@ def test_the_table_adds_up(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         ["3", "0", "0", "0", "bonus", "1", "20"],
     ]
     assert rows[0][7:] == ["1.50", "2.00", "0.50", "0.10", "fresh"]
-    assert [r[-1] for r in rows] == ["fresh", "piped", "branch", "fresh"]
+    assert [r[-1] for r in rows] == ["fresh", "piped", "branch", "alone"]  # k = 0: nothing drafted
     assert lines[-1] == (
         "services: specdec-draft, specdec-gateway, specdec-oracle | 4 rounds, 11 proposed, "
         "6 accepted (54.5%), 10 committed, 2.50 tokens/round | draft 4.5 ms, verify 8.0 ms, "
@@ -131,12 +131,12 @@ def test_the_tail_is_the_rounds_of_the_slowest_gaps(
     tail = json.loads(capsys.readouterr().out)
     assert (tail["requests"], tail["tokens"], tail["gap_ms"]) == (2, 14, 4.0)
     assert tail["all"]["rounds"] == 6 and tail["all"]["blocks"] == {
-        "piped": 2, "branch": 2, "fresh": 2
+        "piped": 2, "branch": 2, "alone": 2
     }  # fmt: skip
     worst = tail["tail"]  # the 9 ms and 4 ms rounds of both requests
     assert worst["rounds"] == 4 and worst["tokens_per_round"] == 1.0
     assert worst["wall_ms"] == pytest.approx(6.5)
-    assert worst["blocks"] == {"branch": 2, "fresh": 2}
+    assert worst["blocks"] == {"branch": 2, "alone": 2}
     # draft 1.5 ms in the k=3 round, 0 in the k=0 one; network, queue, verify as written.
     assert worst["draft_ms"] == pytest.approx(0.75)
     parts = worst["draft_ms"] + worst["network_ms"] + worst["queue_ms"] + worst["verify_ms"]
