@@ -112,9 +112,8 @@ class RescueDrafter:
 
     def _draft(self, lease: Lease, committed: list[int], k: int) -> DraftBlock:
         if lease.drafter is None:
-            lease.drafter = ModelDrafter(self.model)
-        # Sampled turns: a coupled block races the oracle's own noise of this seed.
-        lease.drafter.seed = lease.session.seed
+            # Sampled turns: a coupled block races the oracle's own noise of this seed.
+            lease.drafter = ModelDrafter(self.model, seed=lease.session.seed)
         return lease.drafter.propose(committed, k, lease.session.params)
 
     def close(self) -> None:
