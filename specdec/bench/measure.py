@@ -113,6 +113,8 @@ class Result:
                 branch_share=sum(st.branch_rounds for st in stats) / max(rounds, 1),
                 # Rounds whose block the oracle drafted after a miss (rescue).
                 rescue_share=sum(st.rescued_rounds for st in stats) / max(rounds, 1),
+                # Rounds without speculation: nothing drafted (k = 0).
+                alone_share=sum(st.oracle_alone_rounds for st in stats) / max(rounds, 1),
             )
         if baseline is not None:
             pairs = zip(self.samples, baseline.samples, strict=False)
@@ -150,7 +152,9 @@ COLUMNS = [
     ("rounds", "rounds", "{}"),
     ("pipelined_share", "piped", "{:.2f}"),
     ("branch_share", "branch", "{:.2f}"),
-    ("rescue_share", "recov.", "{:.2f}"),
+    ("rescue_share", "rescue", "{:.2f}"),
+    ("alone_share", "alone", "{:.2f}"),
+    ("mean_k", "mean k", "{:.1f}"),
     ("skipped_blocks", "skip", "{}"),
     ("wire_bytes_per_token", "B/tok", "{:.0f}"),
     ("mismatched_outputs", "diff", "{}"),

@@ -1,12 +1,17 @@
 """`specdec bench`: every configuration through the real gateway, side by side, in one run.
 
-Starts a gateway, an oracle and a draft (unless --gateway targets running
-ones), with a delay proxy between the draft and the oracle, then runs each
-prompt through every configuration in turn (prompt-major order, so drift on a
-noisy machine hits all configurations alike): the oracle alone (k = 0), fixed
-k, adaptive k, the n-gram drafter, each model-drafted configuration at every
-added round trip; plus two in-process baselines on the same models: HF
-``generate`` of the oracle alone and HF assisted generation. Prints a table
+Starts a gateway, an oracle and a draft, with a delay proxy between the draft
+and the oracle, then runs each prompt through every configuration in turn
+(prompt-major order, so drift on a noisy machine hits all configurations
+alike): the oracle alone (k = 0), fixed k, adaptive k, the request's defaults
+(no speculation settings at all), the n-gram drafter, each model-drafted
+configuration at every added round trip; plus two in-process baselines on the
+same models: HF ``generate`` of the oracle alone and HF assisted generation.
+
+The workloads ``greedy-useless`` and ``sample-useless`` run the draft
+configurations again with a useless draft (``workload.useless_draft``: the draft's
+architecture and tokenizer, random weights), in a system of their own started
+after the first, each against the oracle alone of that system. Prints a table
 and writes JSON.
 """
 
@@ -28,12 +33,17 @@ from typing import Any
 from specdec.bench.measure import Result, Sample, table
 from specdec.bench.proxy import DelayProxy
 
+WORKLOADS = ("greedy", "sample", "greedy-useless", "sample-useless")
+USELESS = "-useless"  # the workloads drafted by a useless draft (random weights)
+BASELINE = "oracle alone (k=0)"
+DEFAULTS = "draft defaults"  # a request without speculation settings
+
 
 @dataclass(frozen=True)
 class Config:
     name: str
-    k: int
-    adaptive: bool = False
+    k: int | None  # None: the gateway's default
+    adaptive: bool | None = False  # None: the gateway's default
     drafter: str | None = None  # None: the gateway's choice (model when registered)
     delay_ms: float = 0.0
     hf: str = ""  # "alone" / "assisted": in-process baselines
@@ -60,7 +70,12 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--long-tokens", type=int, default=512, help="long-output case (0 = skip)")
     p.add_argument("--ks", default="2,4,8", help="fixed k values")
     p.add_argument("--delays", default="0,10,50", help="added draft-oracle round trips, ms")
-    p.add_argument("--workloads", default="greedy,sample", help="greedy and/or sample (T=1)")
+    p.add_argument(
+        "--workloads",
+        default="greedy,sample",
+        help=f"any of {', '.join(WORKLOADS)}: greedy, sampled (T=1), and the same with a "
+        "useless draft (random weights, the draft's tokenizer)",
+    )
     p.add_argument(
         "--pipeline-depths",
         default="",
@@ -223,8 +238,9 @@ def _configs(args: argparse.Namespace) -> list[Config]:
     widths = [int(b) for b in args.branches.split(",") if b] or [-1]
     rescues: list[bool | None] = [bool(int(r)) for r in args.rescue.split(",") if r]
     rescues = rescues or [None]
-    configs = [Config("oracle alone (k=0)", 0), Config("ngram k=4", 4, drafter="ngram")]
+    configs = [Config(BASELINE, 0), Config("ngram k=4", 4, drafter="ngram")]
     for delay in delays:
+        configs.append(Config(DEFAULTS, None, None, delay_ms=delay))
         for depth, width, rescue in itertools.product(depths, widths, rescues):
             tag = f" pipe={depth}" if len(depths) > 1 else ""
             tag += f" br={width}" if len(widths) > 1 else ""
@@ -249,10 +265,8 @@ def run_bench(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from specdec.bench.workload import heldout_prompts
-    from specdec.client import Client
+    from specdec.bench.workload import heldout_prompts, useless_draft
     from specdec.engine.models import DEMO_DRAFT, DEMO_ORACLE
-    from specdec.launch import cluster, free_port
 
     torch.set_num_threads(args.threads)
     if not args.out:
@@ -283,79 +297,39 @@ def run_bench(args: argparse.Namespace) -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(overhead, indent=2))
         return
+    workloads = [w for w in args.workloads.split(",") if w]
+    unknown = sorted(set(workloads) - set(WORKLOADS))
+    if unknown:
+        raise SystemExit(f"unknown workloads {unknown}: choose from {', '.join(WORKLOADS)}")
     configs = _configs(args)
-    env = {"OMP_NUM_THREADS": str(args.threads), "SPECDEC_LOG_LEVEL": "warning"}
-    draft_dtype = args.draft_dtype or args.dtype
-    hf_oracle = hf_draft = None
+    hf: tuple[Any, Any] | None = None
     if not args.no_hf:
-        hf_oracle = (
-            AutoModelForCausalLM.from_pretrained(oracle_path, dtype=getattr(torch, args.dtype))
+        dtypes = (args.dtype, args.draft_dtype or args.dtype)
+        hf = tuple(  # type: ignore[assignment]
+            AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
             .to(args.device)
             .eval()
+            for path, dtype in zip((oracle_path, draft_path), dtypes, strict=True)
         )
-        hf_draft = (
-            AutoModelForCausalLM.from_pretrained(draft_path, dtype=getattr(torch, draft_dtype))
-            .to(args.device)
-            .eval()
-        )
-    oracle_port = free_port()
-    proxy = ProxyThread(oracle_port)
+    cases = [(w, args.max_new_tokens, configs) for w in workloads if not w.endswith(USELESS)]
+    if args.long_tokens:
+        long_configs = [cf for cf in configs if cf.delay_ms == 0 and cf.k in (0, 4, None)]
+        cases.append(("greedy-long", args.long_tokens, long_configs))
+    # The useless draft's own system: its draft configurations against its oracle alone.
+    drafting = [cf for cf in configs if not cf.hf and cf.drafter is None]
+    useless = [(w, args.max_new_tokens, drafting) for w in workloads if w.endswith(USELESS)]
     rows: list[dict[str, Any]] = []
     drafted: list[dict[str, Any]] = []  # the rows of the draft model's configurations
-    with tempfile.TemporaryDirectory() as workdir, cluster(Path(workdir), env) as c:
-        c.start_gateway("--tokenizer", oracle_path, "--default-max-new-tokens", "512")
-        rescue = ["--rescue-draft", draft_path] if args.rescue else []
-        c.start_oracle(
-            oracle_path, "--device", args.device, "--dtype", args.dtype,
-            "--public-address", f"127.0.0.1:{proxy.port}", *rescue, port=oracle_port,
-        )  # fmt: skip
-        c.start_draft(draft_path, "--device", args.draft_device, "--dtype", draft_dtype)
-        c.wait_workers(oracles=1, drafts=1)
-        with Client(c.address, timeout=600) as client:
-            workloads = [w for w in args.workloads.split(",") if w]
-            cases = [(w, args.max_new_tokens, configs) for w in workloads]
-            if args.long_tokens:
-                long_configs = [cf for cf in configs if cf.delay_ms == 0 and cf.k in (0, 4)]
-                cases.append(("greedy-long", args.long_tokens, long_configs))
-            for workload, max_new, case_configs in cases:
-                sampling = {"max_new_tokens": max_new}
-                if workload.startswith("sample"):
-                    sampling.update(temperature=1.0, seed=1234)
-                case_prompts = prompts if max_new <= 256 else prompts[: max(2, len(prompts) // 4)]
-                results = {cf: Result(cf.name, workload, cf.delay_ms, []) for cf in case_configs}
-                _gateway_sample(client, prompts[0][:16], configs[2], sampling)  # warm-up
-                for i, prompt in enumerate(case_prompts):
-                    for cf in case_configs:
-                        if cf.hf:
-                            s = _hf_sample(hf_oracle, hf_draft, prompt, cf, sampling, max_new)
-                        else:
-                            proxy.proxy.delay_s = cf.delay_ms / 1000
-                            before = proxy.proxy.bytes_total
-                            s = _gateway_sample(client, prompt, cf, sampling)
-                            results[cf].wire_bytes += proxy.proxy.bytes_total - before
-                        results[cf].samples.append(s)
-                    print(f"  {workload}: prompt {i + 1}/{len(case_prompts)} done", flush=True)
-                base = results[case_configs[0]]
-                hf_base = next((r for cf, r in results.items() if cf.hf == "alone"), None)
-                for cf, result in results.items():
-                    row = result.summary(base if cf.k or cf.hf else None)
-                    if hf_base is not None and cf.hf != "alone":
-                        row["vs_hf_generate"] = (
-                            row["tokens_per_s"] / hf_base.summary(None)["tokens_per_s"]
-                        )
-                    if not cf.hf and not workload.startswith("sample"):
-                        row["mismatched_outputs"] = _mismatches(result, base)
-                    if cf.k and not cf.hf and cf.drafter is None:
-                        drafted.append(row)
-                    rows.append(row)
-                assisted = next((r for cf, r in results.items() if cf.hf == "assisted"), None)
-                if assisted is not None:
-                    hf_tps = assisted.summary(None)["tokens_per_s"]
-                    for row in rows[-len(results) :]:
-                        row["vs_hf_assisted"] = row["tokens_per_s"] / hf_tps
-                if len(cases) > 1:
-                    print(table(rows[-len(results) :]), flush=True)
-    proxy.stop()
+    with tempfile.TemporaryDirectory() as workdir:
+        phases = [(draft_path, cases, hf)]
+        if useless:
+            random_draft = useless_draft(draft_path, Path(workdir) / "useless-draft", seed=0)
+            phases.append((str(random_draft), useless, None))
+        for phase_draft, phase_cases, phase_hf in phases:
+            if phase_cases:
+                found = _run_system(args, oracle_path, phase_draft, phase_cases, prompts, phase_hf)
+                rows += found[0]
+                drafted += found[1]
     round_trip = round_trip_retention(drafted)
     report = {
         "command": "specdec " + " ".join(sys.argv[1:]),
@@ -380,9 +354,106 @@ def run_bench(args: argparse.Namespace) -> None:
     print("\n".join(["", table(rows), "", *lines, "", f"wrote {out}"]))
 
 
+Case = tuple[str, int, list[Config]]  # (workload, max_new_tokens, configurations)
+
+
+def _run_system(
+    args: argparse.Namespace,
+    oracle_path: str,
+    draft_path: str,
+    cases: list[Case],
+    prompts: list[list[int]],
+    hf: tuple[Any, Any] | None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Start a gateway, an oracle and a draft of ``draft_path`` and measure ``cases``:
+    (every row, the rows of the draft model's configurations)."""
+    from specdec.client import Client
+    from specdec.launch import cluster, free_port
+
+    env = {"OMP_NUM_THREADS": str(args.threads), "SPECDEC_LOG_LEVEL": "warning"}
+    oracle_port = free_port()
+    proxy = ProxyThread(oracle_port)
+    rows: list[dict[str, Any]] = []
+    drafted: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as workdir, cluster(Path(workdir), env) as c:
+        c.start_gateway("--tokenizer", oracle_path, "--default-max-new-tokens", "512")
+        rescue = ["--rescue-draft", draft_path] if args.rescue else []
+        c.start_oracle(
+            oracle_path, "--device", args.device, "--dtype", args.dtype,
+            "--public-address", f"127.0.0.1:{proxy.port}", *rescue, port=oracle_port,
+        )  # fmt: skip
+        draft_dtype = args.draft_dtype or args.dtype
+        c.start_draft(draft_path, "--device", args.draft_device, "--dtype", draft_dtype)
+        c.wait_workers(oracles=1, drafts=1)
+        with Client(c.address, timeout=600) as client:
+            for workload, max_new, case_configs in cases:
+                found = _measure(client, proxy, workload, max_new, case_configs, prompts, hf)
+                rows += found
+                drafted += [
+                    row
+                    for cf, row in zip(case_configs, found, strict=True)
+                    if cf.k != 0 and not cf.hf and cf.drafter is None
+                ]
+                if len(cases) > 1:
+                    print(table(found), flush=True)
+    proxy.stop()
+    return rows, drafted
+
+
+def _measure(
+    client: Any,
+    proxy: ProxyThread,
+    workload: str,
+    max_new: int,
+    configs: list[Config],
+    prompts: list[list[int]],
+    hf: tuple[Any, Any] | None,
+) -> list[dict[str, Any]]:
+    """Each prompt through every configuration in turn; one row per configuration, the
+    first (the oracle alone) the baseline of the others' speedups."""
+    sampling: dict[str, Any] = {"max_new_tokens": max_new}
+    if workload.startswith("sample"):
+        sampling.update(temperature=1.0, seed=1234)
+    case_prompts = prompts if max_new <= 256 else prompts[: max(2, len(prompts) // 4)]
+    results = {cf: Result(cf.name, workload, cf.delay_ms, []) for cf in configs}
+    warm_up = next(cf for cf in configs if cf.k)
+    _gateway_sample(client, prompts[0][:16], warm_up, sampling)
+    for i, prompt in enumerate(case_prompts):
+        for cf in configs:
+            if cf.hf:
+                assert hf is not None
+                s = _hf_sample(hf[0], hf[1], prompt, cf, sampling, max_new)
+            else:
+                proxy.proxy.delay_s = cf.delay_ms / 1000
+                before = proxy.proxy.bytes_total
+                s = _gateway_sample(client, prompt, cf, sampling)
+                results[cf].wire_bytes += proxy.proxy.bytes_total - before
+            results[cf].samples.append(s)
+        print(f"  {workload}: prompt {i + 1}/{len(case_prompts)} done", flush=True)
+    base = results[configs[0]]
+    assert configs[0].name == BASELINE
+    hf_base = next((r for cf, r in results.items() if cf.hf == "alone"), None)
+    rows = []
+    for cf, result in results.items():
+        row = result.summary(None if cf is configs[0] else base)
+        if hf_base is not None and cf.hf != "alone":
+            row["vs_hf_generate"] = row["tokens_per_s"] / hf_base.summary(None)["tokens_per_s"]
+        if not cf.hf:  # sampled too: every draw is the oracle's own at the seed
+            row["mismatched_outputs"] = _mismatches(result, base)
+        rows.append(row)
+    assisted = next((r for cf, r in results.items() if cf.hf == "assisted"), None)
+    if assisted is not None:
+        hf_tps = assisted.summary(None)["tokens_per_s"]
+        for row in rows:
+            row["vs_hf_assisted"] = row["tokens_per_s"] / hf_tps
+    return rows
+
+
 def _mismatches(result: Result, base: Result) -> int:
-    """Requests whose tokens differ from the oracle alone's for the same prompt (greedy:
-    every configuration must give exactly the oracle's output)."""
+    """Requests whose tokens differ from the oracle alone's for the same prompt: every
+    configuration must give exactly the oracle's output (greedy, and sampled with the
+    same seed unless the draft sends q: its tokens are then other draws of the same
+    distribution)."""
     pairs = zip(result.samples, base.samples, strict=True)
     return sum(a.token_ids != b.token_ids for a, b in pairs)
 

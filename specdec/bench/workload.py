@@ -1,15 +1,20 @@
-"""Benchmark prompts: code-completion prompts cut from the demo pair's held-out files.
+"""Benchmark workloads: code-completion prompts cut from the demo pair's held-out files,
+and a useless draft.
 
 The demo models never trained on the held-out standard-library files (see the
 model card), so prompts cut from them are in-domain but unseen. Each prompt is
 the text of a file up to the end of a ``def`` line, keeping its last
 ``prompt_tokens`` tokens: the model is asked to write the function's body.
+
+A useless draft is what a user gets whose draft does not know their domain, at its
+worst: the draft's architecture and tokenizer with random weights, seeded.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from specdec.training import corpus
 
@@ -38,3 +43,18 @@ def heldout_prompts(
     if len(prompts) < count:
         raise RuntimeError(f"found only {len(prompts)} prompts in the held-out files")
     return prompts
+
+
+def useless_draft(template: str, out: Path, seed: int = 0) -> Path:
+    """A model folder at ``out``: ``template``'s config and tokenizer, random weights
+    (``seed``), float32. Its proposals are almost never accepted."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(template)
+    config.dtype = "float32"
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(template).save_pretrained(out)
+    return out

@@ -44,8 +44,8 @@ Three refinements make the choice hold up on real text and real services:
   the draft up and for verifying a second row (on a CPU that costs a third of a
   row alone more than each row after it): an estimate that errs towards speculating.
   While speculating and unsure (1 / T(0) would win were T(0) up to ``UNSURE`` times
-  smaller) without a measured T(0), the controller takes one plain step every
-  ``EXPLORE_EVERY`` rounds until it has one.
+  smaller) without a measured T(0), the controller takes a plain step at once, then
+  one every ``EXPLORE_EVERY`` rounds until it has a measurement.
 * Not speculating is a state, left only on evidence. Speculation stops when
   1 / T(0) beats the best E(k) / T(k) by ``HYSTERESIS``, and resumes when the
   best E(k) / T(k) beats 1 / T(0) by as much. Meanwhile the controller probes: one
@@ -186,7 +186,7 @@ class AdaptiveK:
         self._since_probe = 0
         self.probe_every = PROBE_MIN
         self._explore = False  # the next round is a plain step, to measure T(0)
-        self._since_explore = 0
+        self._since_explore = EXPLORE_EVERY  # the first time unsure: at once
 
     # -- estimates -----------------------------------------------------------------
 

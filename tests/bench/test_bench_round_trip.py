@@ -32,8 +32,9 @@ def test_round_trip_bench_end_to_end(tmp_path: Path, model_dir: Callable[[str, s
     report = json.loads(out.read_text())
     rows = {(r["config"], r["delay_ms"]): r for r in report["rows"]}
     assert list(rows) == [
-        ("oracle alone (k=0)", 0), ("ngram k=4", 0), ("draft k=2", 0), ("draft adaptive", 0),
-        ("draft k=2", 20), ("draft adaptive", 20),
+        ("oracle alone (k=0)", 0), ("ngram k=4", 0),
+        ("draft defaults", 0), ("draft k=2", 0), ("draft adaptive", 0),
+        ("draft defaults", 20), ("draft k=2", 20), ("draft adaptive", 20),
         ("HF generate (oracle)", 0), ("HF assisted (draft)", 0),
     ]  # fmt: skip
     for (config, delay), row in rows.items():

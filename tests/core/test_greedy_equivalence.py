@@ -16,10 +16,10 @@ import torch
 
 from specdec.core.errors import InvalidArgument, VocabularyMismatch
 from specdec.core.sampling import (
+    RACE_STREAM,
     SamplingParams,
     logits_to_probs,
     position_generator,
-    sample_from_probs,
 )
 from specdec.core.stopping import FinishReason
 from specdec.core.types import DraftBlock
@@ -224,7 +224,8 @@ def test_stops_at_the_context_limit(arch: str, loaded: Callable[..., Any]) -> No
 
 
 def test_sampled_oracle_alone_matches_a_plain_sampling_loop(loaded: Callable[..., Any]) -> None:
-    # k = 0: every round is a bonus draw at position t from position_generator(seed, t).
+    # k = 0: every round is a bonus draw at position t: the Gumbel-max draw with the
+    # noise of position_generator(seed, t, RACE_STREAM), G = -log(-log(1 - u)).
     model = loaded("llama", "oracle")
     params = SamplingParams(temperature=0.9, top_k=20, seed=123, max_new_tokens=12)
     prompt = make_prompt(5)
@@ -233,8 +234,11 @@ def test_sampled_oracle_alone_matches_a_plain_sampling_loop(loaded: Callable[...
     with torch.inference_mode():
         for _ in range(params.max_new_tokens):
             logits = model.model(torch.tensor([tokens])).logits[0, -1].float()
-            probs = logits_to_probs(logits, params)
-            tokens.append(sample_from_probs(probs, position_generator(123, len(tokens))))
+            probs = logits_to_probs(logits, params).double()
+            gen = position_generator(123, len(tokens), RACE_STREAM)
+            u = torch.rand(probs.shape[0], generator=gen, dtype=torch.float64)
+            gumbel = -torch.log(-torch.log1p(-u))
+            tokens.append(int((torch.log(probs) + gumbel).argmax()))
     assert result.tokens == tokens[len(prompt) :]
 
 
