@@ -48,7 +48,10 @@ Three refinements make the choice hold up on real text and real services:
   one every ``EXPLORE_EVERY`` rounds until it has a measurement.
 * Not speculating is a state, left only on evidence. Speculation stops when
   1 / T(0) beats the best E(k) / T(k) by ``HYSTERESIS``, and resumes when the
-  best E(k) / T(k) beats 1 / T(0) by as much. Meanwhile the controller probes: one
+  best E(k) / T(k) beats 1 / T(0) by as much just after an accepted probe (the
+  costs of drafting are not measured meanwhile: a load that slows the plain steps
+  alone must not bring back a draft whose tokens are still all rejected).
+  Meanwhile the controller probes: one
   block of ``PROBE_K`` token(s) every ``probe_every`` plain rounds, drafted fresh
   (nothing is drafted ahead or branched while not speculating). The interval
   doubles from ``PROBE_MIN`` to ``PROBE_MAX`` while probes are rejected and falls
@@ -185,6 +188,7 @@ class AdaptiveK:
         self._speculating = True
         self._since_probe = 0
         self.probe_every = PROBE_MIN
+        self._probe_accepted = False  # the last probe had a token accepted
         self._explore = False  # the next round is a plain step, to measure T(0)
         self._since_explore = EXPLORE_EVERY  # the first time unsure: at once
 
@@ -300,6 +304,7 @@ class AdaptiveK:
         else:  # a probe: drafted fresh, nothing ahead of it or after it
             self._last_full = None
             self._since_probe = 0
+            self._probe_accepted = accepted > 0
             self.probe_every = PROBE_MIN if accepted else min(2 * self.probe_every, PROBE_MAX)
 
     def _observe_positions(self, k: int, accepted: int) -> None:
@@ -324,7 +329,8 @@ class AdaptiveK:
         self.k = best
         plain, drafting = rates[0], rates[best]
         if not self._speculating:
-            self._speculating = drafting > (1 + HYSTERESIS) * plain
+            self._speculating = self._probe_accepted and drafting > (1 + HYSTERESIS) * plain
+            self._probe_accepted = False
         elif plain > (1 + HYSTERESIS) * drafting:
             self._speculating, self._since_probe = False, 0
             self.probe_every = PROBE_MIN

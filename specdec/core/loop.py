@@ -208,13 +208,15 @@ async def _commit(
 async def _send_late_ahead(loop: _Loop) -> None:
     """A verdict awaits a rescue decision and nothing is in flight: the blocks
     drafted ahead for it were not sent yet. Send the one it makes true, if any; else
-    tell the oracle that none is coming, so that it decides at once. With nothing
-    drafted ahead and a plain step next (k = 0), send that step now: it extends the
-    verdict, so the oracle drafts no rescue block for it."""
+    tell the oracle that none is coming, so that it decides at once. With a plain step
+    next (k = 0: the policy does not speculate), send that step now instead: it extends
+    the verdict, so the oracle verifies it rather than a rescue block."""
+    if k_for(loop.state, len(loop.state.committed)) == 0:
+        drafting_ahead.drop(loop.ahead)
+        await _send_next(loop)
+        return
     branches = loop.ahead.branches or loop.ahead.dropped
     if branches is None:
-        if k_for(loop.state, len(loop.state.committed)) == 0:
-            await _send_next(loop)
         return
     found = await drafting_ahead.take(loop.ahead, loop.state.committed)
     if found is not None:

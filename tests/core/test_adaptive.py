@@ -316,3 +316,17 @@ def test_memory_is_per_session_then_per_pair() -> None:
     # A new session starts from the pair's last turn (s2's).
     fresh = memory.policy("pair", 8, "s3")
     assert fresh.speculating() and fresh.next_k() > 1
+
+
+def test_a_slower_oracle_does_not_bring_back_a_useless_draft() -> None:
+    # Not speculating, the controller measures only plain steps: when they slow down (a
+    # busier oracle), the costs it learnt for drafting grow stale and look cheap. Only an
+    # accepted probe may bring drafting back.
+    policy = AdaptiveK(k_max=8)
+    for plain_ms in (20, 60):
+        for _ in range(150):
+            k = policy.next_k()
+            wall = (plain_ms + 8 * k) * MS
+            policy.observe(dataclasses.replace(report(k, 0, 3 * MS * k, wall, 0), wall_ns=wall))
+        assert not policy.speculating()
+    assert policy.rates()[1] > 1.05 * policy.rates()[0]  # stale: drafting looks cheaper

@@ -104,6 +104,53 @@ def test_rescue_is_per_request_and_changes_no_token(system: tuple[Cluster, Path]
     assert rescued[False] == 0 and rescued[True] > 0, rescued
 
 
+@pytest.fixture(scope="module")
+def useless_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """The demo oracle with a draft that knows nothing: the demo draft's architecture and
+    tokenizer, random weights; also the oracle's rescue draft, as ``specdec up`` on a CPU
+    would make it."""
+    from specdec.bench.workload import useless_draft
+    from specdec.engine.models import DEMO_DRAFT, DEMO_ORACLE
+
+    workdir = tmp_path_factory.mktemp("useless")
+    draft = useless_draft(str(DEMO_DRAFT), workdir / "draft", seed=0)
+    with cluster(tmp_path_factory.mktemp("useless-run")) as c:
+        c.start_gateway("--tokenizer", str(DEMO_ORACLE))
+        c.start_oracle(None, "--rescue-draft", str(draft))
+        c.start_draft(draft)
+        c.wait_workers(oracles=1, drafts=1)
+        yield c
+
+
+CODE_PROMPT = "def moving_average(values, window):\n    "
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_the_controller_gives_up_a_useless_draft_and_changes_no_token(
+    useless_pair: Cluster, temperature: float
+) -> None:
+    # Requests without speculation settings get the controller. Its first turn with this
+    # pair finds that nothing is accepted and takes plain steps (k = 0: nothing drafted),
+    # probing now and then; later turns start from what it learnt. The output is the
+    # oracle alone's (sampled: the same seed gives the same draws).
+    sampling: dict[str, Any] = {"max_new_tokens": 40, "ignore_eos": True}
+    if temperature:
+        sampling.update(temperature=temperature, seed=11)
+    with Client(useless_pair.address, timeout=120) as client:
+        alone = client.generate(CODE_PROMPT, k=0, **sampling)
+        assert alone.stats.oracle_alone_rounds == alone.stats.rounds == 40
+        turns = [client.generate(CODE_PROMPT, **sampling) for _ in range(3)]
+    for turn in turns:
+        assert turn.token_ids == alone.token_ids
+        assert turn.stats.draft_id  # the draft ran the turn (and chose not to draft)
+        assert turn.stats.accepted_tokens <= 4  # (a lucky guess at a line break, say)
+    first, *later = (turn.stats for turn in turns)
+    assert first.proposed_tokens > 0  # it tried
+    assert first.oracle_alone_rounds >= 0.6 * first.rounds, first
+    for stats in later:  # most rounds without speculation, a probe now and then
+        assert stats.oracle_alone_rounds >= 0.85 * stats.rounds, stats
+
+
 @pytest.mark.parametrize("k", [0, 1, 4, 8])
 def test_greedy_output_equals_oracle_alone(system: tuple[Cluster, Path], k: int) -> None:
     c, oracle_path = system
