@@ -26,8 +26,9 @@ Three refinements make the choice hold up on real text and real services:
   to be: a hit) or had to be drafted after it (a miss: drafted fresh, or rescued by
   the oracle's own draft). Each kind is fitted to the measured wall time of its
   rounds, T_kind(k) = c0 + c1 k: c1 = the exposed draft time per token of that kind
-  + the slope of t_verify(n) = v0 + v1 n, c0 = the mean of (wall - c1 k). The next
-  block is ready with probability
+  + the slope of t_verify(n) = v0 + v1 n over blocks (n >= 2: on a CPU a second row
+  costs a third of a row alone, each further one far less), c0 = the mean of
+  (wall - c1 k). The next block is ready with probability
 
       P_ready(k) = P_full(k) g_full + (1 - P_full(k)) g_part,   P_full(k) = c_0 ... c_(k-1)
 
@@ -87,6 +88,7 @@ FADE = 0.97  # weight the acceptance evidence keeps per plain round while not sp
 UNSURE = 1.0  # T(0) may be this much below its estimate before it is measured
 EXPLORE_EVERY = 16  # rounds between plain steps taken to measure T(0), while unsure
 KNOWN = 0.25  # weight of the measured T(0) below which it counts as unknown
+MAX_ROW_SHARE = 0.25  # a further row of a block costs at most this share of its mean row
 
 
 _Key = TypeVar("_Key", bound=Hashable)
@@ -209,14 +211,18 @@ class AdaptiveK:
         return rates
 
     def verify_model(self) -> tuple[float, float]:
-        """(v0, v1) of t_verify(n) = v0 + v1 * n; v1 >= 0, flat until two widths were seen."""
+        """(v0, v1) of t_verify(n) = v0 + v1 * n over blocks; flat until two widths were
+        seen, and 0 <= v1 <= ``MAX_ROW_SHARE`` * t_verify(n) / n at the mean n: a busy
+        machine makes the verify times noisy, and a slope fitted over the few widths
+        one policy uses swings with them."""
         if self._w == 0:
             return 0.0, 0.0
         mean_n, mean_v = self._n / self._w, self._v / self._w
         var_n = self._nn / self._w - mean_n**2
         if var_n < 1e-6:
             return mean_v, 0.0
-        slope = max(0.0, (self._nv / self._w - mean_n * mean_v) / var_n)
+        slope = (self._nv / self._w - mean_n * mean_v) / var_n
+        slope = min(max(0.0, slope), MAX_ROW_SHARE * mean_v / mean_n)
         return mean_v - slope * mean_n, slope
 
     def cost_model(self) -> tuple[float, float]:
@@ -260,11 +266,12 @@ class AdaptiveK:
     def observe(self, report: RoundReport) -> None:
         self.rounds += 1
         k = report.proposed
-        n = k + 1
-        for name, x in (("_n", n), ("_v", report.verify_ns), ("_nn", n * n)):
-            setattr(self, name, DECAY * getattr(self, name) + x)
-        self._nv = DECAY * self._nv + n * report.verify_ns
-        self._w = DECAY * self._w + 1
+        if k:  # T(0) is measured whole: the slope is that of blocks (n >= 2 rows)
+            n = k + 1
+            for name, x in (("_n", n), ("_v", report.verify_ns), ("_nn", n * n)):
+                setattr(self, name, DECAY * getattr(self, name) + x)
+            self._nv = DECAY * self._nv + n * report.verify_ns
+            self._w = DECAY * self._w + 1
         # Unknown wall time (a report rebuilt elsewhere): the sum of the measured parts.
         wall = report.wall_ns or (
             report.draft_ns + report.verify_ns + report.network_ns + report.queue_ns

@@ -28,6 +28,7 @@ was drawn from.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -58,6 +59,7 @@ from specdec.engine.models import LoadedModel
 
 # Random stream of draft proposals (0 is the oracle's verification stream).
 DRAFT_STREAM = 1
+RACE_CACHE = 24  # positions whose race noise a drafter keeps (V float32 each)
 
 
 class ModelDrafter:
@@ -79,6 +81,7 @@ class ModelDrafter:
         self.model = model
         self.max_support = max_support
         self.coupled = coupled
+        self._races: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
         self.cache = (
             LeanCache(model) if lean and lean_unsupported(model) is None else SequenceCache(model)
         )
@@ -130,15 +133,26 @@ class ModelDrafter:
             return softmax_ranking
         if not self.coupled:
             return None
-        seed = self.seed
 
         def race(logits: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
             probs = logits_to_probs(logits, params)  # [B, V]
-            vocab = probs.shape[-1]
-            times = torch.stack([race_times(seed, position, vocab) for position in positions])
+            times = torch.stack([self._race_times(p, probs.shape[-1]) for p in positions])
             return race_scores(probs, times).clamp(min=0)
 
         return race
+
+    def _race_times(self, position: int, vocab_size: int) -> torch.Tensor:
+        """The oracle's race noise at ``position`` for this drafter's seed, kept for the
+        ``RACE_CACHE`` newest positions: drafting ahead races the same positions for
+        several outcomes, and drafts them again after the verdict."""
+        key = (self.seed, position)
+        times = self._races.pop(key, None)
+        if times is None:  # (float32: a guess of the oracle's draw need not be exact)
+            times = race_times(self.seed, position, vocab_size).float()
+        self._races[key] = times  # newest last
+        while len(self._races) > RACE_CACHE:
+            self._races.popitem(last=False)
+        return times
 
     def branch(
         self,
