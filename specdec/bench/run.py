@@ -69,6 +69,11 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--long-tokens", type=int, default=512, help="long-output case (0 = skip)")
     p.add_argument("--ks", default="2,4,8", help="fixed k values")
+    p.add_argument(
+        "--adaptive-caps",
+        default="",
+        help="the controller's k caps to compare, e.g. 8,12,16 (default: the largest of --ks)",
+    )
     p.add_argument("--delays", default="0,10,50", help="added draft-oracle round trips, ms")
     p.add_argument(
         "--workloads",
@@ -251,10 +256,13 @@ def _configs(args: argparse.Namespace) -> list[Config]:
                        branches=branches, rescue=rescue)
                 for k in ks
             ]  # fmt: skip
-            configs.append(
-                Config(f"draft adaptive{tag}", max(ks), True, delay_ms=delay,
-                       pipeline_depth=pipe, branches=branches, rescue=rescue)
-            )  # fmt: skip
+            caps = [int(c) for c in args.adaptive_caps.split(",") if c] or [max(ks)]
+            configs += [
+                Config(f"draft adaptive{f' k<={cap}' if args.adaptive_caps else ''}{tag}",
+                       cap, True, delay_ms=delay, pipeline_depth=pipe, branches=branches,
+                       rescue=rescue)
+                for cap in caps
+            ]  # fmt: skip
     if not args.no_hf:
         configs += [Config("HF generate (oracle)", 0, hf="alone"),
                     Config("HF assisted (draft)", 0, hf="assisted")]  # fmt: skip
