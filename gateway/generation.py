@@ -30,6 +30,7 @@ from specdec.core.loop import run_turn
 from specdec.core.sampling import SamplingParams, resolve_seed, validate_token_ids
 from specdec.core.stopping import FinishReason, StopChecker
 from specdec.core.types import OpenResult, RoundReport, Turn, TurnStats, check_k
+from specdec.core.vocab import vocabulary_mismatch
 from specdec.drafters.ngram import NgramDrafter
 from specdec.drafters.proposers import InlineProposer
 from specdec.rpc import convert
@@ -170,14 +171,20 @@ class TurnRunner:
         self, session: Session, oracle: Worker, request: TurnRequest, excluded: set[str]
     ) -> Worker | None:
         drafts = [d for d in self.registry.drafts() if d.worker_id not in excluded and d.responsive]
-        compatible = [
-            d for d in drafts if d.info.vocab_fingerprint == oracle.info.vocab_fingerprint
-        ]
+        reasons = {
+            d.worker_id: vocabulary_mismatch(
+                d.info.vocab_fingerprint,
+                d.info.vocab_size,
+                oracle.info.vocab_fingerprint,
+                oracle.info.vocab_size,
+            )
+            for d in drafts
+        }
+        compatible = [d for d in drafts if reasons[d.worker_id] is None]
         if request.drafter == common_pb2.DRAFTER_KIND_MODEL and drafts and not compatible:
             raise FailedPrecondition(
-                f"no registered draft shares oracle {oracle.worker_id}'s vocabulary "
-                f"({oracle.info.vocab_fingerprint}); drafts have "
-                f"{sorted({d.info.vocab_fingerprint for d in drafts})}"
+                f"no registered draft can draft for oracle {oracle.worker_id}: "
+                + "; ".join(f"{name}: {why}" for name, why in sorted(reasons.items()))
             )
         free = [d for d in compatible if d.has_capacity]
         return _prefer(free, session.draft_id) if free else None

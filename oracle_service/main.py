@@ -109,10 +109,12 @@ class OracleService:
         observe_store(engine.sessions)
         await self.server.set_serving(True)
         log.info(
-            "model %s loaded in %.1fs (vocab %d, context %d, fingerprint %s); serving as %s",
+            "model %s loaded in %.1fs (vocab %d, %d padded logit rows dropped, context %d, "
+            "fingerprint %s); serving as %s",
             model.name,
             time.monotonic() - start,
             model.vocab_size,
+            model.padded_logits,
             model.max_context,
             model.fingerprint,
             self.oracle_id,
