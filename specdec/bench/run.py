@@ -54,6 +54,19 @@ def add_bench_parser(sub: Any) -> None:
         default="",
         help="the draft's dtype (default: --dtype); float32 keeps int8 draft weights on a CPU",
     )
+    p.add_argument(
+        "--prompt-data",
+        action="append",
+        default=[],
+        help="cut the prompts from the test documents of this text instead (what "
+        "`specdec distill --data` took; repeatable)",
+    )
+    p.add_argument(
+        "--heldout-permille",
+        type=int,
+        default=50,
+        help="with --prompt-data: the held-out share `specdec distill` used (default 50)",
+    )
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--prompt-tokens", type=int, default=192)
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -260,9 +273,17 @@ def run_bench(args: argparse.Namespace) -> None:
     oracle_path = args.oracle_model or str(DEMO_ORACLE)
     draft_path = args.draft_model or str(DEMO_DRAFT)
     tokenizer = AutoTokenizer.from_pretrained(oracle_path)
-    prompts = heldout_prompts(
-        lambda text: tokenizer(text)["input_ids"], args.prompts, args.prompt_tokens
-    )
+    if args.prompt_data:
+        from specdec.training.domain import heldout_prompts as domain_prompts
+
+        prompts = domain_prompts(
+            args.prompt_data, lambda text: tokenizer(text)["input_ids"], args.prompts,
+            args.prompt_tokens, args.heldout_permille,
+        )  # fmt: skip
+    else:
+        prompts = heldout_prompts(
+            lambda text: tokenizer(text)["input_ids"], args.prompts, args.prompt_tokens
+        )
     if args.in_process:
         from specdec.bench.core import run_in_process
 
@@ -364,6 +385,7 @@ def run_bench(args: argparse.Namespace) -> None:
                     "device": args.device,
                     "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else ""},
         "models": {"oracle": oracle_path, "draft": draft_path},
+        "prompt_data": args.prompt_data,
         "prompts": len(prompts),
         "rows": rows,
         "round_trip": round_trip,
