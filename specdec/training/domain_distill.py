@@ -45,11 +45,10 @@ from specdec.training.onpolicy import (
     OnPolicyConfig,
     RoundsResult,
     continue_prompts,
-    rows_per_chunk,
-    score,
     train_rounds,
 )
 from specdec.training.pipeline import hardware, lib_versions
+from specdec.training.targets import rows_per_chunk, score
 
 # Seconds kept for writing the folder and the card after the final measurement.
 WRITE_RESERVE_S = 15.0
@@ -354,12 +353,14 @@ def _measure(
 ) -> Measured:
     """Greedy and T = 1 acceptance on the oracle's continuations of the test prompts."""
     t = time.perf_counter()
+    # Batches small enough for a progress line every few seconds on a CPU.
     batch = rows_per_chunk(opts.eval_gen_len, oracle.vocab_size, opts.rounds.memory_gib, 6)
+    batch = min(batch, 64 if device.type == "cuda" else 8)
     log("eval", f"measuring the {what} on {prompts.shape[0]} test prompts x "
         f"{opts.eval_gen_len} oracle tokens ...")  # fmt: skip
     acc = evaluate.acceptance(
         oracle.model, draft, prompts, opts.eval_gen_len, device, seed=opts.seed + 6,
-        batch=min(batch, 64),
+        batch=batch, stage="eval",
     )  # fmt: skip
     synchronize(device)
     measured = Measured(acc, {}, time.perf_counter() - t)

@@ -36,7 +36,7 @@ from specdec.training.corpus import (
     split_heldout,
 )
 from specdec.training.distill import generate
-from specdec.training.loop import autocast, batches, spaced_windows, synchronize
+from specdec.training.loop import autocast, batches, log, spaced_windows, synchronize
 from specdec.training.modeling import cache_kwarg, forward_logits
 from specdec.training.tokenizer import build_stream, encode_texts
 
@@ -102,15 +102,23 @@ def acceptance(
     seed: int = 0,
     batch: int = 64,
     ks: Sequence[int] = DEFAULT_KS,
+    stage: str | None = None,
 ) -> dict[str, Any]:
-    """Greedy and T=1 acceptance of ``draft`` on the oracle's continuations of prompts (N, P)."""
+    """Greedy and T=1 acceptance of ``draft`` on the oracle's continuations of prompts (N, P).
+
+    With ``stage``, a progress line (done, elapsed, ETA) is logged after every batch.
+    """
     oracle.to(device).eval()
     draft.to(device).eval()
     n, p_len = prompts.shape
     gen = torch.Generator(device=device).manual_seed(seed)
     agreements: list[list[bool]] = []
     alphas: list[torch.Tensor] = []
-    for chunk in batches(prompts.to(device), batch):
+    start = time.perf_counter()
+    for index, chunk in enumerate(batches(prompts.to(device), batch)):
+        if stage is not None and index:
+            done, spent = index * batch, time.perf_counter() - start
+            log(stage, f"{done}/{n} prompts, {spent:.0f}s, eta {spent * (n - done) / done:.0f}s")
         b = chunk.shape[0]
         greedy = generate(oracle, chunk, gen_len, torch.ones(b, dtype=torch.bool), gen, device)
         with autocast(device):

@@ -10,15 +10,7 @@ once, in chunks that bound memory, and only its top-``top_k`` log-probabilities 
 then trains on a replay buffer of the last ``buffer_rounds`` rounds, ``reuse`` passes
 per round's worth of sequences.
 
-Loss per continuation position (positions after an EOS of the oracle are masked): the
-teacher p is known on its top-K ids S plus one "rest" bin holding 1 − p(S); the draft's q
-is coarse-grained onto the same K + 1 bins, q(rest) = 1 − q(S). On these bins
-    KL(p‖q) = Σ_{x∈S} p(x) log(p(x)/q(x)) + p(rest) log(p(rest)/q(rest))
-    TVD(p, q) = ½ (Σ_{x∈S} |p(x) − q(x)| + |p(rest) − q(rest)|)
-    JSD(p, q) = ½ KL(p‖m) + ½ KL(q‖m),  m = (p + q)/2
-each a lower bound of the full-vocabulary divergence that is exact when p(rest) = 0.
-TVD = 1 − Σ min(p, q) is one minus the T = 1 acceptance; KL and JSD give smoother
-gradients. The loss is ``kl+tvd`` (KL + ``tvd_weight``·TVD) unless ``loss`` says otherwise.
+The loss on the oracle's top-K targets is ``targets.sparse_terms``.
 
 Held-out validation (fixed oracle continuations of validation prompts, half greedy, half
 sampled) is measured every ``eval_every_s`` seconds: greedy acceptance is the draft's
@@ -29,7 +21,6 @@ kept and is what the caller gets back, whenever the budget runs out.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import time
@@ -53,9 +44,14 @@ from specdec.training.loop import (
     synchronize,
 )
 from specdec.training.modeling import forward_logits
-
-LOSSES = ("kl+tvd", "kl", "tvd", "jsd")
-_EPS = 1e-9
+from specdec.training.targets import (
+    LOSSES,
+    Scored,
+    logits_width,
+    rows_per_chunk,
+    score,
+    sparse_terms,
+)
 
 
 @dataclass
@@ -110,112 +106,6 @@ def cpu_preset(cfg: OnPolicyConfig) -> OnPolicyConfig:
     cfg.memory_gib = 1.0
     cfg.eval_every_s = 90.0
     return cfg
-
-
-@dataclass
-class Scored:
-    """Sequences (B, P+G) and the oracle's top-K log-probs at their G continuation
-    positions: ids (B, G, K), logp (B, G, K); mask (B, G) is 0 after an EOS."""
-
-    seqs: torch.Tensor
-    ids: torch.Tensor
-    logp: torch.Tensor
-    mask: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.seqs.shape[0])
-
-    def take(self, rows: torch.Tensor) -> Scored:
-        return Scored(self.seqs[rows], self.ids[rows], self.logp[rows], self.mask[rows])
-
-    @staticmethod
-    def cat(parts: Sequence[Scored]) -> Scored:
-        return Scored(
-            *(torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(Scored))
-        )
-
-
-def rows_per_chunk(positions: int, vocab: int, memory_gib: float, copies: int) -> int:
-    """How many sequences of ``positions`` logits rows fit ``copies`` float32 [.., V]
-    tensors in ``memory_gib``."""
-    per_row = positions * vocab * 4 * copies
-    return max(1, int(memory_gib * (1 << 30) // per_row))
-
-
-def eos_mask(continuations: torch.Tensor, eos_ids: Sequence[int]) -> torch.Tensor:
-    """(B, G) float: 1 up to and including the first EOS of each row, 0 after it."""
-    if not eos_ids:
-        return torch.ones_like(continuations, dtype=torch.float32)
-    eos = torch.tensor(list(eos_ids), device=continuations.device)
-    is_eos = torch.isin(continuations, eos).int()
-    before = torch.cumsum(is_eos, dim=1) - is_eos  # EOS strictly before t
-    return (before == 0).float()
-
-
-@torch.no_grad()
-def score(
-    oracle: torch.nn.Module,
-    seqs: torch.Tensor,
-    prompt_len: int,
-    top_k: int,
-    eos_ids: Sequence[int],
-    memory_gib: float,
-    device: torch.device,
-) -> Scored:
-    """The oracle's top-K log-probs at every continuation position of ``seqs``."""
-    oracle.eval()
-    gen_len = seqs.shape[1] - prompt_len
-    vocab = _vocab(oracle)
-    chunk = rows_per_chunk(gen_len + 1, vocab, memory_gib, copies=3)
-    ids, logp = [], []
-    for start in range(0, seqs.shape[0], chunk):
-        part = seqs[start : start + chunk].to(device)
-        with autocast(device):
-            # The last G+1 rows; row t < G predicts continuation token t.
-            logits = forward_logits(oracle, part, None, gen_len + 1)[:, :-1]
-        values, indices = torch.log_softmax(logits.float(), dim=-1).topk(top_k, dim=-1)
-        ids.append(indices)
-        logp.append(values)
-        del logits
-    seqs = seqs.to(device)
-    return Scored(seqs, torch.cat(ids), torch.cat(logp), eos_mask(seqs[:, prompt_len:], eos_ids))
-
-
-def sparse_terms(
-    student_logits: torch.Tensor, target: Scored, loss: str = "kl+tvd", tvd_weight: float = 1.0
-) -> dict[str, torch.Tensor]:
-    """Masked means of the loss, KL, TVD and argmax agreement; logits (B, G, V)."""
-    log_q = torch.log_softmax(student_logits.float(), dim=-1)
-    log_q_top = log_q.gather(-1, target.ids)  # (B, G, K)
-    p_top, q_top = target.logp.exp(), log_q_top.exp()
-    p_rest = (1 - p_top.sum(-1)).clamp_min(0.0)  # (B, G)
-    q_rest = (1 - q_top.sum(-1)).clamp_min(0.0)
-    log_p_rest, log_q_rest = torch.log(p_rest + _EPS), torch.log(q_rest + _EPS)
-    kl = (p_top * (target.logp - log_q_top)).sum(-1) + p_rest * (log_p_rest - log_q_rest)
-    tvd = 0.5 * ((p_top - q_top).abs().sum(-1) + (p_rest - q_rest).abs())
-    agree = (log_q.argmax(-1) == target.ids[..., 0]).float()
-    per_position = {"kl": kl, "tvd": tvd, "agree": agree}
-    if loss == "jsd":
-        per_position["loss"] = _jsd(p_top, q_top, p_rest, q_rest)
-    elif loss == "kl":
-        per_position["loss"] = kl
-    elif loss == "tvd":
-        per_position["loss"] = tvd
-    else:
-        per_position["loss"] = kl + tvd_weight * tvd
-    weight = target.mask.sum().clamp_min(1.0)
-    return {k: (v * target.mask).sum() / weight for k, v in per_position.items()}
-
-
-def _jsd(
-    p_top: torch.Tensor, q_top: torch.Tensor, p_rest: torch.Tensor, q_rest: torch.Tensor
-) -> torch.Tensor:
-    def half_kl(a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        return a * (torch.log(a + _EPS) - torch.log(m + _EPS))
-
-    m_top, m_rest = (p_top + q_top) / 2, (p_rest + q_rest) / 2
-    top = (half_kl(p_top, m_top) + half_kl(q_top, m_top)).sum(-1)
-    return 0.5 * (top + half_kl(p_rest, m_rest) + half_kl(q_rest, m_rest))
 
 
 def continue_prompts(
@@ -288,7 +178,7 @@ def validate(
     acceptance (1 − TVD) on the rest, and their mean (the checkpoint score)."""
     draft.eval()
     gen_len = valid.ids.shape[1]
-    chunk = rows_per_chunk(gen_len + 1, _vocab(draft), memory_gib, copies=3)
+    chunk = rows_per_chunk(gen_len + 1, logits_width(draft), memory_gib, copies=3)
     sums = {"greedy": 0.0, "t1": 0.0}
     weights = {"greedy": 0.0, "t1": 0.0}
     for start in range(0, len(valid), chunk):
@@ -348,7 +238,7 @@ def train_rounds(
             f"{result.steps}, {result.rounds} rounds, best {result.best}")  # fmt: skip
     start = time.perf_counter()
     spent_before = result.seconds
-    micro = rows_per_chunk(cfg.gen_len + 1, _vocab(draft), cfg.memory_gib, copies=6)
+    micro = rows_per_chunk(cfg.gen_len + 1, logits_width(draft), cfg.memory_gib, copies=6)
     steps_per_round = max(1, math.ceil(cfg.reuse * cfg.round_sequences / cfg.batch_size))
     buffer: list[Scored] = []
     last_eval = last_checkpoint = last_log = time.perf_counter()
@@ -412,6 +302,7 @@ def train_rounds(
         gen_s = time.perf_counter() - round_start
         pool = Scored.cat(buffer)
         draft.train()
+        steps_before = result.steps
         for _ in range(steps_per_round):
             if progress() >= 1.0:
                 break
@@ -422,7 +313,7 @@ def train_rounds(
             result.steps += 1
             fail_if_not_finite("distill", result.steps, terms["loss"])
         now = time.perf_counter()
-        if now - last_log >= cfg.log_every_s:
+        if now - last_log >= cfg.log_every_s and result.steps > steps_before:
             last_log = now
             eta = elapsed() * (1 - progress()) / max(progress(), 1e-9)
             log(
@@ -505,8 +396,3 @@ def _step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return sums
-
-
-def _vocab(model: Any) -> int:
-    """Rows of ``model``'s output embedding: the width of its logits."""
-    return int(model.get_output_embeddings().weight.shape[0])
