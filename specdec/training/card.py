@@ -34,6 +34,14 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _command(m: dict[str, Any]) -> list[str]:
+    """The card's "Training" heading and the command that made the models, verbatim."""
+    return [
+        "## Training", "", f"Command (seed {m['seed']}), on {m['hardware']}:", "",
+        "```", m["command"], "```", "",
+    ]  # fmt: skip
+
+
 def render(m: dict[str, Any]) -> str:
     """Markdown model card: corpus, command, configs, losses, acceptance, timing, hardware."""
     corpus, acc = m["corpus"], m["acceptance"]
@@ -125,14 +133,7 @@ def render(m: dict[str, Any]) -> str:
         "The draft starts from the oracle's embedding, final norm and first layers "
         f"({len(draft['initialised_from_oracle'])} tensors copied).",
         "",
-        "## Training",
-        "",
-        f"Command (seed {m['seed']}), on {m['hardware']}:",
-        "",
-        "```",
-        m["command"],
-        "```",
-        "",
+        *_command(m),
         f"- Oracle: {oracle['train']['steps']:,} steps, {oracle['train']['tokens']:,} tokens, "
         f"{oracle['train']['seconds']} s; final training loss "
         f"{_f(oracle['train']['final_train_loss'])}, best held-out (validation) loss "
@@ -226,14 +227,7 @@ def render_distilled(m: dict[str, Any]) -> str:
         f"{opts['heldout_permille']}; held-out documents alternate between validation "
         "(checkpoint choice) and test (the numbers below).",
         "",
-        "## Training",
-        "",
-        f"Command (seed {m['seed']}), on {m['hardware']}:",
-        "",
-        "```",
-        m["command"],
-        "```",
-        "",
+        *_command(m),
         f"- {rounds['rounds']:,} rounds of {opts['rounds']['round_sequences']} prompts of "
         f"{opts['rounds']['prompt_len']} tokens continued by {opts['rounds']['gen_len']} tokens, "
         f"{opts['rounds']['on_policy']:.0%} by the draft itself (on-policy), the rest by the "

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from specdec.core.errors import InvalidArgument, NotFound
-from specdec.training.corpus import CorpusFile, is_heldout, split_heldout
+from specdec.training.corpus import CorpusFile, admit, split_heldout
 from specdec.training.tokenizer import build_stream, encode_texts
 
 PIECE_BYTES = 16_384
@@ -41,6 +41,8 @@ DEFAULT_HELDOUT_PERMILLE = 50
 TEXT_FIELDS = ("text", "content", "document")
 PROMPT_FIELDS = ("prompt", "instruction", "question", "input")
 ANSWER_FIELDS = ("completion", "response", "answer", "output")
+# Renders chat ``messages`` as the oracle was trained to see them (its chat template).
+RenderChat = Callable[[list[dict[str, Any]]], str] | None
 
 
 @dataclass
@@ -71,7 +73,7 @@ def read_domain(
     paths: Sequence[str],
     heldout_permille: int = DEFAULT_HELDOUT_PERMILLE,
     max_bytes: int | None = None,
-    render_chat: Callable[[list[dict[str, Any]]], str] | None = None,
+    render_chat: RenderChat = None,
 ) -> DomainText:
     """Read ``paths`` into documents and split them; ``max_bytes`` keeps the first documents
     (in path order) up to that much text. Raises ``NotFound`` / ``InvalidArgument`` with what
@@ -88,14 +90,13 @@ def read_domain(
         root, documents = _source(source, skipped, render_chat)
         name = root.resolve().name
         for key, text in documents:
-            digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-            if digest in seen:
-                skipped["duplicate"] += 1
+            data = text.encode("utf-8")
+            kept = admit(name, key, text, hashlib.sha256(data).hexdigest(), seen, skipped,
+                         heldout_permille)  # fmt: skip
+            if kept is None:
                 continue
-            seen.add(digest)
-            split = "eval" if is_heldout(name, key, heldout_permille) else "train"
-            files.append(CorpusFile(name, key, digest, text, split))
-            total += len(text.encode("utf-8"))
+            files.append(kept)
+            total += len(data)
             if max_bytes is not None and total >= max_bytes:
                 break
         if max_bytes is not None and total >= max_bytes:
@@ -114,7 +115,7 @@ def read_domain(
 def _source(
     source: str,
     skipped: Counter[str],
-    render_chat: Callable[[list[dict[str, Any]]], str] | None,
+    render_chat: RenderChat,
 ) -> tuple[Path, Iterator[tuple[str, str]]]:
     """The folder documents of ``source`` are keyed below, and the documents."""
     path = Path(source).expanduser()
@@ -141,7 +142,7 @@ def _source(
 def _documents(
     root: Path,
     skipped: Counter[str],
-    render_chat: Callable[[list[dict[str, Any]]], str] | None,
+    render_chat: RenderChat,
 ) -> Iterator[tuple[str, str]]:
     """(key, text) of every document under ``root``, in path order, read as needed."""
     if root.is_file():
@@ -165,7 +166,7 @@ def _file_documents(
     path: Path,
     key: str,
     skipped: Counter[str],
-    render_chat: Callable[[list[dict[str, Any]]], str] | None,
+    render_chat: RenderChat,
 ) -> list[tuple[str, str]]:
     try:
         data = path.read_bytes()
@@ -206,7 +207,7 @@ def _records(
     text: str,
     key: str,
     skipped: Counter[str],
-    render_chat: Callable[[list[dict[str, Any]]], str] | None,
+    render_chat: RenderChat,
 ) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -229,9 +230,7 @@ def _records(
     return out
 
 
-def _record_text(
-    record: Any, render_chat: Callable[[list[dict[str, Any]]], str] | None
-) -> str | None:
+def _record_text(record: Any, render_chat: RenderChat) -> str | None:
     if isinstance(record, str):
         return record
     if not isinstance(record, dict):
