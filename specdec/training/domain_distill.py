@@ -265,7 +265,11 @@ def _starting_draft(
     size = opts.draft_size or default_draft_size(config)
     eos = oracle.eos_token_ids[0] if oracle.eos_token_ids else 0
     fresh_config = llama_config(size, oracle.vocab_size, eos, oracle.max_context)
-    for name in ("rope_parameters", "rope_theta", "rope_scaling", "rms_norm_eps"):
+    # The copied layers need the oracle's positions: transformers 5 keeps them in
+    # rope_parameters, older releases in rope_theta / rope_scaling.
+    v5 = getattr(config, "rope_parameters", None) is not None
+    names = ("rope_parameters",) if v5 else ("rope_theta", "rope_scaling")
+    for name in (*names, "rms_norm_eps"):
         if getattr(config, name, None) is not None and config.model_type in LAYER_COMPATIBLE:
             setattr(fresh_config, name, getattr(config, name))
     draft = build_model(fresh_config, opts.seed + 5)
