@@ -28,7 +28,13 @@ from oracle_service.servicer import SERVICE_NAME, OracleServicer
 from specdec.config import add_arguments as add_config_arguments
 from specdec.config import from_namespace, load_config
 from specdec.core.errors import SpecdecError
-from specdec.core.messages import GatewayMessage, WorkerKind, WorkerLoad, WorkerRegistration
+from specdec.core.messages import (
+    GatewayMessage,
+    Registered,
+    WorkerKind,
+    WorkerLoad,
+    WorkerRegistration,
+)
 from specdec.engine.models import LoadedModel, check_compatible, load_model
 from specdec.engine.quantize import load_draft_model
 from specdec.rpc.grants import GrantSigner
@@ -165,7 +171,11 @@ class OracleService:
     async def _on_gateway_message(
         self, message: GatewayMessage, connection: GatewayConnection
     ) -> None:
-        # Assignments and draft releases are for drafts; an oracle has nothing to do yet.
+        if isinstance(message, Registered) and message.commit_key is not None:
+            # What this oracle proves its commits to that gateway with (docs/security.md).
+            self.servicer.keyring.add(message.commit_key)
+            return
+        # Assignments and draft releases are for drafts.
         log.debug("ignoring gateway message %s", type(message).__name__)
 
     async def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
@@ -190,7 +200,7 @@ async def start(config: OracleConfig) -> OracleService:
     telemetry = configure_telemetry("oracle", config.metrics_port, config.trace_file)
     # Security (docs/security.md): each part off unless configured.
     grants = GrantSigner(config.grant_secret) if config.grant_secret else None
-    auth = oracle_auth(config.auth_token)
+    auth = oracle_auth(config.auth_token, config.worker_tokens)
     credentials = server_credentials(config)
     gateway_security = ChannelSecurity.of(config)
     servicer = OracleServicer(grants=grants)

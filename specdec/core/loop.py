@@ -447,6 +447,8 @@ class _RoundLoop:
             skipped_blocks=skipped,
             wall_ns=wall_ns,
             rescued=head.rescued,
+            proof=result.proof,
+            cut=tuple(new[keep:]),
         )
         self.stats.add(report)
         self.ahead_used += report.drafted_ahead
