@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from gateway.generation import Chunk, TurnRequest, TurnRunner
+from gateway.limits import RequestLimits
 from gateway.sessions import Session, SessionTable
-from specdec.core.errors import FailedPrecondition, InvalidArgument
+from specdec.core.errors import FailedPrecondition, InvalidArgument, quoted
 from specdec.core.messages import ReleaseDraftSession
 from specdec.core.types import DrafterKind, Speculation
 from specdec.rpc import convert
@@ -36,18 +39,27 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         *,
         default_k: int,
         default_max_new_tokens: int,
+        limits: RequestLimits,
     ) -> None:
         self._runner = runner
         self._sessions = sessions
         self._tokenizer = tokenizer
         self._default_k = default_k
         self._default_max_new_tokens = default_max_new_tokens
+        self._limits = limits
+        # Off the event loop, one prompt at a time (a fast tokenizer is not thread-safe).
+        self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+
+    def close(self) -> None:
+        self._tokenizing.shutdown(wait=False, cancel_futures=True)
 
     # -- Generate ------------------------------------------------------------
 
-    def _turn_request(self, request: gateway_pb2.GenerateRequest) -> TurnRequest:
+    async def _turn_request(self, request: gateway_pb2.GenerateRequest) -> TurnRequest:
         if request.prompt and request.prompt_token_ids:
             raise InvalidArgument("set either prompt or prompt_token_ids, not both")
+        contexts = [o.info.max_context for o in self._runner.registry.oracles()]
+        self._limits.check(request.prompt, request.sampling.stop, max(contexts, default=0))
         speculation = convert.speculation_from_pb(request.speculation)
         speculation = speculation.over(Speculation(k=self._default_k))
         if speculation.drafter is DrafterKind.NONE:
@@ -58,17 +70,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             eos_token_ids=self._runner.eos_token_ids(),
         )
         if request.prompt:
-            prompt_ids = list(self._tokenizer(request.prompt)["input_ids"])
+            prompt_ids = await asyncio.get_running_loop().run_in_executor(
+                self._tokenizing, self._tokenize, request.prompt
+            )
         else:
             prompt_ids = list(request.prompt_token_ids)
         if not prompt_ids:
             raise InvalidArgument("the prompt is empty: set prompt or prompt_token_ids")
         return TurnRequest(prompt_ids, params, speculation)
 
+    def _tokenize(self, text: str) -> list[int]:
+        return list(self._tokenizer(text)["input_ids"])
+
     async def Generate(
         self, request: gateway_pb2.GenerateRequest, context: Any
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
-        turn = self._turn_request(request)
+        turn = await self._turn_request(request)
         owner = caller_of(context)
         if request.session_id:
             session = self._sessions.get(request.session_id, owner)
@@ -76,7 +93,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             session = self._sessions.create(owner, ephemeral=True)
         if session.lock.locked():
             raise FailedPrecondition(
-                f"session {request.session_id!r} is already generating; one turn at a time"
+                f"session {quoted(request.session_id)} is already generating; one turn at a time"
             )
         watch = request_observer(  # None when telemetry is off
             session.session_id, len(turn.prompt_ids), turn.params, turn.k, not session.ephemeral

@@ -12,7 +12,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from specdec.core.errors import FailedPrecondition, NotFound, ResourceExhausted
+from specdec.core.errors import FailedPrecondition, NotFound, ResourceExhausted, quoted
 
 
 def _now_ms() -> int:
@@ -63,14 +63,14 @@ class SessionTable:
     def get(self, session_id: str, owner: str) -> Session:
         session = self._sessions.get(session_id)
         if session is None or not secrets.compare_digest(session.owner, owner):
-            raise NotFound(f"no session {session_id!r} (it may have expired or been closed)")
+            raise NotFound(f"no session {quoted(session_id)} (it may have expired or been closed)")
         return session
 
     def close(self, session_id: str, owner: str) -> Session:
         session = self.get(session_id, owner)
         if session.lock.locked():
             raise FailedPrecondition(
-                f"session {session_id!r} is generating; cancel that request first"
+                f"session {quoted(session_id)} is generating; cancel that request first"
             )
         del self._sessions[session_id]
         return session

@@ -1,0 +1,150 @@
+"""Requests refused at the edge, before they are parsed: too large, or not parsable.
+
+grpc hands each request's bytes to the method's deserializer before any handler or
+interceptor code sees the request. Two things go wrong there that a caller must
+hear about as INVALID_ARGUMENT, in one log line and without any work done:
+
+* a request larger than the service wants (``limits``: method or service -> its most
+  bytes, and the flag that sets it): refused by its length alone, unparsed;
+* bytes protobuf cannot parse, e.g. a string field holding invalid UTF-8: grpc would
+  log a traceback and answer UNKNOWN.
+
+``RequestGuard`` gives every method a deserializer that never raises: it returns the
+message, or a ``Refusal`` that the method's handler turns into the status before
+the real handler runs (for a stream of requests, where that request would be read).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from specdec.core.errors import InvalidArgument
+from specdec.rpc.interceptors import UNWRAPPED_PREFIXES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ByteLimit:
+    """The most bytes one request may have, and the setting that says so."""
+
+    max_bytes: int
+    flag: str
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """What the guard's deserializer returns instead of a request it refused."""
+
+    message: str
+
+
+def _deserializer(
+    parse: Callable[[bytes], Any] | None, method: str, limit: ByteLimit | None
+) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        if limit is not None and len(data) > limit.max_bytes:
+            return Refusal(
+                f"the request is {len(data)} bytes, over the limit of {limit.max_bytes} "
+                f"({limit.flag})"
+            )
+        if parse is None:
+            return data
+        try:
+            return parse(data)
+        except Exception as exc:  # protobuf's DecodeError, and anything a parser raises
+            log.warning("refused an unparsable request to %s: %s", method, exc)
+            return Refusal(
+                f"the request to {method} is not a valid message (string fields must be "
+                f"valid UTF-8): {exc}"
+            )
+
+    return deserialize
+
+
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        if isinstance(request, Refusal):
+            raise InvalidArgument(request.message)
+        yield request
+
+
+def _unary_request(behavior: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
+    if streaming:
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if isinstance(request, Refusal):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            async for response in behavior(request, context):
+                yield response
+
+        return stream
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, Refusal):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return await behavior(request, context)
+
+    return unary
+
+
+def _request_stream(behavior: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
+    # grpc.aio tells a handler's shape by its function: a coroutine function answers
+    # once, an async generator function streams.
+    if streaming:
+
+        async def stream(
+            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
+            async for response in behavior(_checked(requests), context):
+                yield response
+
+        return stream
+
+    async def unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        return await behavior(_checked(requests), context)
+
+    return unary
+
+
+class RequestGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Refuses oversized and unparsable requests with INVALID_ARGUMENT (module docstring).
+
+    limits: full method ("/specdec.v1.Gateway/Generate") or service ("specdec.v1.Gateway")
+    name -> its ``ByteLimit``; methods of neither are only guarded against parse errors.
+    """
+
+    def __init__(self, limits: Mapping[str, ByteLimit] | None = None) -> None:
+        self._limits = dict(limits or {})
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(UNWRAPPED_PREFIXES):
+            return handler
+        service = method.lstrip("/").rpartition("/")[0]
+        limit = self._limits.get(method) or self._limits.get(service)
+        kwargs = {
+            "request_deserializer": _deserializer(handler.request_deserializer, method, limit),
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            behavior = _unary_request(handler.unary_unary, streaming=False)
+            return grpc.unary_unary_rpc_method_handler(behavior, **kwargs)
+        if handler.unary_stream:
+            behavior = _unary_request(handler.unary_stream, streaming=True)
+            return grpc.unary_stream_rpc_method_handler(behavior, **kwargs)
+        if handler.stream_unary:
+            behavior = _request_stream(handler.stream_unary, streaming=False)
+            return grpc.stream_unary_rpc_method_handler(behavior, **kwargs)
+        behavior = _request_stream(handler.stream_stream, streaming=True)
+        return grpc.stream_stream_rpc_method_handler(behavior, **kwargs)
