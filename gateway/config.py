@@ -32,8 +32,8 @@ class GatewayConfig(SecuritySettings, TelemetrySettings):
     )
     max_request_bytes: int = setting(
         8 * 1024 * 1024,
-        "most bytes of one request to the public API, refused unparsed beyond (at most "
-        "64 MiB: gRPC's own message limit)",
+        "most bytes of one request to the public API: beyond, INVALID_ARGUMENT before it is "
+        "parsed; beyond twice this, gRPC refuses it unread (RESOURCE_EXHAUSTED)",
     )
     max_prompt_chars: int = setting(
         0,

@@ -6,7 +6,10 @@ carrying 64 MiB of stop strings exceeded the worker link's message limit and bro
 draft's stream. So, in this order, each before the work it bounds:
 
 * the request's bytes (``--max-request-bytes``), before it is parsed
-  (``specdec.rpc.request_guard``; beyond ``MAX_MESSAGE_BYTES`` grpc refuses it itself);
+  (``specdec.rpc.request_guard``). Reading a request at all stalls the event loop and
+  grows the heap by about its size (60 MB: ~0.3 s, ~60 MB), so grpc reads none larger
+  than ``receive_bytes``, twice the limit: beyond, it refuses the request unread, with
+  its own RESOURCE_EXHAUSTED ("Received message larger than max");
 * the prompt's characters (``--max-prompt-chars``), before it is tokenised, which then
   happens off the event loop; by default what the largest registered oracle's context
   could hold: its context in tokens times the characters of the tokenizer's longest
@@ -15,7 +18,8 @@ draft's stream. So, in this order, each before the work it bounds:
   (``--max-stop-chars``);
 * the message a turn sends its worker, which must fit the worker link's limit.
 
-Every violation is INVALID_ARGUMENT naming the limit and its flag.
+Every violation is INVALID_ARGUMENT naming the limit and its flag, but for requests
+too large for grpc to read (over twice ``--max-request-bytes``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any
 from specdec.core.errors import InvalidArgument
 from specdec.rpc.server import MAX_MESSAGE_BYTES
 
+RECEIVE_FLOOR_BYTES = 4 * 1024 * 1024
 # The context the default prompt limit assumes while no oracle is registered.
 FALLBACK_CONTEXT = 131_072
 # Room for what an assignment carries besides the session's tokens and the stop strings
@@ -64,6 +69,12 @@ class RequestLimits:
         ):
             if value < 0:
                 raise InvalidArgument(f"{flag} must be >= 0, got {value}")
+
+    @property
+    def receive_bytes(self) -> int:
+        """The most bytes grpc reads of one request (see the module docstring); worker
+        messages to the gateway are far smaller than its floor."""
+        return min(max(2 * self.max_request_bytes, RECEIVE_FLOOR_BYTES), MAX_MESSAGE_BYTES)
 
     def prompt_chars(self, context: int) -> int:
         """The most characters of a text prompt, for an oracle of ``context`` tokens

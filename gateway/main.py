@@ -99,6 +99,7 @@ async def start(config: GatewayConfig) -> ServiceServer:
                 config.max_request_bytes, "--max-request-bytes"
             )
         },
+        max_receive_bytes=limits.receive_bytes,
     )
     await start_health_endpoint(config.health_host, config.health_port, server)
     server.on_stop.append(telemetry.shutdown)  # flushes the spans of the last requests

@@ -16,6 +16,9 @@ the real handler runs (for a stream of requests, where that request would be rea
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
+import ctypes.util
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -27,6 +30,47 @@ from specdec.core.errors import InvalidArgument
 from specdec.rpc.interceptors import UNWRAPPED_PREFIXES
 
 log = logging.getLogger(__name__)
+
+# A refused request at least this large is followed by a heap trim (see _trim_soon).
+TRIM_AFTER_BYTES = 1 << 20
+TRIM_DELAY_S = 0.2
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc
+        return None
+    return trim  # type: ignore[no-any-return]
+
+
+_TRIM = _malloc_trim()
+_trimming: set[asyncio.AbstractEventLoop] = set()
+
+
+def _trim_soon() -> None:
+    """Once the refused request's buffers are freed, hand their pages back to the system.
+
+    grpc assembles a request in many small heap blocks, and glibc keeps freed heap pages
+    for reuse: without this, each large refused request would leave the process tens of
+    megabytes larger. At most one trim is pending per event loop.
+    """
+    if _TRIM is None:
+        return
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    if loop in _trimming:
+        return
+    _trimming.add(loop)
+
+    def trim() -> None:
+        _trimming.discard(loop)
+        _TRIM(0)
+
+    loop.call_later(TRIM_DELAY_S, trim)
 
 
 @dataclass(frozen=True)
@@ -49,6 +93,8 @@ def _deserializer(
 ) -> Callable[[bytes], Any]:
     def deserialize(data: bytes) -> Any:
         if limit is not None and len(data) > limit.max_bytes:
+            if len(data) >= TRIM_AFTER_BYTES:
+                _trim_soon()
             return Refusal(
                 f"the request is {len(data)} bytes, over the limit of {limit.max_bytes} "
                 f"({limit.flag})"

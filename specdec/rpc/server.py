@@ -93,12 +93,16 @@ async def start_server(
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     maximum_concurrent_rpcs: int | None = None,
     request_limits: Mapping[str, ByteLimit] | None = None,
+    max_receive_bytes: int = MAX_MESSAGE_BYTES,
 ) -> ServiceServer:
     """Start a server on ``bind`` ("host:port", port 0 = any free port).
 
     services: (add_XServicer_to_server, servicer, full service name) triples.
-    request_limits: method or service name -> the most bytes of one request (beyond
-    MAX_MESSAGE_BYTES grpc itself refuses, RESOURCE_EXHAUSTED).
+    request_limits: method or service name -> the most bytes of one request, refused
+    (INVALID_ARGUMENT) once read but before it is parsed.
+    max_receive_bytes: the most bytes grpc reads of one request at all: beyond, it
+    refuses it unread (RESOURCE_EXHAUSTED). Reading a request costs the event loop and
+    the heap about its size, so a server whose requests are small keeps this low.
     Health starts NOT_SERVING; call ``set_serving()`` once the model is loaded.
     """
     server = grpc.aio.server(
@@ -109,7 +113,7 @@ async def start_server(
             RequestGuard(request_limits),
             ErrorInterceptor(),
         ],
-        options=SERVER_OPTIONS,
+        options=[("grpc.max_receive_message_length", max_receive_bytes), *SERVER_OPTIONS[1:]],
         maximum_concurrent_rpcs=maximum_concurrent_rpcs,
     )
     names = tuple(name for _, _, name in services)
