@@ -29,10 +29,11 @@ replica can check the commits of a turn another one assigned.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import secrets
 import struct
+import sys
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -47,7 +48,7 @@ KEYRING_SIZE = 32
 
 
 def _mac(key: bytes, *parts: bytes) -> bytes:
-    return hmac.new(key, b"".join(parts), hashlib.sha256).digest()
+    return hmac.digest(key, b"".join(parts), "sha256")
 
 
 def _field(data: bytes) -> bytes:
@@ -57,9 +58,14 @@ def _field(data: bytes) -> bytes:
 def _tokens(tokens: Sequence[int]) -> bytes:
     """Length, then each id as a little-endian int32 (ids beyond it: ValueError)."""
     try:
-        return struct.pack(f"<I{len(tokens)}i", len(tokens), *tokens)
-    except struct.error as exc:
+        packed = array("i", tokens)
+    except OverflowError as exc:
         raise ValueError(f"not int32 token ids: {exc}") from None
+    if packed.itemsize != 4:  # (no platform this runs on has another C int)
+        raise ValueError("array('i') is not 32-bit here")
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return struct.pack("<I", len(packed)) + packed.tobytes()
 
 
 def new_ticket(key: CommitKey) -> CommitTicket:
@@ -110,7 +116,7 @@ class CommitChain:
         chain. Only a commit that passes moves the chain on."""
         try:
             head = self._next(base_length, tokens)
-        except (ValueError, OverflowError, struct.error):
+        except (ValueError, TypeError, struct.error):
             return False
         if not hmac.compare_digest(head[:PROOF_BYTES], proof):
             return False
