@@ -8,6 +8,13 @@ from dataclasses import dataclass
 
 from specdec.config import QUANTIZE_CHOICES, setting
 from specdec.core.errors import InvalidArgument
+from specdec.engine.kv_options import (
+    ATTENTIONS,
+    DEFAULT_VERIFY_TOKENS,
+    LAYOUTS,
+    MAX_ROW_TOKENS,
+    KVSettings,
+)
 
 MIB = 1024 * 1024
 MAX_VERIFY_LANES = 8
@@ -35,7 +42,37 @@ class OracleConfig:
     )
     gateway: str = setting("", "gateway host:port to register with (empty = standalone)")
     kv_budget_mb: float = setting(
-        1024.0, "KV cache memory kept for idle sessions before LRU eviction, in MiB"
+        0.0,
+        "KV cache memory, in MiB: the paged pool's size, or with HF caches what idle "
+        "sessions keep before LRU eviction (0 = auto: on a GPU what --gpu-memory-fraction "
+        "leaves after the weights and activations, else 1024)",
+    )
+    gpu_memory_fraction: float = setting(
+        0.9,
+        "share of the GPU's memory this oracle may use in all (weights, activations, CUDA "
+        "graphs, KV); the KV pool gets what is left (as vLLM's gpu_memory_utilization)",
+    )
+    kv_layout: str = setting(
+        "paged",
+        "KV memory of the static-KV forward: paged = blocks taken as sessions grow, slots = "
+        "one full-context slot per session (sessions beyond them use HF caches)",
+        choices=LAYOUTS,
+    )
+    batch_invariant: bool = setting(
+        True,
+        "paged KV: every forward runs --verify-tokens token rows, so a session's logits, "
+        "and its greedy output, do not depend on what else is in its batch",
+    )
+    verify_tokens: int = setting(
+        DEFAULT_VERIFY_TOKENS,
+        "with --batch-invariant: token rows of every forward (rows x (k + 1) beyond it run "
+        "as several forwards); at least --max-batch and 34",
+    )
+    attention: str = setting(
+        "auto",
+        "paged KV attention: sdpa = PyTorch's fused kernel, chunked = the batch-invariant "
+        "reference (auto: sdpa on a GPU, chunked elsewhere)",
+        choices=ATTENTIONS,
     )
     max_sessions: int = setting(
         64, "verify streams served at once; more are refused with RESOURCE_EXHAUSTED"
@@ -120,6 +157,19 @@ class OracleConfig:
     def kv_budget_bytes(self) -> int:
         return int(self.kv_budget_mb * MIB)
 
+    def kv_settings(self) -> KVSettings:
+        """The KV settings the engine takes (``oracle_service.kv_pool``)."""
+        return KVSettings(
+            static_kv=self.static_kv,
+            layout=self.kv_layout,
+            budget_bytes=self.kv_budget_bytes if self.kv_budget_mb > 0 else None,
+            memory_fraction=self.gpu_memory_fraction,
+            cuda_graphs=self.cuda_graphs,
+            batch_invariant=self.batch_invariant,
+            verify_tokens=self.verify_tokens,
+            attention=self.attention,
+        )
+
     def validate(self) -> None:
         """Raise ``InvalidArgument`` naming the first setting out of range."""
         if not 0 <= self.port <= 65535:
@@ -145,5 +195,15 @@ class OracleConfig:
             raise InvalidArgument(f"--batch-wait-ms must be in [0, 1000], got {self.batch_wait_ms}")
         if self.kv_budget_mb < 0:
             raise InvalidArgument(f"--kv-budget-mb must be >= 0, got {self.kv_budget_mb}")
+        if not 0 < self.gpu_memory_fraction <= 1:
+            raise InvalidArgument(
+                f"--gpu-memory-fraction must be in (0, 1], got {self.gpu_memory_fraction}"
+            )
+        least = max(self.max_batch, MAX_ROW_TOKENS + 1)
+        if self.batch_invariant and self.verify_tokens < least:
+            raise InvalidArgument(
+                f"--verify-tokens must be at least {least} (--max-batch and one block of "
+                f"{MAX_ROW_TOKENS} tokens), got {self.verify_tokens}"
+            )
         if not 0 <= self.metrics_port <= 65535:
             raise InvalidArgument(f"--metrics-port must be in [0, 65535], got {self.metrics_port}")

@@ -33,14 +33,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from oracle_service.kv_pool import make_pool, reserve_turn, store_budget
 from oracle_service.lanes import Lanes
 from oracle_service.rescue import RescueDrafter, Rescues
 from oracle_service.scheduler import BatchCounters, BlockQueue, PendingBlock
@@ -57,9 +59,10 @@ from specdec.core.types import (
 )
 from specdec.core.verifier import validate_block
 from specdec.engine.batched import BatchItem, verify_batch
+from specdec.engine.kv_options import KVSettings, turn_positions
 from specdec.engine.models import LoadedModel
 from specdec.engine.oracle import Oracle, PrefillResult
-from specdec.engine.static_kv import slot_pool_for
+from specdec.engine.paged_kv import PagedPool
 from specdec.telemetry.setup import metrics
 
 log = logging.getLogger(__name__)
@@ -102,7 +105,7 @@ class OracleEngine:
         model: LoadedModel,
         *,
         oracle_id: str,
-        kv_budget_bytes: int,
+        kv_budget_bytes: int | None,
         max_sessions: int,
         max_cached_sessions: int,
         max_batch: int = DEFAULT_MAX_BATCH,
@@ -111,10 +114,13 @@ class OracleEngine:
         cuda_graphs: bool = True,
         lanes: int = 0,
         rescue_draft: LoadedModel | None = None,
+        kv: KVSettings | None = None,
     ) -> None:
         """``max_batch``: the most blocks (of different sessions) verified in one forward.
-        ``static_kv``, ``cuda_graphs``: see ``specdec.engine.static_kv.slot_pool_for``.
-        ``lanes``: batches verified at once (0 = auto: 2 with CUDA graphs, else 1).
+        ``kv_budget_bytes`` (None = auto), ``static_kv``, ``cuda_graphs``, ``kv`` (the other
+        KV settings): see ``oracle_service.kv_pool``.
+        ``lanes``: batches verified at once (0 = auto: 2 with CUDA graphs for a launch-bound
+        model, else 1).
         ``rescue_draft``: drafts the next block after a miss, for streams that allow
         it (``oracle_service.rescue``; it needs one lane)."""
         if max_batch < 1:
@@ -127,23 +133,26 @@ class OracleEngine:
                 "draft or set the lanes to 1"
             )
         self.model = model
-        slots = slot_pool_for(
-            model,
-            static_kv,
-            max_slots=max_sessions,
-            max_rows=max_batch,
-            budget_bytes=kv_budget_bytes,
+        kv = dataclasses.replace(
+            kv or KVSettings(),
+            static_kv=static_kv,
             cuda_graphs=cuda_graphs,
-            lanes=1 if rescue_draft is not None else lanes,
+            budget_bytes=kv_budget_bytes,
         )
+        pool_lanes = 1 if rescue_draft is not None else lanes
+        slots = make_pool(model, kv, max_rows=max_batch, lanes=pool_lanes)
         self.oracle = Oracle(model, slots)
         self.oracle_id = oracle_id
         self.sessions = SessionStore(
             self.oracle.new_cache,
-            budget_bytes=kv_budget_bytes,
+            budget_bytes=store_budget(slots, kv),
             max_cached_sessions=max_cached_sessions,
             max_active_streams=max_sessions,
         )
+        if isinstance(slots, PagedPool):  # a cache short of blocks evicts idle sessions first
+            slots.reclaim = lambda blocks: self._evict_until(
+                lambda: slots.available_blocks >= blocks
+            )
         self.lanes = slots.lanes if slots is not None else max(1, lanes)
         self._lanes = Lanes(self.lanes, self._enter_lane, self.sessions, self._wake)
         self._running: set[asyncio.Task[None]] = set()  # the running batches
@@ -255,6 +264,12 @@ class OracleEngine:
         self, lease: Lease, tokens: list[int], sampling: SamplingParams, seed: int
     ) -> PrefillResult:
         session = self.sessions.check(lease)
+        positions = turn_positions(len(tokens), sampling.max_new_tokens)
+        reserve_turn(  # the admission rule (oracle_service.kv_pool), before any prefill
+            lambda: session.cache.reserve(positions),
+            self._evict_until,
+            f"{positions} positions: {len(tokens)} committed + {sampling.max_new_tokens} new",
+        )
         try:
             prefill = self.oracle.prefill(session.cache, tokens)
         finally:
@@ -584,6 +599,8 @@ class OracleEngine:
     def close(self, lease: Lease) -> None:
         """The stream of ``lease`` ended; its cache stays for the session's next turn."""
         self.sessions.close(lease)
+        if lease.session.active_streams == 0:
+            lease.session.cache.unreserve()  # its turn's KV reservation ends
         if not self._closed:
             # Its session may now be evictable; evict in a lane, not waiting.
             self._lanes.executors[0].submit(self._evict)
@@ -595,6 +612,12 @@ class OracleEngine:
         if released:
             log.debug("session %s released", session_id)
         return released
+
+    def _evict_until(self, done: Callable[[], bool]) -> None:
+        """Evict idle sessions, least recently used first, until ``done()`` (model thread)."""
+        evicted = self.sessions.evict(until=done)
+        if evicted:
+            log.debug("evicted %d idle session(s) for KV memory", len(evicted))
 
     def _evict(self) -> None:
         evicted = self.sessions.evict()

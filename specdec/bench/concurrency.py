@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from specdec.bench.measure import Result, Sample, percentile
+from specdec.bench.shapes import tokenizer_source
 from specdec.core.errors import InvalidArgument
 from specdec.v1 import common_pb2
 
@@ -575,7 +576,7 @@ def run_concurrency(args: argparse.Namespace, prompts: list[list[int]]) -> dict[
         out.write_text(json.dumps(report, indent=2))
 
     with tempfile.TemporaryDirectory() as workdir, cluster(Path(workdir), env) as c:
-        c.start_gateway("--tokenizer", args.oracle_path, cpus=args.oracle_cpus)
+        c.start_gateway("--tokenizer", tokenizer_source(args.oracle_path), cpus=args.oracle_cpus)
         for i in range(args.drafts):
             c.start_draft(
                 args.draft_path, "--device", args.draft_device,
