@@ -569,8 +569,8 @@ class PagedPool:
         return graph.logits
 
     def _capture(self, lane: _Lane, grid: _Grid, want_logits: bool) -> _Graph:
-        """Capture the forward over the lane's static inputs (holding a real grid: the
-        warm-up run writes only where that grid's own forward writes)."""
+        """The graph of ``grid``'s bucket: the forward over the lane's static inputs, its
+        logits copied into the lane's output buffer."""
         static = grid.parts(lane.packed)
         tokens = grid.tokens
         out = lane.out[: grid.rows * tokens] if want_logits else None
@@ -580,6 +580,12 @@ class PagedPool:
             if out is not None and logits is not None:
                 out.copy_(logits)
 
+        return _Graph(self._record(lane, forward), out)
+
+    def _record(self, lane: _Lane, forward: Callable[[], None]) -> Any:
+        """A CUDA graph of ``forward`` in the lane's memory pool, after a warm-up run on a
+        side stream (the static inputs hold a real grid: it writes only where that grid's
+        own forward writes)."""
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -591,7 +597,7 @@ class PagedPool:
             lane.memory_pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=lane.memory_pool, capture_error_mode="thread_local"):
             forward()
-        return _Graph(graph, out)
+        return graph
 
     def _shapes(self) -> list[tuple[int, int, int]]:
         """Every (rows, tokens, width) bucket a forward may take."""
@@ -603,6 +609,9 @@ class PagedPool:
                         shapes.append((rows, tokens, width))
             shapes += [(1, t, width) for t in self.prefill_buckets if t <= width * BLOCK_SIZE]
         return shapes
+
+    def _packed_size(self, rows: int, tokens: int, width: int) -> int:
+        return 3 * self._grid_tokens(rows, tokens) + rows * (width + 1)
 
     def _scratch_grid(self, rows: int, tokens: int, width: int) -> _Grid:
         """A grid of padding rows only (writes and reads in the lane's scratch block)."""
@@ -646,6 +655,10 @@ class PagedPool:
         for (rows, tokens, width), graph in lane.graphs.items():
             if graph.logits is None:
                 continue  # a prefill graph
+            # Its own padding grid in the inputs: another layout's ints would index anywhere.
+            lane.packed[: self._packed_size(rows, tokens, width)].copy_(
+                self._scratch_grid(rows, tokens, width).packed
+            )
             times = []
             for _ in range(TIMING_REPLAYS):
                 begin = time.perf_counter()

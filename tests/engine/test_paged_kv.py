@@ -208,3 +208,57 @@ def test_the_pool_takes_the_budget_or_refuses_one_too_small(
     with pytest.raises(InvalidArgument, match="model type 'gpt2'"):
         make(gpt2, "on", None)
     assert make(gpt2, "auto", None) is None
+
+
+class RecordedForward:
+    """What a CUDA graph replays, on the CPU: the captured forward, run again."""
+
+    def __init__(self, forward: Callable[[], None]) -> None:
+        self.forward = forward
+
+    def replay(self) -> None:
+        self.forward()
+
+
+def test_the_graphed_path_reads_its_inputs_from_the_lanes_buffers(
+    loaded: Callable[[str, str], LoadedModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The graph path on the CPU (each graph's forward recorded, replayed by calling it):
+    every bucket is captured once by capture_all, each row count routed to a timed bucket,
+    and a batch replayed from the lane's packed inputs gets the eager path's logits, KV and
+    verdicts, for prefill chunks and verify rows alike."""
+    model = loaded("llama", "oracle")
+    graphed, eager = pool_of(model, verify_tokens=40), pool_of(model, verify_tokens=40)
+    graphed.cuda_graphs = True
+    graphed._allocate(64)  # the lanes' static buffers
+    recorded: list[RecordedForward] = []
+
+    def record(lane: Any, forward: Callable[[], None]) -> RecordedForward:
+        recorded.append(RecordedForward(forward))
+        return recorded[-1]
+
+    monkeypatch.setattr(graphed, "_record", record)
+    monkeypatch.setattr(graphed, "_sync", lambda: None)
+    graphed.capture_all()
+    shapes = graphed._shapes()
+    assert len(recorded) == len(graphed._lanes[0].graphs) == len(shapes) == len(set(shapes))
+    assert set(graphed._fastest) == {s for s in shapes if s[1] <= paged_kv.MAX_ROW_TOKENS}
+    g = torch.Generator().manual_seed(3)
+    sessions = [
+        ([1, *torch.randint(3, 96, (n - 1,), generator=g).tolist()], list(range(3, 3 + k)))
+        for n, k in ((45, 4), (7, 0), (60, 8))
+    ]
+    results = []
+    for pool in (graphed, eager):
+        caches = [pool.new_cache() for _ in sessions]
+        for cache, (context, _) in zip(caches, sessions, strict=True):
+            pool.prefill(cache, context[:-1])  # 44 and 59 tokens: a 40-token chunk, then rows
+        logits = pool.forward_rows(caches, [[c[-1], *b] for c, b in sessions]).logits
+        results.append((logits, [c.layer_kv() for c in caches]))
+    assert len(recorded) == len(shapes)  # nothing captured late
+    (graph_logits, graph_kv), (eager_logits, eager_kv) = results
+    assert torch.equal(graph_logits, eager_logits)
+    for mine, theirs in zip(graph_kv, eager_kv, strict=True):
+        assert mine is not None and theirs is not None
+        for (k1, v1), (k2, v2) in zip(mine, theirs, strict=True):
+            assert torch.equal(k1, k2) and torch.equal(v1, v2)
