@@ -49,7 +49,7 @@ from specdec.bench.concurrency import (
     mark_mismatches,
     summarize,
 )
-from specdec.bench.measure import Sample, percentile
+from specdec.bench.measure import Sample, format_table, percentile
 from specdec.core.adaptive import expected_tokens
 from specdec.core.errors import InvalidArgument
 
@@ -310,15 +310,7 @@ COLUMNS = [
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    header = [title for _, title, _ in COLUMNS]
-    body = [
-        [fmt.format(row[key]) if row.get(key) is not None else "-" for key, _, fmt in COLUMNS]
-        for row in rows
-    ]
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *body]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return format_table(rows, COLUMNS)
 
 
 def _stamp(message: str) -> None:
@@ -391,7 +383,7 @@ def run_real_scale(args: argparse.Namespace, prompts: list[list[int]]) -> dict[s
         c.start_gateway("--tokenizer", str(DEMO_ORACLE), "--default-max-new-tokens", "512")
         oracle = c.start_oracle(
             name, "--device", args.device, "--dtype", args.dtype, "--log-level", "info",
-            "--max-sessions", str(max(64, biggest)), oracle_id="oracle",
+            "--max-sessions", str(2 * max(64, biggest)), oracle_id="oracle",
         )  # fmt: skip
         try:
             c.wait_workers(oracles=1, drafts=0, timeout=900)
@@ -425,7 +417,7 @@ def run_real_scale(args: argparse.Namespace, prompts: list[list[int]]) -> dict[s
                 draft = c.start_draft(
                     str(DEMO_DRAFT), "--bench-acceptance", str(acceptance),
                     "--bench-reference", str(path), "--bench-step-ms", f"{step_ms:.4f}",
-                    "--max-sessions", str(max(64, biggest)), draft_id=draft_id,
+                    "--max-sessions", str(2 * max(64, biggest)), draft_id=draft_id,
                 )  # fmt: skip
                 _wait_drafts(c.address, {draft_id})
 

@@ -69,7 +69,12 @@ from specdec.engine.kv_cache import SequenceCache
 from specdec.engine.kv_options import ATTENTIONS, DEFAULT_VERIFY_TOKENS, MAX_ROW_TOKENS
 from specdec.engine.lean_forward import LeanModel, lean_unsupported
 from specdec.engine.models import LoadedModel
-from specdec.engine.static_kv import RowsForward
+from specdec.engine.static_kv import (
+    LanedPool,
+    RowsForward,
+    fastest_row_buckets,
+    replay_seconds,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +87,6 @@ LAUNCH_BOUND_BYTES = 1 << 30  # below this much weight, a forward is bound by ke
 DEFAULT_CPU_KV_BYTES = 1 << 30  # the pool on a CPU, unless a budget is given
 GRAPH_POOL_MARGIN = 2.0  # graph memory pools, per lane, as a multiple of the measured peak
 FIXED_OVERHEAD_BYTES = 512 << 20  # allocator fragmentation, cuBLAS workspaces, the unforeseen
-WARMUP_RUNS = 1
-TIMING_REPLAYS = 5
-CALIBRATION_MARGIN = 0.8  # a larger row bucket replaces a smaller one only when this much faster
 
 
 def _bucket(value: int, buckets: Sequence[int]) -> int:
@@ -144,7 +146,7 @@ class _Grid:
         )
 
 
-class PagedPool:
+class PagedPool(LanedPool):
     """Paged keys/values of one model and the forward over them (module doc).
 
     num_blocks: KV blocks shared by all sessions (plus one scratch block per lane).
@@ -201,12 +203,11 @@ class PagedPool:
         self.row_buckets = tuple(
             sorted({*(1 << i for i in range(max_rows.bit_length())), max_rows})
         )
-        config = loaded.model.config
         self.kv_heads, self.head_dim = self.lean.kv_heads, self.lean.head_dim
         itemsize = self.lean.embed.weight.element_size()
         layers = len(self.lean.layers)
         self.block_bytes = 2 * layers * BLOCK_SIZE * self.kv_heads * self.head_dim * itemsize
-        self.vocab_size = int(getattr(config, "vocab_size", loaded.vocab_size))
+        self.vocab_size = loaded.vocab_size  # the width of the logits
         self._fastest: dict[tuple[int, int, int], int] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -265,6 +266,12 @@ class PagedPool:
 
     def _reserve(self, cache: PagedCache, positions: int) -> bool:
         need = _blocks(min(positions, self.capacity))
+        if need > self.num_blocks:  # no wait can make room for it
+            raise InvalidArgument(
+                f"this stream can reach {positions} positions ({need} KV blocks) but the "
+                f"oracle's whole KV pool holds {self.num_blocks} blocks of {BLOCK_SIZE}; ask for "
+                "fewer max_new_tokens or a shorter prompt"
+            )
         with self._lock:
             held = len(cache.blocks)
             if need <= max(cache.reserved, held):
@@ -316,25 +323,6 @@ class PagedPool:
                 heapq.heappush(self._free, block)
             del cache.blocks[keep:]
             self._promised += max(0, cache.reserved - len(cache.blocks)) - before
-
-    # -- lanes -------------------------------------------------------------------
-
-    def enter_lane(self, index: int) -> None:
-        """Make this thread lane ``index`` (its graphs, buffers, scratch block, stream)."""
-        if not 0 <= index < self.lanes:
-            raise ValueError(f"lane {index} of a pool with {self.lanes} lanes")
-        self._local.lane = index
-        stream = self._lanes[index].stream
-        if stream is not None:
-            torch.cuda.set_stream(stream)
-
-    @property
-    def _lane(self) -> _Lane:
-        return self._lanes[getattr(self._local, "lane", 0)]
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
 
     # -- forwards ------------------------------------------------------------------
 
@@ -582,23 +570,6 @@ class PagedPool:
 
         return _Graph(self._record(lane, forward), out)
 
-    def _record(self, lane: _Lane, forward: Callable[[], None]) -> Any:
-        """A CUDA graph of ``forward`` in the lane's memory pool, after a warm-up run on a
-        side stream (the static inputs hold a real grid: it writes only where that grid's
-        own forward writes)."""
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(WARMUP_RUNS):
-                forward()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        if lane.memory_pool is None:
-            lane.memory_pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=lane.memory_pool, capture_error_mode="thread_local"):
-            forward()
-        return graph
-
     def _shapes(self) -> list[tuple[int, int, int]]:
         """Every (rows, tokens, width) bucket a forward may take."""
         shapes = []
@@ -651,7 +622,8 @@ class PagedPool:
         )
 
     def _time_row_buckets(self, lane: _Lane) -> dict[tuple[int, int, int], int]:
-        took: dict[tuple[int, int, int], float] = {}
+        """(rows, tokens, width) -> the row bucket whose verify graph replays fastest."""
+        took = {}
         for (rows, tokens, width), graph in lane.graphs.items():
             if graph.logits is None:
                 continue  # a prefill graph
@@ -659,22 +631,8 @@ class PagedPool:
             lane.packed[: self._packed_size(rows, tokens, width)].copy_(
                 self._scratch_grid(rows, tokens, width).packed
             )
-            times = []
-            for _ in range(TIMING_REPLAYS):
-                begin = time.perf_counter()
-                graph.graph.replay()
-                self._sync()
-                times.append(time.perf_counter() - begin)
-            took[rows, tokens, width] = sorted(times)[len(times) // 2]
-        fastest: dict[tuple[int, int, int], int] = {}
-        for rows, tokens, width in took:
-            best = rows
-            for larger in self.row_buckets:
-                seconds = took.get((larger, tokens, width), float("inf"))
-                if larger > rows and seconds < CALIBRATION_MARGIN * took[best, tokens, width]:
-                    best = larger
-            fastest[rows, tokens, width] = best
-        return fastest
+            took[rows, tokens, width] = replay_seconds(graph.graph, self._sync)
+        return fastest_row_buckets(took, self.row_buckets)
 
     # -- sizing --------------------------------------------------------------------
 

@@ -52,7 +52,7 @@ import heapq
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,7 +115,56 @@ class _Lane:
     memory_pool: Any = None  # the memory pool of its graphs
 
 
-class SlotPool:
+class LanedPool:
+    """The lanes of a KV pool (``SlotPool``, ``paged_kv.PagedPool``): which lane a thread
+    is, its stream, and the capture of a forward as a CUDA graph in the lane's memory pool.
+    Subclasses set ``device``, ``lanes``, ``_lanes`` (each with ``stream`` and
+    ``memory_pool``) and ``_local`` (a ``threading.local``)."""
+
+    device: torch.device
+    lanes: int
+    _lanes: Sequence[Any]
+    _local: threading.local
+
+    def enter_lane(self, index: int) -> None:
+        """Make this thread lane ``index``: its forwards use that lane's graphs, buffers and
+        scratch slot, on its CUDA stream. A thread that never calls it is lane 0."""
+        if not 0 <= index < self.lanes:
+            raise ValueError(f"lane {index} of a pool with {self.lanes} lanes")
+        self._local.lane = index
+        stream = self._lanes[index].stream
+        if stream is not None:
+            torch.cuda.set_stream(stream)
+
+    @property
+    def _lane(self) -> Any:
+        return self._lanes[getattr(self._local, "lane", 0)]
+
+    def _sync(self) -> None:
+        """Wait for this thread's queued GPU work (not the other lanes')."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def _record(self, lane: Any, forward: Callable[[], None]) -> Any:
+        """A CUDA graph of ``forward`` in the lane's memory pool, after a warm-up run on a
+        side stream (cuBLAS and the allocator warm up; the static inputs hold a real batch,
+        so it writes only where that batch's own forward writes)."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(WARMUP_RUNS):
+                forward()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if lane.memory_pool is None:
+            lane.memory_pool = torch.cuda.graph_pool_handle()
+        # thread_local: another lane's thread may use the GPU meanwhile.
+        with torch.cuda.graph(graph, pool=lane.memory_pool, capture_error_mode="thread_local"):
+            forward()
+        return graph
+
+
+class SlotPool(LanedPool):
     """The KV of ``slots`` sequences of one model, preallocated; see the module doc.
 
     max_rows: the most blocks one forward verifies (the oracle's max batch).
@@ -168,25 +217,6 @@ class SlotPool:
             lane.slots = torch.zeros(self.max_rows, dtype=torch.long, device=self.device)
             lane.lengths = torch.zeros(self.max_rows, dtype=torch.long, device=self.device)
         return lane
-
-    def enter_lane(self, index: int) -> None:
-        """Make this thread lane ``index``: its forwards use that lane's graphs, buffers and
-        scratch slot, on its CUDA stream. A thread that never calls it is lane 0."""
-        if not 0 <= index < self.lanes:
-            raise ValueError(f"lane {index} of a pool with {self.lanes} lanes")
-        self._local.lane = index
-        stream = self._lanes[index].stream
-        if stream is not None:
-            torch.cuda.set_stream(stream)
-
-    @property
-    def _lane(self) -> _Lane:
-        return self._lanes[getattr(self._local, "lane", 0)]
-
-    def _sync(self) -> None:
-        """Wait for this thread's queued GPU work (not the other lanes')."""
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
 
     @property
     def slot_bytes(self) -> int:
@@ -368,28 +398,13 @@ class SlotPool:
         )
 
     def _time_row_buckets(self, lane: _Lane) -> dict[tuple[int, int, int], int]:
-        """(rows, tokens, width) -> the row bucket >= rows whose graph replays fastest
-        (median of TIMING_REPLAYS; a larger one only when CALIBRATION_MARGIN faster)."""
-        took: dict[tuple[int, int, int], float] = {}
-        for (rows, tokens, width), graph in lane.graphs.items():
-            if tokens not in TOKEN_BUCKETS:
-                continue  # a prefill graph
-            times = []
-            for _ in range(TIMING_REPLAYS):
-                begin = time.perf_counter()
-                graph.graph.replay()
-                self._sync()
-                times.append(time.perf_counter() - begin)
-            took[rows, tokens, width] = sorted(times)[len(times) // 2]
-        fastest: dict[tuple[int, int, int], int] = {}
-        for rows, tokens, width in took:
-            best = rows
-            for larger in self.row_buckets:
-                time_s = took.get((larger, tokens, width), float("inf"))
-                if larger > rows and time_s < CALIBRATION_MARGIN * took[best, tokens, width]:
-                    best = larger
-            fastest[rows, tokens, width] = best
-        return fastest
+        """(rows, tokens, width) -> the row bucket >= rows whose graph replays fastest."""
+        took = {
+            key: replay_seconds(graph.graph, self._sync)
+            for key, graph in lane.graphs.items()
+            if key[1] in TOKEN_BUCKETS  # not a prefill graph
+        }
+        return fastest_row_buckets(took, self.row_buckets)
 
     def _replay(
         self, ids: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, width: int
@@ -416,21 +431,41 @@ class SlotPool:
         lengths: torch.Tensor,
         width: int,
     ) -> _Graph:
-        """Capture the forward over these static inputs (they hold a real batch: the
-        warm-up run writes only where that batch's own forward writes)."""
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(WARMUP_RUNS):
-                self._forward(ids, slots, lengths, width)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        if lane.memory_pool is None:
-            lane.memory_pool = torch.cuda.graph_pool_handle()
-        # thread_local: another lane's thread may use the GPU meanwhile.
-        with torch.cuda.graph(graph, pool=lane.memory_pool, capture_error_mode="thread_local"):
-            logits = self._forward(ids, slots, lengths, width)
-        return _Graph(graph, logits)
+        """Capture the forward over these static inputs (``LanedPool._record``)."""
+        out: list[torch.Tensor] = []
+
+        def forward() -> None:
+            out[:] = [self._forward(ids, slots, lengths, width)]
+
+        graph = self._record(lane, forward)
+        return _Graph(graph, out[0])
+
+
+def replay_seconds(graph: Any, sync: Callable[[], None]) -> float:
+    """Median wall time of TIMING_REPLAYS replays of a CUDA graph."""
+    times = []
+    for _ in range(TIMING_REPLAYS):
+        begin = time.perf_counter()
+        graph.replay()
+        sync()
+        times.append(time.perf_counter() - begin)
+    return sorted(times)[len(times) // 2]
+
+
+def fastest_row_buckets(
+    took: dict[tuple[int, int, int], float], row_buckets: Sequence[int]
+) -> dict[tuple[int, int, int], int]:
+    """(rows, tokens, width) -> the row bucket whose graph of the same tokens and width
+    replayed fastest (``took``): a larger one only when CALIBRATION_MARGIN faster."""
+    fastest: dict[tuple[int, int, int], int] = {}
+    for rows, tokens, width in took:
+        best = rows
+        for larger in row_buckets:
+            seconds = took.get((larger, tokens, width), float("inf"))
+            if larger > rows and seconds < CALIBRATION_MARGIN * took[best, tokens, width]:
+                best = larger
+        fastest[rows, tokens, width] = best
+    return fastest
 
 
 def slot_bytes_of(loaded: LoadedModel) -> int:

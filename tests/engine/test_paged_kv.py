@@ -155,6 +155,8 @@ def test_blocks_follow_use_and_reservations_gate_admission(
     assert b.reserve(6 * BLOCK_SIZE) and pool.available_blocks == 8 - 6
     assert not a.reserve(5 * BLOCK_SIZE)  # 2 held + 3 more > 2 available
     assert a.reserve(4 * BLOCK_SIZE) and pool.available_blocks == 0
+    with pytest.raises(InvalidArgument, match="whole KV pool holds 10 blocks"):
+        pool.new_cache().reserve(11 * BLOCK_SIZE)
     with pytest.raises(ResourceExhausted, match="KV memory is full"):
         pool.new_cache().extend([3] * 17)  # nobody's reservation may be taken
     b.extend(ids(6 * BLOCK_SIZE))  # within its reservation: never refused

@@ -33,20 +33,20 @@ def prompt(n: int, salt: int = 0) -> list[int]:
     return [1, *(3 + (salt * 7 + i) % 90 for i in range(n - 1))]
 
 
-async def paged_oracle(make: Callable[..., Awaitable[Running]], blocks: int = BLOCKS) -> Running:
+async def paged_oracle(
+    make: Callable[..., Awaitable[Running]], blocks: int = BLOCKS
+) -> tuple[Running, PagedPool]:
     running = await make(static_kv="on", kv_budget_bytes=blocks * 4096, max_sessions=8)
     pool = running.engine.oracle.slots
     assert isinstance(pool, PagedPool) and pool.block_bytes == 4096 and pool.num_blocks == blocks
-    return running
+    return running, pool
 
 
 async def test_streams_reserve_their_turn_and_the_one_that_does_not_fit_is_refused(
     make_oracle: Callable[..., Awaitable[Running]],  # noqa: F811
     oracle_model: LoadedModel,  # noqa: F811
 ) -> None:
-    oracle = await paged_oracle(make_oracle)
-    pool = oracle.engine.oracle.slots
-    assert isinstance(pool, PagedPool)
+    oracle, pool = await paged_oracle(make_oracle)
     assert turn_positions(10, 64) == 107  # 7 blocks
     streams = [oracle.stream() for _ in range(4)]
     for i, stream in enumerate(streams):
@@ -77,9 +77,7 @@ async def test_idle_sessions_are_evicted_to_admit_a_stream_and_come_back_exact(
     make_oracle: Callable[..., Awaitable[Running]],  # noqa: F811
     oracle_model: LoadedModel,  # noqa: F811
 ) -> None:
-    oracle = await paged_oracle(make_oracle)
-    pool = oracle.engine.oracle.slots
-    assert isinstance(pool, PagedPool)
+    oracle, pool = await paged_oracle(make_oracle)
     long = [prompt(90, i) for i in range(3)]  # 89 cached positions: 6 blocks each
     for i, tokens in enumerate(long):
         stream = oracle.stream()
