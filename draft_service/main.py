@@ -34,7 +34,7 @@ log = logging.getLogger("draft")
 async def serve(config: DraftConfig) -> None:
     if config.torch_threads > 0:
         torch.set_num_threads(config.torch_threads)
-    telemetry = configure_telemetry("draft", config.metrics_port)
+    telemetry = configure_telemetry("draft", config.metrics_port, config.trace_file)
     security = ChannelSecurity.of(config)  # TLS and worker token to gateway and oracles
     health: ServiceServer | None = None
     if config.health_port >= 0:

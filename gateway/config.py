@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from specdec.config import setting
+from specdec.config import SECURITY, SecuritySettings, TelemetrySettings, setting
+from specdec.core.types import SPECULATION_DEFAULTS
 
 
 @dataclass
-class GatewayConfig:
+class GatewayConfig(SecuritySettings, TelemetrySettings):
     """specdec gateway: the public API, sessions and worker routing."""
 
     host: str = setting("0.0.0.0", "interface to listen on")
     port: int = setting(50051, "port of the public API and of the worker registry")
     tokenizer: str = setting("", "tokenizer folder or hub id (default: the demo oracle's)")
-    default_k: int = setting(4, "tokens drafted per round when a request does not say")
+    default_k: int = setting(
+        SPECULATION_DEFAULTS.k, "tokens drafted per round when a request does not say"
+    )
     default_max_new_tokens: int = setting(128, "max_new_tokens when a request does not say")
     max_sessions: int = setting(10_000, "sessions held at once; beyond: RESOURCE_EXHAUSTED")
     session_ttl_s: float = setting(3600.0, "idle seconds after which a session expires")
@@ -28,26 +31,21 @@ class GatewayConfig:
         "verdict) before failing over: a hung worker or a stalled link sends nothing",
     )
     log_level: str = setting("info", "debug, info, warning or error")
-    metrics_port: int = setting(0, "Prometheus scrape port (0 = off)")
-    # Security (docs/security.md): all off by default.
-    tls_cert: str = setting("", "PEM certificate of this server (with --tls-key: TLS)")
-    tls_key: str = setting("", "PEM private key of --tls-cert")
-    tls_ca: str = setting("", "PEM CA bundle: clients must present a certificate it signed (mTLS)")
-    tls_server_name: str = setting(
-        "", "name the oracles' certificates must carry (default: the dialled host)"
-    )
-    auth_token: str = setting(
-        "", "bearer token of applications (principal 'default') and, unless --worker-token, workers"
-    )
     auth_tokens: str = setting(
-        "", "application tokens, each its own principal: alice:TOKEN1,bob:TOKEN2"
+        "",
+        "application tokens, each its own principal: alice:TOKEN1,bob:TOKEN2",
+        group=SECURITY,
     )
     worker_token: str = setting(
-        "", "token oracles and drafts must present (their SPECDEC_AUTH_TOKEN); default --auth-token"
+        "",
+        "token oracles and drafts must present (their SPECDEC_AUTH_TOKEN); default --auth-token",
+        group=SECURITY,
     )
     grant_secret: str = setting(
-        "", "secret shared with the oracles to sign session grants (empty = no grants)"
+        "",
+        "secret shared with the oracles to sign session grants (empty = no grants)",
+        group=SECURITY,
     )
-    grant_ttl_s: float = setting(600.0, "seconds a session grant stays valid")
+    grant_ttl_s: float = setting(600.0, "seconds a session grant stays valid", group=SECURITY)
     health_host: str = setting("127.0.0.1", "interface of the plaintext health endpoint")
     health_port: int = setting(-1, "plaintext health-only port (-1 = off: health on --port)")

@@ -26,33 +26,47 @@ from gateway.registry import Registry, Worker
 from gateway.sessions import Session
 from specdec.core.adaptive import AdaptiveMemory
 from specdec.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
-from specdec.core.loop import run_turn
+from specdec.core.messages import (
+    Assignment,
+    AssignmentCommitted,
+    AssignmentFailed,
+    AssignmentFinished,
+    AssignmentOpened,
+    AssignmentReport,
+    CancelAssignment,
+)
 from specdec.core.sampling import SamplingParams, resolve_seed, validate_token_ids
-from specdec.core.stopping import FinishReason, StopChecker
-from specdec.core.types import OpenResult, RoundReport, Turn, TurnStats, check_k
+from specdec.core.stopping import FinishReason, turn_stop_checker
+from specdec.core.types import DrafterKind, Speculation, TurnStats
+from specdec.core.wiring import run_assignment
 from specdec.drafters.ngram import NgramDrafter
 from specdec.drafters.proposers import InlineProposer
-from specdec.rpc import convert
 from specdec.rpc.oracle_link import GrpcOracleLink, OracleRpcError
 from specdec.telemetry.gateway import record_round
 from specdec.telemetry.rounds import current_trace_context, round_tracer
-from specdec.v1 import common_pb2, oracle_pb2, registry_pb2
 
 log = logging.getLogger(__name__)
 
 
+# The gateway's own turns (the oracle alone, n-gram) draft nothing ahead.
+LOCAL_SPECULATION = Speculation(draft_ahead=False, pipeline_depth=1, branches=0, rescue=False)
+
+
 @dataclass(frozen=True)
 class TurnRequest:
-    """A validated Generate request, protobuf-free."""
+    """A validated Generate request, protobuf-free.
+
+    speculation: k resolved (the gateway's default when unset; 0 with drafter none);
+    the draft settings left unset are the draft's defaults.
+    """
 
     prompt_ids: list[int]
     params: SamplingParams
-    k: int
-    adaptive: bool
-    drafter: int  # common_pb2.DrafterKind
-    pipeline_depth: int = 0  # blocks in flight to the oracle (0 = the draft's default)
-    branches: int | None = None  # likely corrections drafted ahead (None = the draft's default)
-    rescue: bool | None = None  # the oracle drafts after a miss (None = the draft's default)
+    speculation: Speculation
+
+    @property
+    def k(self) -> int:
+        return self.speculation.k or 0
 
 
 @dataclass(frozen=True)
@@ -70,32 +84,13 @@ class TurnSummary:
     stats: TurnStats
     oracle_id: str = ""
     draft_id: str = ""
-    drafter: int = common_pb2.DRAFTER_KIND_UNSPECIFIED
+    drafter: DrafterKind = DrafterKind.AUTO
     failovers: int = 0
     model: str = ""  # the oracle's model (the output is what it alone would produce)
 
 
-# Events of one attempt (one pair of workers).
-@dataclass(frozen=True)
-class _Committed:
-    base_length: int
-    tokens: list[int]
-    report: RoundReport
-
-
-@dataclass(frozen=True)
-class _Opened:
-    cached_tokens: int
-    prefilled_tokens: int
-    prefill_ns: int
-
-
-@dataclass(frozen=True)
-class _Ended:
-    reason: FinishReason | None
-
-
-_Event = _Opened | _Committed | _Ended
+# What one attempt (one pair of workers) yields: its reports, up to AssignmentFinished.
+_Event = AssignmentOpened | AssignmentCommitted | AssignmentFinished
 
 
 class _Broke(Exception):
@@ -173,7 +168,7 @@ class TurnRunner:
         compatible = [
             d for d in drafts if d.info.vocab_fingerprint == oracle.info.vocab_fingerprint
         ]
-        if request.drafter == common_pb2.DRAFTER_KIND_MODEL and drafts and not compatible:
+        if request.speculation.drafter is DrafterKind.MODEL and drafts and not compatible:
             raise FailedPrecondition(
                 f"no registered draft shares oracle {oracle.worker_id}'s vocabulary "
                 f"({oracle.info.vocab_fingerprint}); drafts have "
@@ -186,12 +181,8 @@ class TurnRunner:
 
     async def run(self, session: Session, request: TurnRequest) -> AsyncIterator[Chunk]:
         """Stream the turn's chunks; commits land in ``session.tokens`` as they arrive."""
-        check_k(request.k)
         params = request.params
-        # EOS ends the turn only when it is among the stop ids (not with ignore_eos): the
-        # checker stops at every id it is given as EOS.
-        eos = [t for t in self.eos_token_ids() if t in params.stop_token_ids]
-        stop = StopChecker(params, eos, self._decode if params.stop else None)
+        stop = turn_stop_checker(params, self.eos_token_ids(), self._decode)
         decoder = IncrementalDecoder(self._decode_text)
         summary = TurnSummary(TurnStats(prompt_tokens=len(request.prompt_ids)))
         seed = resolve_seed(params.seed)
@@ -217,12 +208,12 @@ class TurnRunner:
             ended = False
             try:
                 async for event in attempt:
-                    if isinstance(event, _Opened):
-                        summary.stats.cached_tokens += event.cached_tokens
-                        summary.stats.prefilled_tokens += event.prefilled_tokens
-                        summary.stats.prefill_ns += event.prefill_ns
+                    if isinstance(event, AssignmentOpened):
+                        summary.stats.cached_tokens += event.opened.cached_tokens
+                        summary.stats.prefilled_tokens += event.opened.computed_tokens
+                        summary.stats.prefill_ns += event.opened.prefill_ns
                         continue
-                    if isinstance(event, _Ended):
+                    if isinstance(event, AssignmentFinished):
                         finish = finish or event.reason or FinishReason.LENGTH
                         ended = True
                         break
@@ -233,8 +224,8 @@ class TurnRunner:
                             len(session.tokens),
                         )
                         continue
-                    keep, finish = stop.feed(event.tokens)
-                    tokens = event.tokens[:keep]
+                    keep, finish = stop.feed(event.token_ids)
+                    tokens = list(event.token_ids[:keep])
                     session.tokens.extend(tokens)
                     produced += keep
                     summary.stats.add(dataclasses.replace(event.report, committed=keep))
@@ -294,166 +285,122 @@ class TurnRunner:
         oracle: Worker,
         excluded: set[str],
     ) -> tuple[AsyncGenerator[_Event, None], Worker | None]:
-        want_model = request.k > 0 and request.drafter in (
-            common_pb2.DRAFTER_KIND_UNSPECIFIED,
-            common_pb2.DRAFTER_KIND_MODEL,
+        want_model = request.k > 0 and request.speculation.drafter in (
+            DrafterKind.AUTO,
+            DrafterKind.MODEL,
         )
         draft = self.pick_draft(session, oracle, request, excluded) if want_model else None
-        if draft is not None:
-            return self._draft_attempt(session, request, params, seed, oracle, draft), draft
-        return self._local_attempt(session, request, params, seed, oracle), None
-
-    async def _draft_attempt(
-        self,
-        session: Session,
-        request: TurnRequest,
-        params: SamplingParams,
-        seed: int,
-        oracle: Worker,
-        draft: Worker,
-    ) -> AsyncGenerator[_Event, None]:
-        assignment_id = uuid.uuid4().hex
-        queue = self.registry.expect(assignment_id, draft)
-        oracle.assignments.add(assignment_id)
-        assignment = registry_pb2.Assignment(
-            assignment_id=assignment_id,
+        speculation = dataclasses.replace(
+            request.speculation, drafter=_drafter_kind(request, draft)
+        )
+        job = Assignment(
+            assignment_id=uuid.uuid4().hex,
             session_id=session.session_id,
             oracle_id=oracle.worker_id,
-            oracle_address=oracle.info.public_address or oracle.info.address,
-            token_ids=session.tokens,
+            oracle_address=oracle.info.draft_address,
+            token_ids=tuple(session.tokens),
             prompt_tokens=len(request.prompt_ids),
-            sampling=convert.sampling_to_pb(params),
+            params=params,
             seed=seed,
-            num_speculative_tokens=request.k,
-            adaptive=request.adaptive,
-            pipeline_depth=request.pipeline_depth,
-            max_context=oracle.info.max_context,
+            speculation=speculation,
             grant=self.registry.grant(session.session_id, oracle),
-            trace_context=current_trace_context(),  # the Generate span: rounds hang under it
+            max_context=oracle.info.max_context,
         )
-        if request.branches is not None:
-            assignment.branches = request.branches
-        if request.rescue is not None:
-            assignment.rescue = request.rescue
+        if draft is not None:
+            return self._draft_attempt(job, oracle, draft), draft
+        return self._local_attempt(job, oracle), None
+
+    async def _draft_attempt(
+        self, job: Assignment, oracle: Worker, draft: Worker
+    ) -> AsyncGenerator[_Event, None]:
+        queue = self.registry.expect(job.assignment_id, draft)
+        oracle.assignments.add(job.assignment_id)
+        # The Generate span's context: the draft's rounds hang under it.
+        job = dataclasses.replace(job, trace_context=current_trace_context())
         finished = False
         try:
-            await draft.outbox.put(registry_pb2.ConnectResponse(assignment=assignment))
+            await draft.outbox.put(job)
             while True:
                 try:
-                    message = await asyncio.wait_for(queue.get(), self._worker_silence_s)
+                    report = await asyncio.wait_for(queue.get(), self._worker_silence_s)
                 except TimeoutError:
                     raise _Broke(
                         draft,
                         f"draft {draft.worker_id} reported nothing for {self._worker_silence_s}s",
                     ) from None
-                kind = message.WhichOneof("kind")
-                if kind == "opened":
-                    o = message.opened
-                    yield _Opened(o.cached_tokens, o.prefilled_tokens, o.prefill_ns)
-                elif kind == "commit":
-                    commit = message.commit
-                    yield _Committed(commit.base_length, list(commit.token_ids), _report(commit))
-                elif kind == "finished":
-                    finished = True
-                    yield _Ended(convert.finish_reason_from_pb(message.finished.finish_reason))
-                    return
-                else:
-                    failed = message.failed
-                    finished = True
-                    code = _code(failed.status_code)
-                    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN):
-                        # The draft's report alone cannot tell a dead oracle from a broken
-                        # draft -> oracle link: the gateway asks the oracle itself. Reachable:
-                        # the pair's link (or the draft) failed, the oracle stays in the turn.
-                        dead = not oracle.alive or (
-                            "oracle" in failed.message and not await _reachable(oracle)
-                        )
-                        raise _Broke(oracle if dead else draft, failed.message)
-                    error = OracleRpcError(code, failed.message)
-                    raise error
+                if not isinstance(report, AssignmentFailed):
+                    finished = isinstance(report, AssignmentFinished)
+                    yield report
+                    if finished:
+                        return
+                    continue
+                finished = True
+                code = getattr(grpc.StatusCode, report.status, grpc.StatusCode.UNKNOWN)
+                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN):
+                    # The draft's report alone cannot tell a dead oracle from a broken
+                    # draft -> oracle link: the gateway asks the oracle itself. Reachable:
+                    # the pair's link (or the draft) failed, the oracle stays in the turn.
+                    dead = not oracle.alive or (
+                        "oracle" in report.message and not await oracle.reachable()
+                    )
+                    raise _Broke(oracle if dead else draft, report.message)
+                raise OracleRpcError(code, report.message)
         finally:
-            self.registry.forget(assignment_id, draft)
-            oracle.assignments.discard(assignment_id)
+            self.registry.forget(job.assignment_id, draft)
+            oracle.assignments.discard(job.assignment_id)
             if not finished and draft.alive:
-                cancel = registry_pb2.CancelAssignment(assignment_id=assignment_id, reason="done")
-                draft.outbox.put_nowait(registry_pb2.ConnectResponse(cancel=cancel))
+                draft.outbox.put_nowait(CancelAssignment(job.assignment_id, reason="done"))
 
-    async def _local_attempt(
-        self,
-        session: Session,
-        request: TurnRequest,
-        params: SamplingParams,
-        seed: int,
-        oracle: Worker,
-    ) -> AsyncGenerator[_Event, None]:
+    async def _local_attempt(self, job: Assignment, oracle: Worker) -> AsyncGenerator[_Event, None]:
         """Oracle alone or n-gram: the gateway drives the rounds itself."""
         proposer = None
-        if request.drafter == common_pb2.DRAFTER_KIND_NGRAM and request.k > 0:
+        if job.speculation.drafter is DrafterKind.NGRAM:
             proposer = InlineProposer(NgramDrafter())
-        rounds = round_tracer(session.session_id)  # None when tracing is off
+        rounds = round_tracer(job.session_id)  # None when tracing is off
         link = GrpcOracleLink(
-            oracle.oracle_stub(),
-            session.session_id,
-            grant=self.registry.grant(session.session_id, oracle),
+            oracle.oracle_channel(),
+            job.session_id,
+            grant=job.grant,
             trace_context=rounds.trace_context if rounds is not None else None,
             round_timeout_s=self._worker_silence_s,
         )
-        queue: asyncio.Queue[_Event] = asyncio.Queue()
-        turn = Turn(
-            context=list(session.tokens),
-            prompt_tokens=len(request.prompt_ids),
-            params=params,
-            seed=seed,
-            k=request.k if proposer else 0,
-            stop=StopChecker(
-                params,
-                [t for t in oracle.info.eos_token_ids if t in params.stop_token_ids],  # ignore_eos
-                self._decode if params.stop else None,
-            ),
-            max_context=oracle.info.max_context or 1 << 30,
-        )
-        base = [len(session.tokens)]
-
-        async def on_commit(tokens: list[int], report: RoundReport) -> None:
-            await queue.put(_Committed(base[0], tokens, report))
-            base[0] += len(tokens)
-
-        async def on_open(opened: OpenResult) -> None:
-            await queue.put(
-                _Opened(opened.cached_tokens, opened.computed_tokens, opened.prefill_ns)
-            )
-
-        key = f"{request.drafter}:{oracle.worker_id}"
-        policy = self._adaptive.policy(key, turn.k) if request.adaptive and turn.k else None
+        queue: asyncio.Queue[AssignmentReport] = asyncio.Queue()
         task = asyncio.create_task(
-            run_turn(
-                link, proposer, turn, on_commit, policy=policy, on_open=on_open, observer=rounds
+            run_assignment(
+                link,
+                proposer,
+                job,
+                queue.put,
+                defaults=LOCAL_SPECULATION,
+                eos_token_ids=oracle.info.eos_token_ids,
+                decode=self._decode,
+                max_context=1 << 30,
+                memory=self._adaptive,
+                observer=rounds,
             )
         )
-        oracle.assignments.add(id(task).__str__())
-        getter: asyncio.Future[_Event] | None = None
+        oracle.assignments.add(job.assignment_id)
+        getter: asyncio.Future[AssignmentReport] | None = None
         try:
             while True:
                 getter = asyncio.ensure_future(queue.get())
                 await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
-                    yield getter.result()
+                    yield _own_report(getter.result())
                     continue
                 getter.cancel()
                 while not queue.empty():
-                    yield queue.get_nowait()
+                    yield _own_report(queue.get_nowait())
                 try:
                     reason, _ = task.result()
                 except OracleRpcError as exc:
                     if exc.retryable:
                         raise _Broke(oracle, str(exc)) from exc
                     raise
-                yield _Ended(reason)
+                yield AssignmentFinished(job.assignment_id, reason)
                 return
         finally:
-            oracle.assignments.discard(id(task).__str__())
-            if policy is not None:
-                self._adaptive.remember(key, policy)
+            oracle.assignments.discard(job.assignment_id)
             if getter is not None:
                 getter.cancel()  # closed mid-wait: no pending Queue.get task left behind
             task.cancel()
@@ -464,13 +411,11 @@ class TurnRunner:
                 rounds.close(None if task.cancelled() else task.exception())
 
 
-async def _reachable(oracle: Worker, timeout_s: float = 2.0) -> bool:
-    """Whether ``oracle`` answers GetInfo on the gateway's own channel to it."""
-    try:
-        await oracle.oracle_stub().GetInfo(oracle_pb2.GetInfoRequest(), timeout=timeout_s)
-    except grpc.aio.AioRpcError:
-        return False
-    return True
+def _own_report(report: AssignmentReport) -> _Event:
+    """A report of a turn the gateway runs itself: ``run_assignment`` reports only its
+    open and its commits."""
+    assert not isinstance(report, AssignmentFailed)
+    return report
 
 
 def _prefer(workers: list[Worker], preferred_id: str) -> Worker:
@@ -482,38 +427,10 @@ def _prefer(workers: list[Worker], preferred_id: str) -> Worker:
     return min(workers, key=lambda w: (w.load, w.registered_at))
 
 
-def _drafter_kind(request: TurnRequest, draft: Worker | None) -> int:
+def _drafter_kind(request: TurnRequest, draft: Worker | None) -> DrafterKind:
+    """The proposer that drafts the turn: the draft's model, n-gram or none."""
     if draft is not None:
-        return common_pb2.DRAFTER_KIND_MODEL
-    if request.k > 0 and request.drafter == common_pb2.DRAFTER_KIND_NGRAM:
-        return common_pb2.DRAFTER_KIND_NGRAM
-    return common_pb2.DRAFTER_KIND_NONE
-
-
-def _report(commit: registry_pb2.AssignmentCommit) -> RoundReport:
-    r = commit.round
-    return RoundReport(
-        round=r.round,
-        k=r.proposed,
-        proposed=r.proposed,
-        accepted=r.accepted,
-        is_bonus=r.is_bonus,
-        committed=len(commit.token_ids),
-        committed_length=commit.base_length + len(commit.token_ids),
-        draft_ns=r.draft_ns,
-        verify_ns=r.verify_ns,
-        network_ns=r.network_ns,
-        queue_ns=r.queue_ns,
-        drafted_ahead=r.drafted_ahead,
-        pipelined=r.pipelined,
-        skipped_blocks=r.skipped_blocks,
-        branch=r.branch,
-        rescued=r.rescued,
-    )
-
-
-def _code(value: int) -> grpc.StatusCode:
-    for code in grpc.StatusCode:
-        if code.value[0] == value:
-            return code
-    return grpc.StatusCode.UNKNOWN
+        return DrafterKind.MODEL
+    if request.k > 0 and request.speculation.drafter is DrafterKind.NGRAM:
+        return DrafterKind.NGRAM
+    return DrafterKind.NONE

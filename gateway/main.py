@@ -29,7 +29,8 @@ log = logging.getLogger("gateway")
 
 async def start(config: GatewayConfig) -> ServiceServer:
     """Load the tokenizer, start serving; returns the running server."""
-    telemetry = configure_telemetry("gateway", config.metrics_port)  # before the server
+    # Before the server: its interceptors depend on it.
+    telemetry = configure_telemetry("gateway", config.metrics_port, config.trace_file)
     source = config.tokenizer or str(DEMO_ORACLE)
     try:
         tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, source)

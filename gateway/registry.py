@@ -3,7 +3,9 @@
 Drafts and oracles dial OUT to the gateway and keep one Connect stream open;
 the worker is alive exactly as long as that stream. Assignments (drafts) and
 cancellations travel down it; commits and results travel up it and are routed
-to the Generate call waiting on that assignment.
+to the Generate call waiting on that assignment. The stream's edge is
+``RegistryServicer``: the registry itself keeps and routes the core's
+``specdec.core.messages``.
 """
 
 from __future__ import annotations
@@ -18,11 +20,22 @@ from typing import Any
 
 import grpc
 
-from specdec.core.errors import FailedPrecondition, InvalidArgument
+from specdec.core.errors import FailedPrecondition, InvalidArgument, SpecdecError
+from specdec.core.messages import (
+    AssignmentFailed,
+    AssignmentReport,
+    GatewayMessage,
+    Registered,
+    WorkerKind,
+    WorkerLoad,
+    WorkerMessage,
+    WorkerRegistration,
+)
+from specdec.rpc import convert
 from specdec.rpc.channels import open_channel
 from specdec.rpc.grants import GrantSigner
 from specdec.rpc.security import ChannelSecurity
-from specdec.v1 import gateway_pb2, oracle_pb2_grpc, registry_pb2, registry_pb2_grpc
+from specdec.v1 import oracle_pb2, oracle_pb2_grpc, registry_pb2, registry_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +49,8 @@ SILENT_AFTER_S = 3 * LOAD_INTERVAL_MS / 1000
 class Worker:
     """A connected draft or oracle."""
 
-    info: registry_pb2.RegisterWorker
-    outbox: asyncio.Queue[registry_pb2.ConnectResponse] = field(default_factory=asyncio.Queue)
+    info: WorkerRegistration
+    outbox: asyncio.Queue[GatewayMessage] = field(default_factory=asyncio.Queue)
     registered_at: float = field(default_factory=time.monotonic)
     assignments: set[str] = field(default_factory=set)  # in flight on this worker
     reported_sessions: int = 0
@@ -53,7 +66,7 @@ class Worker:
 
     @property
     def is_oracle(self) -> bool:
-        return self.info.kind == gateway_pb2.WORKER_KIND_ORACLE
+        return self.info.kind is WorkerKind.ORACLE
 
     @property
     def load(self) -> int:
@@ -68,28 +81,26 @@ class Worker:
     def has_capacity(self) -> bool:
         return self.info.max_sessions <= 0 or len(self.assignments) < self.info.max_sessions
 
-    def oracle_stub(self) -> oracle_pb2_grpc.OracleStub:
+    def oracle_channel(self) -> grpc.aio.Channel:
+        """The gateway's channel to this oracle (opened on first use)."""
         if self.channel is None:
             self.channel = open_channel(self.info.address, self.security)
-        return oracle_pb2_grpc.OracleStub(self.channel)
+        return self.channel
 
-    def to_pb(self) -> gateway_pb2.WorkerInfo:
-        return gateway_pb2.WorkerInfo(
-            worker_id=self.worker_id,
-            kind=self.info.kind,
-            model=self.info.model,
-            vocab_fingerprint=self.info.vocab_fingerprint,
-            address=self.info.address,
-            active_sessions=self.load,
-            max_sessions=self.info.max_sessions,
-            device=self.info.device,
-            kv_cache_bytes=self.kv_cache_bytes,
-            uptime_s=time.monotonic() - self.registered_at,
-        )
+    def oracle_stub(self) -> oracle_pb2_grpc.OracleStub:
+        return oracle_pb2_grpc.OracleStub(self.oracle_channel())
 
+    async def reachable(self, timeout_s: float = 2.0) -> bool:
+        """Whether this oracle answers GetInfo on the gateway's own channel to it."""
+        try:
+            await self.oracle_stub().GetInfo(oracle_pb2.GetInfoRequest(), timeout=timeout_s)
+        except grpc.aio.AioRpcError:
+            return False
+        return True
 
-# What a Generate call waiting on an assignment receives.
-AssignmentEvent = registry_pb2.ConnectRequest
+    @property
+    def uptime_s(self) -> float:
+        return time.monotonic() - self.registered_at
 
 
 class Registry:
@@ -102,7 +113,7 @@ class Registry:
         grants: GrantSigner | None = None,
     ) -> None:
         self._workers: dict[str, Worker] = {}
-        self._waiting: dict[str, asyncio.Queue[AssignmentEvent]] = {}
+        self._waiting: dict[str, asyncio.Queue[AssignmentReport]] = {}
         self._required_fingerprint = required_fingerprint
         self._security = security  # dialling oracles: TLS material and worker token
         self._grants = grants
@@ -124,10 +135,10 @@ class Registry:
     def get(self, worker_id: str) -> Worker | None:
         return self._workers.get(worker_id)
 
-    async def register(self, info: registry_pb2.RegisterWorker) -> Worker:
+    async def register(self, info: WorkerRegistration) -> Worker:
         if not info.worker_id:
             raise InvalidArgument("RegisterWorker.worker_id must be set")
-        if info.kind == gateway_pb2.WORKER_KIND_ORACLE:
+        if info.kind is WorkerKind.ORACLE:
             if not info.address:
                 raise InvalidArgument("an oracle must register the address it listens on")
             if self._required_fingerprint and info.vocab_fingerprint != self._required_fingerprint:
@@ -136,8 +147,6 @@ class Registry:
                     f"gateway's tokenizer is {self._required_fingerprint}: point the gateway's "
                     "--tokenizer at the oracle's model"
                 )
-        elif info.kind != gateway_pb2.WORKER_KIND_DRAFT:
-            raise InvalidArgument("RegisterWorker.kind must be DRAFT or ORACLE")
         old = self._workers.get(info.worker_id)
         if old is not None:
             log.info("worker %s re-registered; dropping its previous connection", info.worker_id)
@@ -165,12 +174,8 @@ class Registry:
         # Every turn it was serving learns it at once, to fail over.
         for assignment_id in list(worker.assignments):
             self._deliver(
-                registry_pb2.ConnectRequest(
-                    failed=registry_pb2.AssignmentFailed(
-                        assignment_id=assignment_id,
-                        status_code=grpc.StatusCode.UNAVAILABLE.value[0],
-                        message=f"worker {worker.worker_id} disconnected",
-                    )
+                AssignmentFailed(
+                    assignment_id, "UNAVAILABLE", f"worker {worker.worker_id} disconnected"
                 )
             )
         if worker.channel is not None:
@@ -179,8 +184,8 @@ class Registry:
 
     # -- assignments -------------------------------------------------------
 
-    def expect(self, assignment_id: str, worker: Worker) -> asyncio.Queue[AssignmentEvent]:
-        queue: asyncio.Queue[AssignmentEvent] = asyncio.Queue()
+    def expect(self, assignment_id: str, worker: Worker) -> asyncio.Queue[AssignmentReport]:
+        queue: asyncio.Queue[AssignmentReport] = asyncio.Queue()
         self._waiting[assignment_id] = queue
         worker.assignments.add(assignment_id)
         return queue
@@ -189,23 +194,20 @@ class Registry:
         self._waiting.pop(assignment_id, None)
         worker.assignments.discard(assignment_id)
 
-    def _deliver(self, event: AssignmentEvent) -> None:
-        kind = event.WhichOneof("kind")
-        assignment_id = getattr(event, kind).assignment_id if kind else ""
-        queue = self._waiting.get(assignment_id)
+    def _deliver(self, report: AssignmentReport) -> None:
+        queue = self._waiting.get(report.assignment_id)
         if queue is not None:
-            queue.put_nowait(event)
+            queue.put_nowait(report)
 
-    def on_worker_message(self, worker: Worker, message: registry_pb2.ConnectRequest) -> None:
+    def on_worker_message(self, worker: Worker, message: WorkerMessage | None) -> None:
         worker.last_seen = time.monotonic()
-        kind = message.WhichOneof("kind")
-        if kind == "load":
-            worker.reported_sessions = message.load.active_sessions
-            worker.kv_cache_bytes = message.load.kv_cache_bytes
-        elif kind in ("opened", "commit", "finished", "failed"):
+        if isinstance(message, WorkerLoad):
+            worker.reported_sessions = message.active_sessions
+            worker.kv_cache_bytes = message.kv_cache_bytes
+        elif message is not None and not isinstance(message, WorkerRegistration):
             self._deliver(message)
         else:
-            log.warning("worker %s sent an unexpected %s", worker.worker_id, kind)
+            log.warning("worker %s sent an unexpected %s", worker.worker_id, message)
 
 
 class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
@@ -220,19 +222,17 @@ class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
         first = await anext(aiter(request_iterator), None)
         if first is None or not first.HasField("register"):
             raise InvalidArgument("the first message of Connect must be RegisterWorker")
-        worker = await self._registry.register(first.register)
+        worker = await self._registry.register(convert.registration_from_pb(first.register))
         reader = asyncio.create_task(self._read(worker, request_iterator))
         try:
-            yield registry_pb2.ConnectResponse(
-                registered=registry_pb2.Registered(load_interval_ms=LOAD_INTERVAL_MS)
-            )
+            yield convert.gateway_message_to_pb(Registered(LOAD_INTERVAL_MS))
             while True:
                 getter = asyncio.ensure_future(worker.outbox.get())
                 done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
                 if getter not in done:
                     getter.cancel()
                     return  # the worker closed its side
-                yield getter.result()
+                yield convert.gateway_message_to_pb(getter.result())
         finally:
             reader.cancel()
             await self._registry.unregister(worker)
@@ -241,5 +241,10 @@ class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
         self, worker: Worker, request_iterator: AsyncIterator[registry_pb2.ConnectRequest]
     ) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
-            async for message in request_iterator:
+            async for pb in request_iterator:
+                try:
+                    message = convert.worker_message_from_pb(pb)
+                except SpecdecError as exc:  # a second registration, malformed
+                    log.warning("worker %s sent a bad message: %s", worker.worker_id, exc)
+                    message = None
                 self._registry.on_worker_message(worker, message)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -9,11 +10,12 @@ from typing import Any
 from gateway.generation import Chunk, TurnRequest, TurnRunner
 from gateway.sessions import Session, SessionTable
 from specdec.core.errors import FailedPrecondition, InvalidArgument
-from specdec.core.types import MAX_BRANCHES, MAX_PIPELINE_DEPTH
+from specdec.core.messages import ReleaseDraftSession
+from specdec.core.types import DrafterKind, Speculation
 from specdec.rpc import convert
 from specdec.rpc.security import current_principal
 from specdec.telemetry.gateway import request_observer
-from specdec.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, oracle_pb2, registry_pb2
+from specdec.v1 import gateway_pb2, gateway_pb2_grpc, oracle_pb2
 
 log = logging.getLogger(__name__)
 
@@ -46,45 +48,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def _turn_request(self, request: gateway_pb2.GenerateRequest) -> TurnRequest:
         if request.prompt and request.prompt_token_ids:
             raise InvalidArgument("set either prompt or prompt_token_ids, not both")
+        speculation = convert.speculation_from_pb(request.speculation)
+        speculation = speculation.over(Speculation(k=self._default_k))
+        if speculation.drafter is DrafterKind.NONE:
+            speculation = dataclasses.replace(speculation, k=0)
+        params = convert.sampling_from_pb(
+            request.sampling,
+            default_max_new_tokens=self._default_max_new_tokens,
+            eos_token_ids=self._runner.eos_token_ids(),
+        )
         if request.prompt:
             prompt_ids = list(self._tokenizer(request.prompt)["input_ids"])
         else:
             prompt_ids = list(request.prompt_token_ids)
         if not prompt_ids:
             raise InvalidArgument("the prompt is empty: set prompt or prompt_token_ids")
-        speculation = request.speculation
-        if speculation.drafter not in common_pb2.DrafterKind.values():
-            raise InvalidArgument(
-                f"speculation.drafter must be one of {common_pb2.DrafterKind.keys()}, "
-                f"got {speculation.drafter}"
-            )
-        k = (
-            speculation.num_speculative_tokens
-            if speculation.HasField("num_speculative_tokens")
-            else self._default_k
-        )
-        if speculation.drafter == common_pb2.DRAFTER_KIND_NONE:
-            k = 0
-        params = convert.sampling_from_pb(
-            request.sampling,
-            default_max_new_tokens=self._default_max_new_tokens,
-            eos_token_ids=self._runner.eos_token_ids(),
-        )
-        depth = speculation.pipeline_depth if speculation.HasField("pipeline_depth") else 0
-        if speculation.HasField("pipeline_depth") and not 1 <= depth <= MAX_PIPELINE_DEPTH:
-            raise InvalidArgument(
-                f"speculation.pipeline_depth must be in [1, {MAX_PIPELINE_DEPTH}], got {depth}"
-            )
-        branches = speculation.branches if speculation.HasField("branches") else None
-        if branches is not None and not 0 <= branches <= MAX_BRANCHES:
-            raise InvalidArgument(
-                f"speculation.branches must be in [0, {MAX_BRANCHES}], got {branches}"
-            )
-        rescue = speculation.rescue if speculation.HasField("rescue") else None
-        return TurnRequest(
-            prompt_ids, params, k, speculation.adaptive, speculation.drafter, depth, branches,
-            rescue,
-        )  # fmt: skip
+        return TurnRequest(prompt_ids, params, speculation)
 
     async def Generate(
         self, request: gateway_pb2.GenerateRequest, context: Any
@@ -154,7 +133,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self, request: gateway_pb2.ListWorkersRequest, context: Any
     ) -> gateway_pb2.ListWorkersResponse:
         workers = sorted(self._runner.registry.workers(), key=lambda w: (w.info.kind, w.worker_id))
-        return gateway_pb2.ListWorkersResponse(workers=[w.to_pb() for w in workers])
+        return gateway_pb2.ListWorkersResponse(
+            workers=[
+                convert.worker_info_to_pb(
+                    w.info,
+                    active_sessions=w.load,
+                    kv_cache_bytes=w.kv_cache_bytes,
+                    uptime_s=w.uptime_s,
+                )
+                for w in workers
+            ]
+        )
 
     async def release_caches(self, session: Session) -> None:
         """Tell every worker to forget this session's KV cache (best effort: soft state)."""
@@ -170,8 +159,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             else:
                 # Every draft, not only session.draft_id: a turn cancelled or failed over
                 # before it ended left caches on drafts the session never recorded.
-                release = registry_pb2.ReleaseDraftSession(session_id=session.session_id)
-                worker.outbox.put_nowait(registry_pb2.ConnectResponse(release=release))
+                worker.outbox.put_nowait(ReleaseDraftSession(session.session_id))
 
 
 def _response(chunk: Chunk, session_id: str) -> gateway_pb2.GenerateResponse:
@@ -179,7 +167,7 @@ def _response(chunk: Chunk, session_id: str) -> gateway_pb2.GenerateResponse:
         token_ids=chunk.token_ids, text=chunk.text, session_id=session_id
     )
     if chunk.finish_reason is not None:
-        response.finish_reason = convert.finish_reason_to_pb(chunk.finish_reason)  # type: ignore[assignment]
+        response.finish_reason = convert.finish_reason_to_pb(chunk.finish_reason)
     if chunk.summary is not None:
         s = chunk.summary
         response.stats.CopyFrom(

@@ -6,7 +6,13 @@ import os
 import socket
 from dataclasses import dataclass
 
-from specdec.config import QUANTIZE_CHOICES, setting
+from specdec.config import (
+    QUANTIZE_CHOICES,
+    SECURITY,
+    SecuritySettings,
+    TelemetrySettings,
+    setting,
+)
 from specdec.core.errors import InvalidArgument
 from specdec.engine.kv_options import (
     ATTENTIONS,
@@ -18,10 +24,11 @@ from specdec.engine.kv_options import (
 
 MIB = 1024 * 1024
 MAX_VERIFY_LANES = 8
+MAX_BATCH_WAIT_S = 1.0
 
 
 @dataclass
-class OracleConfig:
+class OracleConfig(SecuritySettings, TelemetrySettings):
     """Serve an oracle model: verify drafted blocks for drafts and the gateway."""
 
     host: str = setting("0.0.0.0", "interface to listen on")
@@ -98,7 +105,7 @@ class OracleConfig:
     verify_lanes: int = setting(
         0,
         "verify batches run at once, each in its own thread and CUDA stream (0 = auto: 2 "
-        "with CUDA graphs, else 1; a rescue draft needs 1)",
+        "with CUDA graphs for a model under 1 GiB of weights, else 1; a rescue draft needs 1)",
     )
     rescue_draft: str = setting(
         "",
@@ -115,19 +122,10 @@ class OracleConfig:
     log_level: str = setting(
         "info", "log level", choices=("debug", "info", "warning", "error", "critical")
     )
-    metrics_port: int = setting(0, "Prometheus metrics port (0 = no metrics endpoint)")
-    # Security (docs/security.md): all off by default.
-    tls_cert: str = setting("", "PEM certificate (served, and presented to the gateway)")
-    tls_key: str = setting("", "PEM private key of --tls-cert")
-    tls_ca: str = setting("", "PEM CA bundle: verifies the gateway; callers need a certificate")
-    tls_server_name: str = setting(
-        "", "name the gateway's certificate must carry (default: the dialled host)"
-    )
-    auth_token: str = setting(
-        "", "worker token: required of callers, presented to the gateway (empty = none)"
-    )
     grant_secret: str = setting(
-        "", "the gateway's grant secret: serve only sessions it granted (empty = any)"
+        "",
+        "the gateway's grant secret: serve only sessions it granted (empty = any)",
+        group=SECURITY,
     )
     health_host: str = setting("127.0.0.1", "interface of the plaintext health endpoint")
     health_port: int = setting(-1, "plaintext health-only port (-1 = off: health on --port)")
@@ -171,39 +169,69 @@ class OracleConfig:
         )
 
     def validate(self) -> None:
-        """Raise ``InvalidArgument`` naming the first setting out of range."""
+        """Raise ``InvalidArgument`` naming the first setting out of range (the engine's
+        by ``check_settings``: here before the model loads)."""
         if not 0 <= self.port <= 65535:
             raise InvalidArgument(f"--port must be in [0, 65535], got {self.port}")
-        if self.max_sessions < 1:
-            raise InvalidArgument(f"--max-sessions must be >= 1, got {self.max_sessions}")
-        if self.max_cached_sessions < 0:
-            raise InvalidArgument(
-                f"--max-cached-sessions must be >= 0, got {self.max_cached_sessions}"
-            )
-        if self.max_batch < 1:
-            raise InvalidArgument(f"--max-batch must be >= 1, got {self.max_batch}")
-        if not 0 <= self.verify_lanes <= MAX_VERIFY_LANES:
-            raise InvalidArgument(
-                f"--verify-lanes must be in [0, {MAX_VERIFY_LANES}] (0 = auto), got "
-                f"{self.verify_lanes}"
-            )
-        if self.verify_lanes > 1 and self.rescue_draft:
-            raise InvalidArgument(
-                "--rescue-draft needs one verify lane: set --verify-lanes to 0 or 1"
-            )
-        if not 0 <= self.batch_wait_ms <= 1000:
-            raise InvalidArgument(f"--batch-wait-ms must be in [0, 1000], got {self.batch_wait_ms}")
-        if self.kv_budget_mb < 0:
-            raise InvalidArgument(f"--kv-budget-mb must be >= 0, got {self.kv_budget_mb}")
-        if not 0 < self.gpu_memory_fraction <= 1:
-            raise InvalidArgument(
-                f"--gpu-memory-fraction must be in (0, 1], got {self.gpu_memory_fraction}"
-            )
-        least = max(self.max_batch, MAX_ROW_TOKENS + 1)
-        if self.batch_invariant and self.verify_tokens < least:
-            raise InvalidArgument(
-                f"--verify-tokens must be at least {least} (--max-batch and one block of "
-                f"{MAX_ROW_TOKENS} tokens), got {self.verify_tokens}"
-            )
+        check_settings(
+            max_sessions=self.max_sessions,
+            max_cached_sessions=self.max_cached_sessions,
+            kv_budget_bytes=self.kv_budget_bytes,
+            max_batch=self.max_batch,
+            batch_wait_s=self.batch_wait_ms / 1000,
+            lanes=self.verify_lanes,
+            rescue=bool(self.rescue_draft),
+            kv=self.kv_settings(),
+        )
         if not 0 <= self.metrics_port <= 65535:
             raise InvalidArgument(f"--metrics-port must be in [0, 65535], got {self.metrics_port}")
+
+
+def check_settings(
+    *,
+    max_sessions: int,
+    max_cached_sessions: int,
+    kv_budget_bytes: int | None,
+    max_batch: int,
+    batch_wait_s: float,
+    lanes: int,
+    rescue: bool,
+    kv: KVSettings | None = None,
+) -> None:
+    """Raise ``InvalidArgument`` naming the first engine setting out of range (and its flag).
+
+    The one home of these rules: ``OracleConfig.validate`` and the engine's constructor
+    (``oracle_service.engine``, also built without a config) both call it.
+    ``rescue``: the engine has a rescue draft, which needs one verify lane.
+    ``kv_budget_bytes``: None = auto; ``kv``: the other KV settings.
+    """
+    if max_sessions < 1:
+        raise InvalidArgument(f"--max-sessions must be >= 1, got {max_sessions}")
+    if max_cached_sessions < 0:
+        raise InvalidArgument(f"--max-cached-sessions must be >= 0, got {max_cached_sessions}")
+    if kv_budget_bytes is not None and kv_budget_bytes < 0:
+        raise InvalidArgument(f"--kv-budget-mb must be >= 0, got {kv_budget_bytes / MIB:g}")
+    if kv is not None and not 0 < kv.memory_fraction <= 1:
+        raise InvalidArgument(f"--gpu-memory-fraction must be in (0, 1], got {kv.memory_fraction}")
+    least = max(max_batch, MAX_ROW_TOKENS + 1)
+    if kv is not None and kv.batch_invariant and kv.verify_tokens < least:
+        raise InvalidArgument(
+            f"--verify-tokens must be at least {least} (--max-batch and one block of "
+            f"{MAX_ROW_TOKENS} tokens), got {kv.verify_tokens}"
+        )
+    if max_batch < 1:
+        raise InvalidArgument(f"--max-batch must be >= 1, got {max_batch}")
+    if not 0 <= batch_wait_s <= MAX_BATCH_WAIT_S:
+        raise InvalidArgument(
+            f"--batch-wait-ms must be in [0, {MAX_BATCH_WAIT_S * 1000:g}], got "
+            f"{batch_wait_s * 1000:g}"
+        )
+    if not 0 <= lanes <= MAX_VERIFY_LANES:
+        raise InvalidArgument(
+            f"--verify-lanes must be in [0, {MAX_VERIFY_LANES}] (0 = auto), got {lanes}"
+        )
+    if rescue and lanes > 1:
+        raise InvalidArgument(
+            f"--rescue-draft needs one verify lane, got {lanes}: set --verify-lanes to 0 or 1, "
+            "or drop the rescue draft"
+        )

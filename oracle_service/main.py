@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +28,7 @@ from oracle_service.servicer import SERVICE_NAME, OracleServicer
 from specdec.config import add_arguments as add_config_arguments
 from specdec.config import from_namespace, load_config
 from specdec.core.errors import SpecdecError
+from specdec.core.messages import GatewayMessage, WorkerKind, WorkerLoad, WorkerRegistration
 from specdec.engine.models import LoadedModel, check_compatible, load_model
 from specdec.engine.quantize import load_draft_model
 from specdec.rpc.grants import GrantSigner
@@ -39,7 +39,7 @@ from specdec.rpc.security import ChannelSecurity, oracle_auth, server_credential
 from specdec.rpc.server import ServiceServer, start_server
 from specdec.telemetry import configure_telemetry
 from specdec.telemetry.oracle import observe_store
-from specdec.v1 import gateway_pb2, oracle_pb2_grpc, registry_pb2
+from specdec.v1 import oracle_pb2_grpc
 
 log = logging.getLogger("oracle_service")
 
@@ -137,13 +137,13 @@ class OracleService:
     def advertise_address(self) -> str:
         return self.config.resolved_advertise_address(self.port)
 
-    def registration(self) -> registry_pb2.RegisterWorker:
+    def registration(self) -> WorkerRegistration:
         """What the gateway is told about this oracle (sent at every (re)connect)."""
         assert self.engine is not None, "register only once the model is loaded"
         info = self.engine.info()
-        return registry_pb2.RegisterWorker(
+        return WorkerRegistration(
             worker_id=self.oracle_id,
-            kind=gateway_pb2.WORKER_KIND_ORACLE,
+            kind=WorkerKind.ORACLE,
             model=info.model,
             vocab_fingerprint=info.vocab_fingerprint,
             address=self.advertise_address,
@@ -152,22 +152,22 @@ class OracleService:
             device=info.device,
             vocab_size=info.vocab_size,
             max_context=info.max_context,
-            eos_token_ids=list(info.eos_token_ids),
+            eos_token_ids=tuple(info.eos_token_ids),
         )
 
-    def load_report(self) -> registry_pb2.WorkerLoad:
+    def load_report(self) -> WorkerLoad:
         if self.engine is None:
-            return registry_pb2.WorkerLoad()
+            return WorkerLoad()
         sessions = self.engine.sessions
-        return registry_pb2.WorkerLoad(
+        return WorkerLoad(
             active_sessions=sessions.active_streams, kv_cache_bytes=sessions.kv_cache_bytes
         )
 
     async def _on_gateway_message(
-        self, message: registry_pb2.ConnectResponse, connection: GatewayConnection
+        self, message: GatewayMessage, connection: GatewayConnection
     ) -> None:
         # Assignments and draft releases are for drafts; an oracle has nothing to do yet.
-        log.debug("ignoring gateway message %s", message.WhichOneof("kind"))
+        log.debug("ignoring gateway message %s", type(message).__name__)
 
     async def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
         await self.server.stop(grace_s)
@@ -187,7 +187,8 @@ def _bind_address(host: str, port: int) -> str:
 async def start(config: OracleConfig) -> OracleService:
     """Bind and start the server (health NOT_SERVING); the model is not loaded yet."""
     config.validate()
-    telemetry = configure_telemetry("oracle", config.metrics_port)  # before the server: tracing
+    # Before the server: its interceptors depend on it.
+    telemetry = configure_telemetry("oracle", config.metrics_port, config.trace_file)
     # Security (docs/security.md): each part off unless configured.
     grants = GrantSigner(config.grant_secret) if config.grant_secret else None
     auth = oracle_auth(config.auth_token)
@@ -264,7 +265,7 @@ def _in_daemon_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The oracle's flags, for a ``specdec oracle`` subparser."""
-    add_config_arguments(parser, OracleConfig, os.environ)
+    add_config_arguments(parser, OracleConfig)
 
 
 def run(config: OracleConfig) -> None:

@@ -1,7 +1,8 @@
-"""The oracle's queue of blocks waiting for the model, and the rule that forms a batch.
+"""The batch policy: which queued blocks go into the next batch, and when it starts.
 
-Blocks of all sessions wait in one queue in arrival order. When the model is
-free, the next batch is taken by one scan from the oldest block on:
+Blocks of all sessions wait in one queue in arrival order. When a lane is free
+(``oracle_service.lanes``), the next batch is taken by one scan from the oldest
+block on:
 
 * a block joins the batch unless its session already has one in it: a session
   may have two blocks queued (pipelining sends the next block before the previous
@@ -21,17 +22,37 @@ Nobody starves: a block is passed over only for older blocks (max_batch of them
 per batch) or because an older block of its own session is in the batch, never
 for younger ones, so a session that keeps sending only adds blocks behind it.
 With max_batch = 1 the queue is plain first come, first served.
+
+The batch wait: before a batch, while fewer sessions have a block that could run
+than have a stream open outside the running batches, the batcher waits for theirs
+(at most ``batch_wait_s``), unless another lane is free too. Sessions answer a
+verdict at different times (network, drafting), so a batch started the moment a
+lane is free holds only the quickest; the others then wait a whole forward for the
+next one. A short wait fills the batch instead: one forward of B rows costs about
+one of a single row when the GPU is launch-bound. With another lane free, the
+latecomers will have that one: no wait.
+
+Rescue decisions due (``oracle_service.rescue``) are settled just before a batch is
+taken, so that a block extending a miss's verdict finds it decided.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from oracle_service.sessions import Lease, OracleSession
+from oracle_service.counters import BatchCounters
+from oracle_service.lanes import Lanes
+from oracle_service.sessions import Lease, OracleSession, SessionStore
 from specdec.core.types import DraftBlock, VerifyResult
+
+if TYPE_CHECKING:
+    from oracle_service.rescue import Rescues
 
 
 @dataclass(eq=False)
@@ -56,35 +77,10 @@ class PendingBlock:
         return self.lease.session
 
 
-@dataclass
-class BatchCounters:
-    """Totals since start (the event loop updates them after each batch).
-
-    batches: batches taken from the queue (one model-thread job each).
-    blocks: blocks in them, refused and skipped ones included.
-    verified: blocks that reached verification (not refused or skipped before compute).
-    batched_forwards: forwards that verified more than one block at once.
-    batched_rows: blocks verified in those forwards.
-    largest_forward: the most blocks verified in one forward.
-    busy_ns: lane time of the batches (their compute, not their queueing), summed over
-        lanes: with two lanes it may pass the wall time.
-    """
-
-    batches: int = 0
-    blocks: int = 0
-    verified: int = 0
-    batched_forwards: int = 0
-    batched_rows: int = 0
-    largest_forward: int = 0
-    busy_ns: int = 0
-
-
 class BlockQueue:
     """Blocks waiting for the model, oldest first (event loop only)."""
 
     def __init__(self, max_batch: int) -> None:
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.max_batch = max_batch
         self._waiting: deque[PendingBlock] = deque()
 
@@ -179,3 +175,156 @@ class BlockQueue:
         drained = list(self._waiting)
         self._waiting.clear()
         return drained
+
+
+class Scheduler:
+    """The batcher task (event loop): forms each batch once a lane is free and hands it,
+    with the lane, to ``run``. ``rescues``: the misses' rescues to settle, if any."""
+
+    def __init__(
+        self,
+        queue: BlockQueue,
+        lanes: Lanes,
+        sessions: SessionStore,
+        counters: BatchCounters,
+        run: Callable[[int, list[PendingBlock]], Coroutine[Any, Any, None]],
+        *,
+        batch_wait_s: float,
+        rescues: Rescues | None = None,
+    ) -> None:
+        self.queue = queue
+        self.batch_wait_s = batch_wait_s
+        self.rescues = rescues
+        self._lanes = lanes
+        self._sessions = sessions
+        self._counters = counters
+        self._run = run
+        self._running: set[asyncio.Task[None]] = set()  # the running batches
+        self._wakeup: asyncio.Event | None = None
+        self._batcher: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def put(self, pending: PendingBlock) -> None:
+        """Queue ``pending`` and wake the batcher (started on the running loop if need be)."""
+        self.queue.put(pending)
+        if self.rescues is not None:
+            self.rescues.arrived(pending)
+        loop = asyncio.get_running_loop()
+        if self._batcher is None or self._batcher.done() or self._loop is not loop:
+            self._loop = loop
+            self._wakeup = asyncio.Event()
+            self._batcher = loop.create_task(self._batch_loop(), name="oracle-batcher")
+        assert self._wakeup is not None
+        self._wakeup.set()
+
+    def wake(self) -> None:
+        """Something the batcher waits for may have changed (event loop)."""
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def stop(self) -> None:
+        """Cancel the queued blocks, the pending rescues, the batcher and the running
+        batches, on the batcher's loop (callable from any thread)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        if _running_loop() is loop:
+            self._stop()
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop stopped meanwhile
+                loop.call_soon_threadsafe(self._stop)
+
+    def _stop(self) -> None:
+        for pending in self.queue.drain():
+            pending.future.cancel()
+        if self.rescues is not None:
+            self.rescues.cancel()
+        if self._batcher is not None:
+            self._batcher.cancel()
+        for task in self._running:
+            task.cancel()
+
+    async def _batch_loop(self) -> None:
+        """Take batches off the queue and run each in a free lane."""
+        assert self._wakeup is not None
+        while not self._lanes.closed:
+            lane = await self._free_lane()
+            await self._let_batch_fill()
+            if self.rescues is not None:
+                self.rescues.settle()
+            batch, skipped = self.queue.take(known_stale)
+            self._skip(skipped)
+            if not batch:
+                self._wakeup.clear()
+                due_s = self.rescues.next_deadline_s() if self.rescues else None
+                with contextlib.suppress(TimeoutError):  # a miss is due for its decision
+                    await asyncio.wait_for(self._wakeup.wait(), due_s)
+                continue
+            # The lane and the sessions are taken now, before the next batch is formed.
+            self._lanes.take(lane, [pending.session for pending in batch])
+            task = asyncio.get_running_loop().create_task(self._run(lane, batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _free_lane(self) -> int:
+        """A lane with no batch running."""
+        assert self._wakeup is not None
+        while (lane := self._lanes.free()) is None:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        return lane
+
+    async def _let_batch_fill(self) -> None:
+        """The batch wait (see the module doc): return once the batch may start."""
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.batch_wait_s
+        # A session whose waiting blocks are all stale (drafted for outcomes its verdict
+        # did not have) has nothing to run: answer them first, then count it as not ready.
+        while True:
+            self._skip(self.queue.prune(known_stale))
+            waiting = self.queue.sessions_waiting()
+            could_wait = self._sessions.active_streams - self._lanes.sessions_in_batches
+            if not 0 < waiting < min(self.queue.max_batch, could_wait):
+                return
+            if self._lanes.free_count > 1:
+                return
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+
+    def _skip(self, skipped: list[PendingBlock]) -> None:
+        """Answer stale pipelined blocks without the model: nothing changes for them."""
+        now = time.perf_counter_ns()
+        self._counters.count_skipped(len(skipped))
+        for pending in skipped:
+            result = VerifyResult(
+                None, len(pending.session.committed), 0, now - pending.enqueued_ns
+            )
+            pending.future.set_result(result)
+
+
+def known_stale(pending: PendingBlock) -> bool:
+    """A pipelined block whose assumption the session's committed tokens already refute.
+
+    Read on the event loop between batches, or in the lane running the block: a
+    session's committed tokens change only in a batch or when its stream opens
+    (before any of its blocks).
+    """
+    committed = pending.session.committed
+    return bool(pending.assumed) and not _ends_with(committed, pending.base_length, pending.assumed)
+
+
+def _ends_with(committed: Sequence[int], length: int, tail: Sequence[int]) -> bool:
+    """committed has exactly ``length`` tokens and its last ones are ``tail``."""
+    return len(committed) == length and list(committed[length - len(tail) :]) == list(tail)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

@@ -20,7 +20,13 @@ from oracle_service.engine import OracleEngine
 from oracle_service.sessions import Lease
 from specdec.core.errors import InvalidArgument, Unavailable
 from specdec.core.types import MAX_BRANCHES, MAX_PIPELINE_DEPTH, Rescue, VerifyResult
-from specdec.rpc.convert import block_from_pb, sampling_from_pb
+from specdec.rpc.convert import (
+    block_from_pb,
+    opened_to_pb,
+    rescue_decision_to_pb,
+    sampling_from_pb,
+    verdict_to_pb,
+)
 from specdec.rpc.grants import GrantSigner
 from specdec.telemetry.oracle import VerifyObserver, verify_observer
 from specdec.v1 import oracle_pb2, oracle_pb2_grpc
@@ -75,15 +81,7 @@ class OracleServicer(oracle_pb2_grpc.OracleServicer):  # type: ignore[misc]
         if watch is not None:
             watch.opened(first.trace_context, opened, lease.reprefill)
         try:
-            yield oracle_pb2.VerifyResponse(
-                opened=oracle_pb2.VerifyOpened(
-                    cached_tokens=opened.cached_tokens,
-                    computed_tokens=opened.computed_tokens,
-                    prefill_ns=opened.prefill_ns,
-                    committed_length=len(request.token_ids),
-                    oracle_id=opened.oracle_id,
-                )
-            )
+            yield opened_to_pb(opened, len(request.token_ids))
             # Blocks are read and queued as they arrive, not one verdict at a time: a
             # pipelined block (and the alternatives sent with it) waits in the engine's
             # queue while its predecessor is verified, so the batch after that verdict
@@ -100,7 +98,7 @@ class OracleServicer(oracle_pb2_grpc.OracleServicer):  # type: ignore[misc]
                     yield await answer.response(watch, request.session_id)
                     while (waiting := answer.decision()) is not None:
                         rescue = await waiting
-                        yield _decision_pb(answer.block.round, rescue)
+                        yield rescue_decision_to_pb(answer.block.round, rescue)
                         if rescue is None:
                             break
                         waiting = rescue.result
@@ -191,14 +189,7 @@ class _Answer:
         verdict = result.verdict
         if verdict is None:  # a pipelined block whose assumption failed
             log.debug("session %s round %d: skipped", session_id, pb.round)
-            return oracle_pb2.VerifyResponse(
-                verdict=oracle_pb2.VerifyVerdict(
-                    round=pb.round,
-                    skipped=True,
-                    committed_length=result.committed_length,
-                    queue_ns=result.queue_ns,
-                )
-            )
+            return verdict_to_pb(pb.round, result)
         if watch is not None:
             watch.verified(self.trace_context, self.arrived_ns, pb.round, self.k, result)
         log.debug(
@@ -210,26 +201,7 @@ class _Answer:
             self.k,
             verdict.next_token,
         )
-        return oracle_pb2.VerifyResponse(
-            verdict=oracle_pb2.VerifyVerdict(
-                round=pb.round,
-                num_accepted=verdict.num_accepted,
-                next_token_id=verdict.next_token,
-                is_bonus=verdict.is_bonus,
-                committed_length=result.committed_length,
-                verify_ns=result.verify_ns,
-                queue_ns=result.queue_ns,
-                rescue_pending=result.decision is not None,
-                rescued=self.is_rescue,
-            )
-        )
-
-
-def _decision_pb(round_index: int, rescue: Rescue | None) -> oracle_pb2.VerifyResponse:
-    tokens = list(rescue.block.token_ids) if rescue is not None else []
-    return oracle_pb2.VerifyResponse(
-        rescue=oracle_pb2.RescueDecision(round=round_index, token_ids=tokens)
-    )
+        return verdict_to_pb(pb.round, result, rescued=self.is_rescue)
 
 
 async def _read_blocks(

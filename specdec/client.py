@@ -22,16 +22,23 @@ from typing import Any
 
 import grpc
 
+from specdec.core.types import DrafterKind, Speculation
+from specdec.rpc import convert
 from specdec.rpc.channels import CHANNEL_OPTIONS
 from specdec.rpc.security import tls_credentials
 from specdec.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
-DRAFTERS = {
-    None: common_pb2.DRAFTER_KIND_UNSPECIFIED,
-    "model": common_pb2.DRAFTER_KIND_MODEL,
-    "ngram": common_pb2.DRAFTER_KIND_NGRAM,
-    "none": common_pb2.DRAFTER_KIND_NONE,
-}
+
+def drafter_kind(drafter: DrafterKind | str | None) -> DrafterKind:
+    """ "model", "ngram", "none", "auto" (or None: auto) -> DrafterKind."""
+    if drafter is None:
+        return Speculation.drafter
+    try:
+        return DrafterKind(drafter)
+    except ValueError:
+        raise ValueError(
+            f"drafter must be one of {[d.value for d in DrafterKind]}, got {drafter!r}"
+        ) from None
 
 
 @dataclass
@@ -66,14 +73,19 @@ def build_request(
     stop: Sequence[str] = (),
     stop_token_ids: Sequence[int] = (),
     ignore_eos: bool = False,
-    k: int | None = None,
-    adaptive: bool = False,
-    drafter: str | None = None,
-    pipeline_depth: int | None = None,
-    branches: int | None = None,
-    rescue: bool | None = None,
+    k: int | None = Speculation.k,
+    adaptive: bool = Speculation.adaptive,
+    drafter: DrafterKind | str | None = Speculation.drafter,
+    pipeline_depth: int | None = Speculation.pipeline_depth,
+    branches: int | None = Speculation.branches,
+    rescue: bool | None = Speculation.rescue,
 ) -> gateway_pb2.GenerateRequest:
-    """A GenerateRequest from keyword arguments (k=None: the gateway's default; 0: oracle alone)."""
+    """A GenerateRequest from keyword arguments.
+
+    The speculation settings are ``specdec.core.types.Speculation``'s: None = the
+    server's default (k: the gateway's; the others: the draft's); k=0: the oracle alone.
+    They are not checked here: the gateway answers INVALID_ARGUMENT, naming the field.
+    """
     sampling = common_pb2.SamplingParams(
         temperature=temperature,
         top_k=top_k,
@@ -85,15 +97,16 @@ def build_request(
     )
     if seed is not None:
         sampling.seed = seed
-    speculation = common_pb2.SpeculationParams(adaptive=adaptive, drafter=DRAFTERS[drafter])
-    if k is not None:
-        speculation.num_speculative_tokens = k
-    if pipeline_depth is not None:
-        speculation.pipeline_depth = pipeline_depth
-    if branches is not None:
-        speculation.branches = branches
-    if rescue is not None:
-        speculation.rescue = rescue
+    speculation = convert.speculation_to_pb(
+        Speculation(
+            k=k,
+            adaptive=adaptive,
+            drafter=drafter_kind(drafter),
+            pipeline_depth=pipeline_depth,
+            branches=branches,
+            rescue=rescue,
+        )
+    )
     request = gateway_pb2.GenerateRequest(
         session_id=session_id, sampling=sampling, speculation=speculation
     )

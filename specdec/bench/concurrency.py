@@ -63,6 +63,7 @@ from typing import Any
 
 from specdec.bench.measure import Result, Sample, format_table, percentile
 from specdec.bench.shapes import tokenizer_source
+from specdec.config import settings_in_environment
 from specdec.core.errors import InvalidArgument
 from specdec.v1 import common_pb2
 
@@ -450,7 +451,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         "oracle_cpus": args.oracle_cpus,  # "" = any
         "draft_cpus": args.draft_cpus,
         # The oracle's settings that the services take from the environment (SPECDEC_*).
-        "oracle_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("SPECDEC_")},
+        "oracle_env": settings_in_environment(),
     }
 
 

@@ -68,7 +68,8 @@ log = logging.getLogger(__name__)
 BATCHED_ATTENTION = frozenset({"eager", "sdpa"})
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
-Outcome = tuple[Verdict, VerifyTiming] | Exception
+# One row's result: what ``Oracle.verify_timed`` gives its item, or the error that refused it.
+RowResult = tuple[Verdict, VerifyTiming] | Exception
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ class BatchVerification:
     fallback: why the rows ran alone, when they did and there was more than one.
     """
 
-    results: list[Outcome] = field(default_factory=list)
+    results: list[RowResult] = field(default_factory=list)
     forward_rows: int = 0
     fallback: str | None = None
 
@@ -143,7 +144,7 @@ def verify_batch(oracle: Oracle, items: Sequence[BatchItem]) -> BatchVerificatio
     parts = [(slotted, _verify_slotted(oracle, [items[i] for i in slotted]))]
     if dynamic:
         parts.append((dynamic, _verify_dynamic(oracle, [items[i] for i in dynamic])))
-    results: list[Outcome | None] = [None] * len(items)
+    results: list[RowResult | None] = [None] * len(items)
     for indices, part in parts:
         for index, result in zip(indices, part.results, strict=True):
             results[index] = result
@@ -155,7 +156,7 @@ def verify_batch(oracle: Oracle, items: Sequence[BatchItem]) -> BatchVerificatio
 def _verify_slotted(oracle: Oracle, items: Sequence[BatchItem]) -> BatchVerification:
     """Items on the KV pool: one ``forward_rows`` of the pool (CUDA graphs on a GPU)."""
     start = time.perf_counter_ns()
-    results: list[Outcome | None] = [None] * len(items)
+    results: list[RowResult | None] = [None] * len(items)
     prefills = _prefill_all(oracle, items, results)
     rows = list(prefills)
     pool = oracle.slots
@@ -205,7 +206,7 @@ def _verify_dynamic(oracle: Oracle, items: Sequence[BatchItem]) -> BatchVerifica
         return BatchVerification([_verify_alone(oracle, item) for item in items], 0, reason)
 
     start = time.perf_counter_ns()
-    results: list[Outcome | None] = [None] * len(items)
+    results: list[RowResult | None] = [None] * len(items)
     prefills = _prefill_all(oracle, items, results)
     rows = list(prefills)
     if len(rows) == 1:
@@ -237,7 +238,7 @@ def _one_by_one(
     oracle: Oracle,
     items: Sequence[BatchItem],
     prefills: dict[int, PrefillResult],
-    results: list[Outcome | None],
+    results: list[RowResult | None],
     fallback: str | None,
 ) -> BatchVerification:
     """Every prefilled item verified alone, its prefill counted as its own."""
@@ -247,7 +248,7 @@ def _one_by_one(
 
 
 def _prefill_all(
-    oracle: Oracle, items: Sequence[BatchItem], results: list[Outcome | None]
+    oracle: Oracle, items: Sequence[BatchItem], results: list[RowResult | None]
 ) -> dict[int, PrefillResult]:
     """Each item's cache brought to committed[:-1]; an item whose prefill fails gets its error."""
     prefills: dict[int, PrefillResult] = {}
@@ -263,7 +264,7 @@ def _judge(
     items: Sequence[BatchItem],
     rows: Sequence[int],
     logits: torch.Tensor,
-    results: list[Outcome | None],
+    results: list[RowResult | None],
 ) -> dict[int, Verdict]:
     """Verdicts of items[rows[r]] from logits [R, N, V]; an item that fails gets its error."""
     # Greedy rows need only the argmax: one reduction and one transfer for all of them.
@@ -288,7 +289,7 @@ def _judge(
 
 
 def _record_timings(
-    results: list[Outcome | None],
+    results: list[RowResult | None],
     verdicts: dict[int, Verdict],
     prefills: dict[int, PrefillResult],
     forward_ns: int,
@@ -322,7 +323,9 @@ def _prefill(oracle: Oracle, item: BatchItem) -> PrefillResult:
     return prefill
 
 
-def _verify_alone(oracle: Oracle, item: BatchItem, prefill: PrefillResult | None = None) -> Outcome:
+def _verify_alone(
+    oracle: Oracle, item: BatchItem, prefill: PrefillResult | None = None
+) -> RowResult:
     """``oracle.verify_timed`` of one item; ``prefill``: the one already done for it."""
     try:
         verdict, timing = oracle.verify_timed(
@@ -340,7 +343,7 @@ def _verify_alone(oracle: Oracle, item: BatchItem, prefill: PrefillResult | None
     return verdict, timing
 
 
-def _settled(results: list[Outcome | None]) -> list[Outcome]:
+def _settled(results: list[RowResult | None]) -> list[RowResult]:
     assert all(result is not None for result in results)
     return [result for result in results if result is not None]
 

@@ -4,7 +4,8 @@ Drafts and oracles both call ``stay_registered``: it opens the gateway's
 ``WorkerRegistry.Connect`` stream, sends the registration, reports load
 periodically, hands every gateway message to ``on_message`` and, when the
 stream breaks, reconnects with capped exponential backoff. Nothing ever dials
-into the worker.
+into the worker. The stream's edge: the worker sends and receives the core's
+``specdec.core.messages``, converted here.
 """
 
 from __future__ import annotations
@@ -16,6 +17,16 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+from specdec.core.errors import SpecdecError
+from specdec.core.messages import (
+    AssignmentFailed,
+    GatewayMessage,
+    Registered,
+    WorkerLoad,
+    WorkerMessage,
+    WorkerRegistration,
+)
+from specdec.rpc import convert
 from specdec.rpc.channels import open_channel
 from specdec.rpc.security import ChannelSecurity
 from specdec.v1 import registry_pb2, registry_pb2_grpc
@@ -33,11 +44,11 @@ class GatewayConnection:
         self._outbox: asyncio.Queue[registry_pb2.ConnectRequest] = asyncio.Queue()
         self.connected = asyncio.Event()
 
-    async def send(self, message: registry_pb2.ConnectRequest) -> None:
-        await self._outbox.put(message)
+    async def send(self, message: WorkerMessage) -> None:
+        await self._outbox.put(convert.worker_message_to_pb(message))
 
-    async def _requests(self, register: registry_pb2.RegisterWorker):  # type: ignore[no-untyped-def]
-        yield registry_pb2.ConnectRequest(register=register)
+    async def _requests(self, register: WorkerRegistration):  # type: ignore[no-untyped-def]
+        yield convert.worker_message_to_pb(register)
         while True:
             yield await self._outbox.get()
 
@@ -49,9 +60,9 @@ class GatewayConnection:
 
 async def stay_registered(
     gateway_address: str,
-    register: Callable[[], registry_pb2.RegisterWorker],
-    on_message: Callable[[registry_pb2.ConnectResponse, GatewayConnection], Awaitable[None]],
-    load: Callable[[], registry_pb2.WorkerLoad],
+    register: Callable[[], WorkerRegistration],
+    on_message: Callable[[GatewayMessage, GatewayConnection], Awaitable[None]],
+    load: Callable[[], WorkerLoad],
     connection: GatewayConnection | None = None,
     on_disconnect: Callable[[], Awaitable[None]] | None = None,
     security: ChannelSecurity | None = None,
@@ -69,16 +80,17 @@ async def stay_registered(
         try:
             stub = registry_pb2_grpc.WorkerRegistryStub(channel)
             call = stub.Connect(connection._requests(register()))
-            async for message in call:
-                if message.HasField("registered"):
+            async for pb in call:
+                message = await _from_gateway(pb, connection)
+                if isinstance(message, Registered):
                     log.info("registered at gateway %s", gateway_address)
                     connection.connected.set()
                     backoff = BACKOFF_INITIAL_S
                     failures = 0
-                    interval = max(message.registered.load_interval_ms, 100) / 1000
+                    interval = max(message.load_interval_ms, 100) / 1000
                     reporter = asyncio.create_task(_report_load(connection, load, interval))
-                    continue
-                await on_message(message, connection)
+                elif message is not None:
+                    await on_message(message, connection)
             log.warning("gateway %s closed the worker stream", gateway_address)
         except grpc.aio.AioRpcError as exc:
             refused = exc.code() in (
@@ -105,11 +117,24 @@ async def stay_registered(
         backoff = min(backoff * 2, BACKOFF_MAX_S)
 
 
+async def _from_gateway(
+    pb: registry_pb2.ConnectResponse, connection: GatewayConnection
+) -> GatewayMessage | None:
+    """The gateway's message as a core one; None for one this worker cannot take (an
+    assignment it refuses is reported failed, so that its turn fails over at once)."""
+    try:
+        return convert.gateway_message_from_pb(pb)
+    except SpecdecError as exc:
+        log.warning("refusing the gateway's %s: %s", pb.WhichOneof("kind"), exc)
+        if pb.HasField("assignment"):
+            refusal = AssignmentFailed(pb.assignment.assignment_id, exc.status, str(exc))
+            await connection.send(refusal)
+        return None
+
+
 async def _report_load(
-    connection: GatewayConnection,
-    load: Callable[[], registry_pb2.WorkerLoad],
-    interval_s: float,
+    connection: GatewayConnection, load: Callable[[], WorkerLoad], interval_s: float
 ) -> None:
     while True:
         await asyncio.sleep(interval_s)
-        await connection.send(registry_pb2.ConnectRequest(load=load()))
+        await connection.send(load())

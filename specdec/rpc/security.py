@@ -1,7 +1,7 @@
 """Transport security and caller identity: TLS / mutual TLS, bearer tokens, principals.
 
-Three settings shared by the services (``tls_cert``, ``tls_key``, ``tls_ca``) and
-one per dialling side (``tls_server_name``) decide the transport:
+The services' ``specdec.config.SecuritySettings`` (``tls_cert``, ``tls_key``,
+``tls_ca``, and ``tls_server_name`` for the dialling side) decide the transport:
 
 * a server with ``tls_cert`` + ``tls_key`` serves TLS; with ``tls_ca`` as well it
   *requires* a client certificate signed by that CA (mutual TLS);
@@ -26,10 +26,11 @@ import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 
+from specdec.config import SecuritySettings
 from specdec.core.errors import InvalidArgument
 from specdec.rpc.interceptors import rewrap
 
@@ -64,15 +65,7 @@ def read_pem(source: str | Path | bytes, setting: str) -> bytes:
     return data
 
 
-class TlsSettings(Protocol):
-    """The TLS fields every service config has."""
-
-    tls_cert: str
-    tls_key: str
-    tls_ca: str
-
-
-def check_tls_settings(config: TlsSettings, *, serves: bool) -> None:
+def check_tls_settings(config: SecuritySettings, *, serves: bool) -> None:
     """Raise ``InvalidArgument`` for combinations that cannot work."""
     if bool(config.tls_cert) != bool(config.tls_key):
         raise InvalidArgument(
@@ -86,7 +79,7 @@ def check_tls_settings(config: TlsSettings, *, serves: bool) -> None:
         )
 
 
-def server_credentials(config: TlsSettings) -> grpc.ServerCredentials | None:
+def server_credentials(config: SecuritySettings) -> grpc.ServerCredentials | None:
     """TLS credentials of a server (None: plaintext); with ``tls_ca``, mutual TLS."""
     check_tls_settings(config, serves=True)
     if not config.tls_cert:
@@ -189,8 +182,8 @@ class ChannelSecurity:
         )
 
     @classmethod
-    def of(cls, config: Any, token: str | None = None) -> ChannelSecurity:
-        """From a service config with tls_cert/tls_key/tls_ca/tls_server_name/auth_token."""
+    def of(cls, config: SecuritySettings, token: str | None = None) -> ChannelSecurity:
+        """From a service's settings; ``token`` replaces its ``auth_token``."""
         return cls.from_settings(
             tls_cert=config.tls_cert,
             tls_key=config.tls_key,
