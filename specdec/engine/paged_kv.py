@@ -588,37 +588,14 @@ class PagedPool(LanedPool):
         """A grid of padding rows only (writes and reads in the lane's scratch block)."""
         return self._layout([], [], rows, tokens, width)
 
-    def capture_all(self) -> None:
-        """Capture this thread's lane's forward of every bucket now (no batch then waits
-        for a capture), and time the verify graphs once per pool to route each row count
-        to the fastest. A no-op without CUDA graphs."""
-        if not self.cuda_graphs:
-            return
-        start = time.perf_counter()
-        lane = self._lane
-        try:
-            with torch.inference_mode():
-                for rows, tokens, width in self._shapes():
-                    self._replay(self._scratch_grid(rows, tokens, width))
-                self._sync()
-                if not self._fastest:
-                    self._fastest = self._time_row_buckets(lane)
-        except Exception as exc:  # an op that cannot be captured: run eagerly instead
-            log.warning("CUDA graph capture failed (%s); the verify forward runs eagerly", exc)
-            self.cuda_graphs = False
-            for each in self._lanes:
-                each.graphs.clear()
-            return
-        log.info(
-            "paged KV lane %d: %d forwards captured as CUDA graphs in %.1f s (rows %s x tokens "
-            "%s x width %s blocks; prefill %s)",
-            self._lanes.index(lane),
-            len(lane.graphs),
-            time.perf_counter() - start,
-            list(self.row_buckets),
-            list(ROW_TOKEN_BUCKETS),
-            list(self.width_buckets),
-            list(self.prefill_buckets),
+    def _capture_buckets(self, lane: _Lane) -> None:
+        for rows, tokens, width in self._shapes():
+            self._replay(self._scratch_grid(rows, tokens, width))
+
+    def _buckets(self) -> str:
+        return (
+            f"rows {list(self.row_buckets)} x tokens {list(ROW_TOKEN_BUCKETS)} x width "
+            f"{list(self.width_buckets)} blocks; prefill {list(self.prefill_buckets)}"
         )
 
     def _time_row_buckets(self, lane: _Lane) -> dict[tuple[int, int, int], int]:

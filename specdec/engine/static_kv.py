@@ -123,8 +123,10 @@ class LanedPool:
 
     device: torch.device
     lanes: int
+    cuda_graphs: bool
     _lanes: Sequence[Any]
     _local: threading.local
+    _fastest: dict[tuple[int, int, int], int]
 
     def enter_lane(self, index: int) -> None:
         """Make this thread lane ``index``: its forwards use that lane's graphs, buffers and
@@ -144,6 +146,52 @@ class LanedPool:
         """Wait for this thread's queued GPU work (not the other lanes')."""
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
+
+    def capture_all(self) -> None:
+        """Capture this thread's lane's forward of every bucket now (``_capture_buckets``),
+        so that no batch waits for a capture (each takes tens of ms), and time the verify
+        graphs (once per pool) to route each row count to the fastest. A no-op without
+        CUDA graphs; a capture that fails leaves every lane eager."""
+        if not self.cuda_graphs:
+            return
+        start = time.perf_counter()
+        lane = self._lane
+        try:
+            with torch.inference_mode():
+                self._capture_buckets(lane)
+                self._sync()
+                if not self._fastest:
+                    self._fastest = self._time_row_buckets(lane)
+        except Exception as exc:  # e.g. an op that cannot be captured: run eagerly instead
+            log.warning("CUDA graph capture failed (%s); the verify forward runs eagerly", exc)
+            self.cuda_graphs = False
+            for each in self._lanes:
+                each.graphs.clear()
+            return
+        log.info(
+            "%s lane %d: captured %d forwards as CUDA graphs in %.1f s (%s)%s",
+            type(self).__name__,
+            self._lanes.index(lane),
+            len(lane.graphs),
+            time.perf_counter() - start,
+            self._buckets(),
+            "".join(
+                f"; {rows} rows x {tokens} x {width} replay {fastest} rows (faster)"
+                for (rows, tokens, width), fastest in sorted(self._fastest.items())
+                if fastest != rows
+            ),
+        )
+
+    def _capture_buckets(self, lane: Any) -> None:
+        """Replay (so capture) the forward of every bucket in ``lane``."""
+        raise NotImplementedError
+
+    def _buckets(self) -> str:
+        """The buckets, for the log."""
+        raise NotImplementedError
+
+    def _time_row_buckets(self, lane: Any) -> dict[tuple[int, int, int], int]:
+        raise NotImplementedError
 
     def _record(self, lane: Any, forward: Callable[[], None]) -> Any:
         """A CUDA graph of ``forward`` in the lane's memory pool, after a warm-up run on a
@@ -352,49 +400,20 @@ class SlotPool(LanedPool):
             cache.adopt(chunk)
         self._sync()
 
-    def capture_all(self) -> None:
-        """Capture this thread's lane's forward of every (rows, tokens, width) bucket now,
-        so that no batch waits for a capture (each takes tens of ms), and time the verify
-        graphs (once per pool) to route each row count to the fastest. A no-op without
-        CUDA graphs."""
-        if not self.cuda_graphs:
-            return
-        start = time.perf_counter()
-        lane = self._lane
-        try:
-            with torch.inference_mode():
-                for rows in self.row_buckets:
-                    slots = torch.full((rows,), lane.scratch, dtype=torch.long)  # scratch only
-                    zeros = torch.zeros(rows, dtype=torch.long)
-                    for tokens in TOKEN_BUCKETS + (PREFILL_BUCKETS if rows == 1 else ()):
-                        ids = torch.zeros(rows, tokens, dtype=torch.long)
-                        for width in self.width_buckets:
-                            if tokens <= width:
-                                self._replay(ids, slots, zeros, width)
-                self._sync()
-                if not self._fastest:
-                    self._fastest = self._time_row_buckets(lane)
-        except Exception as exc:  # e.g. an op that cannot be captured: run eagerly instead
-            log.warning("CUDA graph capture failed (%s); the verify forward runs eagerly", exc)
-            self.cuda_graphs = False
-            for each in self._lanes:
-                each.graphs.clear()
-            return
-        log.info(
-            "lane %d: captured %d forwards as CUDA graphs in %.1f s (verify: rows %s x tokens "
-            "%s x width %s; prefill: tokens %s)%s",
-            self._lanes.index(lane),
-            len(lane.graphs),
-            time.perf_counter() - start,
-            list(self.row_buckets),
-            list(TOKEN_BUCKETS),
-            list(self.width_buckets),
-            list(PREFILL_BUCKETS),
-            "".join(
-                f"; {rows} rows x {tokens} x {width} replay {fastest} rows (faster)"
-                for (rows, tokens, width), fastest in sorted(self._fastest.items())
-                if fastest != rows
-            ),
+    def _capture_buckets(self, lane: _Lane) -> None:
+        for rows in self.row_buckets:
+            slots = torch.full((rows,), lane.scratch, dtype=torch.long)  # scratch only
+            zeros = torch.zeros(rows, dtype=torch.long)
+            for tokens in TOKEN_BUCKETS + (PREFILL_BUCKETS if rows == 1 else ()):
+                ids = torch.zeros(rows, tokens, dtype=torch.long)
+                for width in self.width_buckets:
+                    if tokens <= width:
+                        self._replay(ids, slots, zeros, width)
+
+    def _buckets(self) -> str:
+        return (
+            f"verify: rows {list(self.row_buckets)} x tokens {list(TOKEN_BUCKETS)} x width "
+            f"{list(self.width_buckets)}; prefill: tokens {list(PREFILL_BUCKETS)}"
         )
 
     def _time_row_buckets(self, lane: _Lane) -> dict[tuple[int, int, int], int]:
