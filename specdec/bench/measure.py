@@ -150,7 +150,7 @@ COLUMNS = [
     ("rounds", "rounds", "{}"),
     ("pipelined_share", "piped", "{:.2f}"),
     ("branch_share", "branch", "{:.2f}"),
-    ("rescue_share", "recov.", "{:.2f}"),
+    ("rescue_share", "rescue", "{:.2f}"),
     ("skipped_blocks", "skip", "{}"),
     ("wire_bytes_per_token", "B/tok", "{:.0f}"),
     ("mismatched_outputs", "diff", "{}"),
