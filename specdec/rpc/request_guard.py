@@ -27,7 +27,7 @@ from typing import Any
 import grpc
 
 from specdec.core.errors import InvalidArgument
-from specdec.rpc.interceptors import UNWRAPPED_PREFIXES
+from specdec.rpc.interceptors import UNWRAPPED_PREFIXES, rewrap
 
 log = logging.getLogger(__name__)
 
@@ -120,42 +120,29 @@ async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield request
 
 
-def _unary_request(behavior: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
-    if streaming:
-
-        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            if isinstance(request, Refusal):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-            async for response in behavior(request, context):
-                yield response
-
-        return stream
-
-    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if isinstance(request, Refusal):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        return await behavior(request, context)
-
-    return unary
+async def _request(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    """The request as the handler takes it: one (refused here), or a stream of them
+    (refused where a bad one would be read)."""
+    if isinstance(request, Refusal):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+    return _checked(request) if hasattr(request, "__aiter__") else request
 
 
-def _request_stream(behavior: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
-    # grpc.aio tells a handler's shape by its function: a coroutine function answers
-    # once, an async generator function streams.
-    if streaming:
+# grpc.aio tells a handler's shape by its function: a coroutine function answers once,
+# an async generator function streams.
+def _guard_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await behavior(await _request(request, context), context)
 
-        async def stream(
-            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
-        ) -> AsyncIterator[Any]:
-            async for response in behavior(_checked(requests), context):
-                yield response
+    return handler
 
-        return stream
 
-    async def unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-        return await behavior(_checked(requests), context)
+def _guard_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for response in behavior(await _request(request, context), context):
+            yield response
 
-    return unary
+    return handler
 
 
 class RequestGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -179,18 +166,5 @@ class RequestGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return handler
         service = method.lstrip("/").rpartition("/")[0]
         limit = self._limits.get(method) or self._limits.get(service)
-        kwargs = {
-            "request_deserializer": _deserializer(handler.request_deserializer, method, limit),
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            behavior = _unary_request(handler.unary_unary, streaming=False)
-            return grpc.unary_unary_rpc_method_handler(behavior, **kwargs)
-        if handler.unary_stream:
-            behavior = _unary_request(handler.unary_stream, streaming=True)
-            return grpc.unary_stream_rpc_method_handler(behavior, **kwargs)
-        if handler.stream_unary:
-            behavior = _request_stream(handler.stream_unary, streaming=False)
-            return grpc.stream_unary_rpc_method_handler(behavior, **kwargs)
-        behavior = _request_stream(handler.stream_stream, streaming=True)
-        return grpc.stream_stream_rpc_method_handler(behavior, **kwargs)
+        deserialize = _deserializer(handler.request_deserializer, method, limit)
+        return rewrap(handler, _guard_unary, _guard_stream, deserialize)

@@ -172,6 +172,11 @@ class FakeDraft:
             if not self.ended.done():
                 self.ended.set_result(code)
 
+    async def end(self, timeout_s: float = 10) -> grpc.StatusCode:
+        """How the gateway ended its stream (waits up to ``timeout_s`` for it)."""
+        assert self.ended is not None
+        return await asyncio.wait_for(asyncio.shield(self.ended), timeout_s)
+
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -336,11 +341,7 @@ async def test_a_lying_draft_changes_no_committed_token(rig: Rig, lie: Strategy)
         output, stats, tokens = await _turn(rig)
         # It got the user's turn, its report was refused, and it was sent away.
         assert len(fake.assignments) == 1
-        assert fake.ended is not None
-        assert (
-            await asyncio.wait_for(asyncio.shield(fake.ended), 10)
-            == grpc.StatusCode.PERMISSION_DENIED
-        )
+        assert await fake.end() == grpc.StatusCode.PERMISSION_DENIED
     finally:
         await fake.close()
     assert output == rig.expected()
@@ -367,11 +368,7 @@ async def test_proofs_replayed_from_another_attempt_are_refused(rig: Rig) -> Non
     try:
         output, stats, tokens = await _turn(rig)
         assert (len(first.assignments), len(second.assignments)) == (1, 1)
-        assert second.ended is not None
-        assert (
-            await asyncio.wait_for(asyncio.shield(second.ended), 10)
-            == grpc.StatusCode.PERMISSION_DENIED
-        )
+        assert await second.end() == grpc.StatusCode.PERMISSION_DENIED
     finally:
         await first.close()
         await second.close()
@@ -394,11 +391,7 @@ async def test_proofs_of_another_session_are_refused(rig: Rig) -> None:
     try:
         first, first_stats, _ = await _turn(rig)
         second, second_stats, tokens = await _turn(rig)
-        assert fake.ended is not None
-        assert (
-            await asyncio.wait_for(asyncio.shield(fake.ended), 10)
-            == grpc.StatusCode.PERMISSION_DENIED
-        )
+        assert await fake.end() == grpc.StatusCode.PERMISSION_DENIED
     finally:
         await fake.close()
     assert first == second == rig.expected()
