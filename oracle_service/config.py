@@ -40,7 +40,11 @@ class OracleConfig(SecuritySettings, TelemetrySettings):
     public_address: str = setting(
         "", "host:port that drafts dial, when it differs from advertise_address (edge drafts)"
     )
-    gateway: str = setting("", "gateway host:port to register with (empty = standalone)")
+    gateway: str = setting(
+        "",
+        "gateway host:port to register with (empty = standalone); several replicas: "
+        "a,b or a DNS name resolving to each (a headless Service)",
+    )
     kv_budget_mb: float = setting(
         1024.0, "KV cache memory kept for idle sessions before LRU eviction, in MiB"
     )

@@ -109,13 +109,19 @@ class Cluster:
     workdir: Path
     env: dict[str, str]
     echo: bool = False  # services log to this terminal instead of files
-    gateway: Service | None = None
+    gateway: Service | None = None  # the latest gateway started
     services: list[Service] = field(default_factory=list)
+    gateway_ports: list[int] = field(default_factory=list)  # every replica's, in order
 
     @property
     def address(self) -> str:
         assert self.gateway is not None
         return f"127.0.0.1:{self.gateway.port}"
+
+    @property
+    def gateway_addresses(self) -> str:
+        """Every gateway replica, as workers' ``--gateway`` and clients take them."""
+        return ",".join(f"127.0.0.1:{port}" for port in self.gateway_ports)
 
     def _start(
         self, name: str, args: Sequence[str], port: int = 0, nice: int = 0, cpus: str = ""
@@ -139,10 +145,16 @@ class Cluster:
         return service
 
     def start_gateway(self, *flags: str, port: int = 0, cpus: str = "") -> Service:
-        """A gateway on ``port`` (0 = a free one); ``cpus``: see ``check_cpus``."""
+        """A gateway on ``port`` (0 = a free one; the port of one that died: its
+        restart); ``cpus``: see ``check_cpus``. Its sessions are in a SQLite store
+        under the work directory unless ``flags`` name another store."""
         port = port or free_port()
         args = ["gateway", "--port", str(port), *flags]
+        if not {"--session-store", "--state-dir"} & set(flags):
+            args += ["--state-dir", str(self.workdir / "gateway-state")]
         self.gateway = self._start("gateway", args, port, cpus=cpus)
+        if port not in self.gateway_ports:
+            self.gateway_ports.append(port)
         return self.gateway
 
     def start_oracle(
@@ -157,7 +169,7 @@ class Cluster:
         port = port or free_port()
         args = [
             "oracle", "--port", str(port), "--host", "127.0.0.1",
-            "--gateway", self.address, "--advertise-address", f"127.0.0.1:{port}",
+            "--gateway", self.gateway_addresses, "--advertise-address", f"127.0.0.1:{port}",
         ]  # fmt: skip
         if model is not None:
             args += ["--model", str(model)]
@@ -180,7 +192,7 @@ class Cluster:
         ``cpus`` keeps it on those CPUs (``check_cpus``): apart from the oracle's, like
         an edge device.
         """
-        args = ["draft", "--gateway", self.address, "--health-port", "-1"]
+        args = ["draft", "--gateway", self.gateway_addresses, "--health-port", "-1"]
         if model is not None:
             args += ["--model", str(model)]
         if draft_id:

@@ -156,6 +156,4 @@ class ReleaseSessions:
     session_ids: tuple[str, ...]
 
 
-GatewayMessage = (
-    Registered | Assignment | CancelAssignment | ReleaseDraftSession | ReleaseSessions
-)
+GatewayMessage = Registered | Assignment | CancelAssignment | ReleaseDraftSession | ReleaseSessions
