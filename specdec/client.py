@@ -160,7 +160,9 @@ def _metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
 
 
 def _resumable(exc: grpc.RpcError) -> bool:
-    return isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.UNAVAILABLE
+    """Whether the stream broke in a way a resume can mend (sync and aio errors)."""
+    code = getattr(exc, "code", None)
+    return callable(code) and code() == grpc.StatusCode.UNAVAILABLE
 
 
 @dataclass

@@ -34,22 +34,9 @@ def redis_server(folder: Path) -> Iterator[str]:
     binary = redis_binary()
     port = free_port()
     folder.mkdir(parents=True, exist_ok=True)
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder)]
     process = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(folder),
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--protected-mode",
-            "yes",
-        ],  # fmt: skip
+        [binary, *args, "--save", "", "--appendonly", "yes"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
