@@ -2,7 +2,8 @@
 
 Used by `specdec up`, by `specdec bench` and by the end-to-end tests: a
 ``Cluster`` starts a gateway, then oracles and drafts that dial into it, and
-waits until the gateway lists them.
+waits until the gateway lists them; ``redis_server`` starts a local
+``redis-server`` for gateway replicas sharing sessions.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -199,12 +201,15 @@ class Cluster:
             args += ["--draft-id", draft_id]
         return self._start("draft", [*args, *flags], nice=nice, cpus=cpus)
 
-    def wait_workers(self, oracles: int, drafts: int, timeout: float = READY_TIMEOUT_S) -> None:
-        """Until the gateway lists this many workers of each kind."""
+    def wait_workers(
+        self, oracles: int, drafts: int, timeout: float = READY_TIMEOUT_S, address: str = ""
+    ) -> None:
+        """Until the gateway (at ``address``; default: the latest started) lists this many
+        workers of each kind."""
         from specdec.client import Client
 
         deadline = time.monotonic() + timeout
-        with Client(self.address, timeout=2) as client:
+        with Client(address or self.address, timeout=2) as client:
             while time.monotonic() < deadline:
                 for service in self.services:
                     if not service.alive() and service.process.returncode not in (0, -9):
@@ -259,3 +264,36 @@ def cluster(
         yield running
     finally:
         running.stop()
+
+
+@contextlib.contextmanager
+def redis_server(folder: Path) -> Iterator[str]:
+    """A local ``redis-server`` (append-only file on, as deployed) with its files in
+    ``folder``; yields its URL, stops it on exit. ``FileNotFoundError`` without one."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise FileNotFoundError("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    folder.mkdir(parents=True, exist_ok=True)
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder)]
+    process = subprocess.Popen(
+        [binary, *args, "--save", "", "--appendonly", "yes"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start (exit {process.poll()})")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)

@@ -91,6 +91,13 @@ def add_bench_parser(sub: Any) -> None:
     )
     p.add_argument("--tracing-reps", type=int, default=3)
     p.add_argument(
+        "--session-stores",
+        default="",
+        help="instead: time per output token with the gateway's session store in memory "
+        "and on these, side by side, e.g. memory,sqlite,redis (redis: a local redis-server)",
+    )
+    p.add_argument("--store-reps", type=int, default=3, help="with --session-stores: repeats")
+    p.add_argument(
         "--in-process",
         action="store_true",
         help="instead: the core loop against HF generate, in this process",
@@ -274,6 +281,14 @@ def run_bench(args: argparse.Namespace) -> None:
 
         args.oracle_path, args.draft_path = oracle_path, draft_path
         run_concurrency(args, prompts)
+        return
+    if args.session_stores:
+        from specdec.bench.store import run_store_overhead
+
+        args.oracle_path, args.draft_path = oracle_path, draft_path
+        result = run_store_overhead(args, prompts)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
         return
     if args.tracing_overhead:
         from specdec.bench.tracing import run_tracing_overhead
