@@ -286,9 +286,9 @@ def run_bench(args: argparse.Namespace) -> None:
         from specdec.bench.store import run_store_overhead
 
         args.oracle_path, args.draft_path = oracle_path, draft_path
-        result = run_store_overhead(args, prompts)
+        stores = run_store_overhead(args, prompts)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        Path(args.out).write_text(json.dumps(stores, indent=2))
         return
     if args.tracing_overhead:
         from specdec.bench.tracing import run_tracing_overhead
