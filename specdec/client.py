@@ -178,11 +178,20 @@ class _Resumer:
     def __post_init__(self) -> None:
         self.deadline = time.monotonic() + self.within_s
 
-    def next_wait(self) -> float | None:
-        """Seconds to wait before the next try; None: give up."""
+    received: int = 0  # tokens of the turn the client has
+
+    def seen(self, response: gateway_pb2.GenerateResponse) -> gateway_pb2.GenerateResponse:
+        self.received += len(response.token_ids)
+        return response
+
+    def retry_after(self, exc: grpc.RpcError, request: gateway_pb2.GenerateRequest) -> float:
+        """Seconds to wait before sending ``request`` again to resume its turn; raises
+        ``exc`` when the stream cannot be resumed (another error, no tries left)."""
         self.tries += 1
-        if self.tries > self.attempts or time.monotonic() >= self.deadline:
-            return None
+        resumable = _resumable(exc) and self.tries <= self.attempts
+        if not resumable or time.monotonic() >= self.deadline:
+            raise exc
+        request.resume_after_tokens = self.received
         wait, self.backoff_s = self.backoff_s, min(self.backoff_s * 2, 2.0)
         return wait
 
@@ -191,7 +200,26 @@ class _Resumer:
         return max(0.0, self.deadline - time.monotonic())
 
 
-class Client:
+class _Gateways:
+    """The channels to the gateways a client knows; calls go to the current one."""
+
+    _channels: list[Any]
+    _current: int = 0
+
+    def _order(self, resumer: _Resumer) -> tuple[list[int], float]:
+        """The gateways to try, from the current one on, and how long to wait for each."""
+        count = len(self._channels)
+        per_try = max(0.2, min(2.0, resumer.time_left / count))
+        return [(self._current + step) % count for step in range(count)], per_try
+
+    def _use(self, index: int | None) -> None:
+        """Call gateway ``index`` from now on (None: none was ready, the next one)."""
+        self._current = (self._current + 1) % len(self._channels) if index is None else index
+        self._channel = self._channels[self._current]
+        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+
+
+class Client(_Gateways):
     """Blocking client. ``timeout`` (seconds) is each call's deadline."""
 
     def __init__(
@@ -210,9 +238,7 @@ class Client:
             else grpc.secure_channel(a, credentials, options=CLIENT_CHANNEL_OPTIONS)
             for a in gateway_addresses(address)
         ]
-        self._current = 0
-        self._channel = self._channels[0]
-        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+        self._use(0)
         self._metadata = _metadata(token)
         self._timeout = timeout
         self._resume_attempts = resume_attempts
@@ -221,20 +247,14 @@ class Client:
     def _reconnect(self, resumer: _Resumer, wait_s: float) -> None:
         """Wait, then use the first gateway (from the current one on) that is ready."""
         time.sleep(wait_s)
-        count = len(self._channels)
-        per_try = max(0.2, min(2.0, resumer.time_left / count))
-        for step in range(count):
-            index = (self._current + step) % count
+        order, per_try = self._order(resumer)
+        for index in order:
             try:
                 grpc.channel_ready_future(self._channels[index]).result(timeout=per_try)
             except grpc.FutureTimeoutError:
                 continue
-            self._current = index
-            break
-        else:
-            self._current = (self._current + 1) % count
-        self._channel = self._channels[self._current]
-        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+            return self._use(index)
+        self._use(None)
 
     @classmethod
     def tls(
@@ -267,20 +287,13 @@ class Client:
         a stream cut by a gateway's death is resumed (see the module docstring)."""
         request = build_request(prompt, **kwargs)
         resumer = _Resumer(self._resume_attempts, self._resume_within_s)
-        received = 0
         while True:
             try:
                 call = self._stub.Generate(request, timeout=self._timeout, metadata=self._metadata)
-                for response in call:
-                    received += len(response.token_ids)
-                    yield response
+                yield from map(resumer.seen, call)
                 return
             except grpc.RpcError as exc:
-                wait_s = resumer.next_wait() if _resumable(exc) else None
-                if wait_s is None:
-                    raise
-                self._reconnect(resumer, wait_s)
-                request.resume_after_tokens = received
+                self._reconnect(resumer, resumer.retry_after(exc, request))
 
     def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> Completion:
         completion = Completion()
@@ -316,7 +329,7 @@ class Client:
         return list(reply.workers)
 
 
-class AsyncClient:
+class AsyncClient(_Gateways):
     """asyncio client with the same methods as ``Client``, awaitable."""
 
     def __init__(
@@ -335,9 +348,7 @@ class AsyncClient:
             else grpc.aio.secure_channel(a, credentials, options=CLIENT_CHANNEL_OPTIONS)
             for a in gateway_addresses(address)
         ]
-        self._current = 0
-        self._channel = self._channels[0]
-        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+        self._use(0)
         self._metadata = _metadata(token)
         self._timeout = timeout
         self._resume_attempts = resume_attempts
@@ -346,20 +357,14 @@ class AsyncClient:
     async def _reconnect(self, resumer: _Resumer, wait_s: float) -> None:
         """Wait, then use the first gateway (from the current one on) that is ready."""
         await asyncio.sleep(wait_s)
-        count = len(self._channels)
-        per_try = max(0.2, min(2.0, resumer.time_left / count))
-        for step in range(count):
-            index = (self._current + step) % count
+        order, per_try = self._order(resumer)
+        for index in order:
             try:
                 await asyncio.wait_for(self._channels[index].channel_ready(), per_try)
             except TimeoutError:
                 continue
-            self._current = index
-            break
-        else:
-            self._current = (self._current + 1) % count
-        self._channel = self._channels[self._current]
-        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+            return self._use(index)
+        self._use(None)
 
     @classmethod
     def tls(
@@ -391,20 +396,14 @@ class AsyncClient:
         """As ``Client.stream``: a stream cut by a gateway's death is resumed."""
         request = build_request(prompt, **kwargs)
         resumer = _Resumer(self._resume_attempts, self._resume_within_s)
-        received = 0
         while True:
             try:
                 call = self._stub.Generate(request, timeout=self._timeout, metadata=self._metadata)
                 async for response in call:
-                    received += len(response.token_ids)
-                    yield response
+                    yield resumer.seen(response)
                 return
             except grpc.RpcError as exc:
-                wait_s = resumer.next_wait() if _resumable(exc) else None
-                if wait_s is None:
-                    raise
-                await self._reconnect(resumer, wait_s)
-                request.resume_after_tokens = received
+                await self._reconnect(resumer, resumer.retry_after(exc, request))
 
     async def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> Completion:
         completion = Completion()

@@ -245,3 +245,18 @@ class LocalLocks:
             self._users[session_id] -= 1
             if not self._users[session_id]:
                 del self._users[session_id], self._locks[session_id]
+
+
+class LocallyLocked(SessionStore):
+    """A store of one gateway process: its turn locks are ``LocalLocks``."""
+
+    def __init__(self) -> None:
+        self._locks = LocalLocks()
+
+    def lock(
+        self, session_id: str, wait_s: float = 0.0
+    ) -> contextlib.AbstractAsyncContextManager[Fence]:
+        return self._locks.hold(session_id, wait_s)
+
+    async def locked(self, session_id: str) -> bool:
+        return self._locks.locked(session_id)

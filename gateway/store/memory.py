@@ -5,17 +5,16 @@ For tests and throwaway runs; the same interface and rules as the durable stores
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Iterable, Sequence
 
-from gateway.store.base import Fence, LocalLocks, SessionRecord, SessionStore, TurnRecord, stale
+from gateway.store.base import Fence, LocallyLocked, SessionRecord, TurnRecord, stale
 
 
-class MemoryStore(SessionStore):
+class MemoryStore(LocallyLocked):
     def __init__(self) -> None:
+        super().__init__()
         self._records: dict[str, SessionRecord] = {}
-        self._locks = LocalLocks()
 
     async def create(self, record: SessionRecord) -> None:
         self._records[record.session_id] = _copy(record)
@@ -59,14 +58,6 @@ class MemoryStore(SessionStore):
 
     async def known(self, session_ids: Iterable[str]) -> set[str]:
         return {i for i in session_ids if i in self._records}
-
-    def lock(
-        self, session_id: str, wait_s: float = 0.0
-    ) -> contextlib.AbstractAsyncContextManager[Fence]:
-        return self._locks.hold(session_id, wait_s)
-
-    async def locked(self, session_id: str) -> bool:
-        return self._locks.locked(session_id)
 
     async def close(self) -> None:
         self._records.clear()

@@ -26,9 +26,8 @@ from typing import IO, Any
 
 from gateway.store.base import (
     Fence,
-    LocalLocks,
+    LocallyLocked,
     SessionRecord,
-    SessionStore,
     TurnRecord,
     pack_tokens,
     stale,
@@ -61,8 +60,9 @@ CREATE TABLE IF NOT EXISTS chunks (
 """
 
 
-class SqliteStore(SessionStore):
+class SqliteStore(LocallyLocked):
     def __init__(self, state_dir: Path | str) -> None:
+        super().__init__()
         self.directory = Path(state_dir).expanduser()
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -85,7 +85,6 @@ class SqliteStore(SessionStore):
                 f"cannot open the session store in {self.directory}: {exc}; set --state-dir "
                 "to a writable directory (or --session-store memory)"
             ) from None
-        self._locks = LocalLocks()
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -230,14 +229,6 @@ class SqliteStore(SessionStore):
             rows = self._db.execute(f"SELECT id FROM sessions WHERE id IN ({marks})", part)
             found.update(r[0] for r in rows)
         return found
-
-    def lock(
-        self, session_id: str, wait_s: float = 0.0
-    ) -> contextlib.AbstractAsyncContextManager[Fence]:
-        return self._locks.hold(session_id, wait_s)
-
-    async def locked(self, session_id: str) -> bool:
-        return self._locks.locked(session_id)
 
     async def close(self) -> None:
         self._db.close()

@@ -282,21 +282,15 @@ def run_bench(args: argparse.Namespace) -> None:
         args.oracle_path, args.draft_path = oracle_path, draft_path
         run_concurrency(args, prompts)
         return
-    if args.session_stores:
+    if args.session_stores or args.tracing_overhead:  # two systems or more side by side
         from specdec.bench.store import run_store_overhead
-
-        args.oracle_path, args.draft_path = oracle_path, draft_path
-        stores = run_store_overhead(args, prompts)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(stores, indent=2))
-        return
-    if args.tracing_overhead:
         from specdec.bench.tracing import run_tracing_overhead
 
         args.oracle_path, args.draft_path = oracle_path, draft_path
-        overhead = run_tracing_overhead(args, prompts)
+        side_by_side = run_store_overhead if args.session_stores else run_tracing_overhead
+        outcome = side_by_side(args, prompts)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(overhead, indent=2))
+        Path(args.out).write_text(json.dumps(outcome, indent=2))
         return
     configs = _configs(args)
     env = {"OMP_NUM_THREADS": str(args.threads), "SPECDEC_LOG_LEVEL": "warning"}

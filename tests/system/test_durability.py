@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
-from specdec.client import AsyncClient, Client
+from specdec.client import AsyncClient, Client, build_request
 from specdec.launch import Cluster, cluster, free_port
 from tests.cluster_tools import list_workers, oracle_info, reference, wait_until
 from tests.fault_proxy import FaultProxy
@@ -289,3 +291,54 @@ def test_two_replicas_on_redis_lose_no_session_when_one_dies(
                 service.kill()
             for proxy in proxies:
                 proxy.close()
+
+
+def _code(call: Callable[[], Any]) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value.code(), caught.value.details()
+
+
+def test_resume_requests_are_checked_and_a_finished_turn_is_replayed(rig: Rig) -> None:
+    """The protocol under the client's resumption, request by request."""
+    address = rig.cluster.address
+    with Client(address, timeout=60, resume_attempts=0) as client:
+        session = client.create_session()
+        first = client.generate([1, 5, 9], session_id=session, max_new_tokens=10, turn_id="t1")
+        assert first.finish_reason == "length" and len(first.token_ids) == 10
+
+        def resume(after: int, turn_id: str = "t1", **kwargs: Any) -> Any:
+            request = build_request([1, 5, 9], turn_id=turn_id, **kwargs)
+            request.resume_after_tokens = after
+            return list(client._stub.Generate(request, timeout=60))
+
+        # Its last messages were lost: the rest of the turn comes again, with the finish.
+        tail = resume(6, session_id=session, max_new_tokens=10)
+        assert [t for r in tail for t in r.token_ids] == first.token_ids[6:]
+        assert tail[-1].finish_reason and tail[-1].turn_id == "t1"
+        code, details = _code(lambda: resume(11, session_id=session))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "committed 10" in details
+        code, details = _code(lambda: client.generate([1, 5, 9], session_id=session, turn_id="t1"))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "already ran" in details
+        client.generate([1, 5, 9], session_id=session, max_new_tokens=4, turn_id="t2")
+        code, details = _code(lambda: resume(3, session_id=session))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "not the session's latest" in details
+        # A one-off request that finished is gone: nothing to resume.
+        client.generate([1, 5, 9], max_new_tokens=4, turn_id="once")
+        code, details = _code(lambda: resume(2, turn_id="once"))
+        assert code == grpc.StatusCode.NOT_FOUND and "one-off request is gone" in details
+        # Never begun (the gateway died first): resuming at 0 begins it.
+        again = resume(0, turn_id="never-begun", max_new_tokens=4)
+        assert sum(len(r.token_ids) for r in again) == 4
+        code, details = _code(lambda: resume(1, turn_id=""))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "needs the turn_id" in details
+        client.close_session(session)
+        code, _ = _code(lambda: resume(0, session_id=session))
+        assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_the_client_gives_up_after_its_attempts() -> None:
+    with Client(f"127.0.0.1:{free_port()}", resume_attempts=2, resume_within_s=30) as client:
+        start = time.monotonic()
+        code, _ = _code(lambda: client.generate([1, 2, 3]))
+    assert code == grpc.StatusCode.UNAVAILABLE and time.monotonic() - start < 20
