@@ -81,6 +81,7 @@ async def start(config: GatewayConfig) -> ServiceServer:
         interceptors=[auth] if auth else [],
     )
     await start_health_endpoint(config.health_host, config.health_port, server)
+    server.on_drain.append(servicer.drain)
     server.on_stop.append(store.close)
     server.on_stop.append(telemetry.shutdown)  # flushes the spans of the last requests
     await server.set_serving(True)

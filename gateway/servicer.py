@@ -50,6 +50,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self._tokenizer = tokenizer
         self._default_k = default_k
         self._default_max_new_tokens = default_max_new_tokens
+        # Set when the gateway stops: the turns it cuts are resumed on another replica.
+        self.draining = False
 
     # -- Generate ------------------------------------------------------------
 
@@ -133,9 +135,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             finally:
                 if watch is not None:
                     watch.close()
-                if session.ephemeral and not resumable:
+                if session.ephemeral and not (resumable or self.draining):
                     await self._sessions.discard(session)
                     await self.release_caches(session.session_id)
+
+    def drain(self) -> None:
+        """The gateway is stopping: the one-off turns it cuts stay resumable elsewhere."""
+        self.draining = True
 
     # -- sessions ------------------------------------------------------------
 
