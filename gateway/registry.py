@@ -239,7 +239,11 @@ class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
             yield convert.gateway_message_to_pb(Registered(LOAD_INTERVAL_MS))
             cached = worker.info.cached_session_ids
             if cached and self._known is not None:
-                unknown = set(cached) - await self._known(cached)
+                try:
+                    unknown = set(cached) - await self._known(cached)
+                except SpecdecError as exc:  # the store is down: keep the caches for now
+                    log.warning("no KV lease check for %s: %s", worker.worker_id, exc)
+                    unknown = set()
                 if unknown:
                     log.info(
                         "worker %s releases %d unknown sessions", worker.worker_id, len(unknown)

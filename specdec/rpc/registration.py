@@ -176,7 +176,10 @@ async def resolve_gateways(spec: str) -> dict[str, str]:
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (OSError, UnicodeError):
             infos = []
-        ips = sorted({str(info[4][0]) for info in infos})
+        # One family (IPv4 when there is any): "localhost" is 127.0.0.1 and ::1, one
+        # gateway, and a worker registered twice at one gateway would replace itself.
+        v4 = {str(i[4][0]) for i in infos if i[0] == socket.AF_INET}
+        ips = sorted(v4 or {str(i[4][0]) for i in infos})
         if len(ips) <= 1:
             targets[entry] = ""
             continue
