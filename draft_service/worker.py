@@ -35,6 +35,7 @@ from specdec.core.messages import (
     WorkerRegistration,
 )
 from specdec.core.wiring import run_assignment
+from specdec.drafters.controlled import ControlledDrafter, References
 from specdec.drafters.model_drafter import ModelDrafter
 from specdec.drafters.proposers import ThreadProposer
 from specdec.engine.models import LoadedModel
@@ -62,7 +63,21 @@ class DraftWorker:
         self.model = model
         self.worker_id = worker_id
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-model")
-        self._drafters: OrderedDict[str, ModelDrafter] = OrderedDict()
+        self._drafters: OrderedDict[str, ModelDrafter | ControlledDrafter] = OrderedDict()
+        # Benchmarks only: a drafter of chosen acceptance; each session drafts (sleeps)
+        # in a thread of its own, as on a device of its own.
+        self._references: References | None = None
+        if config.bench_acceptance >= 0:
+            self._references = References.load(config.bench_reference)
+            self._executor = ThreadPoolExecutor(
+                max_workers=config.max_sessions, thread_name_prefix="bench-draft"
+            )
+            log.warning(
+                "BENCHMARK DRAFTER: proposing the oracle's greedy output at acceptance %.2f, "
+                "%.2f ms a token (--bench-acceptance); not a real draft",
+                config.bench_acceptance,
+                config.bench_step_ms,
+            )
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._origin: dict[str, GatewayConnection] = {}  # the gateway each turn came from
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -87,7 +102,11 @@ class DraftWorker:
     def load(self) -> WorkerLoad:
         return WorkerLoad(
             active_sessions=len(self._tasks),
-            kv_cache_bytes=sum(d.cache.memory_bytes() for d in self._drafters.values()),
+            kv_cache_bytes=sum(
+                d.cache.memory_bytes()
+                for d in self._drafters.values()
+                if isinstance(d, ModelDrafter)
+            ),
         )
 
     @property
@@ -130,9 +149,16 @@ class DraftWorker:
 
     # -- one assignment -------------------------------------------------------
 
-    def _drafter(self, session_id: str) -> ModelDrafter:
+    def _drafter(self, session_id: str) -> ModelDrafter | ControlledDrafter:
         drafter = self._drafters.pop(session_id, None)
-        if drafter is None:
+        if drafter is None and self._references is not None:
+            drafter = ControlledDrafter(
+                self._references,
+                self.config.bench_acceptance,
+                self.model.vocab_size,
+                step_s=self.config.bench_step_ms / 1000,
+            )
+        elif drafter is None:
             drafter = ModelDrafter(
                 self.model,
                 max_support=self.config.max_support,

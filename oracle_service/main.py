@@ -100,7 +100,7 @@ class OracleService:
         engine = OracleEngine(
             model,
             oracle_id=self.oracle_id,
-            kv_budget_bytes=config.kv_budget_bytes,
+            kv_budget_bytes=config.kv_settings().budget_bytes,
             max_sessions=config.max_sessions,
             max_cached_sessions=config.max_cached_sessions,
             max_batch=config.max_batch,
@@ -109,6 +109,7 @@ class OracleService:
             cuda_graphs=config.cuda_graphs,
             lanes=config.verify_lanes,
             rescue_draft=draft,
+            kv=config.kv_settings(),
         )
         await engine.warm_up()
         self.engine = engine

@@ -27,6 +27,8 @@ from typing import Any
 
 from specdec.bench.measure import Result, Sample, table
 from specdec.bench.proxy import DelayProxy
+from specdec.bench.real_scale import add_real_scale_arguments
+from specdec.bench.shapes import tokenizer_source
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,7 @@ def add_bench_parser(sub: Any) -> None:
         help="with --sessions: measure every session count this many times, alternating, "
         "and pool the windows (a drifting host then weighs on all counts alike)",
     )
+    add_real_scale_arguments(p)
     p.set_defaults(func=run_bench)
 
 
@@ -263,13 +266,27 @@ def run_bench(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     if not args.out:
-        args.out = "bench_results/concurrency.json" if args.sessions else "bench_results/bench.json"
+        args.out = (
+            "bench_results/real_scale.json"
+            if args.real_scale
+            else "bench_results/concurrency.json"
+            if args.sessions
+            else "bench_results/bench.json"
+        )
     oracle_path = args.oracle_model or str(DEMO_ORACLE)
     draft_path = args.draft_model or str(DEMO_DRAFT)
-    tokenizer = AutoTokenizer.from_pretrained(oracle_path)
+    if args.real_scale:
+        oracle_path = f"random:{args.real_scale.removeprefix('random:')}"
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(oracle_path))
     prompts = heldout_prompts(
         lambda text: tokenizer(text)["input_ids"], args.prompts, args.prompt_tokens
     )
+    if args.real_scale:
+        from specdec.bench.real_scale import run_real_scale
+
+        args.draft_path = draft_path
+        run_real_scale(args, prompts)
+        return
     if args.in_process:
         from specdec.bench.core import run_in_process
 
@@ -312,7 +329,9 @@ def run_bench(args: argparse.Namespace) -> None:
     rows: list[dict[str, Any]] = []
     drafted: list[dict[str, Any]] = []  # the rows of the draft model's configurations
     with tempfile.TemporaryDirectory() as workdir, cluster(Path(workdir), env) as c:
-        c.start_gateway("--tokenizer", oracle_path, "--default-max-new-tokens", "512")
+        c.start_gateway(
+            "--tokenizer", tokenizer_source(oracle_path), "--default-max-new-tokens", "512"
+        )
         rescue = ["--rescue-draft", draft_path] if args.rescue else []
         c.start_oracle(
             oracle_path, "--device", args.device, "--dtype", args.dtype,
