@@ -15,7 +15,11 @@ _DEFAULTS = SPECULATION_DEFAULTS
 class DraftConfig(SecuritySettings, TelemetrySettings):
     """specdec draft: dials OUT to the gateway and to the oracles it is assigned."""
 
-    gateway: str = setting("localhost:50051", "gateway address to register with")
+    gateway: str = setting(
+        "localhost:50051",
+        "gateway address to register with; several replicas: a,b or a DNS name resolving "
+        "to each (a headless Service)",
+    )
     model: str = setting("", "draft model folder or hub id (default: the demo draft)")
     device: str = setting("cpu", "cpu, cuda or cuda:N")
     dtype: str = setting("float32", "float32, bfloat16 or float16")

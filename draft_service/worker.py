@@ -29,6 +29,7 @@ from specdec.core.messages import (
     CancelAssignment,
     GatewayMessage,
     ReleaseDraftSession,
+    ReleaseSessions,
     WorkerKind,
     WorkerLoad,
     WorkerRegistration,
@@ -78,6 +79,7 @@ class DraftWorker:
                 config.bench_step_ms,
             )
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._origin: dict[str, GatewayConnection] = {}  # the gateway each turn came from
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._adaptive = AdaptiveMemory()  # learnt costs, per oracle and pipeline depth
 
@@ -94,6 +96,7 @@ class DraftWorker:
             vocab_size=self.model.vocab_size,
             max_context=self.model.max_context,
             eos_token_ids=tuple(self.model.eos_token_ids),
+            cached_session_ids=tuple(self._drafters),
         )
 
     def load(self) -> WorkerLoad:
@@ -114,18 +117,28 @@ class DraftWorker:
         if isinstance(message, Assignment):
             task = asyncio.create_task(self._run(message, connection))
             self._tasks[message.assignment_id] = task
-            task.add_done_callback(lambda _: self._tasks.pop(message.assignment_id, None))
+            self._origin[message.assignment_id] = connection
+            task.add_done_callback(lambda _: self._forget(message.assignment_id))
         elif isinstance(message, CancelAssignment):
             running = self._tasks.get(message.assignment_id)
             if running is not None:
                 running.cancel()
         elif isinstance(message, ReleaseDraftSession):
             self._drafters.pop(message.session_id, None)
+        elif isinstance(message, ReleaseSessions):  # no gateway knows them any more
+            for session_id in message.session_ids:
+                self._drafters.pop(session_id, None)
 
-    async def on_disconnect(self) -> None:
-        """The gateway is gone: it fails these turns over, so stop working on them."""
-        for task in list(self._tasks.values()):
-            task.cancel()
+    def _forget(self, assignment_id: str) -> None:
+        self._tasks.pop(assignment_id, None)
+        self._origin.pop(assignment_id, None)
+
+    async def on_disconnect(self, connection: GatewayConnection | None = None) -> None:
+        """A gateway is gone (None: every one): it fails its turns over, or a client
+        resumes them on another replica, so stop working on them."""
+        for assignment_id, task in list(self._tasks.items()):
+            if connection is None or self._origin.get(assignment_id) is connection:
+                task.cancel()
 
     async def close(self) -> None:
         await self.on_disconnect()

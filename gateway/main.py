@@ -14,6 +14,7 @@ from gateway.limits import RequestLimits, longest_token_chars
 from gateway.registry import Registry, RegistryServicer
 from gateway.servicer import GatewayServicer
 from gateway.sessions import SessionTable
+from gateway.store import describe, open_store
 from specdec.config import load_config
 from specdec.core.errors import NotFound
 from specdec.engine.models import DEMO_ORACLE, vocab_fingerprint
@@ -69,7 +70,8 @@ async def start(config: GatewayConfig) -> ServiceServer:
         worker_wait_s=config.worker_wait_s,
         worker_silence_s=config.worker_silence_s,
     )
-    sessions = SessionTable(config.max_sessions, config.session_ttl_s)
+    store = await open_store(config.session_store, config.state_dir)
+    sessions = SessionTable(store, config.max_sessions, config.session_ttl_s)
     servicer = GatewayServicer(
         runner,
         sessions,
@@ -88,7 +90,7 @@ async def start(config: GatewayConfig) -> ServiceServer:
             ),
             (
                 registry_pb2_grpc.add_WorkerRegistryServicer_to_server,
-                RegistryServicer(registry),
+                RegistryServicer(registry, sessions.known),
                 registry_pb2.DESCRIPTOR.services_by_name["WorkerRegistry"].full_name,
             ),
         ],
@@ -102,6 +104,8 @@ async def start(config: GatewayConfig) -> ServiceServer:
         max_receive_bytes=limits.receive_bytes,
     )
     await start_health_endpoint(config.health_host, config.health_port, server)
+    server.on_drain.append(servicer.drain)
+    server.on_stop.append(store.close)
     server.on_stop.append(telemetry.shutdown)  # flushes the spans of the last requests
 
     async def stop_tokenizing() -> None:
@@ -109,7 +113,13 @@ async def start(config: GatewayConfig) -> ServiceServer:
 
     server.on_stop.append(stop_tokenizing)
     await server.set_serving(True)
-    log.info("gateway listening on %s:%d (tokenizer %s)", config.host, server.port, source)
+    log.info(
+        "gateway listening on %s:%d (tokenizer %s, sessions in %s)",
+        config.host,
+        server.port,
+        source,
+        describe(store),
+    )
     return server
 
 

@@ -47,7 +47,11 @@ class OracleConfig(SecuritySettings, TelemetrySettings):
     public_address: str = setting(
         "", "host:port that drafts dial, when it differs from advertise_address (edge drafts)"
     )
-    gateway: str = setting("", "gateway host:port to register with (empty = standalone)")
+    gateway: str = setting(
+        "",
+        "gateway host:port to register with (empty = standalone); several replicas: "
+        "a,b or a DNS name resolving to each (a headless Service)",
+    )
     kv_budget_mb: float = setting(
         0.0,
         "KV cache memory, in MiB: the paged pool's size, or with HF caches what idle "

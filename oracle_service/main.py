@@ -5,7 +5,8 @@ Start-up order, so that nothing is sent to a half-ready oracle:
 1. the gRPC server binds and starts with health NOT_SERVING (calls get UNAVAILABLE);
 2. the model loads in a background thread (SIGTERM still shuts down meanwhile);
 3. the engine is installed and health turns SERVING;
-4. with ``--gateway``, the oracle dials the gateway and stays registered.
+4. with ``--gateway``, the oracle dials every gateway replica and stays registered,
+   telling each the sessions it caches (those no gateway knows are released).
 
 SIGTERM/SIGINT: health NOT_SERVING, in-flight streams get a grace period, the
 gateway link and the model thread stop.
@@ -31,6 +32,7 @@ from specdec.core.errors import SpecdecError
 from specdec.core.messages import (
     GatewayMessage,
     Registered,
+    ReleaseSessions,
     WorkerKind,
     WorkerLoad,
     WorkerRegistration,
@@ -40,7 +42,7 @@ from specdec.engine.quantize import load_draft_model
 from specdec.rpc.grants import GrantSigner
 from specdec.rpc.health_endpoint import start_health_endpoint
 from specdec.rpc.logs import configure_logging
-from specdec.rpc.registration import GatewayConnection, stay_registered
+from specdec.rpc.registration import GatewayConnection, stay_registered_everywhere
 from specdec.rpc.security import ChannelSecurity, oracle_auth, server_credentials
 from specdec.rpc.server import ServiceServer, start_server
 from specdec.telemetry import configure_telemetry
@@ -126,12 +128,11 @@ class OracleService:
         )
         if config.gateway:
             self._registration = asyncio.create_task(
-                stay_registered(
+                stay_registered_everywhere(
                     config.gateway,
                     self.registration,
                     self._on_gateway_message,
                     self.load_report,
-                    connection=GatewayConnection(),
                     security=self.gateway_security,
                 ),
                 name="oracle-registration",
@@ -159,6 +160,7 @@ class OracleService:
             vocab_size=info.vocab_size,
             max_context=info.max_context,
             eos_token_ids=tuple(info.eos_token_ids),
+            cached_session_ids=tuple(self.engine.sessions.session_ids()),
         )
 
     def load_report(self) -> WorkerLoad:
@@ -175,6 +177,11 @@ class OracleService:
         if isinstance(message, Registered) and message.commit_key is not None:
             # What this oracle proves its commits to that gateway with (docs/security.md).
             self.servicer.keyring.add(message.commit_key)
+            return
+        if isinstance(message, ReleaseSessions) and self.engine is not None:
+            # Sessions no gateway knows: their KV lease ended.
+            released = [s for s in message.session_ids if await self.engine.release(s)]
+            log.info("released the KV of %d sessions no gateway knows", len(released))
             return
         # Assignments and draft releases are for drafts.
         log.debug("ignoring gateway message %s", type(message).__name__)

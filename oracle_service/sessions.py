@@ -246,6 +246,11 @@ class SessionStore:
         with self._lock:
             return self._sessions.get(session_id)
 
+    def session_ids(self) -> list[str]:
+        """Every session with a cache here."""
+        with self._lock:
+            return list(self._sessions)
+
     @property
     def active_streams(self) -> int:
         """Verify streams open now (what ``max_active_streams`` bounds)."""

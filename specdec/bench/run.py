@@ -93,6 +93,13 @@ def add_bench_parser(sub: Any) -> None:
     )
     p.add_argument("--tracing-reps", type=int, default=3)
     p.add_argument(
+        "--session-stores",
+        default="",
+        help="instead: time per output token with the gateway's session store in memory "
+        "and on these, side by side, e.g. memory,sqlite,redis (redis: a local redis-server)",
+    )
+    p.add_argument("--store-reps", type=int, default=3, help="with --session-stores: repeats")
+    p.add_argument(
         "--in-process",
         action="store_true",
         help="instead: the core loop against HF generate, in this process",
@@ -292,13 +299,15 @@ def run_bench(args: argparse.Namespace) -> None:
         args.oracle_path, args.draft_path = oracle_path, draft_path
         run_concurrency(args, prompts)
         return
-    if args.tracing_overhead:
+    if args.session_stores or args.tracing_overhead:  # two systems or more side by side
+        from specdec.bench.store import run_store_overhead
         from specdec.bench.tracing import run_tracing_overhead
 
         args.oracle_path, args.draft_path = oracle_path, draft_path
-        overhead = run_tracing_overhead(args, prompts)
+        side_by_side = run_store_overhead if args.session_stores else run_tracing_overhead
+        outcome = side_by_side(args, prompts)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(overhead, indent=2))
+        Path(args.out).write_text(json.dumps(outcome, indent=2))
         return
     configs = _configs(args)
     env = {"OMP_NUM_THREADS": str(args.threads), "SPECDEC_LOG_LEVEL": "warning"}

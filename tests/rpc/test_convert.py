@@ -30,6 +30,7 @@ from specdec.core.messages import (
     CommitTicket,
     Registered,
     ReleaseDraftSession,
+    ReleaseSessions,
     WorkerKind,
     WorkerLoad,
     WorkerRegistration,
@@ -71,7 +72,8 @@ def _value(hint: Any, default: Any) -> Any:
     if origin is list:
         return [next(_counter), next(_counter)]
     if origin is tuple:
-        return (next(_counter), next(_counter))
+        item = typing.get_args(hint)[0]
+        return (_value(item, None), _value(item, None))
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         return next(member for member in hint if member != default)
     raise TypeError(f"give a value for fields of type {hint}")
@@ -289,6 +291,7 @@ def test_a_failure_with_a_status_unknown_here_reads_as_unknown() -> None:
         Registered(250, CommitKey("k1", b"secret")),
         CancelAssignment("a1", "done"),
         ReleaseDraftSession("s1"),
+        ReleaseSessions(("s1", "s2")),
     ],
     ids=lambda m: type(m).__name__,
 )
