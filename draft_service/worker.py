@@ -1,8 +1,9 @@
 """The draft worker: takes assignments from the gateway and drives draft -> verify rounds.
 
 For each assignment it dials the assigned oracle's Verify stream and runs the
-core loop (``specdec.core.loop.run_turn``) with a model drafter, reporting every
-commit back to the gateway over the worker's Connect stream. Draft KV caches
+turn (``specdec.core.wiring.run_assignment``) with a model drafter, reporting every
+commit back to the gateway over the worker's Connect stream (which converts to and
+from protobuf: this module sees only ``specdec.core.messages``). Draft KV caches
 are kept per session (LRU) so the next turn of a session drafts without
 re-prefilling.
 """
@@ -21,19 +22,28 @@ import grpc
 from draft_service.config import DraftConfig
 from specdec.core.adaptive import AdaptiveMemory
 from specdec.core.errors import SpecdecError
-from specdec.core.loop import run_turn
-from specdec.core.stopping import StopChecker
-from specdec.core.types import OpenResult, RoundReport, Turn
+from specdec.core.messages import (
+    Assignment,
+    AssignmentFailed,
+    AssignmentFinished,
+    CancelAssignment,
+    GatewayMessage,
+    ReleaseDraftSession,
+    ReleaseSessions,
+    WorkerKind,
+    WorkerLoad,
+    WorkerRegistration,
+)
+from specdec.core.wiring import run_assignment
+from specdec.drafters.controlled import ControlledDrafter, References
 from specdec.drafters.model_drafter import ModelDrafter
 from specdec.drafters.proposers import ThreadProposer
 from specdec.engine.models import LoadedModel
-from specdec.rpc import convert
 from specdec.rpc.channels import open_channel
 from specdec.rpc.oracle_link import GrpcOracleLink, OracleRpcError
 from specdec.rpc.registration import GatewayConnection
 from specdec.rpc.security import ChannelSecurity
 from specdec.telemetry.rounds import round_tracer
-from specdec.v1 import gateway_pb2, oracle_pb2_grpc, registry_pb2
 
 log = logging.getLogger(__name__)
 
@@ -53,56 +63,82 @@ class DraftWorker:
         self.model = model
         self.worker_id = worker_id
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-model")
-        self._drafters: OrderedDict[str, ModelDrafter] = OrderedDict()
+        self._drafters: OrderedDict[str, ModelDrafter | ControlledDrafter] = OrderedDict()
+        # Benchmarks only: a drafter of chosen acceptance; each session drafts (sleeps)
+        # in a thread of its own, as on a device of its own.
+        self._references: References | None = None
+        if config.bench_acceptance >= 0:
+            self._references = References.load(config.bench_reference)
+            self._executor = ThreadPoolExecutor(
+                max_workers=config.max_sessions, thread_name_prefix="bench-draft"
+            )
+            log.warning(
+                "BENCHMARK DRAFTER: proposing the oracle's greedy output at acceptance %.2f, "
+                "%.2f ms a token (--bench-acceptance); not a real draft",
+                config.bench_acceptance,
+                config.bench_step_ms,
+            )
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._origin: dict[str, GatewayConnection] = {}  # the gateway each turn came from
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._adaptive = AdaptiveMemory()  # learnt costs, per oracle and pipeline depth
 
     # -- registration --------------------------------------------------------
 
-    def registration(self) -> registry_pb2.RegisterWorker:
-        return registry_pb2.RegisterWorker(
+    def registration(self) -> WorkerRegistration:
+        return WorkerRegistration(
             worker_id=self.worker_id,
-            kind=gateway_pb2.WORKER_KIND_DRAFT,
+            kind=WorkerKind.DRAFT,
             model=self.model.name,
             vocab_fingerprint=self.model.fingerprint,
             max_sessions=self.config.max_sessions,
             device=str(self.model.device),
             vocab_size=self.model.vocab_size,
             max_context=self.model.max_context,
-            eos_token_ids=list(self.model.eos_token_ids),
+            eos_token_ids=tuple(self.model.eos_token_ids),
+            cached_session_ids=tuple(self._drafters),
         )
 
-    def load(self) -> registry_pb2.WorkerLoad:
-        return registry_pb2.WorkerLoad(
+    def load(self) -> WorkerLoad:
+        return WorkerLoad(
             active_sessions=len(self._tasks),
-            kv_cache_bytes=sum(d.cache.memory_bytes() for d in self._drafters.values()),
+            kv_cache_bytes=sum(
+                d.cache.memory_bytes()
+                for d in self._drafters.values()
+                if isinstance(d, ModelDrafter)
+            ),
         )
 
     @property
     def active_turns(self) -> int:
         return len(self._tasks)
 
-    async def on_message(
-        self, message: registry_pb2.ConnectResponse, connection: GatewayConnection
-    ) -> None:
-        kind = message.WhichOneof("kind")
-        if kind == "assignment":
-            assignment = message.assignment
-            task = asyncio.create_task(self._run(assignment, connection))
-            self._tasks[assignment.assignment_id] = task
-            task.add_done_callback(lambda _: self._tasks.pop(assignment.assignment_id, None))
-        elif kind == "cancel":
-            running = self._tasks.get(message.cancel.assignment_id)
+    async def on_message(self, message: GatewayMessage, connection: GatewayConnection) -> None:
+        if isinstance(message, Assignment):
+            task = asyncio.create_task(self._run(message, connection))
+            self._tasks[message.assignment_id] = task
+            self._origin[message.assignment_id] = connection
+            task.add_done_callback(lambda _: self._forget(message.assignment_id))
+        elif isinstance(message, CancelAssignment):
+            running = self._tasks.get(message.assignment_id)
             if running is not None:
                 running.cancel()
-        elif kind == "release":
-            self._drafters.pop(message.release.session_id, None)
+        elif isinstance(message, ReleaseDraftSession):
+            self._drafters.pop(message.session_id, None)
+        elif isinstance(message, ReleaseSessions):  # no gateway knows them any more
+            for session_id in message.session_ids:
+                self._drafters.pop(session_id, None)
 
-    async def on_disconnect(self) -> None:
-        """The gateway is gone: it fails these turns over, so stop working on them."""
-        for task in list(self._tasks.values()):
-            task.cancel()
+    def _forget(self, assignment_id: str) -> None:
+        self._tasks.pop(assignment_id, None)
+        self._origin.pop(assignment_id, None)
+
+    async def on_disconnect(self, connection: GatewayConnection | None = None) -> None:
+        """A gateway is gone (None: every one): it fails its turns over, or a client
+        resumes them on another replica, so stop working on them."""
+        for assignment_id, task in list(self._tasks.items()):
+            if connection is None or self._origin.get(assignment_id) is connection:
+                task.cancel()
 
     async def close(self) -> None:
         await self.on_disconnect()
@@ -113,9 +149,16 @@ class DraftWorker:
 
     # -- one assignment -------------------------------------------------------
 
-    def _drafter(self, session_id: str) -> ModelDrafter:
+    def _drafter(self, session_id: str) -> ModelDrafter | ControlledDrafter:
         drafter = self._drafters.pop(session_id, None)
-        if drafter is None:
+        if drafter is None and self._references is not None:
+            drafter = ControlledDrafter(
+                self._references,
+                self.config.bench_acceptance,
+                self.model.vocab_size,
+                step_s=self.config.bench_step_ms / 1000,
+            )
+        elif drafter is None:
             drafter = ModelDrafter(
                 self.model,
                 max_support=self.config.max_support,
@@ -126,15 +169,16 @@ class DraftWorker:
             self._drafters.popitem(last=False)
         return drafter
 
-    def _oracle(self, address: str) -> oracle_pb2_grpc.OracleStub:
+    def _oracle(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
             channel = self._channels[address] = open_channel(address, self.security)
-        return oracle_pb2_grpc.OracleStub(channel)
+        return channel
 
-    async def _run(self, a: registry_pb2.Assignment, connection: GatewayConnection) -> None:
+    async def _run(self, a: Assignment, connection: GatewayConnection) -> None:
         # Rounds are traced under the gateway's request (None when telemetry is off).
         rounds = round_tracer(a.session_id, a.trace_context, draft_metrics=True)
+        defaults = self.config.speculation()
         link = GrpcOracleLink(
             self._oracle(a.oracle_address),
             a.session_id,
@@ -142,113 +186,46 @@ class DraftWorker:
             trace_context=rounds.trace_context if rounds is not None else None,
             # A stalled link sends nothing: only a deadline per round notices it.
             round_timeout_s=self.config.verify_timeout_s or None,
-            allow_rescue=a.rescue if a.HasField("rescue") else self.config.rescue,
+            allow_rescue=bool(a.speculation.over(defaults).rescue),
+            commit=a.commit,
         )
         try:
-            params = convert.sampling_from_pb(a.sampling)
             drafter = self._drafter(a.session_id)
             drafter.seed = a.seed
-            decode = self.model.decode if params.stop else None
-            turn = Turn(
-                context=list(a.token_ids),
-                prompt_tokens=a.prompt_tokens,
-                params=params,
-                seed=a.seed,
-                k=a.num_speculative_tokens,
-                # EOS is among the stop ids unless the request set ignore_eos.
-                stop=StopChecker(
-                    params,
-                    [t for t in self.model.eos_token_ids if t in params.stop_token_ids],
-                    decode,
-                ),
-                max_context=a.max_context or self.model.max_context,
-                draft_ahead=self.config.draft_ahead,
-                pipeline_depth=a.pipeline_depth or self.config.pipeline_depth,
-                branches=a.branches if a.HasField("branches") else self.config.branches,
+            reason, stats = await run_assignment(
+                link,
+                ThreadProposer(drafter, self._executor),
+                a,
+                connection.send,
+                defaults=defaults,
+                eos_token_ids=self.model.eos_token_ids,
+                decode=self.model.decode,
+                max_context=self.model.max_context,
+                memory=self._adaptive,
+                observer=rounds,
             )
-            base = [len(a.token_ids)]
-
-            async def on_commit(tokens: list[int], report: RoundReport) -> None:
-                await connection.send(
-                    registry_pb2.ConnectRequest(
-                        commit=registry_pb2.AssignmentCommit(
-                            assignment_id=a.assignment_id,
-                            base_length=base[0],
-                            token_ids=tokens,
-                            round=_round_to_pb(report),
-                        )
-                    )
-                )
-                base[0] += len(tokens)
-
-            async def on_open(opened: OpenResult) -> None:
-                await connection.send(
-                    registry_pb2.ConnectRequest(
-                        opened=registry_pb2.AssignmentOpened(
-                            assignment_id=a.assignment_id,
-                            cached_tokens=opened.cached_tokens,
-                            prefilled_tokens=opened.computed_tokens,
-                            prefill_ns=opened.prefill_ns,
-                            oracle_id=opened.oracle_id,
-                        )
-                    )
-                )
-
-            proposer = ThreadProposer(drafter, self._executor)
-            # Costs differ per oracle and with pipelining: learn them per pair.
-            key = f"{a.oracle_id}:{turn.pipeline_depth}"
-            policy = self._adaptive.policy(key, turn.k) if a.adaptive and turn.k else None
-            reason, stats = await run_turn(
-                link, proposer, turn, on_commit, policy=policy, on_open=on_open, observer=rounds
+            finished = AssignmentFinished(
+                a.assignment_id, reason, stats, oracle_id=link.oracle_id, draft_id=self.worker_id
             )
-            if policy is not None:
-                self._adaptive.remember(key, policy)
-            finished = registry_pb2.AssignmentFinished(
-                assignment_id=a.assignment_id,
-                finish_reason=convert.finish_reason_to_pb(reason),  # type: ignore[arg-type]
-                stats=convert.stats_to_pb(stats, oracle_id=link.oracle_id, draft_id=self.worker_id),
-            )
-            await connection.send(registry_pb2.ConnectRequest(finished=finished))
+            await connection.send(finished)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             if rounds is not None:
                 rounds.close(exc)
-            await connection.send(registry_pb2.ConnectRequest(failed=_failure(a, exc)))
+            await connection.send(_failure(a, exc))
         finally:
             await link.close()
             if rounds is not None:
                 rounds.close(sys.exc_info()[1])  # cancelled, or nothing open any more
 
 
-def _round_to_pb(report: RoundReport) -> registry_pb2.RoundReport:
-    return registry_pb2.RoundReport(
-        round=report.round,
-        proposed=report.proposed,
-        accepted=report.accepted,
-        is_bonus=report.is_bonus,
-        draft_ns=report.draft_ns,
-        verify_ns=report.verify_ns,
-        network_ns=report.network_ns,
-        queue_ns=report.queue_ns,
-        drafted_ahead=report.drafted_ahead,
-        pipelined=report.pipelined,
-        skipped_blocks=report.skipped_blocks,
-        branch=report.branch,
-        rescued=report.rescued,
-    )
-
-
-def _failure(a: registry_pb2.Assignment, exc: Exception) -> registry_pb2.AssignmentFailed:
+def _failure(a: Assignment, exc: Exception) -> AssignmentFailed:
     if isinstance(exc, OracleRpcError):
-        code = exc.code
-        message = f"oracle {a.oracle_id}: {exc}"
-    elif isinstance(exc, SpecdecError):
-        code = getattr(grpc.StatusCode, exc.status, grpc.StatusCode.INTERNAL)
-        message = str(exc)
-    else:
-        log.exception("assignment %s failed", a.assignment_id)
-        code, message = grpc.StatusCode.INTERNAL, f"draft error: {type(exc).__name__}: {exc}"
-    return registry_pb2.AssignmentFailed(
-        assignment_id=a.assignment_id, status_code=code.value[0], message=message
+        return AssignmentFailed(a.assignment_id, exc.status, f"oracle {a.oracle_id}: {exc}")
+    if isinstance(exc, SpecdecError):
+        return AssignmentFailed(a.assignment_id, exc.status, str(exc))
+    log.exception("assignment %s failed", a.assignment_id)
+    return AssignmentFailed(
+        a.assignment_id, "INTERNAL", f"draft error: {type(exc).__name__}: {exc}"
     )

@@ -1,12 +1,12 @@
 """One Generate turn at the gateway: pick workers, run the rounds, stream, fail over.
 
 The gateway's session tokens are the source of truth. Workers report commits;
-each commit must extend exactly the session's committed length (anything else
-is a duplicate or stale report and is ignored). The gateway runs its own stop
-checker over the committed stream, so the output ends exactly where the
-oracle alone would end, even across a failover. When a worker disappears
-mid-turn, the turn resumes on another one from the committed tokens (the new
-oracle re-prefills them): time is lost, tokens never are.
+each must extend exactly the session's committed length and carry the oracle's
+proof (``gateway.commits``): anything else is refused, and the turn fails over
+without it. The gateway runs its own stop checker over the committed stream, so
+the output ends exactly where the oracle alone would end, even across a failover.
+When a worker disappears mid-turn, the turn resumes on another one from the
+committed tokens (the new oracle re-prefills them): time is lost, tokens never are.
 """
 
 from __future__ import annotations
@@ -21,39 +21,71 @@ from dataclasses import dataclass
 
 import grpc
 
+from gateway.commits import CommitGate, CommitRefused
 from gateway.detokenize import IncrementalDecoder
+from gateway.limits import check_fits_worker_link
 from gateway.registry import Registry, Worker
+from gateway.resume import continue_turn
 from gateway.sessions import Session
+from gateway.store import TurnRecord
 from specdec.core.adaptive import AdaptiveMemory
-from specdec.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
-from specdec.core.loop import run_turn
+from specdec.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    SpecdecError,
+    Unavailable,
+    quoted,
+)
+from specdec.core.messages import (
+    Assignment,
+    AssignmentCommitted,
+    AssignmentFailed,
+    AssignmentFinished,
+    AssignmentOpened,
+    AssignmentReport,
+    CancelAssignment,
+)
 from specdec.core.sampling import SamplingParams, resolve_seed, validate_token_ids
-from specdec.core.stopping import FinishReason, StopChecker
-from specdec.core.types import OpenResult, RoundReport, Turn, TurnStats, check_k
+from specdec.core.stopping import FinishReason, turn_stop_checker
+from specdec.core.types import DrafterKind, Speculation, TurnStats
 from specdec.core.vocab import vocabulary_mismatch
+from specdec.core.wiring import run_assignment
 from specdec.drafters.ngram import NgramDrafter
 from specdec.drafters.proposers import InlineProposer
 from specdec.rpc import convert
+from specdec.rpc.commit_proof import new_ticket
 from specdec.rpc.oracle_link import GrpcOracleLink, OracleRpcError
 from specdec.telemetry.gateway import record_round
 from specdec.telemetry.rounds import current_trace_context, round_tracer
-from specdec.v1 import common_pb2, oracle_pb2, registry_pb2
 
 log = logging.getLogger(__name__)
 
 
+# The gateway's own turns (the oracle alone, n-gram) draft nothing ahead.
+LOCAL_SPECULATION = Speculation(draft_ahead=False, pipeline_depth=1, branches=0, rescue=False)
+
+
 @dataclass(frozen=True)
 class TurnRequest:
-    """A validated Generate request, protobuf-free."""
+    """A validated Generate request, protobuf-free.
+
+    speculation: k resolved (the gateway's default when unset; 0 with drafter none);
+    the draft settings left unset are the draft's defaults. params: the seed resolved.
+    turn_id: what the turn is resumed by. resume_after: None for a new turn; else the
+    session's latest turn (``Session.turn``) goes on, after the first ``resume_after``
+    of its generated tokens, which the client has (``gateway.resume``).
+    """
 
     prompt_ids: list[int]
     params: SamplingParams
-    k: int
-    adaptive: bool
-    drafter: int  # common_pb2.DrafterKind
-    pipeline_depth: int = 0  # blocks in flight to the oracle (0 = the draft's default)
-    branches: int | None = None  # likely corrections drafted ahead (None = the draft's default)
-    rescue: bool | None = None  # the oracle drafts after a miss (None = the draft's default)
+    speculation: Speculation
+    turn_id: str = ""
+    resume_after: int | None = None
+
+    @property
+    def k(self) -> int:
+        return self.speculation.k or 0
 
 
 @dataclass(frozen=True)
@@ -71,32 +103,13 @@ class TurnSummary:
     stats: TurnStats
     oracle_id: str = ""
     draft_id: str = ""
-    drafter: int = common_pb2.DRAFTER_KIND_UNSPECIFIED
+    drafter: DrafterKind = DrafterKind.AUTO
     failovers: int = 0
     model: str = ""  # the oracle's model (the output is what it alone would produce)
 
 
-# Events of one attempt (one pair of workers).
-@dataclass(frozen=True)
-class _Committed:
-    base_length: int
-    tokens: list[int]
-    report: RoundReport
-
-
-@dataclass(frozen=True)
-class _Opened:
-    cached_tokens: int
-    prefilled_tokens: int
-    prefill_ns: int
-
-
-@dataclass(frozen=True)
-class _Ended:
-    reason: FinishReason | None
-
-
-_Event = _Opened | _Committed | _Ended
+# What one attempt (one pair of workers) yields: its reports, up to AssignmentFinished.
+_Event = AssignmentOpened | AssignmentCommitted | AssignmentFinished
 
 
 class _Broke(Exception):
@@ -181,7 +194,7 @@ class TurnRunner:
             for d in drafts
         }
         compatible = [d for d in drafts if reasons[d.worker_id] is None]
-        if request.drafter == common_pb2.DRAFTER_KIND_MODEL and drafts and not compatible:
+        if request.speculation.drafter is DrafterKind.MODEL and drafts and not compatible:
             raise FailedPrecondition(
                 f"no registered draft can draft for oracle {oracle.worker_id}: "
                 + "; ".join(f"{name}: {why}" for name, why in sorted(reasons.items()))
@@ -193,12 +206,8 @@ class TurnRunner:
 
     async def run(self, session: Session, request: TurnRequest) -> AsyncIterator[Chunk]:
         """Stream the turn's chunks; commits land in ``session.tokens`` as they arrive."""
-        check_k(request.k)
         params = request.params
-        # EOS ends the turn only when it is among the stop ids (not with ignore_eos): the
-        # checker stops at every id it is given as EOS.
-        eos = [t for t in self.eos_token_ids() if t in params.stop_token_ids]
-        stop = StopChecker(params, eos, self._decode if params.stop else None)
+        stop = turn_stop_checker(params, self.eos_token_ids(), self._decode)
         decoder = IncrementalDecoder(self._decode_text)
         summary = TurnSummary(TurnStats(prompt_tokens=len(request.prompt_ids)))
         seed = resolve_seed(params.seed)
@@ -208,41 +217,64 @@ class TurnRunner:
         produced = 0
         loop = asyncio.get_running_loop()
         t_start = loop.time()
+        if request.resume_after is not None:
+            # A turn cut by its gateway's death goes on from its durable tokens.
+            resumed = continue_turn(session, request.resume_after, stop, decoder)
+            context_before, produced, started = resumed.start, resumed.produced, True
+            if resumed.finish is not None:
+                if session.turn is not None and session.turn.finish is None:
+                    await session.finish_turn(resumed.finish, session.oracle_id, "")
+                yield Chunk(resumed.tokens, resumed.text, resumed.finish, summary)
+                return
+            if resumed.tokens:
+                yield Chunk(resumed.tokens, resumed.text)
         while True:
             oracle = await self.pick_oracle(session, excluded)
             if not started:
                 self._check_prompt(session, request, oracle)
-                session.tokens.extend(request.prompt_ids)
+                await session.begin_turn(
+                    request.prompt_ids,
+                    TurnRecord(
+                        request.turn_id,
+                        len(session.tokens),
+                        len(request.prompt_ids),
+                        dataclasses.replace(params, seed=seed),
+                        request.speculation,
+                    ),
+                )
                 started = True
             remaining = dataclasses.replace(params, max_new_tokens=params.max_new_tokens - produced)
-            attempt, draft = self._attempt(session, request, remaining, seed, oracle, excluded)
+            attempt, draft, gate = self._attempt(
+                session, request, remaining, seed, oracle, excluded
+            )
             summary.oracle_id = oracle.worker_id
             summary.model = oracle.info.model
             summary.draft_id = draft.worker_id if draft else ""
             summary.drafter = _drafter_kind(request, draft)
             finish: FinishReason | None = None
-            ended = False
+            ended = opened = False
             try:
                 async for event in attempt:
-                    if isinstance(event, _Opened):
-                        summary.stats.cached_tokens += event.cached_tokens
-                        summary.stats.prefilled_tokens += event.prefilled_tokens
-                        summary.stats.prefill_ns += event.prefill_ns
+                    if isinstance(event, AssignmentOpened):
+                        summary.stats.cached_tokens += event.opened.cached_tokens
+                        summary.stats.prefilled_tokens += event.opened.computed_tokens
+                        summary.stats.prefill_ns += event.opened.prefill_ns
+                        opened = True
                         continue
-                    if isinstance(event, _Ended):
+                    try:
+                        if isinstance(event, AssignmentFinished):
+                            gate.finish(event, len(session.tokens))
+                        else:
+                            gate.commit(event, len(session.tokens))
+                    except CommitRefused as refused:
+                        raise await self._refuse(refused, session, oracle, draft) from None
+                    if isinstance(event, AssignmentFinished):
                         finish = finish or event.reason or FinishReason.LENGTH
                         ended = True
                         break
-                    if event.base_length != len(session.tokens):
-                        log.warning(
-                            "ignoring a commit at %d (session at %d)",
-                            event.base_length,
-                            len(session.tokens),
-                        )
-                        continue
-                    keep, finish = stop.feed(event.tokens)
-                    tokens = event.tokens[:keep]
-                    session.tokens.extend(tokens)
+                    keep, finish = stop.feed(event.token_ids)
+                    tokens = list(event.token_ids[:keep])
+                    await session.commit(tokens)  # durable before the client sees them
                     produced += keep
                     summary.stats.add(dataclasses.replace(event.report, committed=keep))
                     record_round(event.report, summary.drafter)
@@ -264,25 +296,52 @@ class TurnRunner:
                 continue
             except BaseException:
                 if produced == 0:  # nothing was generated: the turn never happened
-                    del session.tokens[context_before:]
+                    await session.rollback(context_before)
+                if opened:  # its workers hold the session's context: the next turn reuses it
+                    with contextlib.suppress(SpecdecError):
+                        await session.note_workers(
+                            oracle.worker_id, draft.worker_id if draft else ""
+                        )
                 raise
             finally:
                 await attempt.aclose()
             if finish is None and not ended:
                 raise Unavailable("the worker stopped reporting without finishing the turn")
-            session.oracle_id = oracle.worker_id
-            session.draft_id = draft.worker_id if draft else session.draft_id
+            await session.finish_turn(
+                finish or FinishReason.LENGTH,
+                oracle.worker_id,
+                draft.worker_id if draft else "",
+            )
             summary.stats.total_ns = int((loop.time() - t_start) * 1e9)
             last = tokens if finish is not None and not ended else []
             tail = decoder.feed(last) if last else ""
             yield Chunk(last, tail + decoder.flush(), finish, summary)
             return
 
+    async def _refuse(
+        self, refused: CommitRefused, session: Session, oracle: Worker, draft: Worker | None
+    ) -> _Broke:
+        """A report that is not the oracle's word: nothing of it was applied. The turn
+        fails over without its worker, and a draft that sent it is dismissed."""
+        culprit = draft or oracle
+        log.warning(
+            "refused a report of %s %s for session %s: %s; the turn fails over",
+            "draft" if draft else "oracle",
+            quoted(culprit.worker_id),
+            session.session_id[:8],
+            refused,
+        )
+        if draft is not None:
+            await self.registry.dismiss(draft, f"the gateway refused its report: {refused}")
+        return _Broke(culprit, f"{culprit.worker_id}'s report refused: {refused}")
+
     def eos_token_ids(self) -> tuple[int, ...]:
         oracles = self.registry.oracles()
         return tuple(oracles[0].info.eos_token_ids) if oracles else ()
 
     def _check_prompt(self, session: Session, request: TurnRequest, oracle: Worker) -> None:
+        """Before the prompt joins the session: its ids, the context, and that the turn's
+        messages to its workers fit their links."""
         validate_token_ids(request.prompt_ids, oracle.info.vocab_size, "prompt_token_ids")
         total = len(session.tokens) + len(request.prompt_ids)
         if oracle.info.max_context and total >= oracle.info.max_context:
@@ -291,6 +350,35 @@ class TurnRunner:
                 f"{len(request.prompt_ids)}), but the oracle's model takes at most "
                 f"{oracle.info.max_context - 1} so that one token can be generated"
             )
+        tokens = (*session.tokens, *request.prompt_ids)
+        probe = self._job(session, request, request.params, 0, oracle, request.speculation, tokens)
+        check_fits_worker_link(convert.wire_size(probe), total)
+
+    def _job(
+        self,
+        session: Session,
+        request: TurnRequest,
+        params: SamplingParams,
+        seed: int,
+        oracle: Worker,
+        speculation: Speculation,
+        tokens: Sequence[int],
+    ) -> Assignment:
+        """One attempt of the turn on ``oracle``, from the session's ``tokens``."""
+        return Assignment(
+            assignment_id=uuid.uuid4().hex,
+            session_id=session.session_id,
+            oracle_id=oracle.worker_id,
+            oracle_address=oracle.info.draft_address,
+            token_ids=tuple(tokens),
+            prompt_tokens=len(request.prompt_ids),
+            params=params,
+            seed=seed,
+            speculation=speculation,
+            grant=self.registry.grant(session.session_id, oracle),
+            max_context=oracle.info.max_context,
+            commit=new_ticket(oracle.commit_key) if oracle.commit_key else None,
+        )
 
     def _attempt(
         self,
@@ -300,167 +388,113 @@ class TurnRunner:
         seed: int,
         oracle: Worker,
         excluded: set[str],
-    ) -> tuple[AsyncGenerator[_Event, None], Worker | None]:
-        want_model = request.k > 0 and request.drafter in (
-            common_pb2.DRAFTER_KIND_UNSPECIFIED,
-            common_pb2.DRAFTER_KIND_MODEL,
+    ) -> tuple[AsyncGenerator[_Event, None], Worker | None, CommitGate]:
+        want_model = request.k > 0 and request.speculation.drafter in (
+            DrafterKind.AUTO,
+            DrafterKind.MODEL,
         )
         draft = self.pick_draft(session, oracle, request, excluded) if want_model else None
+        speculation = dataclasses.replace(
+            request.speculation, drafter=_drafter_kind(request, draft)
+        )
+        job = self._job(session, request, params, seed, oracle, speculation, session.tokens)
+        gate = CommitGate(job, oracle.commit_key)
         if draft is not None:
-            return self._draft_attempt(session, request, params, seed, oracle, draft), draft
-        return self._local_attempt(session, request, params, seed, oracle), None
+            return self._draft_attempt(job, oracle, draft), draft, gate
+        return self._local_attempt(job, oracle), None, gate
 
     async def _draft_attempt(
-        self,
-        session: Session,
-        request: TurnRequest,
-        params: SamplingParams,
-        seed: int,
-        oracle: Worker,
-        draft: Worker,
+        self, job: Assignment, oracle: Worker, draft: Worker
     ) -> AsyncGenerator[_Event, None]:
-        assignment_id = uuid.uuid4().hex
-        queue = self.registry.expect(assignment_id, draft)
-        oracle.assignments.add(assignment_id)
-        assignment = registry_pb2.Assignment(
-            assignment_id=assignment_id,
-            session_id=session.session_id,
-            oracle_id=oracle.worker_id,
-            oracle_address=oracle.info.public_address or oracle.info.address,
-            token_ids=session.tokens,
-            prompt_tokens=len(request.prompt_ids),
-            sampling=convert.sampling_to_pb(params),
-            seed=seed,
-            num_speculative_tokens=request.k,
-            adaptive=request.adaptive,
-            pipeline_depth=request.pipeline_depth,
-            max_context=oracle.info.max_context,
-            grant=self.registry.grant(session.session_id, oracle),
-            trace_context=current_trace_context(),  # the Generate span: rounds hang under it
-        )
-        if request.branches is not None:
-            assignment.branches = request.branches
-        if request.rescue is not None:
-            assignment.rescue = request.rescue
+        queue = self.registry.expect(job.assignment_id, draft)
+        oracle.assignments.add(job.assignment_id)
+        # The Generate span's context: the draft's rounds hang under it.
+        job = dataclasses.replace(job, trace_context=current_trace_context())
         finished = False
         try:
-            await draft.outbox.put(registry_pb2.ConnectResponse(assignment=assignment))
+            await draft.outbox.put(job)
             while True:
                 try:
-                    message = await asyncio.wait_for(queue.get(), self._worker_silence_s)
+                    report = await asyncio.wait_for(queue.get(), self._worker_silence_s)
                 except TimeoutError:
                     raise _Broke(
                         draft,
                         f"draft {draft.worker_id} reported nothing for {self._worker_silence_s}s",
                     ) from None
-                kind = message.WhichOneof("kind")
-                if kind == "opened":
-                    o = message.opened
-                    yield _Opened(o.cached_tokens, o.prefilled_tokens, o.prefill_ns)
-                elif kind == "commit":
-                    commit = message.commit
-                    yield _Committed(commit.base_length, list(commit.token_ids), _report(commit))
-                elif kind == "finished":
-                    finished = True
-                    yield _Ended(convert.finish_reason_from_pb(message.finished.finish_reason))
-                    return
-                else:
-                    failed = message.failed
-                    finished = True
-                    code = _code(failed.status_code)
-                    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN):
-                        # The draft's report alone cannot tell a dead oracle from a broken
-                        # draft -> oracle link: the gateway asks the oracle itself. Reachable:
-                        # the pair's link (or the draft) failed, the oracle stays in the turn.
-                        dead = not oracle.alive or (
-                            "oracle" in failed.message and not await _reachable(oracle)
-                        )
-                        raise _Broke(oracle if dead else draft, failed.message)
-                    error = OracleRpcError(code, failed.message)
-                    raise error
+                if not isinstance(report, AssignmentFailed):
+                    finished = isinstance(report, AssignmentFinished)
+                    yield report
+                    if finished:
+                        return
+                    continue
+                finished = True
+                code = getattr(grpc.StatusCode, report.status, grpc.StatusCode.UNKNOWN)
+                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN):
+                    # The draft's report alone cannot tell a dead oracle from a broken
+                    # draft -> oracle link: the gateway asks the oracle itself. Reachable:
+                    # the pair's link (or the draft) failed, the oracle stays in the turn.
+                    dead = not oracle.alive or (
+                        "oracle" in report.message and not await oracle.reachable()
+                    )
+                    raise _Broke(oracle if dead else draft, report.message)
+                raise OracleRpcError(code, report.message)
         finally:
-            self.registry.forget(assignment_id, draft)
-            oracle.assignments.discard(assignment_id)
+            self.registry.forget(job.assignment_id, draft)
+            oracle.assignments.discard(job.assignment_id)
             if not finished and draft.alive:
-                cancel = registry_pb2.CancelAssignment(assignment_id=assignment_id, reason="done")
-                draft.outbox.put_nowait(registry_pb2.ConnectResponse(cancel=cancel))
+                draft.outbox.put_nowait(CancelAssignment(job.assignment_id, reason="done"))
 
-    async def _local_attempt(
-        self,
-        session: Session,
-        request: TurnRequest,
-        params: SamplingParams,
-        seed: int,
-        oracle: Worker,
-    ) -> AsyncGenerator[_Event, None]:
+    async def _local_attempt(self, job: Assignment, oracle: Worker) -> AsyncGenerator[_Event, None]:
         """Oracle alone or n-gram: the gateway drives the rounds itself."""
         proposer = None
-        if request.drafter == common_pb2.DRAFTER_KIND_NGRAM and request.k > 0:
+        if job.speculation.drafter is DrafterKind.NGRAM:
             proposer = InlineProposer(NgramDrafter())
-        rounds = round_tracer(session.session_id)  # None when tracing is off
+        rounds = round_tracer(job.session_id)  # None when tracing is off
         link = GrpcOracleLink(
-            oracle.oracle_stub(),
-            session.session_id,
-            grant=self.registry.grant(session.session_id, oracle),
+            oracle.oracle_channel(),
+            job.session_id,
+            grant=job.grant,
             trace_context=rounds.trace_context if rounds is not None else None,
             round_timeout_s=self._worker_silence_s,
+            commit=job.commit,
         )
-        queue: asyncio.Queue[_Event] = asyncio.Queue()
-        turn = Turn(
-            context=list(session.tokens),
-            prompt_tokens=len(request.prompt_ids),
-            params=params,
-            seed=seed,
-            k=request.k if proposer else 0,
-            stop=StopChecker(
-                params,
-                [t for t in oracle.info.eos_token_ids if t in params.stop_token_ids],  # ignore_eos
-                self._decode if params.stop else None,
-            ),
-            max_context=oracle.info.max_context or 1 << 30,
-        )
-        base = [len(session.tokens)]
-
-        async def on_commit(tokens: list[int], report: RoundReport) -> None:
-            await queue.put(_Committed(base[0], tokens, report))
-            base[0] += len(tokens)
-
-        async def on_open(opened: OpenResult) -> None:
-            await queue.put(
-                _Opened(opened.cached_tokens, opened.computed_tokens, opened.prefill_ns)
-            )
-
-        key = f"{request.drafter}:{oracle.worker_id}"
-        policy = self._adaptive.policy(key, turn.k) if request.adaptive and turn.k else None
+        queue: asyncio.Queue[AssignmentReport] = asyncio.Queue()
         task = asyncio.create_task(
-            run_turn(
-                link, proposer, turn, on_commit, policy=policy, on_open=on_open, observer=rounds
+            run_assignment(
+                link,
+                proposer,
+                job,
+                queue.put,
+                defaults=LOCAL_SPECULATION,
+                eos_token_ids=oracle.info.eos_token_ids,
+                decode=self._decode,
+                max_context=1 << 30,
+                memory=self._adaptive,
+                observer=rounds,
             )
         )
-        oracle.assignments.add(id(task).__str__())
-        getter: asyncio.Future[_Event] | None = None
+        oracle.assignments.add(job.assignment_id)
+        getter: asyncio.Future[AssignmentReport] | None = None
         try:
             while True:
                 getter = asyncio.ensure_future(queue.get())
                 await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
-                    yield getter.result()
+                    yield _own_report(getter.result())
                     continue
                 getter.cancel()
                 while not queue.empty():
-                    yield queue.get_nowait()
+                    yield _own_report(queue.get_nowait())
                 try:
                     reason, _ = task.result()
                 except OracleRpcError as exc:
                     if exc.retryable:
                         raise _Broke(oracle, str(exc)) from exc
                     raise
-                yield _Ended(reason)
+                yield AssignmentFinished(job.assignment_id, reason)
                 return
         finally:
-            oracle.assignments.discard(id(task).__str__())
-            if policy is not None:
-                self._adaptive.remember(key, policy)
+            oracle.assignments.discard(job.assignment_id)
             if getter is not None:
                 getter.cancel()  # closed mid-wait: no pending Queue.get task left behind
             task.cancel()
@@ -471,13 +505,11 @@ class TurnRunner:
                 rounds.close(None if task.cancelled() else task.exception())
 
 
-async def _reachable(oracle: Worker, timeout_s: float = 2.0) -> bool:
-    """Whether ``oracle`` answers GetInfo on the gateway's own channel to it."""
-    try:
-        await oracle.oracle_stub().GetInfo(oracle_pb2.GetInfoRequest(), timeout=timeout_s)
-    except grpc.aio.AioRpcError:
-        return False
-    return True
+def _own_report(report: AssignmentReport) -> _Event:
+    """A report of a turn the gateway runs itself: ``run_assignment`` reports only its
+    open and its commits."""
+    assert not isinstance(report, AssignmentFailed)
+    return report
 
 
 def _prefer(workers: list[Worker], preferred_id: str) -> Worker:
@@ -489,38 +521,10 @@ def _prefer(workers: list[Worker], preferred_id: str) -> Worker:
     return min(workers, key=lambda w: (w.load, w.registered_at))
 
 
-def _drafter_kind(request: TurnRequest, draft: Worker | None) -> int:
+def _drafter_kind(request: TurnRequest, draft: Worker | None) -> DrafterKind:
+    """The proposer that drafts the turn: the draft's model, n-gram or none."""
     if draft is not None:
-        return common_pb2.DRAFTER_KIND_MODEL
-    if request.k > 0 and request.drafter == common_pb2.DRAFTER_KIND_NGRAM:
-        return common_pb2.DRAFTER_KIND_NGRAM
-    return common_pb2.DRAFTER_KIND_NONE
-
-
-def _report(commit: registry_pb2.AssignmentCommit) -> RoundReport:
-    r = commit.round
-    return RoundReport(
-        round=r.round,
-        k=r.proposed,
-        proposed=r.proposed,
-        accepted=r.accepted,
-        is_bonus=r.is_bonus,
-        committed=len(commit.token_ids),
-        committed_length=commit.base_length + len(commit.token_ids),
-        draft_ns=r.draft_ns,
-        verify_ns=r.verify_ns,
-        network_ns=r.network_ns,
-        queue_ns=r.queue_ns,
-        drafted_ahead=r.drafted_ahead,
-        pipelined=r.pipelined,
-        skipped_blocks=r.skipped_blocks,
-        branch=r.branch,
-        rescued=r.rescued,
-    )
-
-
-def _code(value: int) -> grpc.StatusCode:
-    for code in grpc.StatusCode:
-        if code.value[0] == value:
-            return code
-    return grpc.StatusCode.UNKNOWN
+        return DrafterKind.MODEL
+    if request.k > 0 and request.speculation.drafter is DrafterKind.NGRAM:
+        return DrafterKind.NGRAM
+    return DrafterKind.NONE

@@ -47,6 +47,7 @@ class Lanes:
         self._jobs = [0] * count  # jobs submitted to each lane and not done
         self._batch = [False] * count  # whether a batch runs in each lane
         self.sessions_in_batches = 0
+        self.closed = False  # shut down: no job will run any more
         self._idle_waiters: list[asyncio.Future[None]] = []  # jobs waiting for a session
 
     async def run(
@@ -117,6 +118,7 @@ class Lanes:
 
     def shutdown(self) -> None:
         """Stop every lane (queued jobs are dropped; running ones finish)."""
+        self.closed = True
         for executor in self.executors:
             executor.shutdown(wait=False, cancel_futures=True)
 

@@ -24,7 +24,7 @@ made at the stream's first miss and dropped with the stream.
 
 **A late block is not a miss.** When the round trip plus the draft's drafting
 is about as long as a verification, the draft's blocks for a verdict often
-arrive after it. Recovering then would throw them away, and the draft, now
+arrive after it. Rescuing then would throw them away, and the draft, now
 drafting after the oracle's block, would be late again every round: the oracle
 would end up drafting everything. So the oracle decides only once the draft's
 blocks for the verdict are all here (the last of them is flagged,
@@ -44,16 +44,18 @@ wait and the drafting, not both.
 time, in the order of their verdicts. A miss waits only for the first of them: a
 miss whose block still waits behind another's is decided "none", and the draft
 drafts its own block. A block no longer wanted is dropped, before it starts if it
-has not. Before this, rescue on the H200 with 16 sessions cut throughput from
-1722 to 295 tok/s. Read from the code (the fix was not measured there): every
-verdict that no block extended yet queued a block in the one drafter thread,
-blocks for verdicts that a late block then extended were drafted all the same,
-and every decision waited for its block to come out of that queue.
+has not. With many sessions most verdicts are not extended yet when they go out;
+drafting a block for each of them in the one drafter thread, and making every
+decision wait for its block, would serialise all sessions' misses behind it.
 
     verdict, nothing extends it --> send it (rescue_pending); draft B' meanwhile
         a block extends it             --> decision: none (B' dropped)
         all blocks here, or wait over  --> decision: B'; queue B', verify it next
             ... while B' waits behind another miss's block --> decision: none
+
+Wiring: the engine makes ``Rescues`` with ``rescues_for``; the scheduler tells it of
+every block queued (``arrived``) and settles the misses before each batch
+(``settle``); every verdict goes through ``answer`` before it is sent.
 """
 
 from __future__ import annotations
@@ -65,9 +67,10 @@ from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
-from oracle_service.scheduler import BlockQueue, PendingBlock
+from oracle_service.scheduler import BlockQueue, PendingBlock, known_stale
 from oracle_service.sessions import Lease, OracleSession
-from specdec.core.types import DraftBlock, Rescue, VerifyResult
+from specdec.core.prefix import held, is_outcome
+from specdec.core.types import DraftBlock, Rescue, Verdict, VerifyResult
 from specdec.drafters.model_drafter import ModelDrafter
 from specdec.engine.models import LoadedModel
 
@@ -128,15 +131,76 @@ class Miss:
     decision: asyncio.Future[Rescue | None]
 
 
-class Rescues:
-    """Decides the misses' rescues (event loop). ``wake`` wakes the batcher."""
+def rescues_for(
+    draft: LoadedModel | None,
+    oracle: LoadedModel,
+    lane: Executor,
+    queue: BlockQueue,
+    wake: Callable[[], None],
+) -> Rescues | None:
+    """The rescues of an oracle with rescue draft ``draft`` (None: none), drafted in
+    ``lane`` (the oracle's one lane) when on the CPU; ``wake`` wakes the batcher."""
+    if draft is None:
+        return None
+    on_cpu = draft.device.type == "cpu"
+    if not on_cpu:
+        log.warning(
+            "rescue blocks on %s: on a GPU oracle they were measured not to pay "
+            "(BENCHMARKS.md); consider running without a rescue draft",
+            draft.device,
+        )
+    drafter = RescueDrafter(draft, lane if on_cpu else None)
+    return Rescues(drafter, queue, wake, oracle.eos_token_ids, oracle.max_context)
 
-    def __init__(self, drafter: RescueDrafter, queue: BlockQueue, wake: Callable[[], None]) -> None:
+
+class Rescues:
+    """Decides the misses' rescues (event loop). ``wake`` wakes the batcher; the oracle's
+    end-of-sequence tokens and context bound the rescue blocks."""
+
+    def __init__(
+        self,
+        drafter: RescueDrafter,
+        queue: BlockQueue,
+        wake: Callable[[], None],
+        eos_token_ids: tuple[int, ...],
+        max_context: int,
+    ) -> None:
         self.drafter = drafter
         self.blocks = 0  # rescue blocks queued since start
         self._queue = queue
         self._wake = wake
+        self._eos_token_ids = eos_token_ids
+        self._max_context = max_context
         self._misses: list[Miss] = []
+
+    def answer(self, pending: PendingBlock, result: VerifyResult) -> VerifyResult:
+        """``pending``'s result, with a pending rescue decision if its verdict may get a
+        rescue block and no block waiting in the queue extends it."""
+        k = self.rescue_k(pending, result.verdict)
+        if not k:
+            return result
+        return self.after_verdict(pending, result, k, self.extends(pending.session))
+
+    def rescue_k(self, pending: PendingBlock, verdict: Verdict | None) -> int:
+        """Tokens of a rescue block after ``pending``'s verdict, should no block of the
+        draft's extend it (0 = none): as long as the block just verified, within the
+        turn's max_new_tokens and the context; none after an end-of-sequence token.
+        """
+        lease = pending.lease
+        if verdict is None or not lease.rescue or verdict.next_token in self._eos_token_ids:
+            return 0
+        session = lease.session
+        have = len(session.committed)
+        remaining = session.params.max_new_tokens - (have - lease.opened_length)
+        return max(0, min(len(pending.block), remaining - 1, self._max_context - have - 1))
+
+    def extends(self, session: OracleSession) -> bool:
+        """A block waiting in the queue extends ``session``'s committed tokens as they are."""
+        have = len(session.committed)
+        return any(
+            waiting.base_length == have and not known_stale(waiting)
+            for waiting in self._queue.waiting(session)
+        )
 
     def after_verdict(
         self, pending: PendingBlock, result: VerifyResult, k: int, extended: bool
@@ -182,15 +246,13 @@ class Rescues:
                     miss.deadline_ns = 0
         committed = pending.session.committed
         for length, verdict_ns in list(lease.missed.items()):
-            if pending.base_length != length or len(committed) < length:
-                continue
-            if list(committed[length - len(pending.assumed) : length]) == list(pending.assumed):
+            if pending.base_length == length and held(committed, length, pending.assumed):
                 del lease.missed[length]
                 _learn(lease, time.perf_counter_ns() - verdict_ns)
                 return
 
-    def settle(self, extends: Callable[[OracleSession], bool]) -> None:
-        """Decide the misses whose block came (``extends`` their session: no rescue),
+    def settle(self) -> None:
+        """Decide the misses whose block came (it ``extends`` their session: no rescue),
         and those whose wait is over and whose rescue block is drafted (rescue).
         Call before the next batch is taken: a block that extends a miss's verdict must
         find it decided."""
@@ -205,7 +267,7 @@ class Rescues:
             due = now >= miss.deadline_ns
             if not lease.rescue:  # its stream sends no more blocks
                 _decide(miss, None)
-            elif extends(lease.session):
+            elif self.extends(lease.session):
                 _learn(lease, now - miss.verdict_ns)
                 _decide(miss, None)
             elif due and miss.draft.done():
@@ -260,12 +322,7 @@ def _decide(miss: Miss, rescue: Rescue | None) -> None:
 def _follows(pending: PendingBlock, start: int, assumed: tuple[int, ...]) -> bool:
     """Blocks drafted ahead after committed[:start] + assumed were drafted for the
     outcomes of ``pending`` (they assume its prefix and then one more token)."""
-    tokens = pending.block.token_ids
-    return (
-        start == pending.base_length
-        and len(assumed) <= len(tokens) + 1
-        and assumed[:-1] == tuple(tokens[: len(assumed) - 1])
-    )
+    return start == pending.base_length and is_outcome(assumed, pending.block.token_ids)
 
 
 def _learn(lease: Lease, late_ns: int) -> None:

@@ -15,7 +15,6 @@ Imports are lazy so that `specdec train` needs only torch and transformers.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -40,7 +39,7 @@ def _add_service(sub: Any, name: str) -> None:
     config_module, config_class, _ = SERVICES[name]
     cls = getattr(_import(config_module), config_class)
     parser = sub.add_parser(name, help=cls.__doc__, description=cls.__doc__)
-    add_arguments(parser, cls, os.environ)
+    add_arguments(parser, cls)
     parser.set_defaults(func=_run_service, service=name)
 
 
@@ -63,10 +62,99 @@ def _run_service(args: argparse.Namespace) -> None:
         sys.exit(f"specdec {args.service}: {exc}")
 
 
+def add_speculation_flags(parser: Any) -> None:
+    """The flags of a request's speculation settings (``specdec.core.types.Speculation``);
+    unset = the server's default."""
+    from specdec.core.types import (
+        MAX_SPECULATIVE_TOKENS,
+        SPECULATION_DEFAULTS,
+        SPECULATION_RANGES,
+        DrafterKind,
+    )
+
+    def bounds(name: str) -> str:
+        low, high = SPECULATION_RANGES[name]
+        return f"in [{low}, {high}]"
+
+    defaults = SPECULATION_DEFAULTS
+    parser.add_argument(
+        "-k",
+        "--num-speculative-tokens",
+        type=int,
+        default=None,
+        help=f"tokens drafted per round, at most {MAX_SPECULATIVE_TOKENS} (0 = the oracle "
+        f"alone; default: the gateway's, {defaults.k} unless it was started otherwise)",
+    )
+    parser.add_argument(
+        "--adaptive",
+        action="store_true",
+        help="choose k per round from the measured acceptance and costs (-k: its upper bound)",
+    )
+    parser.add_argument(
+        "--drafter",
+        choices=[d.value for d in DrafterKind],
+        default=None,
+        help=f"who drafts (default: {defaults.drafter.value}: a draft model when one is "
+        "registered, else the oracle alone)",
+    )
+    parser.add_argument(
+        "--pipeline-depth",
+        type=int,
+        default=None,
+        help=f"blocks in flight to the oracle, {bounds('pipeline_depth')} (1 = wait for each "
+        f"verdict; default: the draft's, {defaults.pipeline_depth} unless started otherwise)",
+    )
+    parser.add_argument(
+        "--branches",
+        type=int,
+        default=None,
+        help=f"greedy: likely corrections drafted ahead per block, {bounds('branches')} "
+        f"(0 = none; default: the draft's, {defaults.branches} unless started otherwise)",
+    )
+    parser.add_argument(
+        "--rescue",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="greedy: let the oracle draft a block itself after a miss (default: the "
+        f"draft's, {'on' if defaults.rescue else 'off'} unless started otherwise)",
+    )
+
+
+def speculation_request(args: argparse.Namespace) -> dict[str, Any]:
+    """The request keywords (``specdec.client.build_request``) of the flags of
+    ``add_speculation_flags``; ``InvalidArgument`` names a flag out of range."""
+    from specdec.core.types import DrafterKind, Speculation
+
+    speculation = Speculation(
+        k=args.num_speculative_tokens,
+        adaptive=args.adaptive,
+        drafter=DrafterKind(args.drafter) if args.drafter else Speculation.drafter,
+        pipeline_depth=args.pipeline_depth,
+        branches=args.branches,
+        rescue=args.rescue,
+    )
+    flags = {"k": "--num-speculative-tokens"}
+    speculation.validate(lambda name: flags.get(name, "--" + name.replace("_", "-")))
+    return {
+        "k": speculation.k,
+        "adaptive": speculation.adaptive,
+        "drafter": speculation.drafter,
+        "pipeline_depth": speculation.pipeline_depth,
+        "branches": speculation.branches,
+        "rescue": speculation.rescue,
+    }
+
+
 def _add_generate(sub: Any) -> None:
+    from specdec.config import env_default
+
     p = sub.add_parser("generate", help="stream a generation through a gateway")
     p.add_argument("prompt", help="the prompt text")
-    p.add_argument("--gateway", default=os.environ.get("SPECDEC_GATEWAY", "localhost:50051"))
+    p.add_argument(
+        "--gateway",
+        default=env_default("gateway", "localhost:50051"),
+        help="[env SPECDEC_GATEWAY]",
+    )
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -74,76 +162,59 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
-    p.add_argument(
-        "-k",
-        "--num-speculative-tokens",
-        type=int,
-        default=None,
-        help="tokens drafted per round (0 = oracle alone; default: the gateway's)",
-    )
-    p.add_argument("--adaptive", action="store_true", help="adapt k per round")
-    p.add_argument("--drafter", choices=["model", "ngram", "none"], default=None)
-    p.add_argument(
-        "--pipeline-depth",
-        type=int,
-        default=None,
-        help="blocks in flight to the oracle (1 = wait for each verdict; default: the draft's)",
-    )
-    p.add_argument(
-        "--branches",
-        type=int,
-        default=None,
-        help="likely corrections drafted ahead per block, greedy (0 = none; default: the draft's)",
-    )
-    p.add_argument(
-        "--rescue",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="greedy: let the oracle draft a block itself after a miss (default: the draft's)",
-    )
+    add_speculation_flags(p)
     p.add_argument("--session", default="", help="continue this session")
-    p.add_argument("--token", default=os.environ.get("SPECDEC_AUTH_TOKEN") or None)
-    env = os.environ.get
     p.add_argument(
-        "--tls-ca", default=env("SPECDEC_TLS_CA") or None, help="CA verifying the gateway (TLS)"
+        "--token", default=env_default("auth_token"), help="bearer token [env SPECDEC_AUTH_TOKEN]"
     )
-    p.add_argument("--tls-cert", default=env("SPECDEC_TLS_CERT") or None, help="client cert")
-    p.add_argument("--tls-key", default=env("SPECDEC_TLS_KEY") or None, help="its key")
+    p.add_argument("--tls-ca", default=env_default("tls_ca"), help="CA verifying the gateway (TLS)")
+    p.add_argument("--tls-cert", default=env_default("tls_cert"), help="client cert")
+    p.add_argument("--tls-key", default=env_default("tls_key"), help="its key")
     p.set_defaults(func=_generate)
 
 
 def _generate(args: argparse.Namespace) -> None:
+    request = dict(
+        session_id=args.session,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+        **speculation_request(args),
+    )
+    tls = {"ca": args.tls_ca, "cert": args.tls_cert, "key": args.tls_key}
+    print_generation(args.gateway, args.prompt, request, token=args.token, tls=tls)
+
+
+def print_generation(
+    gateway: str,
+    prompt: str,
+    request: dict[str, Any],
+    *,
+    token: str | None = None,
+    tls: dict[str, str | None] | None = None,
+) -> None:
+    """Stream one generation to stdout, then its statistics to stderr; exit on an error.
+
+    request: ``specdec.client.build_request``'s keywords; tls: its ca, cert and key
+    (TLS when ca or cert is set)."""
     import grpc
 
     from specdec.client import Client, Completion
     from specdec.core.errors import SpecdecError
 
     completion = Completion()
+    tls = tls or {}
     try:
-        if args.tls_ca or args.tls_cert:
-            client = Client.tls(
-                args.gateway, ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, token=args.token
-            )
+        if tls.get("ca") or tls.get("cert"):
+            client = Client.tls(gateway, **tls, token=token)  # type: ignore[arg-type]
         else:
-            client = Client(args.gateway, token=args.token)
+            client = Client(gateway, token=token)
         with client:
-            for response in client.stream(
-                args.prompt,
-                session_id=args.session,
-                temperature=args.temperature,
-                top_k=args.top_k,
-                top_p=args.top_p,
-                seed=args.seed,
-                max_new_tokens=args.max_new_tokens,
-                stop=args.stop,
-                ignore_eos=args.ignore_eos,
-                k=args.num_speculative_tokens,
-                adaptive=args.adaptive,
-                drafter=args.drafter,
-                pipeline_depth=args.pipeline_depth,
-                branches=args.branches,
-                rescue=args.rescue,
-            ):
+            for response in client.stream(prompt, **request):
                 completion.add(response)
                 sys.stdout.write(response.text)
                 sys.stdout.flush()
@@ -183,14 +254,15 @@ def _add_up(sub: Any) -> None:
         default=None,
         help="run one generation once ready, print it, then stop everything",
     )
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="of the --generate request")
+    add_speculation_flags(p.add_argument_group("speculation of the --generate request"))
     p.set_defaults(func=_up)
 
 
 def _up(args: argparse.Namespace) -> None:
-    from specdec.up import run_local
+    from specdec.up import run_local_system
 
-    run_local(args)
+    run_local_system(args)
 
 
 def _add_healthcheck(sub: Any) -> None:

@@ -2,8 +2,11 @@
 
 Each service declares a dataclass whose fields carry ``help`` metadata;
 ``load_config`` turns it into an argparse parser where every flag's default
-comes from the environment variable ``SPECDEC_<FIELD>``. Nothing else in the
-project reads ``SPECDEC_*`` variables.
+comes from the environment variable ``SPECDEC_<FIELD>``. The settings every
+service has are declared once here (``SecuritySettings``, ``TelemetrySettings``),
+and the tools that are not services (``specdec generate``) read their
+``SPECDEC_*`` defaults through ``env_default``. Nothing else in the project reads
+``SPECDEC_*`` variables.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -25,13 +29,82 @@ ENV_PREFIX = "SPECDEC_"
 QUANTIZE_CHOICES = ("auto", "int8", "none")
 
 
-def setting(default: Any, help: str, *, choices: Sequence[str] | None = None) -> Any:
-    """A config field: its default, the help text of its flag, allowed values."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+def setting(
+    default: Any, help: str, *, choices: Sequence[str] | None = None, group: str | None = None
+) -> Any:
+    """A config field: its default, the help text of its flag, allowed values, and the
+    titled group its flag is listed under in ``--help`` (None: with the service's own)."""
+    return dataclasses.field(
+        default=default, metadata={"help": help, "choices": choices, "group": group}
+    )
 
 
 def env_name(field_name: str) -> str:
     return ENV_PREFIX + field_name.upper()
+
+
+def settings_in_environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Every ``SPECDEC_*`` variable set, by name (what a benchmark records of its run)."""
+    env = os.environ if env is None else env
+    return {k: v for k, v in sorted(env.items()) if k.startswith(ENV_PREFIX)}
+
+
+def env_default(
+    field_name: str, default: str | None = None, env: Mapping[str, str] | None = None
+) -> str | None:
+    """``SPECDEC_<FIELD>`` when set and not empty, else ``default``: the default of a
+    flag of a tool that is not a service (``specdec generate --gateway``)."""
+    value = (os.environ if env is None else env).get(env_name(field_name), "")
+    return value or default
+
+
+SECURITY = "security (docs/security.md; all off by default)"
+TELEMETRY = "telemetry (tracing itself is set by the OTEL_* variables)"
+
+
+@dataclass
+class SecuritySettings:
+    """Transport security and the worker token, the same in every service
+    (``specdec.rpc.security`` says how each is used)."""
+
+    tls_cert: str = setting(
+        "",
+        "PEM certificate: served with --tls-key where this service listens (TLS), "
+        "presented as its client certificate where it dials",
+        group=SECURITY,
+    )
+    tls_key: str = setting("", "PEM private key of --tls-cert", group=SECURITY)
+    tls_ca: str = setting(
+        "",
+        "PEM CA bundle (set: TLS on where this service dials): verifies the services it "
+        "dials; where it listens, callers must present a certificate it signed (mTLS)",
+        group=SECURITY,
+    )
+    tls_server_name: str = setting(
+        "",
+        "name the dialled services' certificates must carry (default: the dialled host)",
+        group=SECURITY,
+    )
+    auth_token: str = setting(
+        "",
+        "bearer token. Oracle, draft: the worker token, presented to the services they "
+        "dial and (oracle) required of its callers. Gateway: the applications' token "
+        "(principal 'default') and, unless --worker-token, the workers'",
+        group=SECURITY,
+    )
+
+
+@dataclass
+class TelemetrySettings:
+    """Metrics and the local span file, the same in every service."""
+
+    metrics_port: int = setting(0, "Prometheus scrape port (0 = off)", group=TELEMETRY)
+    trace_file: str = setting(
+        "",
+        "also append finished spans to this JSON-lines file, which `specdec traces` "
+        "reads without a tracing backend (empty = off)",
+        group=TELEMETRY,
+    )
 
 
 def _field_type(cls: type, field: dataclasses.Field[Any]) -> type:
@@ -61,9 +134,18 @@ def _convert(kind: type, text: str, name: str) -> Any:
         raise SystemExit(f"invalid value for {name}: {exc}") from None
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, env: Mapping[str, str]) -> None:
-    """Add one flag per field of dataclass ``cls``, defaulting to its SPECDEC_ variable."""
+def add_arguments(
+    parser: argparse.ArgumentParser, cls: type, env: Mapping[str, str] | None = None
+) -> None:
+    """Add one flag per field of dataclass ``cls``, defaulting to its SPECDEC_ variable
+    in ``env`` (None: the process's environment)."""
+    env = os.environ if env is None else env
+    groups: dict[str, Any] = {}
     for field in dataclasses.fields(cls):
+        title = field.metadata.get("group")
+        target: Any = parser
+        if title is not None:
+            target = groups.get(title) or groups.setdefault(title, parser.add_argument_group(title))
         kind = _field_type(cls, field)
         flag = "--" + field.name.replace("_", "-")
         variable = env_name(field.name)
@@ -75,7 +157,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, env: Mapping[str, 
         help_text = f"{field.metadata.get('help', '')} [env {variable}; default: {default!r}]"
         choices = field.metadata.get("choices")
         if kind is bool:
-            parser.add_argument(
+            target.add_argument(
                 flag, default=default, action=argparse.BooleanOptionalAction, help=help_text
             )
         elif kind is list or typing.get_origin(kind) is list:
@@ -83,11 +165,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, env: Mapping[str, 
             def split(text: str, name: str = variable) -> Any:
                 return _convert(list, text, name)
 
-            parser.add_argument(
+            target.add_argument(
                 flag, default=default, type=split, help=help_text + " (comma-separated)"
             )
         else:
-            parser.add_argument(flag, default=default, type=kind, choices=choices, help=help_text)
+            target.add_argument(flag, default=default, type=kind, choices=choices, help=help_text)
 
 
 def from_namespace(cls: type[T], namespace: argparse.Namespace) -> T:
@@ -101,5 +183,5 @@ def load_config(
 ) -> T:
     """Parse ``argv`` (default: sys.argv) into ``cls``, flags overriding SPECDEC_ variables."""
     parser = argparse.ArgumentParser(description=cls.__doc__)
-    add_arguments(parser, cls, os.environ if env is None else env)
+    add_arguments(parser, cls, env)
     return from_namespace(cls, parser.parse_args(argv))

@@ -16,7 +16,12 @@ from pathlib import Path
 from specdec.launch import cluster
 
 
-def run_local(args: argparse.Namespace) -> None:
+def run_local_system(args: argparse.Namespace) -> None:
+    """`specdec up`: start gateway, oracle and draft, then generate once or serve."""
+    from specdec.cli import speculation_request
+
+    # Checked before anything starts: a flag out of range stops here.
+    request = {"max_new_tokens": args.max_new_tokens, **speculation_request(args)}
     with (
         tempfile.TemporaryDirectory(prefix="specdec-up-") as workdir,
         cluster(Path(workdir), echo=True) as c,
@@ -49,12 +54,9 @@ def run_local(args: argparse.Namespace) -> None:
                 flush=True,
             )
             if args.generate is not None:
-                from specdec.cli import main as cli_main
+                from specdec.cli import print_generation
 
-                cli_main(
-                    ["generate", args.generate, "--gateway", f"localhost:{args.port}",
-                     "--max-new-tokens", str(args.max_new_tokens)]
-                )  # fmt: skip
+                print_generation(f"localhost:{args.port}", args.generate, request)
                 return
             print("press Ctrl-C to stop", flush=True)
             while all(s.alive() for s in c.services):

@@ -26,10 +26,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from enum import Enum
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from specdec.core.errors import InvalidArgument
-from specdec.core.sampling import SamplingParams
+
+if TYPE_CHECKING:  # annotations only: the sampling module loads torch
+    from specdec.core.sampling import SamplingParams
 
 # Extra tokens decoded in front of the longest possible match (see module docstring).
 _WINDOW_MARGIN = 2
@@ -143,3 +145,15 @@ class StopChecker:
 
     def _find_stop(self, text: str) -> str | None:
         return next((s for s in self.stop_strings if s in text), None)
+
+
+def turn_stop_checker(
+    params: SamplingParams,
+    eos_token_ids: Sequence[int],
+    decode: Callable[[list[int]], str] | None = None,
+) -> StopChecker:
+    """The checker of one turn of a service: EOS ends it only when EOS is among the stop
+    ids (a request with ``ignore_eos`` leaves it out of them); ``decode`` is kept only
+    when there are stop strings to match."""
+    eos = [t for t in eos_token_ids if t in params.stop_token_ids]
+    return StopChecker(params, eos, decode if params.stop else None)

@@ -9,6 +9,7 @@ these types without loading the engine. Terms (accepted, rescued, bonus) are def
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -168,6 +169,7 @@ class VerifyResult:
     verify_ns: int
     queue_ns: int = 0
     decision: asyncio.Future[Rescue | None] | None = None
+    proof: bytes = b""  # the oracle's proof of the commit (``specdec.rpc.commit_proof``)
 
 
 @dataclass(frozen=True)
@@ -208,6 +210,10 @@ class RoundReport:
     skipped_blocks: int = 0  # blocks sent ahead that this round's verdict made stale
     wall_ns: int = 0  # since the previous verdict (the first round: since the open)
     rescued: bool = False  # the oracle drafted the block itself (a ``Rescue``)
+    # The oracle's proof of the verdict (empty: none), and the verdict's tokens after a
+    # stop condition, which the proof covers too: a draft relays both to the gateway.
+    proof: bytes = field(default=b"", repr=False)
+    cut: tuple[int, ...] = ()
 
     @property
     def block_origin(self) -> str:
@@ -307,8 +313,82 @@ class Turn:
     branches: int = 0
 
 
+# The range of each numeric speculation setting: (lowest, highest).
+SPECULATION_RANGES: dict[str, tuple[int, int]] = {
+    "k": (0, MAX_SPECULATIVE_TOKENS),
+    "pipeline_depth": (1, MAX_PIPELINE_DEPTH),
+    "branches": (0, MAX_BRANCHES),
+}
+
+
+def _check_range(field_name: str, value: int, label: str) -> None:
+    low, high = SPECULATION_RANGES[field_name]
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidArgument(f"{label} must be in [{low}, {high}], got {value!r}")
+
+
 def check_k(k: int) -> None:
-    if not 0 <= k <= MAX_SPECULATIVE_TOKENS:
-        raise InvalidArgument(
-            f"k (num_speculative_tokens) must be in [0, {MAX_SPECULATIVE_TOKENS}], got {k}"
-        )
+    _check_range("k", k, "k (num_speculative_tokens)")
+
+
+@dataclass(frozen=True)
+class Speculation:
+    """How a turn speculates: the one home of these settings, their defaults and ranges.
+
+    A request leaves a setting None for "the server's default": ``k`` is then the
+    gateway's (``--default-k``), the others the draft's (its flags); ``over`` fills
+    them in. ``SPECULATION_DEFAULTS`` holds the defaults those flags ship with. None of
+    these settings changes the output (greedy: the same tokens; sampled: the same
+    distribution), only how fast it comes.
+    """
+
+    # Tokens drafted per round (the upper bound when adaptive); 0 = the oracle alone.
+    k: int | None = None
+    # Choose k per round from the measured acceptance, costs and round trip.
+    adaptive: bool = False
+    drafter: DrafterKind = DrafterKind.AUTO
+    # Draft the next block while this one is verified (a draft's setting; no request field).
+    draft_ahead: bool | None = None
+    # Blocks in flight to the oracle at once: 2 sends the block drafted ahead before the
+    # verdict it depends on (1 = wait for each verdict).
+    pipeline_depth: int | None = None
+    # Greedy: besides a block's full acceptance, draft ahead for this many of its likeliest
+    # corrections (0 = none).
+    branches: int | None = None
+    # Greedy: after a verdict no block drafted ahead extends, the oracle drafts the next
+    # block itself with its rescue draft, where it has one.
+    rescue: bool | None = None
+
+    def over(self, defaults: Speculation) -> Speculation:
+        """These settings, each unset one (None) taken from ``defaults``."""
+        unset = {
+            f.name: getattr(defaults, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) is None
+        }
+        return dataclasses.replace(self, **unset)
+
+    def validate(self, label: Callable[[str], str] = str) -> None:
+        """Raise ``InvalidArgument`` naming the first setting out of range; ``label``
+        turns a field name into the name the caller knows it by (a flag, a proto field)."""
+        if not isinstance(self.drafter, DrafterKind):
+            raise InvalidArgument(
+                f"{label('drafter')} must be one of {[d.value for d in DrafterKind]}, "
+                f"got {self.drafter!r}"
+            )
+        for name in SPECULATION_RANGES:
+            value = getattr(self, name)
+            if value is not None:
+                _check_range(name, value, label(name))
+
+
+# The defaults of the gateway's --default-k and of the draft's flags.
+SPECULATION_DEFAULTS = Speculation(
+    k=4,
+    adaptive=False,
+    drafter=DrafterKind.AUTO,
+    draft_ahead=True,
+    pipeline_depth=2,
+    branches=3,
+    rescue=True,
+)

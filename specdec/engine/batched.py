@@ -48,6 +48,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from dataclasses import replace as replace_fields
+from typing import cast
 
 import torch
 
@@ -58,7 +59,8 @@ from specdec.core.verifier import greedy_verdict, validate_block, verify_block
 from specdec.engine.kv_cache import SequenceCache, dynamic_cache_of, forward_arguments
 from specdec.engine.models import LoadedModel
 from specdec.engine.oracle import Oracle, PrefillResult, VerifyTiming
-from specdec.engine.static_kv import SlotCache
+from specdec.engine.paged_kv import PagedCache, PagedPool
+from specdec.engine.static_kv import SlotCache, SlotPool
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,8 @@ log = logging.getLogger(__name__)
 BATCHED_ATTENTION = frozenset({"eager", "sdpa"})
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
-Outcome = tuple[Verdict, VerifyTiming] | Exception
+# One row's result: what ``Oracle.verify_timed`` gives its item, or the error that refused it.
+RowResult = tuple[Verdict, VerifyTiming] | Exception
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ class BatchVerification:
     fallback: why the rows ran alone, when they did and there was more than one.
     """
 
-    results: list[Outcome] = field(default_factory=list)
+    results: list[RowResult] = field(default_factory=list)
     forward_rows: int = 0
     fallback: str | None = None
 
@@ -128,20 +131,20 @@ def verify_batch(oracle: Oracle, items: Sequence[BatchItem]) -> BatchVerificatio
     share a cache). A row's timing: its own prefill, the shared forward, and
     verify_ns = the whole batch (every row's verdict comes out together).
 
-    Rows on static KV slots (``SlotCache``) share one forward over the slot pool; the
-    others share one over their HF caches.
+    Rows on the oracle's KV pool (``PagedCache`` blocks or ``SlotCache`` slots) share one
+    forward over the pool; the others share one over their HF caches.
     """
     caches = {id(item.cache) for item in items}
     if len(caches) != len(items):
         raise InvalidArgument("the items of a batch must have different caches (sessions)")
-    slotted = [i for i, item in enumerate(items) if isinstance(item.cache, SlotCache)]
+    slotted = [i for i, item in enumerate(items) if _pooled(oracle, item.cache)]
     if not slotted:
         return _verify_dynamic(oracle, items)
     dynamic = sorted(set(range(len(items))) - set(slotted))
     parts = [(slotted, _verify_slotted(oracle, [items[i] for i in slotted]))]
     if dynamic:
         parts.append((dynamic, _verify_dynamic(oracle, [items[i] for i in dynamic])))
-    results: list[Outcome | None] = [None] * len(items)
+    results: list[RowResult | None] = [None] * len(items)
     for indices, part in parts:
         for index, result in zip(indices, part.results, strict=True):
             results[index] = result
@@ -151,9 +154,9 @@ def verify_batch(oracle: Oracle, items: Sequence[BatchItem]) -> BatchVerificatio
 
 
 def _verify_slotted(oracle: Oracle, items: Sequence[BatchItem]) -> BatchVerification:
-    """Items on static KV slots: one ``SlotPool.forward_rows`` (a CUDA graph on a GPU)."""
+    """Items on the KV pool: one ``forward_rows`` of the pool (CUDA graphs on a GPU)."""
     start = time.perf_counter_ns()
-    results: list[Outcome | None] = [None] * len(items)
+    results: list[RowResult | None] = [None] * len(items)
     prefills = _prefill_all(oracle, items, results)
     rows = list(prefills)
     pool = oracle.slots
@@ -161,10 +164,13 @@ def _verify_slotted(oracle: Oracle, items: Sequence[BatchItem]) -> BatchVerifica
     forward = None
     if rows and pool is not None:
         try:
-            forward = pool.forward_rows(
-                [_slot_cache(items[index]) for index in rows],
-                [[items[index].committed[-1], *items[index].block.token_ids] for index in rows],
-            )
+            inputs = [[items[index].committed[-1], *items[index].block.token_ids] for index in rows]
+            if isinstance(pool, PagedPool):
+                forward = pool.forward_rows(
+                    [cast(PagedCache, items[index].cache) for index in rows], inputs
+                )
+            else:
+                forward = pool.forward_rows([_slot_cache(items[index]) for index in rows], inputs)
         except Exception as exc:  # the slots' kept positions are untouched: verify alone
             log.warning("verify of %d slot rows failed (%s); verifying one by one", len(rows), exc)
             fallback = f"the slot forward failed: {type(exc).__name__}: {exc}"
@@ -173,11 +179,18 @@ def _verify_slotted(oracle: Oracle, items: Sequence[BatchItem]) -> BatchVerifica
     verdicts = _judge(items, rows, forward.logits, results)
     for index, verdict in verdicts.items():
         item = items[index]
-        assert isinstance(item.cache, SlotCache)
+        assert isinstance(item.cache, PagedCache | SlotCache)
         # Keep committed[-1] and the accepted draft tokens, already written in the slot.
         item.cache.adopt([item.committed[-1], *item.block.token_ids[: verdict.num_accepted]])
     _record_timings(results, verdicts, prefills, forward.forward_ns, time.perf_counter_ns() - start)
     return BatchVerification(_settled(results), len(rows), None)
+
+
+def _pooled(oracle: Oracle, cache: SequenceCache) -> bool:
+    """Whether ``cache`` lives in the oracle's KV pool."""
+    if isinstance(oracle.slots, PagedPool):
+        return isinstance(cache, PagedCache) and cache.pool is oracle.slots
+    return isinstance(oracle.slots, SlotPool) and isinstance(cache, SlotCache)
 
 
 def _slot_cache(item: BatchItem) -> SlotCache:
@@ -193,7 +206,7 @@ def _verify_dynamic(oracle: Oracle, items: Sequence[BatchItem]) -> BatchVerifica
         return BatchVerification([_verify_alone(oracle, item) for item in items], 0, reason)
 
     start = time.perf_counter_ns()
-    results: list[Outcome | None] = [None] * len(items)
+    results: list[RowResult | None] = [None] * len(items)
     prefills = _prefill_all(oracle, items, results)
     rows = list(prefills)
     if len(rows) == 1:
@@ -225,7 +238,7 @@ def _one_by_one(
     oracle: Oracle,
     items: Sequence[BatchItem],
     prefills: dict[int, PrefillResult],
-    results: list[Outcome | None],
+    results: list[RowResult | None],
     fallback: str | None,
 ) -> BatchVerification:
     """Every prefilled item verified alone, its prefill counted as its own."""
@@ -235,7 +248,7 @@ def _one_by_one(
 
 
 def _prefill_all(
-    oracle: Oracle, items: Sequence[BatchItem], results: list[Outcome | None]
+    oracle: Oracle, items: Sequence[BatchItem], results: list[RowResult | None]
 ) -> dict[int, PrefillResult]:
     """Each item's cache brought to committed[:-1]; an item whose prefill fails gets its error."""
     prefills: dict[int, PrefillResult] = {}
@@ -251,7 +264,7 @@ def _judge(
     items: Sequence[BatchItem],
     rows: Sequence[int],
     logits: torch.Tensor,
-    results: list[Outcome | None],
+    results: list[RowResult | None],
 ) -> dict[int, Verdict]:
     """Verdicts of items[rows[r]] from logits [R, N, V]; an item that fails gets its error."""
     # Greedy rows need only the argmax: one reduction and one transfer for all of them.
@@ -276,7 +289,7 @@ def _judge(
 
 
 def _record_timings(
-    results: list[Outcome | None],
+    results: list[RowResult | None],
     verdicts: dict[int, Verdict],
     prefills: dict[int, PrefillResult],
     forward_ns: int,
@@ -310,7 +323,9 @@ def _prefill(oracle: Oracle, item: BatchItem) -> PrefillResult:
     return prefill
 
 
-def _verify_alone(oracle: Oracle, item: BatchItem, prefill: PrefillResult | None = None) -> Outcome:
+def _verify_alone(
+    oracle: Oracle, item: BatchItem, prefill: PrefillResult | None = None
+) -> RowResult:
     """``oracle.verify_timed`` of one item; ``prefill``: the one already done for it."""
     try:
         verdict, timing = oracle.verify_timed(
@@ -328,7 +343,7 @@ def _verify_alone(oracle: Oracle, item: BatchItem, prefill: PrefillResult | None
     return verdict, timing
 
 
-def _settled(results: list[Outcome | None]) -> list[Outcome]:
+def _settled(results: list[RowResult | None]) -> list[RowResult]:
     assert all(result is not None for result in results)
     return [result for result in results if result is not None]
 

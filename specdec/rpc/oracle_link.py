@@ -15,8 +15,9 @@ from typing import Any
 import grpc
 
 from specdec.core.errors import SpecdecError
+from specdec.core.messages import CommitTicket
 from specdec.core.sampling import SamplingParams
-from specdec.core.types import DraftBlock, OpenResult, Rescue, Verdict, VerifyResult
+from specdec.core.types import DraftBlock, OpenResult, Rescue, VerifyResult
 from specdec.rpc import convert
 from specdec.v1 import oracle_pb2, oracle_pb2_grpc
 
@@ -49,17 +50,19 @@ class GrpcOracleLink:
 
     def __init__(
         self,
-        stub: oracle_pb2_grpc.OracleStub,
+        channel: grpc.aio.Channel,
         session_id: str,
         grant: str = "",
         trace_context: Callable[[int | None], dict[str, str]] | None = None,
         timeout_s: float | None = None,
         round_timeout_s: float | None = None,
         allow_rescue: bool = False,
+        commit: CommitTicket | None = None,
     ) -> None:
         """``allow_rescue``: let the oracle draft a block itself after a miss (greedy
-        turns; see ``specdec.core.types.Rescue``)."""
-        self._stub = stub
+        turns; see ``specdec.core.types.Rescue``). ``commit``: the gateway's ticket, under
+        which the oracle proves each verdict (``specdec.rpc.commit_proof``)."""
+        self._stub = oracle_pb2_grpc.OracleStub(channel)
         self._session_id = session_id
         self._grant = grant
         # The trace context of a round (None: of the turn, for the open message).
@@ -76,6 +79,7 @@ class GrpcOracleLink:
         # flight on it then fail for the same reason, not as "cancelled".
         self._broken: OracleRpcError | None = None
         self._allow_rescue = allow_rescue
+        self._commit = commit
         # Rescue: what the next follow-up response on the stream (a rescue decision,
         # a rescue block's verdict) resolves. Whichever reads it first routes it: a
         # reader started for it, or an exchange in flight (which then reads on). One
@@ -168,19 +172,7 @@ class GrpcOracleLink:
         if verdict.rescue_pending:
             decision = asyncio.get_running_loop().create_future()
             self._follow(decision)
-        return VerifyResult(
-            verdict=None
-            if verdict.skipped
-            else Verdict(
-                num_accepted=verdict.num_accepted,
-                next_token=verdict.next_token_id,
-                is_bonus=verdict.is_bonus,
-            ),
-            committed_length=verdict.committed_length,
-            verify_ns=verdict.verify_ns,
-            queue_ns=verdict.queue_ns,
-            decision=decision,
-        )
+        return convert.verify_result_from_pb(verdict, decision)
 
     def _follow(self, future: asyncio.Future[Any]) -> None:
         """The next follow-up response on the stream resolves ``future``."""
@@ -201,10 +193,10 @@ class GrpcOracleLink:
             return
         value: Rescue | VerifyResult | None = None
         if response.WhichOneof("kind") == "rescue":
-            tokens = tuple(response.rescue.token_ids)
-            if tokens:
+            block = convert.rescue_block_from_pb(response.rescue)
+            if block is not None:
                 follow: asyncio.Future[VerifyResult] = asyncio.get_running_loop().create_future()
-                value = Rescue(DraftBlock(tokens), follow)
+                value = Rescue(block, follow)
                 self._follow(follow)
         else:
             value = self._result(response.verdict)
@@ -240,19 +232,15 @@ class GrpcOracleLink:
                 seed=seed,
                 grant=self._grant,
                 allow_rescue=self._allow_rescue,
+                commit=convert.ticket_to_pb(self._commit),
             ),
             trace_context=self._trace_context(None),
         )
         response = await self._exchange(request)
         assert response is not None
-        opened = response.opened
+        opened = convert.opened_from_pb(response.opened)
         self.oracle_id = opened.oracle_id
-        return OpenResult(
-            cached_tokens=opened.cached_tokens,
-            computed_tokens=opened.computed_tokens,
-            prefill_ns=opened.prefill_ns,
-            oracle_id=opened.oracle_id,
-        )
+        return opened
 
     async def verify(
         self,

@@ -1,7 +1,7 @@
 """Transport security and caller identity: TLS / mutual TLS, bearer tokens, principals.
 
-Three settings shared by the services (``tls_cert``, ``tls_key``, ``tls_ca``) and
-one per dialling side (``tls_server_name``) decide the transport:
+The services' ``specdec.config.SecuritySettings`` (``tls_cert``, ``tls_key``,
+``tls_ca``, and ``tls_server_name`` for the dialling side) decide the transport:
 
 * a server with ``tls_cert`` + ``tls_key`` serves TLS; with ``tls_ca`` as well it
   *requires* a client certificate signed by that CA (mutual TLS);
@@ -26,10 +26,11 @@ import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 
+from specdec.config import SecuritySettings
 from specdec.core.errors import InvalidArgument
 from specdec.rpc.interceptors import rewrap
 
@@ -39,6 +40,9 @@ _PRINCIPAL: contextvars.ContextVar[str] = contextvars.ContextVar("specdec_princi
 
 # The principal of the single shared token (``auth_token``).
 DEFAULT_PRINCIPAL = "default"
+# The principal of the shared worker token; a per-device one (``worker_tokens``) is the
+# device's own name.
+WORKER_PRINCIPAL = "worker"
 AUTHORIZATION = "authorization"
 
 
@@ -64,15 +68,7 @@ def read_pem(source: str | Path | bytes, setting: str) -> bytes:
     return data
 
 
-class TlsSettings(Protocol):
-    """The TLS fields every service config has."""
-
-    tls_cert: str
-    tls_key: str
-    tls_ca: str
-
-
-def check_tls_settings(config: TlsSettings, *, serves: bool) -> None:
+def check_tls_settings(config: SecuritySettings, *, serves: bool) -> None:
     """Raise ``InvalidArgument`` for combinations that cannot work."""
     if bool(config.tls_cert) != bool(config.tls_key):
         raise InvalidArgument(
@@ -86,7 +82,7 @@ def check_tls_settings(config: TlsSettings, *, serves: bool) -> None:
         )
 
 
-def server_credentials(config: TlsSettings) -> grpc.ServerCredentials | None:
+def server_credentials(config: SecuritySettings) -> grpc.ServerCredentials | None:
     """TLS credentials of a server (None: plaintext); with ``tls_ca``, mutual TLS."""
     check_tls_settings(config, serves=True)
     if not config.tls_cert:
@@ -189,8 +185,8 @@ class ChannelSecurity:
         )
 
     @classmethod
-    def of(cls, config: Any, token: str | None = None) -> ChannelSecurity:
-        """From a service config with tls_cert/tls_key/tls_ca/tls_server_name/auth_token."""
+    def of(cls, config: SecuritySettings, token: str | None = None) -> ChannelSecurity:
+        """From a service's settings; ``token`` replaces its ``auth_token``."""
         return cls.from_settings(
             tls_cert=config.tls_cert,
             tls_key=config.tls_key,
@@ -260,8 +256,9 @@ class TokenTable:
         return found
 
 
-def parse_principal_tokens(text: str) -> dict[str, str]:
-    """``"alice:TOKEN1,bob:TOKEN2"`` -> {TOKEN1: "alice", TOKEN2: "bob"}."""
+def parse_principal_tokens(text: str, flag: str = "--auth-tokens") -> dict[str, str]:
+    """``"alice:TOKEN1,bob:TOKEN2"`` -> {TOKEN1: "alice", TOKEN2: "bob"}; ``flag`` names
+    the setting in errors."""
     tokens: dict[str, str] = {}
     for item in (part.strip() for part in text.split(",")):
         if not item:
@@ -269,13 +266,29 @@ def parse_principal_tokens(text: str) -> dict[str, str]:
         principal, sep, token = item.partition(":")
         if not sep or not principal.strip() or not token.strip():
             raise InvalidArgument(
-                f"--auth-tokens entry {principal.strip() or item[:3] + '...'!r} is not "
+                f"{flag} entry {principal.strip() or item[:3] + '...'!r} is not "
                 "PRINCIPAL:TOKEN (comma-separated, e.g. alice:TOKEN1,bob:TOKEN2)"
             )
         if token.strip() in tokens:
-            raise InvalidArgument(f"--auth-tokens: principal {principal!r} reuses a token")
+            raise InvalidArgument(f"{flag}: principal {principal!r} reuses a token")
+        if principal.strip() in tokens.values():
+            raise InvalidArgument(f"{flag}: principal {principal.strip()!r} appears twice")
         tokens[token.strip()] = principal.strip()
     return tokens
+
+
+def worker_token_table(worker_token: str, worker_tokens: str) -> dict[str, str]:
+    """The tokens workers may present: the shared ``worker_token`` (principal "worker")
+    and each device's own (``worker_tokens``, "edge1:TOKEN1,edge2:TOKEN2")."""
+    devices = parse_principal_tokens(worker_tokens, "--worker-tokens")
+    if WORKER_PRINCIPAL in devices.values():
+        raise InvalidArgument(
+            f"--worker-tokens: {WORKER_PRINCIPAL!r} names the shared --worker-token; "
+            "give each device another name"
+        )
+    if worker_token in devices:
+        raise InvalidArgument("--worker-tokens reuses the shared worker token; use one")
+    return {**({worker_token: WORKER_PRINCIPAL} if worker_token else {}), **devices}
 
 
 def _bearer(metadata: Any) -> str | None:
@@ -355,21 +368,31 @@ def _guard_stream(behavior: Callable[..., AsyncIterator[Any]], check: Check) -> 
     return handler
 
 
-def gateway_auth(auth_token: str, auth_tokens: str, worker_token: str) -> AuthInterceptor | None:
+def gateway_auth(
+    auth_token: str, auth_tokens: str, worker_token: str, worker_tokens: str = ""
+) -> AuthInterceptor | None:
     """The gateway's interceptor (None: authentication off).
 
     Applications (service Gateway) present ``auth_token`` (principal "default") or one
     of ``auth_tokens`` ("alice:TOKEN1,bob:TOKEN2", each its own principal). Workers
     (service WorkerRegistry) present the worker token: ``worker_token``, or
-    ``auth_token`` when that is empty (one shared token for everything).
+    ``auth_token`` when that is empty (one shared token for everything), or a device's
+    own token of ``worker_tokens`` (its principal is the device's name).
     """
     apps = parse_principal_tokens(auth_tokens)
     if auth_token:
         if auth_token in apps:
             raise InvalidArgument("--auth-token is also one of --auth-tokens; use one")
         apps[auth_token] = DEFAULT_PRINCIPAL
-    worker = worker_token or auth_token
-    if apps and not worker:
+    workers = worker_token_table(worker_token or auth_token, worker_tokens)
+    if worker_tokens.strip() and not (worker_token or auth_token):
+        raise InvalidArgument(
+            "--worker-tokens needs --worker-token too: oracles register with the shared "
+            "worker token, a device's own token registers drafts only"
+        )
+    if any(workers.get(token, WORKER_PRINCIPAL) != WORKER_PRINCIPAL for token in apps):
+        raise InvalidArgument("a --worker-tokens token is also an application token")
+    if apps and not worker_token and not auth_token:
         raise InvalidArgument(
             "--auth-tokens protects the API but workers would register unauthenticated: "
             "set --worker-token (SPECDEC_WORKER_TOKEN) and give it to the oracles and "
@@ -378,15 +401,15 @@ def gateway_auth(auth_token: str, auth_tokens: str, worker_token: str) -> AuthIn
     protected: dict[str, TokenTable] = {}
     if apps:
         protected["specdec.v1.Gateway"] = TokenTable(apps, what="application token")
-    if worker:
-        protected["specdec.v1.WorkerRegistry"] = TokenTable({worker: "worker"}, what="worker token")
+    if workers:
+        protected["specdec.v1.WorkerRegistry"] = TokenTable(workers, what="worker token")
     return AuthInterceptor(protected) if protected else None
 
 
-def oracle_auth(auth_token: str) -> AuthInterceptor | None:
-    """The oracle's interceptor: Verify, GetInfo, ReleaseSession need the worker token."""
-    if not auth_token:
+def oracle_auth(auth_token: str, worker_tokens: str = "") -> AuthInterceptor | None:
+    """The oracle's interceptor: Verify, GetInfo, ReleaseSession need the worker token
+    (``auth_token``) or a device's own (``worker_tokens``, for its drafts' Verify)."""
+    workers = worker_token_table(auth_token, worker_tokens)
+    if not workers:
         return None
-    return AuthInterceptor(
-        {"specdec.v1.Oracle": TokenTable({auth_token: "worker"}, what="worker token")}
-    )
+    return AuthInterceptor({"specdec.v1.Oracle": TokenTable(workers, what="worker token")})

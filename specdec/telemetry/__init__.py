@@ -1,7 +1,7 @@
 """OpenTelemetry for specdec: one trace per request across the three services, Prometheus
 metrics on each, and a local span file that ``specdec traces`` reads without a backend.
 
-    configure_telemetry(service, metrics_port)   once per process, at start; from OTEL_* vars
+    configure_telemetry(service, metrics_port, trace_file)   once per process, at start
     server_interceptors()                        the gRPC server's tracing interceptor, or []
     round_tracer(session_id, carrier)            run_turn observer: specdec.round / .draft
     request_observer(...)                        gateway: GenAI attributes, request metrics
@@ -15,7 +15,6 @@ request does no span work. See ``setup`` for the environment variables.
 from __future__ import annotations
 
 from specdec.telemetry.setup import (
-    TRACE_FILE_ENV,
     Telemetry,
     metrics,
     observe,
@@ -27,7 +26,6 @@ from specdec.telemetry.setup import (
 from specdec.telemetry.setup import configure as configure_telemetry
 
 __all__ = [
-    "TRACE_FILE_ENV",
     "Telemetry",
     "configure_telemetry",
     "metrics",

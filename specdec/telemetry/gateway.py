@@ -16,48 +16,38 @@ from opentelemetry.trace import Span
 
 from specdec.core.sampling import SamplingParams
 from specdec.core.stopping import FinishReason
-from specdec.core.types import RoundReport, TurnStats
+from specdec.core.types import DrafterKind, RoundReport, TurnStats
 from specdec.telemetry import names
 from specdec.telemetry.metrics import Metrics
 from specdec.telemetry.setup import metrics, tracer
-from specdec.v1 import common_pb2
+
+_LABELS: dict[DrafterKind, dict[str, str]] = {}
+_POSITION_LABELS: dict[tuple[DrafterKind, int], dict[str, str]] = {}
+_BLOCK_LABELS: dict[tuple[DrafterKind, str], dict[str, str]] = {}
 
 
-def drafter_name(kind: int) -> str:
-    """DrafterKind value -> "model" | "ngram" | "none" | "unspecified"."""
-    try:
-        return common_pb2.DrafterKind.Name(kind).removeprefix("DRAFTER_KIND_").lower()
-    except ValueError:
-        return str(kind)
-
-
-_LABELS: dict[int, dict[str, str]] = {}
-_POSITION_LABELS: dict[tuple[int, int], dict[str, str]] = {}
-_BLOCK_LABELS: dict[tuple[int, str], dict[str, str]] = {}
-
-
-def _labels(drafter: int) -> dict[str, str]:
+def _labels(drafter: DrafterKind) -> dict[str, str]:
     labels = _LABELS.get(drafter)
     if labels is None:
-        labels = _LABELS[drafter] = {"drafter": drafter_name(drafter)}
+        labels = _LABELS[drafter] = {"drafter": drafter.value}
     return labels
 
 
-def _block_labels(drafter: int, origin: str) -> dict[str, str]:
+def _block_labels(drafter: DrafterKind, origin: str) -> dict[str, str]:
     labels = _BLOCK_LABELS.get((drafter, origin))
     if labels is None:
         labels = _BLOCK_LABELS[drafter, origin] = {**_labels(drafter), "block": origin}
     return labels
 
 
-def _position_labels(drafter: int, i: int) -> dict[str, str]:
+def _position_labels(drafter: DrafterKind, i: int) -> dict[str, str]:
     labels = _POSITION_LABELS.get((drafter, i))
     if labels is None:
         labels = _POSITION_LABELS[drafter, i] = {**_labels(drafter), "position": str(i)}
     return labels
 
 
-def record_round(report: RoundReport, drafter: int) -> None:
+def record_round(report: RoundReport, drafter: DrafterKind) -> None:
     """Count one verified round (the gateway sees every round of every request)."""
     recorder = metrics()
     if recorder is None:
@@ -86,7 +76,7 @@ class TurnSummaryLike(Protocol):
     stats: TurnStats
     oracle_id: str
     draft_id: str
-    drafter: int
+    drafter: DrafterKind
     failovers: int
     model: str
 
@@ -130,7 +120,7 @@ class RequestObserver:
 
     def _finished(self, summary: TurnSummaryLike, finish: FinishReason) -> None:
         s = summary.stats
-        drafter = drafter_name(summary.drafter)
+        drafter = summary.drafter.value
         if self._metrics is not None:
             m = self._metrics
             m.requests.add(1, {"finish_reason": finish.value, "drafter": drafter})

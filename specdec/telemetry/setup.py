@@ -1,13 +1,16 @@
 """Turn telemetry on for one service process, from the standard ``OTEL_*`` variables.
 
-Tracing is on when an exporter is configured, and off otherwise:
+Tracing is on when an exporter is configured or a trace file is given, and off otherwise:
 
     OTEL_TRACES_EXPORTER      otlp | console | none | <installed exporter>, comma separated;
                               unset: otlp if an OTLP endpoint is set, else nothing
     OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT   e.g. http://jaeger:4317
     OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL   grpc (default) or http/protobuf
-    SPECDEC_TRACE_FILE        also append finished spans as JSON lines (``specdec traces``)
     OTEL_SDK_DISABLED=true    everything off
+
+and the service's ``--trace-file`` (``SPECDEC_TRACE_FILE``, read by ``specdec.config``
+like every SPECDEC_* setting) also appends finished spans as JSON lines
+(``specdec traces``).
 
 The SDK reads the rest itself: OTEL_SERVICE_NAME (default specdec-<service>),
 OTEL_RESOURCE_ATTRIBUTES, OTEL_TRACES_SAMPLER[_ARG], OTEL_BSP_*, the exporter's
@@ -42,7 +45,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TRACE_FILE_ENV = "SPECDEC_TRACE_FILE"
 INSTRUMENTATION_NAME = "specdec"
 # RPCs kept out of tracing: probes, reflection, and the workers' lifelong Connect streams
 # (one span per worker lifetime would say nothing and never end).
@@ -152,9 +154,9 @@ def _rpc_filter() -> Any:
     return filters.negate(filters.any_of(*(filters.service_prefix(s) for s in UNTRACED_SERVICES)))
 
 
-def _configure_tracing(service: str) -> None:
+def _configure_tracing(service: str, trace_file: str) -> None:
     names = exporter_names()
-    trace_file = _env(TRACE_FILE_ENV)
+    trace_file = trace_file.strip()
     if not names and not trace_file:
         return
     from opentelemetry import trace
@@ -219,8 +221,9 @@ class Telemetry:
         await asyncio.to_thread(shutdown)
 
 
-def configure(service: str, metrics_port: int = 0) -> Telemetry:
-    """Set up tracing (from the environment) and metrics (``metrics_port`` > 0) once.
+def configure(service: str, metrics_port: int = 0, trace_file: str = "") -> Telemetry:
+    """Set up tracing (from the environment, and ``trace_file`` when not empty) and
+    metrics (``metrics_port`` > 0) once.
 
     service: "gateway", "oracle" or "draft" (names the default OTEL_SERVICE_NAME).
     Raises ``InvalidArgument`` for an exporter or protocol that cannot be used.
@@ -228,7 +231,7 @@ def configure(service: str, metrics_port: int = 0) -> Telemetry:
     if not _state.configured:
         _state.configured = True
         _state.service = service
-        _configure_tracing(service)
+        _configure_tracing(service, trace_file)
     if metrics_port and _state.metrics is None:
         _configure_metrics(service, metrics_port)
     return Telemetry(tracing=_state.tracer is not None, metrics_port=_state.metrics_port)

@@ -16,7 +16,6 @@ from concurrent.futures import Executor
 import grpc
 import pytest
 
-import oracle_service.engine as engine_module
 import oracle_service.rescue as rescue_module
 from oracle_service.sessions import Lease
 from specdec.core.sampling import SamplingParams
@@ -203,7 +202,7 @@ async def test_a_miss_behind_another_streams_rescue_block_is_not_held_up(
                 gate.wait(10)
             return super()._draft(lease, committed, k)
 
-    monkeypatch.setattr(engine_module, "RescueDrafter", SlowFirst)
+    monkeypatch.setattr(rescue_module, "RescueDrafter", SlowFirst)
     oracle = await rescuing(5_000_000_000)
     base = len(PROMPT)
     wrong = (reference[1] + 1) % 96

@@ -47,7 +47,7 @@ def hold_batches(engine: OracleEngine, held: Callable[[list[PendingBlock]], bool
     lock = threading.Lock()
     running: list[set[str]] = []
     overlaps: list[int] = []
-    verify = engine._verify_batch
+    verify = engine._runner.verify
 
     def verify_held(batch: list[PendingBlock]) -> Any:
         ids = {pending.session.session_id for pending in batch}
@@ -64,7 +64,7 @@ def hold_batches(engine: OracleEngine, held: Callable[[list[PendingBlock]], bool
             with lock:
                 running.remove(ids)
 
-    engine._verify_batch = verify_held  # type: ignore[method-assign]
+    engine._runner.verify = verify_held  # type: ignore[method-assign]
     return gate, overlaps
 
 
@@ -188,7 +188,7 @@ def test_verify_lanes_are_configured_and_checked(oracle_model: LoadedModel) -> N
     ]:
         with pytest.raises(InvalidArgument, match=message):
             load_config(OracleConfig, argv, {}).validate()
-    with pytest.raises(InvalidArgument, match="rescue blocks need one verify lane"):
+    with pytest.raises(InvalidArgument, match="needs one verify lane"):
         OracleEngine(
             oracle_model,
             oracle_id="x",
