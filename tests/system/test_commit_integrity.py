@@ -26,6 +26,7 @@ import grpc
 import pytest
 
 from specdec.client import AsyncClient, Client
+from specdec.core.errors import quoted
 from specdec.core.messages import (
     Assignment,
     AssignmentCommitted,
@@ -42,7 +43,7 @@ from specdec.core.types import DraftBlock, RoundReport
 from specdec.launch import Cluster, cluster
 from specdec.rpc import convert
 from specdec.rpc.channels import open_channel
-from specdec.rpc.oracle_link import GrpcOracleLink
+from specdec.rpc.oracle_link import CORE_INTERNAL, GrpcOracleLink
 from specdec.rpc.security import ChannelSecurity
 from specdec.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 from tests.cluster_tools import reference
@@ -143,8 +144,10 @@ class FakeDraft:
             yield await self._outbox.get()
 
     async def _report_load(self) -> None:
-        """A load report every half second keeps it responsive, as a real draft."""
-        while True:
+        """A load report every half second keeps it responsive, as a real draft, until its
+        first assignment: from then on it writes only its reports (a write racing the
+        gateway's end of the stream can hide that end's status)."""
+        while not self.assignments:
             await self._outbox.put(registry_pb2.ConnectRequest(load=registry_pb2.WorkerLoad()))
             await asyncio.sleep(0.5)
 
@@ -166,11 +169,21 @@ class FakeDraft:
                         await self._outbox.put(convert.worker_message_to_pb(report))
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
+            if code == grpc.StatusCode.INTERNAL and exc.details() == CORE_INTERNAL:
+                code = self._gateway_said()
         finally:
             load.cancel()
             await channel.close()
             if not self.ended.done():
                 self.ended.set_result(code)
+
+    def _gateway_said(self) -> grpc.StatusCode:
+        """The status the gateway ended this fake's stream with, from its own log: grpc core
+        answers INTERNAL "Internal error from Core" to a write racing that end."""
+        assert self.rig.cluster.gateway is not None
+        gateway = self.rig.cluster.gateway.log()
+        dismissed = f"refused a report of draft {quoted(self.worker_id)}" in gateway
+        return grpc.StatusCode.PERMISSION_DENIED if dismissed else grpc.StatusCode.INTERNAL
 
     async def end(self, timeout_s: float = 10) -> grpc.StatusCode:
         """How the gateway ended its stream (waits up to ``timeout_s`` for it)."""
