@@ -1,12 +1,12 @@
 """One Generate turn at the gateway: pick workers, run the rounds, stream, fail over.
 
 The gateway's session tokens are the source of truth. Workers report commits;
-each commit must extend exactly the session's committed length (anything else
-is a duplicate or stale report and is ignored). The gateway runs its own stop
-checker over the committed stream, so the output ends exactly where the
-oracle alone would end, even across a failover. When a worker disappears
-mid-turn, the turn resumes on another one from the committed tokens (the new
-oracle re-prefills them): time is lost, tokens never are.
+each must extend exactly the session's committed length and carry the oracle's
+proof (``gateway.commits``): anything else is refused, and the turn fails over
+without it. The gateway runs its own stop checker over the committed stream, so
+the output ends exactly where the oracle alone would end, even across a failover.
+When a worker disappears mid-turn, the turn resumes on another one from the
+committed tokens (the new oracle re-prefills them): time is lost, tokens never are.
 """
 
 from __future__ import annotations
@@ -21,11 +21,22 @@ from dataclasses import dataclass
 
 import grpc
 
+from gateway.commits import CommitGate, CommitRefused
 from gateway.detokenize import IncrementalDecoder
+from gateway.limits import check_fits_worker_link
 from gateway.registry import Registry, Worker
+from gateway.resume import continue_turn
 from gateway.sessions import Session
+from gateway.store import TurnRecord
 from specdec.core.adaptive import AdaptiveMemory
-from specdec.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from specdec.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    SpecdecError,
+    Unavailable,
+    quoted,
+)
 from specdec.core.messages import (
     Assignment,
     AssignmentCommitted,
@@ -38,9 +49,12 @@ from specdec.core.messages import (
 from specdec.core.sampling import SamplingParams, resolve_seed, validate_token_ids
 from specdec.core.stopping import FinishReason, turn_stop_checker
 from specdec.core.types import DrafterKind, Speculation, TurnStats
+from specdec.core.vocab import vocabulary_mismatch
 from specdec.core.wiring import run_assignment
 from specdec.drafters.ngram import NgramDrafter
 from specdec.drafters.proposers import InlineProposer
+from specdec.rpc import convert
+from specdec.rpc.commit_proof import new_ticket
 from specdec.rpc.oracle_link import GrpcOracleLink, OracleRpcError
 from specdec.telemetry.gateway import record_round
 from specdec.telemetry.rounds import current_trace_context, round_tracer
@@ -57,12 +71,17 @@ class TurnRequest:
     """A validated Generate request, protobuf-free.
 
     speculation: k resolved (the gateway's default when unset; 0 with drafter none);
-    the draft settings left unset are the draft's defaults.
+    the draft settings left unset are the draft's defaults. params: the seed resolved.
+    turn_id: what the turn is resumed by. resume_after: None for a new turn; else the
+    session's latest turn (``Session.turn``) goes on, after the first ``resume_after``
+    of its generated tokens, which the client has (``gateway.resume``).
     """
 
     prompt_ids: list[int]
     params: SamplingParams
     speculation: Speculation
+    turn_id: str = ""
+    resume_after: int | None = None
 
     @property
     def k(self) -> int:
@@ -165,14 +184,20 @@ class TurnRunner:
         self, session: Session, oracle: Worker, request: TurnRequest, excluded: set[str]
     ) -> Worker | None:
         drafts = [d for d in self.registry.drafts() if d.worker_id not in excluded and d.responsive]
-        compatible = [
-            d for d in drafts if d.info.vocab_fingerprint == oracle.info.vocab_fingerprint
-        ]
+        reasons = {
+            d.worker_id: vocabulary_mismatch(
+                d.info.vocab_fingerprint,
+                d.info.vocab_size,
+                oracle.info.vocab_fingerprint,
+                oracle.info.vocab_size,
+            )
+            for d in drafts
+        }
+        compatible = [d for d in drafts if reasons[d.worker_id] is None]
         if request.speculation.drafter is DrafterKind.MODEL and drafts and not compatible:
             raise FailedPrecondition(
-                f"no registered draft shares oracle {oracle.worker_id}'s vocabulary "
-                f"({oracle.info.vocab_fingerprint}); drafts have "
-                f"{sorted({d.info.vocab_fingerprint for d in drafts})}"
+                f"no registered draft can draft for oracle {oracle.worker_id}: "
+                + "; ".join(f"{name}: {why}" for name, why in sorted(reasons.items()))
             )
         free = [d for d in compatible if d.has_capacity]
         return _prefer(free, session.draft_id) if free else None
@@ -192,41 +217,64 @@ class TurnRunner:
         produced = 0
         loop = asyncio.get_running_loop()
         t_start = loop.time()
+        if request.resume_after is not None:
+            # A turn cut by its gateway's death goes on from its durable tokens.
+            resumed = continue_turn(session, request.resume_after, stop, decoder)
+            context_before, produced, started = resumed.start, resumed.produced, True
+            if resumed.finish is not None:
+                if session.turn is not None and session.turn.finish is None:
+                    await session.finish_turn(resumed.finish, session.oracle_id, "")
+                yield Chunk(resumed.tokens, resumed.text, resumed.finish, summary)
+                return
+            if resumed.tokens:
+                yield Chunk(resumed.tokens, resumed.text)
         while True:
             oracle = await self.pick_oracle(session, excluded)
             if not started:
                 self._check_prompt(session, request, oracle)
-                session.tokens.extend(request.prompt_ids)
+                await session.begin_turn(
+                    request.prompt_ids,
+                    TurnRecord(
+                        request.turn_id,
+                        len(session.tokens),
+                        len(request.prompt_ids),
+                        dataclasses.replace(params, seed=seed),
+                        request.speculation,
+                    ),
+                )
                 started = True
             remaining = dataclasses.replace(params, max_new_tokens=params.max_new_tokens - produced)
-            attempt, draft = self._attempt(session, request, remaining, seed, oracle, excluded)
+            attempt, draft, gate = self._attempt(
+                session, request, remaining, seed, oracle, excluded
+            )
             summary.oracle_id = oracle.worker_id
             summary.model = oracle.info.model
             summary.draft_id = draft.worker_id if draft else ""
             summary.drafter = _drafter_kind(request, draft)
             finish: FinishReason | None = None
-            ended = False
+            ended = opened = False
             try:
                 async for event in attempt:
                     if isinstance(event, AssignmentOpened):
                         summary.stats.cached_tokens += event.opened.cached_tokens
                         summary.stats.prefilled_tokens += event.opened.computed_tokens
                         summary.stats.prefill_ns += event.opened.prefill_ns
+                        opened = True
                         continue
+                    try:
+                        if isinstance(event, AssignmentFinished):
+                            gate.finish(event, len(session.tokens))
+                        else:
+                            gate.commit(event, len(session.tokens))
+                    except CommitRefused as refused:
+                        raise await self._refuse(refused, session, oracle, draft) from None
                     if isinstance(event, AssignmentFinished):
                         finish = finish or event.reason or FinishReason.LENGTH
                         ended = True
                         break
-                    if event.base_length != len(session.tokens):
-                        log.warning(
-                            "ignoring a commit at %d (session at %d)",
-                            event.base_length,
-                            len(session.tokens),
-                        )
-                        continue
                     keep, finish = stop.feed(event.token_ids)
                     tokens = list(event.token_ids[:keep])
-                    session.tokens.extend(tokens)
+                    await session.commit(tokens)  # durable before the client sees them
                     produced += keep
                     summary.stats.add(dataclasses.replace(event.report, committed=keep))
                     record_round(event.report, summary.drafter)
@@ -248,25 +296,52 @@ class TurnRunner:
                 continue
             except BaseException:
                 if produced == 0:  # nothing was generated: the turn never happened
-                    del session.tokens[context_before:]
+                    await session.rollback(context_before)
+                if opened:  # its workers hold the session's context: the next turn reuses it
+                    with contextlib.suppress(SpecdecError):
+                        await session.note_workers(
+                            oracle.worker_id, draft.worker_id if draft else ""
+                        )
                 raise
             finally:
                 await attempt.aclose()
             if finish is None and not ended:
                 raise Unavailable("the worker stopped reporting without finishing the turn")
-            session.oracle_id = oracle.worker_id
-            session.draft_id = draft.worker_id if draft else session.draft_id
+            await session.finish_turn(
+                finish or FinishReason.LENGTH,
+                oracle.worker_id,
+                draft.worker_id if draft else "",
+            )
             summary.stats.total_ns = int((loop.time() - t_start) * 1e9)
             last = tokens if finish is not None and not ended else []
             tail = decoder.feed(last) if last else ""
             yield Chunk(last, tail + decoder.flush(), finish, summary)
             return
 
+    async def _refuse(
+        self, refused: CommitRefused, session: Session, oracle: Worker, draft: Worker | None
+    ) -> _Broke:
+        """A report that is not the oracle's word: nothing of it was applied. The turn
+        fails over without its worker, and a draft that sent it is dismissed."""
+        culprit = draft or oracle
+        log.warning(
+            "refused a report of %s %s for session %s: %s; the turn fails over",
+            "draft" if draft else "oracle",
+            quoted(culprit.worker_id),
+            session.session_id[:8],
+            refused,
+        )
+        if draft is not None:
+            await self.registry.dismiss(draft, f"the gateway refused its report: {refused}")
+        return _Broke(culprit, f"{culprit.worker_id}'s report refused: {refused}")
+
     def eos_token_ids(self) -> tuple[int, ...]:
         oracles = self.registry.oracles()
         return tuple(oracles[0].info.eos_token_ids) if oracles else ()
 
     def _check_prompt(self, session: Session, request: TurnRequest, oracle: Worker) -> None:
+        """Before the prompt joins the session: its ids, the context, and that the turn's
+        messages to its workers fit their links."""
         validate_token_ids(request.prompt_ids, oracle.info.vocab_size, "prompt_token_ids")
         total = len(session.tokens) + len(request.prompt_ids)
         if oracle.info.max_context and total >= oracle.info.max_context:
@@ -275,6 +350,35 @@ class TurnRunner:
                 f"{len(request.prompt_ids)}), but the oracle's model takes at most "
                 f"{oracle.info.max_context - 1} so that one token can be generated"
             )
+        tokens = (*session.tokens, *request.prompt_ids)
+        probe = self._job(session, request, request.params, 0, oracle, request.speculation, tokens)
+        check_fits_worker_link(convert.wire_size(probe), total)
+
+    def _job(
+        self,
+        session: Session,
+        request: TurnRequest,
+        params: SamplingParams,
+        seed: int,
+        oracle: Worker,
+        speculation: Speculation,
+        tokens: Sequence[int],
+    ) -> Assignment:
+        """One attempt of the turn on ``oracle``, from the session's ``tokens``."""
+        return Assignment(
+            assignment_id=uuid.uuid4().hex,
+            session_id=session.session_id,
+            oracle_id=oracle.worker_id,
+            oracle_address=oracle.info.draft_address,
+            token_ids=tuple(tokens),
+            prompt_tokens=len(request.prompt_ids),
+            params=params,
+            seed=seed,
+            speculation=speculation,
+            grant=self.registry.grant(session.session_id, oracle),
+            max_context=oracle.info.max_context,
+            commit=new_ticket(oracle.commit_key) if oracle.commit_key else None,
+        )
 
     def _attempt(
         self,
@@ -284,7 +388,7 @@ class TurnRunner:
         seed: int,
         oracle: Worker,
         excluded: set[str],
-    ) -> tuple[AsyncGenerator[_Event, None], Worker | None]:
+    ) -> tuple[AsyncGenerator[_Event, None], Worker | None, CommitGate]:
         want_model = request.k > 0 and request.speculation.drafter in (
             DrafterKind.AUTO,
             DrafterKind.MODEL,
@@ -293,22 +397,11 @@ class TurnRunner:
         speculation = dataclasses.replace(
             request.speculation, drafter=_drafter_kind(request, draft)
         )
-        job = Assignment(
-            assignment_id=uuid.uuid4().hex,
-            session_id=session.session_id,
-            oracle_id=oracle.worker_id,
-            oracle_address=oracle.info.draft_address,
-            token_ids=tuple(session.tokens),
-            prompt_tokens=len(request.prompt_ids),
-            params=params,
-            seed=seed,
-            speculation=speculation,
-            grant=self.registry.grant(session.session_id, oracle),
-            max_context=oracle.info.max_context,
-        )
+        job = self._job(session, request, params, seed, oracle, speculation, session.tokens)
+        gate = CommitGate(job, oracle.commit_key)
         if draft is not None:
-            return self._draft_attempt(job, oracle, draft), draft
-        return self._local_attempt(job, oracle), None
+            return self._draft_attempt(job, oracle, draft), draft, gate
+        return self._local_attempt(job, oracle), None, gate
 
     async def _draft_attempt(
         self, job: Assignment, oracle: Worker, draft: Worker
@@ -363,6 +456,7 @@ class TurnRunner:
             grant=job.grant,
             trace_context=rounds.trace_context if rounds is not None else None,
             round_timeout_s=self._worker_silence_s,
+            commit=job.commit,
         )
         queue: asyncio.Queue[AssignmentReport] = asyncio.Queue()
         task = asyncio.create_task(

@@ -14,18 +14,27 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
-from specdec.core.errors import FailedPrecondition, InvalidArgument, SpecdecError
+from gateway.identity import WorkerIdentity, check_role, check_takeover, identity_of
+from specdec.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    SpecdecError,
+    quoted,
+)
 from specdec.core.messages import (
     AssignmentFailed,
     AssignmentReport,
+    CommitKey,
     GatewayMessage,
     Registered,
+    ReleaseSessions,
     WorkerKind,
     WorkerLoad,
     WorkerMessage,
@@ -33,6 +42,7 @@ from specdec.core.messages import (
 )
 from specdec.rpc import convert
 from specdec.rpc.channels import open_channel
+from specdec.rpc.commit_proof import new_commit_key
 from specdec.rpc.grants import GrantSigner
 from specdec.rpc.security import ChannelSecurity
 from specdec.v1 import oracle_pb2, oracle_pb2_grpc, registry_pb2, registry_pb2_grpc
@@ -40,6 +50,7 @@ from specdec.v1 import oracle_pb2, oracle_pb2_grpc, registry_pb2, registry_pb2_g
 log = logging.getLogger(__name__)
 
 LOAD_INTERVAL_MS = 1000
+MAX_WORKER_ID_CHARS = 128
 # A worker reports its load every LOAD_INTERVAL_MS; one silent for this long is hung (or
 # its link stalled) even though its stream is open: it gets no new turns until it speaks.
 SILENT_AFTER_S = 3 * LOAD_INTERVAL_MS / 1000
@@ -59,6 +70,11 @@ class Worker:
     alive: bool = True
     last_seen: float = field(default_factory=time.monotonic)  # its last message, any kind
     security: ChannelSecurity | None = None  # how the gateway dials it (TLS, token)
+    identity: WorkerIdentity = field(default_factory=WorkerIdentity)  # what it proved
+    commit_key: CommitKey | None = None  # oracles: what they prove their commits with
+    # Set (with the reason) when the gateway ends its stream: replaced, or caught lying.
+    dismissed: asyncio.Event = field(default_factory=asyncio.Event)
+    dismissal: str = ""
 
     @property
     def worker_id(self) -> str:
@@ -111,12 +127,14 @@ class Registry:
         required_fingerprint: str | None = None,
         security: ChannelSecurity | None = None,
         grants: GrantSigner | None = None,
+        commit_secret: str = "",
     ) -> None:
         self._workers: dict[str, Worker] = {}
         self._waiting: dict[str, asyncio.Queue[AssignmentReport]] = {}
         self._required_fingerprint = required_fingerprint
         self._security = security  # dialling oracles: TLS material and worker token
         self._grants = grants
+        self._commit_secret = commit_secret  # "": a random commit key per oracle registration
         self.changed = asyncio.Condition()
 
     def grant(self, session_id: str, oracle: Worker) -> str:
@@ -135,23 +153,45 @@ class Registry:
     def get(self, worker_id: str) -> Worker | None:
         return self._workers.get(worker_id)
 
-    async def register(self, info: WorkerRegistration) -> Worker:
-        if not info.worker_id:
-            raise InvalidArgument("RegisterWorker.worker_id must be set")
+    async def register(
+        self, info: WorkerRegistration, identity: WorkerIdentity | None = None
+    ) -> Worker:
+        """Add a worker; ALREADY_EXISTS when a live worker has its id and it does not
+        prove to be that worker (``gateway.identity``)."""
+        identity = identity or WorkerIdentity()
+        if not info.worker_id or len(info.worker_id) > MAX_WORKER_ID_CHARS:
+            raise InvalidArgument(
+                f"RegisterWorker.worker_id must have 1 to {MAX_WORKER_ID_CHARS} characters, "
+                f"got {len(info.worker_id)}"
+            )
+        check_role(info, identity)
         if info.kind is WorkerKind.ORACLE:
             if not info.address:
                 raise InvalidArgument("an oracle must register the address it listens on")
             if self._required_fingerprint and info.vocab_fingerprint != self._required_fingerprint:
                 raise FailedPrecondition(
-                    f"oracle {info.worker_id} has vocabulary {info.vocab_fingerprint}, but the "
+                    f"oracle {info.worker_id!r} has vocabulary {info.vocab_fingerprint}, but the "
                     f"gateway's tokenizer is {self._required_fingerprint}: point the gateway's "
                     "--tokenizer at the oracle's model"
                 )
         old = self._workers.get(info.worker_id)
         if old is not None:
+            try:
+                check_takeover(info.worker_id, old.identity, identity, old.uptime_s)
+            except SpecdecError:
+                log.warning(
+                    "refused a registration under the id of live worker %s (it proved %s; "
+                    "the live one %s)",
+                    quoted(info.worker_id),
+                    identity,
+                    old.identity,
+                )
+                raise
             log.info("worker %s re-registered; dropping its previous connection", info.worker_id)
-            await self.unregister(old)
-        worker = Worker(info, security=self._security)
+            await self.dismiss(old, "the same worker registered again on a new stream")
+        worker = Worker(info, security=self._security, identity=identity)
+        if worker.is_oracle:
+            worker.commit_key = new_commit_key(info.worker_id, self._commit_secret)
         self._workers[info.worker_id] = worker
         log.info(
             "%s %s registered (model %s, %s)",
@@ -182,6 +222,12 @@ class Registry:
             with contextlib.suppress(Exception):
                 await worker.channel.close()
 
+    async def dismiss(self, worker: Worker, reason: str) -> None:
+        """Unregister ``worker`` and end its Connect stream (PERMISSION_DENIED, ``reason``)."""
+        worker.dismissal = reason
+        worker.dismissed.set()
+        await self.unregister(worker)
+
     # -- assignments -------------------------------------------------------
 
     def expect(self, assignment_id: str, worker: Worker) -> asyncio.Queue[AssignmentReport]:
@@ -211,10 +257,20 @@ class Registry:
 
 
 class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
-    """Thin: the Connect stream of one worker."""
+    """Thin: the Connect stream of one worker.
 
-    def __init__(self, registry: Registry) -> None:
+    ``known``: which of some session ids are live sessions. A worker registers with the
+    sessions whose KV it caches; it is told to release the others (its KV lease on
+    them ended: closed or expired while it was away, or lost with the gateway).
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        known: Callable[[Sequence[str]], Awaitable[set[str]]] | None = None,
+    ) -> None:
         self._registry = registry
+        self._known = known
 
     async def Connect(
         self, request_iterator: AsyncIterator[registry_pb2.ConnectRequest], context: Any
@@ -222,19 +278,42 @@ class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
         first = await anext(aiter(request_iterator), None)
         if first is None or not first.HasField("register"):
             raise InvalidArgument("the first message of Connect must be RegisterWorker")
-        worker = await self._registry.register(convert.registration_from_pb(first.register))
+        info = convert.registration_from_pb(first.register)
+        worker = await self._registry.register(info, identity_of(context))
         reader = asyncio.create_task(self._read(worker, request_iterator))
+        dismissed = asyncio.ensure_future(worker.dismissed.wait())
         try:
-            yield convert.gateway_message_to_pb(Registered(LOAD_INTERVAL_MS))
+            yield convert.gateway_message_to_pb(Registered(LOAD_INTERVAL_MS, worker.commit_key))
+            cached = worker.info.cached_session_ids
+            if cached and self._known is not None:
+                try:
+                    unknown = set(cached) - await self._known(cached)
+                except SpecdecError as exc:  # the store is down: keep the caches for now
+                    log.warning("no KV lease check for %s: %s", worker.worker_id, exc)
+                    unknown = set()
+                if unknown:
+                    log.info(
+                        "worker %s releases %d unknown sessions", worker.worker_id, len(unknown)
+                    )
+                    release = ReleaseSessions(tuple(sorted(unknown)))
+                    yield convert.gateway_message_to_pb(release)
             while True:
                 getter = asyncio.ensure_future(worker.outbox.get())
-                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {getter, reader, dismissed}, return_when=asyncio.FIRST_COMPLETED
+                )
                 if getter not in done:
                     getter.cancel()
+                    if dismissed in done:
+                        raise PermissionDenied(worker.dismissal)
+                    error = None if reader.cancelled() else reader.exception()
+                    if error is not None:
+                        raise error  # a message the request guard refused
                     return  # the worker closed its side
                 yield convert.gateway_message_to_pb(getter.result())
         finally:
             reader.cancel()
+            dismissed.cancel()
             await self._registry.unregister(worker)
 
     async def _read(

@@ -32,6 +32,8 @@ from typing import Any
 
 from specdec.bench.measure import Result, Sample, table
 from specdec.bench.proxy import DelayProxy
+from specdec.bench.real_scale import add_real_scale_arguments
+from specdec.bench.shapes import tokenizer_source
 
 WORKLOADS = ("greedy", "sample", "greedy-useless", "sample-useless")
 USELESS = "-useless"  # the workloads drafted by a useless draft (random weights)
@@ -63,6 +65,19 @@ def add_bench_parser(sub: Any) -> None:
         "--draft-dtype",
         default="",
         help="the draft's dtype (default: --dtype); float32 keeps int8 draft weights on a CPU",
+    )
+    p.add_argument(
+        "--prompt-data",
+        action="append",
+        default=[],
+        help="cut the prompts from the test documents of this text instead (what "
+        "`specdec distill --data` took; repeatable)",
+    )
+    p.add_argument(
+        "--heldout-permille",
+        type=int,
+        default=50,
+        help="with --prompt-data: the held-out share `specdec distill` used (default 50)",
     )
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--prompt-tokens", type=int, default=192)
@@ -110,6 +125,13 @@ def add_bench_parser(sub: Any) -> None:
         help="instead: tokens/s with tracing on against off, side by side",
     )
     p.add_argument("--tracing-reps", type=int, default=3)
+    p.add_argument(
+        "--session-stores",
+        default="",
+        help="instead: time per output token with the gateway's session store in memory "
+        "and on these, side by side, e.g. memory,sqlite,redis (redis: a local redis-server)",
+    )
+    p.add_argument("--store-reps", type=int, default=3, help="with --session-stores: repeats")
     p.add_argument(
         "--in-process",
         action="store_true",
@@ -159,6 +181,7 @@ def add_bench_parser(sub: Any) -> None:
         help="with --sessions: measure every session count this many times, alternating, "
         "and pool the windows (a drifting host then weighs on all counts alike)",
     )
+    add_real_scale_arguments(p)
     p.set_defaults(func=run_bench)
 
 
@@ -278,13 +301,35 @@ def run_bench(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     if not args.out:
-        args.out = "bench_results/concurrency.json" if args.sessions else "bench_results/bench.json"
+        args.out = (
+            "bench_results/real_scale.json"
+            if args.real_scale
+            else "bench_results/concurrency.json"
+            if args.sessions
+            else "bench_results/bench.json"
+        )
     oracle_path = args.oracle_model or str(DEMO_ORACLE)
     draft_path = args.draft_model or str(DEMO_DRAFT)
-    tokenizer = AutoTokenizer.from_pretrained(oracle_path)
-    prompts = heldout_prompts(
-        lambda text: tokenizer(text)["input_ids"], args.prompts, args.prompt_tokens
-    )
+    if args.real_scale:
+        oracle_path = f"random:{args.real_scale.removeprefix('random:')}"
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(oracle_path))
+    if args.prompt_data:
+        from specdec.training.domain import heldout_prompts as domain_prompts
+
+        prompts = domain_prompts(
+            args.prompt_data, lambda text: tokenizer(text)["input_ids"], args.prompts,
+            args.prompt_tokens, args.heldout_permille,
+        )  # fmt: skip
+    else:
+        prompts = heldout_prompts(
+            lambda text: tokenizer(text)["input_ids"], args.prompts, args.prompt_tokens
+        )
+    if args.real_scale:
+        from specdec.bench.real_scale import run_real_scale
+
+        args.draft_path = draft_path
+        run_real_scale(args, prompts)
+        return
     if args.in_process:
         from specdec.bench.core import run_in_process
 
@@ -297,13 +342,15 @@ def run_bench(args: argparse.Namespace) -> None:
         args.oracle_path, args.draft_path = oracle_path, draft_path
         run_concurrency(args, prompts)
         return
-    if args.tracing_overhead:
+    if args.session_stores or args.tracing_overhead:  # two systems or more side by side
+        from specdec.bench.store import run_store_overhead
         from specdec.bench.tracing import run_tracing_overhead
 
         args.oracle_path, args.draft_path = oracle_path, draft_path
-        overhead = run_tracing_overhead(args, prompts)
+        side_by_side = run_store_overhead if args.session_stores else run_tracing_overhead
+        outcome = side_by_side(args, prompts)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(overhead, indent=2))
+        Path(args.out).write_text(json.dumps(outcome, indent=2))
         return
     workloads = [w for w in args.workloads.split(",") if w]
     unknown = sorted(set(workloads) - set(WORKLOADS))
@@ -346,6 +393,7 @@ def run_bench(args: argparse.Namespace) -> None:
                     "device": args.device,
                     "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else ""},
         "models": {"oracle": oracle_path, "draft": draft_path},
+        "prompt_data": args.prompt_data,
         "prompts": len(prompts),
         "rows": rows,
         "round_trip": round_trip,
@@ -384,7 +432,9 @@ def _run_system(
     rows: list[dict[str, Any]] = []
     drafted: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as workdir, cluster(Path(workdir), env) as c:
-        c.start_gateway("--tokenizer", oracle_path, "--default-max-new-tokens", "512")
+        c.start_gateway(
+            "--tokenizer", tokenizer_source(oracle_path), "--default-max-new-tokens", "512"
+        )
         rescue = ["--rescue-draft", draft_path] if args.rescue else []
         c.start_oracle(
             oracle_path, "--device", args.device, "--dtype", args.dtype,

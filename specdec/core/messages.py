@@ -3,9 +3,10 @@
 A worker (draft or oracle) keeps one ``WorkerRegistry.Connect`` stream open to the
 gateway. Up it go a ``WorkerRegistration``, ``WorkerLoad`` reports and, from drafts,
 ``AssignmentReport``s about the turns they run; down it come ``Registered``, an
-``Assignment`` (a turn for a draft to run), ``CancelAssignment`` and
-``ReleaseDraftSession``. ``specdec.rpc.convert`` turns each into its protobuf
-message and back at the stream's edge; everything between works on these.
+``Assignment`` (a turn for a draft to run), ``CancelAssignment``,
+``ReleaseDraftSession`` and ``ReleaseSessions``. ``specdec.rpc.convert`` turns each
+into its protobuf message and back at the stream's edge; everything between works on
+these.
 
 A leaf module like ``specdec.core.types``: no models, gRPC, protobuf or torch.
 """
@@ -46,6 +47,8 @@ class WorkerRegistration:
     vocab_size: int = 0
     max_context: int = 0
     eos_token_ids: tuple[int, ...] = ()
+    # Sessions whose KV cache it holds: the gateway releases those it does not know.
+    cached_session_ids: tuple[str, ...] = ()
 
     @property
     def draft_address(self) -> str:
@@ -59,6 +62,24 @@ class WorkerLoad:
 
     active_sessions: int = 0
     kv_cache_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class CommitKey:
+    """A secret the gateway shares with one oracle registration, to prove commits
+    (``specdec.rpc.commit_proof``); only that oracle is ever sent it."""
+
+    key_id: str
+    secret: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class CommitTicket:
+    """What the oracle of one attempt of a turn signs its commits with: which key, and
+    a nonce the gateway chose for this attempt."""
+
+    key_id: str
+    nonce: bytes
 
 
 @dataclass(frozen=True)
@@ -82,6 +103,7 @@ class Assignment:
     grant: str = ""  # presented to the oracle (docs/security.md)
     trace_context: Mapping[str, str] = field(default_factory=dict)  # W3C, of the request
     max_context: int = 0
+    commit: CommitTicket | None = None  # passed on to the oracle: it proves each commit
 
 
 @dataclass(frozen=True)
@@ -94,12 +116,15 @@ class AssignmentOpened:
 
 @dataclass(frozen=True)
 class AssignmentCommitted:
-    """Tokens the oracle committed in one round, after ``base_length`` tokens."""
+    """Tokens the oracle committed in one round, after ``base_length`` tokens: its whole
+    verdict, also the tokens after a stop condition (the gateway cuts there itself), and
+    the oracle's ``proof`` of it (``specdec.rpc.commit_proof``)."""
 
     assignment_id: str
     base_length: int
     token_ids: tuple[int, ...]
     report: RoundReport
+    proof: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -128,9 +153,11 @@ WorkerMessage = WorkerRegistration | WorkerLoad | AssignmentReport
 
 @dataclass(frozen=True)
 class Registered:
-    """The gateway took the registration; load reports are due every ``load_interval_ms``."""
+    """The gateway took the registration; load reports are due every ``load_interval_ms``.
+    An oracle gets the key it proves its commits with (a draft never does)."""
 
     load_interval_ms: int
+    commit_key: CommitKey | None = None
 
 
 @dataclass(frozen=True)
@@ -146,4 +173,11 @@ class ReleaseDraftSession:
     session_id: str
 
 
-GatewayMessage = Registered | Assignment | CancelAssignment | ReleaseDraftSession
+@dataclass(frozen=True)
+class ReleaseSessions:
+    """Forget the KV caches of these sessions (drafts and oracles): no gateway knows them."""
+
+    session_ids: tuple[str, ...]
+
+
+GatewayMessage = Registered | Assignment | CancelAssignment | ReleaseDraftSession | ReleaseSessions

@@ -243,6 +243,8 @@ def report(
         skipped_blocks=skipped,
         wall_ns=wall_ns,
         rescued=origin.rescued,
+        proof=result.proof,  # the oracle's, relayed as is
+        cut=tuple(committed_tokens(sent.block, verdict)[keep:]),  # the proof covers them
     )
 
 

@@ -169,6 +169,7 @@ class VerifyResult:
     verify_ns: int
     queue_ns: int = 0
     decision: asyncio.Future[Rescue | None] | None = None
+    proof: bytes = b""  # the oracle's proof of the commit (``specdec.rpc.commit_proof``)
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,10 @@ class RoundReport:
     skipped_blocks: int = 0  # blocks sent ahead that this round's verdict made stale
     wall_ns: int = 0  # since the previous verdict (the first round: since the open)
     rescued: bool = False  # the oracle drafted the block itself (a ``Rescue``)
+    # The oracle's proof of the verdict (empty: none), and the verdict's tokens after a
+    # stop condition, which the proof covers too: a draft relays both to the gateway.
+    proof: bytes = field(default=b"", repr=False)
+    cut: tuple[int, ...] = ()
 
     @property
     def block_origin(self) -> str:

@@ -53,6 +53,14 @@ class SamplingParams(_message.Message):
     ignore_eos: bool
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
+class CommitTicket(_message.Message):
+    __slots__ = ("key_id", "nonce")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    nonce: bytes
+    def __init__(self, key_id: _Optional[str] = ..., nonce: _Optional[bytes] = ...) -> None: ...
+
 class SpeculationParams(_message.Message):
     __slots__ = ("num_speculative_tokens", "adaptive", "drafter", "pipeline_depth", "branches", "rescue")
     NUM_SPECULATIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]

@@ -25,19 +25,21 @@ class ConnectRequest(_message.Message):
     def __init__(self, register: _Optional[_Union[RegisterWorker, _Mapping]] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., commit: _Optional[_Union[AssignmentCommit, _Mapping]] = ..., finished: _Optional[_Union[AssignmentFinished, _Mapping]] = ..., failed: _Optional[_Union[AssignmentFailed, _Mapping]] = ..., opened: _Optional[_Union[AssignmentOpened, _Mapping]] = ...) -> None: ...
 
 class ConnectResponse(_message.Message):
-    __slots__ = ("registered", "assignment", "cancel", "release")
+    __slots__ = ("registered", "assignment", "cancel", "release", "release_sessions")
     REGISTERED_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     registered: Registered
     assignment: Assignment
     cancel: CancelAssignment
     release: ReleaseDraftSession
-    def __init__(self, registered: _Optional[_Union[Registered, _Mapping]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., cancel: _Optional[_Union[CancelAssignment, _Mapping]] = ..., release: _Optional[_Union[ReleaseDraftSession, _Mapping]] = ...) -> None: ...
+    release_sessions: ReleaseSessions
+    def __init__(self, registered: _Optional[_Union[Registered, _Mapping]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., cancel: _Optional[_Union[CancelAssignment, _Mapping]] = ..., release: _Optional[_Union[ReleaseDraftSession, _Mapping]] = ..., release_sessions: _Optional[_Union[ReleaseSessions, _Mapping]] = ...) -> None: ...
 
 class RegisterWorker(_message.Message):
-    __slots__ = ("worker_id", "kind", "model", "vocab_fingerprint", "address", "max_sessions", "device", "vocab_size", "max_context", "eos_token_ids", "public_address")
+    __slots__ = ("worker_id", "kind", "model", "vocab_fingerprint", "address", "max_sessions", "device", "vocab_size", "max_context", "eos_token_ids", "public_address", "cached_session_ids")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +51,7 @@ class RegisterWorker(_message.Message):
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     kind: _gateway_pb2.WorkerKind
     model: str
@@ -60,13 +63,24 @@ class RegisterWorker(_message.Message):
     max_context: int
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     public_address: str
-    def __init__(self, worker_id: _Optional[str] = ..., kind: _Optional[_Union[_gateway_pb2.WorkerKind, str]] = ..., model: _Optional[str] = ..., vocab_fingerprint: _Optional[str] = ..., address: _Optional[str] = ..., max_sessions: _Optional[int] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., public_address: _Optional[str] = ...) -> None: ...
+    cached_session_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., kind: _Optional[_Union[_gateway_pb2.WorkerKind, str]] = ..., model: _Optional[str] = ..., vocab_fingerprint: _Optional[str] = ..., address: _Optional[str] = ..., max_sessions: _Optional[int] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., public_address: _Optional[str] = ..., cached_session_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Registered(_message.Message):
-    __slots__ = ("load_interval_ms",)
+    __slots__ = ("load_interval_ms", "commit_key")
     LOAD_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_KEY_FIELD_NUMBER: _ClassVar[int]
     load_interval_ms: int
-    def __init__(self, load_interval_ms: _Optional[int] = ...) -> None: ...
+    commit_key: CommitKey
+    def __init__(self, load_interval_ms: _Optional[int] = ..., commit_key: _Optional[_Union[CommitKey, _Mapping]] = ...) -> None: ...
+
+class CommitKey(_message.Message):
+    __slots__ = ("key_id", "secret")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    secret: bytes
+    def __init__(self, key_id: _Optional[str] = ..., secret: _Optional[bytes] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
     __slots__ = ("active_sessions", "kv_cache_bytes")
@@ -77,7 +91,7 @@ class WorkerLoad(_message.Message):
     def __init__(self, active_sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("assignment_id", "session_id", "oracle_id", "oracle_address", "token_ids", "prompt_tokens", "sampling", "seed", "num_speculative_tokens", "adaptive", "grant", "trace_context", "max_context", "pipeline_depth", "branches", "rescue")
+    __slots__ = ("assignment_id", "session_id", "oracle_id", "oracle_address", "token_ids", "prompt_tokens", "sampling", "seed", "num_speculative_tokens", "adaptive", "grant", "trace_context", "max_context", "pipeline_depth", "branches", "rescue", "commit")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +115,7 @@ class Assignment(_message.Message):
     PIPELINE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     BRANCHES_FIELD_NUMBER: _ClassVar[int]
     RESCUE_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
     assignment_id: str
     session_id: str
     oracle_id: str
@@ -117,7 +132,8 @@ class Assignment(_message.Message):
     pipeline_depth: int
     branches: int
     rescue: bool
-    def __init__(self, assignment_id: _Optional[str] = ..., session_id: _Optional[str] = ..., oracle_id: _Optional[str] = ..., oracle_address: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., prompt_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., num_speculative_tokens: _Optional[int] = ..., adaptive: _Optional[bool] = ..., grant: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., max_context: _Optional[int] = ..., pipeline_depth: _Optional[int] = ..., branches: _Optional[int] = ..., rescue: _Optional[bool] = ...) -> None: ...
+    commit: _common_pb2.CommitTicket
+    def __init__(self, assignment_id: _Optional[str] = ..., session_id: _Optional[str] = ..., oracle_id: _Optional[str] = ..., oracle_address: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., prompt_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., num_speculative_tokens: _Optional[int] = ..., adaptive: _Optional[bool] = ..., grant: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., max_context: _Optional[int] = ..., pipeline_depth: _Optional[int] = ..., branches: _Optional[int] = ..., rescue: _Optional[bool] = ..., commit: _Optional[_Union[_common_pb2.CommitTicket, _Mapping]] = ...) -> None: ...
 
 class CancelAssignment(_message.Message):
     __slots__ = ("assignment_id", "reason")
@@ -132,6 +148,12 @@ class ReleaseDraftSession(_message.Message):
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class ReleaseSessions(_message.Message):
+    __slots__ = ("session_ids",)
+    SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
+    session_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RoundReport(_message.Message):
     __slots__ = ("round", "proposed", "accepted", "is_bonus", "draft_ns", "verify_ns", "network_ns", "queue_ns", "drafted_ahead", "pipelined", "skipped_blocks", "branch", "rescued")
@@ -178,16 +200,18 @@ class AssignmentOpened(_message.Message):
     def __init__(self, assignment_id: _Optional[str] = ..., cached_tokens: _Optional[int] = ..., prefilled_tokens: _Optional[int] = ..., prefill_ns: _Optional[int] = ..., oracle_id: _Optional[str] = ...) -> None: ...
 
 class AssignmentCommit(_message.Message):
-    __slots__ = ("assignment_id", "base_length", "token_ids", "round")
+    __slots__ = ("assignment_id", "base_length", "token_ids", "round", "proof")
     ASSIGNMENT_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    PROOF_FIELD_NUMBER: _ClassVar[int]
     assignment_id: str
     base_length: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     round: RoundReport
-    def __init__(self, assignment_id: _Optional[str] = ..., base_length: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., round: _Optional[_Union[RoundReport, _Mapping]] = ...) -> None: ...
+    proof: bytes
+    def __init__(self, assignment_id: _Optional[str] = ..., base_length: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., round: _Optional[_Union[RoundReport, _Mapping]] = ..., proof: _Optional[bytes] = ...) -> None: ...
 
 class AssignmentFinished(_message.Message):
     __slots__ = ("assignment_id", "finish_reason", "stats")
