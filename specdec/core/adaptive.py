@@ -64,7 +64,9 @@ Every estimate is an exponentially weighted mean over the session's rounds.
 ``fork`` starts a new turn from what earlier turns learnt (costs barely change
 between turns of one draft-oracle pair), down-weighted so the new turn's own
 rounds soon dominate; it keeps whether the pair was speculating, so a draft that
-does not pay costs later turns only their probes.
+does not pay costs later turns only their probes. T(0) is inherited whole: a plain
+step costs what it did, and a turn that had to measure it again (``KNOWN``) would
+spend a plain step, and the drafting ahead it breaks, on every turn.
 """
 
 from __future__ import annotations
@@ -367,7 +369,6 @@ class AdaptiveK:
             *child._acceptance(),
             *child._hit.estimates(),
             *child._miss.estimates(),
-            child._alone,
             child._ready_after_full,
             child._ready_after_part,
         ]

@@ -223,6 +223,20 @@ def test_a_new_turn_starts_from_what_earlier_turns_learnt() -> None:
     assert memory.policy("oracle-a", 3).k_max == 3
 
 
+def test_later_turns_of_a_good_pair_take_no_plain_step() -> None:
+    # The first turn takes one plain step to measure T(0); turns after it inherit that
+    # measurement and speculate all the way (a plain step, and the drafting ahead it
+    # breaks, on every turn would cost a few percent of a good pair's speed).
+    memory = AdaptiveMemory()
+    plain = []
+    for turn in range(6):
+        policy = memory.policy("pair", 12, session_id=f"s{turn}")
+        throughput(policy, [0.8] * 300, 128, 20e6, 2e6, turn)
+        plain.append(policy.alone_rounds)
+        memory.remember("pair", policy, session_id=f"s{turn}")
+    assert plain[0] <= 1 and plain[1:] == [0] * 5, plain
+
+
 def test_a_useless_draft_costs_almost_nothing() -> None:
     # Rounds that draft cost more than plain steps and gain nothing: the policy must come
     # within a few percent of the oracle alone, probes and warm-up included.
