@@ -117,7 +117,7 @@ def build_request(
     """A GenerateRequest from keyword arguments.
 
     The speculation settings are ``specdec.core.types.Speculation``'s: None = the
-    server's default (k and adaptive: the gateway's, the controller with k up to 12 unless
+    server's default (k and adaptive: the gateway's, the controller with k up to 8 unless
     it was started otherwise; the others: the draft's); k=0: the oracle alone; k set
     without adaptive: exactly k.
     They are not checked here: the gateway answers INVALID_ARGUMENT, naming the field.

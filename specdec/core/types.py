@@ -394,9 +394,9 @@ class Speculation:
 
 # The defaults of the gateway's --default-k and --default-adaptive and of the draft's
 # flags: the fastest configuration measured (docs/bench/CONTROLLER.md): the controller,
-# k up to 12.
+# k up to 8.
 SPECULATION_DEFAULTS = Speculation(
-    k=12,
+    k=8,
     adaptive=True,
     drafter=DrafterKind.AUTO,
     draft_ahead=True,

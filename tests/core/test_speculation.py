@@ -85,7 +85,7 @@ def test_the_shipped_defaults_are_complete_and_valid() -> None:
     SPECULATION_DEFAULTS.validate()
     # Today's values (to be changed here, and only here).
     assert Speculation(
-        k=12, adaptive=True, drafter=DrafterKind.AUTO, draft_ahead=True, pipeline_depth=2,
+        k=8, adaptive=True, drafter=DrafterKind.AUTO, draft_ahead=True, pipeline_depth=2,
         branches=3, rescue=True,
     ) == SPECULATION_DEFAULTS  # fmt: skip
 
