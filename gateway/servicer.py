@@ -1,23 +1,15 @@
-"""The public Gateway API: thin handlers (from_pb -> core -> to_pb)."""
+"""The public Gateway API over gRPC: thin handlers (from_pb -> ``GatewayApi`` -> to_pb)."""
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from gateway.generation import Chunk, TurnRequest, TurnRunner
-from gateway.sessions import Session, SessionTable
-from specdec.core.errors import FailedPrecondition, InvalidArgument
-from specdec.core.messages import ReleaseDraftSession
-from specdec.core.types import DrafterKind, Speculation
+from gateway.api import GatewayApi, GenerateCall
+from gateway.generation import Chunk
 from specdec.rpc import convert
 from specdec.rpc.security import current_principal
-from specdec.telemetry.gateway import request_observer
-from specdec.v1 import gateway_pb2, gateway_pb2_grpc, oracle_pb2
-
-log = logging.getLogger(__name__)
+from specdec.v1 import gateway_pb2, gateway_pb2_grpc
 
 
 def caller_of(context: Any) -> str:
@@ -28,93 +20,48 @@ def caller_of(context: Any) -> str:
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(
-        self,
-        runner: TurnRunner,
-        sessions: SessionTable,
-        tokenizer: Any,
-        *,
-        default_k: int,
-        default_max_new_tokens: int,
-    ) -> None:
-        self._runner = runner
-        self._sessions = sessions
-        self._tokenizer = tokenizer
-        self._default_k = default_k
-        self._default_max_new_tokens = default_max_new_tokens
+    def __init__(self, api: GatewayApi) -> None:
+        self._api = api
 
     # -- Generate ------------------------------------------------------------
 
-    def _turn_request(self, request: gateway_pb2.GenerateRequest) -> TurnRequest:
-        if request.prompt and request.prompt_token_ids:
-            raise InvalidArgument("set either prompt or prompt_token_ids, not both")
-        speculation = convert.speculation_from_pb(request.speculation)
-        speculation = speculation.over(Speculation(k=self._default_k))
-        if speculation.drafter is DrafterKind.NONE:
-            speculation = dataclasses.replace(speculation, k=0)
-        params = convert.sampling_from_pb(
-            request.sampling,
-            default_max_new_tokens=self._default_max_new_tokens,
-            eos_token_ids=self._runner.eos_token_ids(),
+    def _call(self, request: gateway_pb2.GenerateRequest) -> GenerateCall:
+        return GenerateCall(
+            prompt=request.prompt,
+            prompt_token_ids=tuple(request.prompt_token_ids),
+            messages=convert.messages_from_pb(request.messages),
+            session_id=request.session_id,
+            params=convert.sampling_from_pb(
+                request.sampling, default_max_new_tokens=self._api.default_max_new_tokens
+            ),
+            ignore_eos=request.sampling.ignore_eos,
+            speculation=convert.speculation_from_pb(request.speculation),
         )
-        if request.prompt:
-            prompt_ids = list(self._tokenizer(request.prompt)["input_ids"])
-        else:
-            prompt_ids = list(request.prompt_token_ids)
-        if not prompt_ids:
-            raise InvalidArgument("the prompt is empty: set prompt or prompt_token_ids")
-        return TurnRequest(prompt_ids, params, speculation)
 
     async def Generate(
         self, request: gateway_pb2.GenerateRequest, context: Any
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
-        turn = self._turn_request(request)
-        owner = caller_of(context)
-        if request.session_id:
-            session = self._sessions.get(request.session_id, owner)
-        else:
-            session = self._sessions.create(owner, ephemeral=True)
-        if session.lock.locked():
-            raise FailedPrecondition(
-                f"session {request.session_id!r} is already generating; one turn at a time"
-            )
-        watch = request_observer(  # None when telemetry is off
-            session.session_id, len(turn.prompt_ids), turn.params, turn.k, not session.ephemeral
-        )
-        try:
-            async with session.lock:
-                session.touch()
-                async for chunk in self._runner.run(session, turn):
-                    if watch is not None:
-                        watch.chunk(chunk)
-                    yield _response(chunk, "" if session.ephemeral else session.session_id)
-                session.turns += 1
-                session.touch()
-        finally:
-            if watch is not None:
-                watch.close()
-            if session.ephemeral:
-                self._sessions.discard(session)
-                await self.release_caches(session)
+        call = self._call(request)
+        session_id = request.session_id
+        async for chunk in self._api.generate(call, caller_of(context)):
+            yield _response(chunk, session_id)
 
     # -- sessions ------------------------------------------------------------
 
     async def CreateSession(
         self, request: gateway_pb2.CreateSessionRequest, context: Any
     ) -> gateway_pb2.CreateSessionResponse:
-        for expired in self._sessions.expire_idle():
-            await self.release_caches(expired)
-        session = self._sessions.create(caller_of(context))
+        session = await self._api.create_session(caller_of(context))
         return gateway_pb2.CreateSessionResponse(session_id=session.session_id)
 
     async def GetSession(
         self, request: gateway_pb2.GetSessionRequest, context: Any
     ) -> gateway_pb2.GetSessionResponse:
-        session = self._sessions.get(request.session_id, caller_of(context))
+        session = self._api.get_session(request.session_id, caller_of(context))
         return gateway_pb2.GetSessionResponse(
             session_id=session.session_id,
             token_ids=session.tokens,
-            text=self._tokenizer.decode(session.tokens, skip_special_tokens=True),
+            text=self._api.session_text(session),
             turns=session.turns,
             oracle_id=session.oracle_id,
             draft_id=session.draft_id,
@@ -125,14 +72,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def CloseSession(
         self, request: gateway_pb2.CloseSessionRequest, context: Any
     ) -> gateway_pb2.CloseSessionResponse:
-        session = self._sessions.close(request.session_id, caller_of(context))
-        await self.release_caches(session)
+        session = await self._api.close_session(request.session_id, caller_of(context))
         return gateway_pb2.CloseSessionResponse(token_count=len(session.tokens))
 
     async def ListWorkers(
         self, request: gateway_pb2.ListWorkersRequest, context: Any
     ) -> gateway_pb2.ListWorkersResponse:
-        workers = sorted(self._runner.registry.workers(), key=lambda w: (w.info.kind, w.worker_id))
         return gateway_pb2.ListWorkersResponse(
             workers=[
                 convert.worker_info_to_pb(
@@ -141,25 +86,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     kv_cache_bytes=w.kv_cache_bytes,
                     uptime_s=w.uptime_s,
                 )
-                for w in workers
+                for w in self._api.workers()
             ]
         )
-
-    async def release_caches(self, session: Session) -> None:
-        """Tell every worker to forget this session's KV cache (best effort: soft state)."""
-        registry = self._runner.registry
-        for worker in registry.workers():
-            if worker.is_oracle:
-                try:
-                    await worker.oracle_stub().ReleaseSession(
-                        oracle_pb2.ReleaseSessionRequest(session_id=session.session_id), timeout=2
-                    )
-                except Exception as exc:
-                    log.debug("release on %s failed: %s", worker.worker_id, exc)
-            else:
-                # Every draft, not only session.draft_id: a turn cancelled or failed over
-                # before it ended left caches on drafts the session never recorded.
-                worker.outbox.put_nowait(ReleaseDraftSession(session.session_id))
 
 
 def _response(chunk: Chunk, session_id: str) -> gateway_pb2.GenerateResponse:

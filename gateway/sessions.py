@@ -12,6 +12,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
+from gateway.chat import ChatHistory
 from specdec.core.errors import FailedPrecondition, NotFound, ResourceExhausted
 
 
@@ -30,6 +31,7 @@ class Session:
     turns: int = 0
     oracle_id: str = ""
     draft_id: str = ""
+    chat: ChatHistory | None = None  # a chat session's conversation (gateway/chat.py)
     created_unix_ms: int = field(default_factory=_now_ms)
     last_used_unix_ms: int = field(default_factory=_now_ms)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)

@@ -92,6 +92,14 @@ def committed_tokens(block: DraftBlock, verdict: Verdict) -> list[int]:
     return [*block.token_ids[: verdict.num_accepted], verdict.next_token]
 
 
+@dataclass(frozen=True)
+class ChatMessage:
+    """One message of a conversation, as a chat template renders it."""
+
+    role: str  # "system", "user", "assistant" (whatever the template knows)
+    content: str
+
+
 # Blocks in flight to an oracle at once (a draft setting and a request field);
 # deeper guesses are rarely all right.
 MAX_PIPELINE_DEPTH = 4

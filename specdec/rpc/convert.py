@@ -34,6 +34,7 @@ from specdec.core.messages import (
 )
 from specdec.core.stopping import FinishReason
 from specdec.core.types import (
+    ChatMessage,
     DraftBlock,
     DrafterKind,
     OpenResult,
@@ -277,6 +278,17 @@ def status_name(value: int) -> str:
     return _STATUS_NAMES.get(value, "UNKNOWN")
 
 
+# ---- chat ------------------------------------------------------------------------------
+
+
+def messages_from_pb(messages: Sequence[gateway_pb2.ChatMessage]) -> tuple[ChatMessage, ...]:
+    return tuple(ChatMessage(m.role, m.content) for m in messages)
+
+
+def messages_to_pb(messages: Sequence[ChatMessage]) -> list[gateway_pb2.ChatMessage]:
+    return [gateway_pb2.ChatMessage(role=m.role, content=m.content) for m in messages]
+
+
 # ---- speculation --------------------------------------------------------------------------
 
 # Core field -> SpeculationParams field, where the names differ.
@@ -348,6 +360,17 @@ _STATS_PB_NAMES = {
 }
 
 
+def stats_fields(stats: TurnStats) -> dict[str, Any]:
+    """The ``GenerationStats`` fields of ``stats``, by their API names (the computed ones
+    too): what the gRPC and the HTTP API both report."""
+    return {
+        **{pb: getattr(stats, core) for core, pb in _STATS_PB_NAMES.items()},
+        "acceptance_rate": stats.acceptance_rate,
+        "mean_tokens_per_round": stats.mean_tokens_per_round,
+        "mean_speculative_tokens": stats.proposed / stats.rounds if stats.rounds else 0.0,
+    }
+
+
 def stats_to_pb(
     stats: TurnStats,
     *,
@@ -357,10 +380,7 @@ def stats_to_pb(
     failovers: int = 0,
 ) -> common_pb2.GenerationStats:
     return common_pb2.GenerationStats(
-        **{pb: getattr(stats, core) for core, pb in _STATS_PB_NAMES.items()},
-        acceptance_rate=stats.acceptance_rate,
-        mean_tokens_per_round=stats.mean_tokens_per_round,
-        mean_speculative_tokens=stats.proposed / stats.rounds if stats.rounds else 0.0,
+        **stats_fields(stats),
         oracle_id=oracle_id,
         draft_id=draft_id,
         drafter=drafter_to_pb(drafter),
