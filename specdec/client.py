@@ -7,6 +7,11 @@
             print(piece.text, end="", flush=True)
         result = client.generate("import os", temperature=0.8, seed=1)
         print(result.text, result.stats.acceptance_rate)
+        reply = client.chat([{"role": "user", "content": "Hi!"}])  # the chat template
+
+A prompt is text, token ids, or messages (``{"role", "content"}`` mappings), which the
+gateway renders with the oracle's chat template; in a session, a chat turn sends its
+new messages only.
 
 Errors arrive as ``grpc.RpcError`` with the gateway's status code and message.
 Over TLS, with a token: ``Client.tls("gw:50051", ca="ca.crt", token=...)``
@@ -15,18 +20,32 @@ Over TLS, with a token: ``Client.tls("gw:50051", ca="ca.crt", token=...)``
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from specdec.core.types import DrafterKind, Speculation
+from specdec.core.types import ChatMessage, DrafterKind, Speculation
 from specdec.rpc import convert
 from specdec.rpc.channels import CHANNEL_OPTIONS
 from specdec.rpc.security import tls_credentials
 from specdec.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+# Text, token ids, or a conversation of {"role", "content"} messages.
+Prompt = str | Sequence[int] | Sequence[Mapping[str, str]]
+
+
+def chat_messages(messages: Sequence[Mapping[str, str]]) -> list[ChatMessage]:
+    """``[{"role": ..., "content": ...}, ...]`` -> ChatMessages (ValueError when malformed)."""
+    out = []
+    for i, message in enumerate(messages):
+        try:
+            out.append(ChatMessage(str(message["role"]), str(message["content"])))
+        except (KeyError, TypeError):
+            raise ValueError(f"messages[{i}] must be a {{'role', 'content'}} mapping") from None
+    return out
 
 
 def drafter_kind(drafter: DrafterKind | str | None) -> DrafterKind:
@@ -62,7 +81,7 @@ class Completion:
 
 
 def build_request(
-    prompt: str | Sequence[int],
+    prompt: Prompt,
     *,
     session_id: str = "",
     temperature: float = 0.0,
@@ -112,8 +131,10 @@ def build_request(
     )
     if isinstance(prompt, str):
         request.prompt = prompt
+    elif prompt and all(isinstance(m, Mapping) for m in prompt):
+        request.messages.extend(convert.messages_to_pb(chat_messages(prompt)))  # type: ignore[arg-type]
     else:
-        request.prompt_token_ids.extend(prompt)
+        request.prompt_token_ids.extend(prompt)  # type: ignore[arg-type]
     return request
 
 
@@ -163,18 +184,22 @@ class Client:
     def close(self) -> None:
         self._channel.close()
 
-    def stream(
-        self, prompt: str | Sequence[int], **kwargs: Any
-    ) -> Iterator[gateway_pb2.GenerateResponse]:
+    def stream(self, prompt: Prompt, **kwargs: Any) -> Iterator[gateway_pb2.GenerateResponse]:
         """Yield GenerateResponse messages as tokens are committed (see ``build_request``)."""
         request = build_request(prompt, **kwargs)
         yield from self._stub.Generate(request, timeout=self._timeout, metadata=self._metadata)
 
-    def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> Completion:
+    def generate(self, prompt: Prompt, **kwargs: Any) -> Completion:
         completion = Completion()
         for response in self.stream(prompt, **kwargs):
             completion.add(response)
         return completion
+
+    def chat(self, messages: Sequence[Mapping[str, str]], **kwargs: Any) -> Completion:
+        """The assistant's reply to ``messages`` (the chat template's rendering)."""
+        if not messages:
+            raise ValueError("chat needs at least one message")
+        return self.generate(messages, **kwargs)
 
     def create_session(self) -> str:
         reply = self._stub.CreateSession(
@@ -247,18 +272,24 @@ class AsyncClient:
         await self._channel.close()
 
     async def stream(
-        self, prompt: str | Sequence[int], **kwargs: Any
+        self, prompt: Prompt, **kwargs: Any
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         request = build_request(prompt, **kwargs)
         call = self._stub.Generate(request, timeout=self._timeout, metadata=self._metadata)
         async for response in call:
             yield response
 
-    async def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> Completion:
+    async def generate(self, prompt: Prompt, **kwargs: Any) -> Completion:
         completion = Completion()
         async for response in self.stream(prompt, **kwargs):
             completion.add(response)
         return completion
+
+    async def chat(self, messages: Sequence[Mapping[str, str]], **kwargs: Any) -> Completion:
+        """The assistant's reply to ``messages`` (the chat template's rendering)."""
+        if not messages:
+            raise ValueError("chat needs at least one message")
+        return await self.generate(messages, **kwargs)
 
     async def create_session(self) -> str:
         reply = await self._stub.CreateSession(
