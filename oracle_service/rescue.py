@@ -69,6 +69,7 @@ from dataclasses import dataclass, replace
 
 from oracle_service.scheduler import BlockQueue, PendingBlock, known_stale
 from oracle_service.sessions import Lease, OracleSession
+from specdec.core.prefix import held, is_outcome
 from specdec.core.types import DraftBlock, Rescue, Verdict, VerifyResult
 from specdec.drafters.model_drafter import ModelDrafter
 from specdec.engine.models import LoadedModel
@@ -245,9 +246,7 @@ class Rescues:
                     miss.deadline_ns = 0
         committed = pending.session.committed
         for length, verdict_ns in list(lease.missed.items()):
-            if pending.base_length != length or len(committed) < length:
-                continue
-            if list(committed[length - len(pending.assumed) : length]) == list(pending.assumed):
+            if pending.base_length == length and held(committed, length, pending.assumed):
                 del lease.missed[length]
                 _learn(lease, time.perf_counter_ns() - verdict_ns)
                 return
@@ -323,12 +322,7 @@ def _decide(miss: Miss, rescue: Rescue | None) -> None:
 def _follows(pending: PendingBlock, start: int, assumed: tuple[int, ...]) -> bool:
     """Blocks drafted ahead after committed[:start] + assumed were drafted for the
     outcomes of ``pending`` (they assume its prefix and then one more token)."""
-    tokens = pending.block.token_ids
-    return (
-        start == pending.base_length
-        and len(assumed) <= len(tokens) + 1
-        and assumed[:-1] == tuple(tokens[: len(assumed) - 1])
-    )
+    return start == pending.base_length and is_outcome(assumed, pending.block.token_ids)
 
 
 def _learn(lease: Lease, late_ns: int) -> None:

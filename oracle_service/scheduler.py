@@ -42,13 +42,14 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from oracle_service.counters import BatchCounters
 from oracle_service.lanes import Lanes
 from oracle_service.sessions import Lease, OracleSession, SessionStore
+from specdec.core.prefix import ends_with
 from specdec.core.types import DraftBlock, VerifyResult
 
 if TYPE_CHECKING:
@@ -315,12 +316,7 @@ def known_stale(pending: PendingBlock) -> bool:
     (before any of its blocks).
     """
     committed = pending.session.committed
-    return bool(pending.assumed) and not _ends_with(committed, pending.base_length, pending.assumed)
-
-
-def _ends_with(committed: Sequence[int], length: int, tail: Sequence[int]) -> bool:
-    """committed has exactly ``length`` tokens and its last ones are ``tail``."""
-    return len(committed) == length and list(committed[length - len(tail) :]) == list(tail)
+    return bool(pending.assumed) and not ends_with(committed, pending.base_length, pending.assumed)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from specdec.core.errors import InvalidArgument
 from specdec.core.loop import run_turn
+from specdec.core.prefix import ends_with
 from specdec.core.protocols import KPolicy, OracleLink
 from specdec.core.sampling import SamplingParams, resolve_seed, validate_token_ids
 from specdec.core.stopping import FinishReason, StopChecker
@@ -72,10 +73,7 @@ class LocalOracleLink:
         assumed: tuple[int, ...] = (),
         last_alternative: bool = False,
     ) -> VerifyResult:
-        if assumed and (
-            base_length != len(self._committed)
-            or self._committed[base_length - len(assumed) :] != list(assumed)
-        ):
+        if assumed and not ends_with(self._committed, base_length, assumed):
             return VerifyResult(None, len(self._committed), 0)  # a wrong pipelining guess
         assert base_length == len(self._committed), (base_length, len(self._committed))
         verdict, timing = self._oracle.verify_timed(
