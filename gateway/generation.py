@@ -37,7 +37,7 @@ from specdec.core.messages import (
 )
 from specdec.core.sampling import SamplingParams, resolve_seed, validate_token_ids
 from specdec.core.stopping import FinishReason, turn_stop_checker
-from specdec.core.types import DrafterKind, Speculation, TurnStats
+from specdec.core.types import DrafterKind, Speculation, TokenLogprob, TurnStats
 from specdec.core.wiring import run_assignment
 from specdec.drafters.ngram import NgramDrafter
 from specdec.drafters.proposers import InlineProposer
@@ -71,12 +71,14 @@ class TurnRequest:
 
 @dataclass(frozen=True)
 class Chunk:
-    """What one GenerateResponse carries; the last one has finish_reason and summary."""
+    """What one GenerateResponse carries; the last one has finish_reason and summary.
+    ``logprobs``: one per token id when the request asks for them, else empty."""
 
     token_ids: list[int]
     text: str
     finish_reason: FinishReason | None = None
     summary: TurnSummary | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass
@@ -226,6 +228,7 @@ class TurnRunner:
                         continue
                     keep, finish = stop.feed(event.token_ids)
                     tokens = list(event.token_ids[:keep])
+                    logprobs = event.report.logprobs[:keep]
                     session.tokens.extend(tokens)
                     produced += keep
                     summary.stats.add(dataclasses.replace(event.report, committed=keep))
@@ -236,7 +239,7 @@ class TurnRunner:
                     if finish is not None:
                         break
                     if tokens:
-                        yield Chunk(tokens, text)
+                        yield Chunk(tokens, text, logprobs=logprobs)
             except _Broke as broke:
                 if summary.failovers >= self._max_failovers:
                     raise Unavailable(
@@ -259,7 +262,7 @@ class TurnRunner:
             summary.stats.total_ns = int((loop.time() - t_start) * 1e9)
             last = tokens if finish is not None and not ended else []
             tail = decoder.feed(last) if last else ""
-            yield Chunk(last, tail + decoder.flush(), finish, summary)
+            yield Chunk(last, tail + decoder.flush(), finish, summary, logprobs if last else ())
             return
 
     def eos_token_ids(self) -> tuple[int, ...]:

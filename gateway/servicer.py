@@ -93,7 +93,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
 def _response(chunk: Chunk, session_id: str) -> gateway_pb2.GenerateResponse:
     response = gateway_pb2.GenerateResponse(
-        token_ids=chunk.token_ids, text=chunk.text, session_id=session_id
+        token_ids=chunk.token_ids,
+        text=chunk.text,
+        session_id=session_id,
+        logprobs=convert.logprobs_to_pb(chunk.logprobs),
     )
     if chunk.finish_reason is not None:
         response.finish_reason = convert.finish_reason_to_pb(chunk.finish_reason)

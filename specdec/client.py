@@ -27,7 +27,7 @@ from typing import Any
 
 import grpc
 
-from specdec.core.types import ChatMessage, DrafterKind, Speculation
+from specdec.core.types import ChatMessage, DrafterKind, Speculation, TokenLogprob
 from specdec.rpc import convert
 from specdec.rpc.channels import CHANNEL_OPTIONS
 from specdec.rpc.security import tls_credentials
@@ -69,10 +69,13 @@ class Completion:
     finish_reason: str = ""
     stats: common_pb2.GenerationStats = field(default_factory=common_pb2.GenerationStats)
     session_id: str = ""
+    # One per token id when the request set ``logprobs``: the oracle's log-probability.
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     def add(self, response: gateway_pb2.GenerateResponse) -> None:
         self.text += response.text
         self.token_ids.extend(response.token_ids)
+        self.logprobs.extend(convert.logprobs_from_pb(response.logprobs))
         self.session_id = response.session_id or self.session_id
         if response.finish_reason:
             name = common_pb2.FinishReason.Name(response.finish_reason)
@@ -92,6 +95,7 @@ def build_request(
     stop: Sequence[str] = (),
     stop_token_ids: Sequence[int] = (),
     ignore_eos: bool = False,
+    logprobs: int | None = None,
     k: int | None = Speculation.k,
     adaptive: bool = Speculation.adaptive,
     drafter: DrafterKind | str | None = Speculation.drafter,
@@ -101,6 +105,8 @@ def build_request(
 ) -> gateway_pb2.GenerateRequest:
     """A GenerateRequest from keyword arguments.
 
+    ``logprobs``: None = none; n in [0, 20]: each token's log-probability under the
+    oracle and the n likeliest tokens' (``Completion.logprobs``).
     The speculation settings are ``specdec.core.types.Speculation``'s: None = the
     server's default (k: the gateway's; the others: the draft's); k=0: the oracle alone.
     They are not checked here: the gateway answers INVALID_ARGUMENT, naming the field.
@@ -116,6 +122,8 @@ def build_request(
     )
     if seed is not None:
         sampling.seed = seed
+    if logprobs is not None:
+        sampling.logprobs = logprobs
     speculation = convert.speculation_to_pb(
         Speculation(
             k=k,

@@ -106,6 +106,7 @@ class HttpApi:
         self._api = api
         self._tokens = tokens if tokens else None
         self.serving = True  # False while the gateway shuts down: /health says 503
+        self._token_texts: dict[int, str] = {}
 
     def routes(self) -> list[Route]:
         return [
@@ -138,6 +139,13 @@ class HttpApi:
 
         return endpoint
 
+    def _token_text(self, token_id: int) -> str:
+        """A token's own text, as the logprobs show it (decoded once per id)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = str(self._api.tokenizer.decode([token_id]))
+        return text
+
     def _principal(self, request: Request) -> str:
         if self._tokens is None:
             return ""
@@ -168,7 +176,8 @@ class HttpApi:
                 code="model_not_found",
                 param="model",
             )
-        answer = Answer(chat, parsed.model or (served[0] if served else ""), parsed.call.session_id)
+        model = parsed.model or (served[0] if served else "")
+        answer = Answer(chat, model, parsed.call.session_id, self._token_text)
         turn = self._api.generate(parsed.call, owner)
         streaming = False
         try:

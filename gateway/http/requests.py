@@ -20,11 +20,8 @@ from typing import Any
 
 from gateway.api import GenerateCall
 from specdec.core.errors import InvalidArgument
-from specdec.core.sampling import SamplingParams
+from specdec.core.sampling import MAX_LOGPROBS, SamplingParams
 from specdec.core.types import ChatMessage, DrafterKind, Speculation
-
-# Most alternatives a token's logprobs may list (OpenAI's limit).
-MAX_TOP_LOGPROBS = 20
 
 # Fields of features the gateway does not have, with the values that mean "not used".
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
@@ -53,7 +50,6 @@ class OpenAIRequest:
     model: str  # as asked ("" = whichever the gateway serves)
     stream: bool
     include_usage: bool  # streamed: a last chunk with the usage, as OpenAI's
-    top_logprobs: int | None  # None: no logprobs
 
 
 def completion_request(body: Any, *, default_max_new_tokens: int) -> OpenAIRequest:
@@ -71,7 +67,7 @@ def completion_request(body: Any, *, default_max_new_tokens: int) -> OpenAIReque
         raise InvalidArgument("prompt: one prompt per request (a batch is not supported)")
     else:
         raise InvalidArgument("prompt must be a string or a list of token ids")
-    logprobs = _integer(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
+    logprobs = _integer(body, "logprobs", None, 0, MAX_LOGPROBS)
     return _request(
         body,
         GenerateCall(prompt=text, prompt_token_ids=ids),
@@ -88,7 +84,7 @@ def chat_request(body: Any, *, default_max_new_tokens: int) -> OpenAIRequest:
     if not isinstance(raw, list) or not raw:
         raise InvalidArgument("messages must be a non-empty list of {role, content} objects")
     messages = tuple(_message(m, i) for i, m in enumerate(raw))
-    top = _integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
+    top = _integer(body, "top_logprobs", None, 0, MAX_LOGPROBS)
     wants = _boolean(body, "logprobs", False)
     if top is not None and not wants:
         raise InvalidArgument("top_logprobs needs logprobs: true")
@@ -131,6 +127,7 @@ def _request(
         max_new_tokens=max_tokens or default_max_new_tokens,
         stop_token_ids=tuple(stop_ids),
         stop=tuple(stops),
+        logprobs=top_logprobs,
     )
     params.validate()
     extra = _object(body.get("specdec") or {}, "specdec")
@@ -158,7 +155,6 @@ def _request(
         model=model,
         stream=_boolean(body, "stream", False),
         include_usage=_boolean(options, "include_usage", False),
-        top_logprobs=top_logprobs,
     )
 
 

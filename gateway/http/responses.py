@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.generation import Chunk, TurnSummary
 from specdec.core.stopping import FinishReason
+from specdec.core.types import TokenLogprob
 from specdec.rpc.convert import stats_fields
 
 # Our finish reasons -> OpenAI's ("stop": the model's end or a stop sequence).
@@ -29,6 +31,56 @@ _FINISH: dict[FinishReason, str] = {
 
 def finish_reason(reason: FinishReason | None) -> str | None:
     return None if reason is None else _FINISH[reason]
+
+
+TokenText = Callable[[int], str]
+
+
+def _top(logprob: TokenLogprob, token_text: TokenText) -> list[tuple[str, float]]:
+    return [
+        (token_text(i), v) for i, v in zip(logprob.top_token_ids, logprob.top_logprobs, strict=True)
+    ]
+
+
+def chat_logprobs(
+    token_ids: Sequence[int], logprobs: Sequence[TokenLogprob], token_text: TokenText
+) -> list[dict[str, Any]]:
+    """The entries of a chat choice's ``logprobs.content``, one per token."""
+    out = []
+    for token_id, lp in zip(token_ids, logprobs, strict=True):
+        text = token_text(token_id)
+        out.append(
+            {
+                "token": text,
+                "logprob": lp.logprob,
+                "bytes": list(text.encode()),
+                "top_logprobs": [
+                    {"token": t, "logprob": v, "bytes": list(t.encode())}
+                    for t, v in _top(lp, token_text)
+                ],
+            }
+        )
+    return out
+
+
+def completion_logprobs(
+    token_ids: Sequence[int],
+    logprobs: Sequence[TokenLogprob],
+    token_text: TokenText,
+    offset: int = 0,
+) -> dict[str, Any]:
+    """A completion choice's ``logprobs`` (the legacy format); ``offset``: the text before."""
+    tokens = [token_text(t) for t in token_ids]
+    offsets = []
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp.logprob for lp in logprobs],
+        "top_logprobs": [dict(_top(lp, token_text)) for lp in logprobs],
+        "text_offset": offsets,
+    }
 
 
 def speculation_stats(summary: TurnSummary, session_id: str) -> dict[str, Any]:
@@ -59,9 +111,12 @@ class Answer:
     chat: bool
     model: str
     session_id: str
+    token_text: TokenText  # a token id's text (for logprobs)
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
     text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     finish: FinishReason | None = None
     summary: TurnSummary | None = None
 
@@ -70,6 +125,9 @@ class Answer:
 
     def add(self, chunk: Chunk) -> None:
         self.text.append(chunk.text)
+        if chunk.logprobs:
+            self.token_ids.extend(chunk.token_ids)
+            self.logprobs.extend(chunk.logprobs)
         if chunk.finish_reason is not None:
             self.finish = chunk.finish_reason
             self.summary = chunk.summary
@@ -86,12 +144,11 @@ class Answer:
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason(self.finish)}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": text}
-            choice["logprobs"] = None
             obj = "chat.completion"
         else:
             choice["text"] = text
-            choice["logprobs"] = None
             obj = "text_completion"
+        choice["logprobs"] = self._logprobs(self.token_ids, self.logprobs)
         return {
             **self._head(obj),
             "choices": [choice],
@@ -102,7 +159,7 @@ class Answer:
     def stream_chunk(self, chunk: Chunk, first: bool) -> dict[str, Any] | None:
         """The stream chunk of ``chunk`` (added already); None: nothing to send."""
         finish = finish_reason(chunk.finish_reason)
-        if not chunk.text and finish is None and not first:
+        if not chunk.text and finish is None and not first and not chunk.logprobs:
             return None
         choice: dict[str, Any] = {"index": 0}
         if self.chat:
@@ -114,12 +171,24 @@ class Answer:
         else:
             choice["text"] = chunk.text
             obj = "text_completion"
-        choice["logprobs"] = None
+        before = sum(len(t) for t in self.text) - len(chunk.text)  # ``chunk`` is added
+        choice["logprobs"] = self._logprobs(chunk.token_ids, chunk.logprobs, before)
         choice["finish_reason"] = finish
         out = {**self._head(obj), "choices": [choice]}
         if chunk.summary is not None:
             out["specdec"] = speculation_stats(chunk.summary, self.session_id)
         return out
+
+    def _logprobs(
+        self, token_ids: Sequence[int], logprobs: Sequence[TokenLogprob], offset: int = 0
+    ) -> Any:
+        """A choice's ``logprobs`` (None when not asked for); ``offset``: the length of the
+        text before these tokens (a completion's text offsets)."""
+        if not logprobs:
+            return None
+        if self.chat:
+            return {"content": chat_logprobs(token_ids, logprobs, self.token_text)}
+        return completion_logprobs(token_ids, logprobs, self.token_text, offset)
 
     def usage_chunk(self) -> dict[str, Any]:
         """The last stream chunk of ``stream_options.include_usage``."""

@@ -243,6 +243,7 @@ def report(
         skipped_blocks=skipped,
         wall_ns=wall_ns,
         rescued=origin.rescued,
+        logprobs=verdict.logprobs[:keep] if verdict.logprobs else (),
     )
 
 

@@ -75,16 +75,30 @@ class RunnerUps:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A committed token's log-probability under the oracle, and the likeliest tokens at
+    its position with theirs, likeliest first (``SamplingParams.logprobs`` says how many
+    and defines the distribution)."""
+
+    logprob: float
+    top_token_ids: tuple[int, ...] = ()
+    top_logprobs: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
 class Verdict:
     """num_accepted draft tokens are kept, then exactly one more token follows.
 
     next_token: the recovered (correction) token after a rejection, or the
     bonus token when all k were accepted (is_bonus=True).
+    logprobs: when the turn asks for them, one per committed token (the accepted ones,
+    then next_token), from the logits this verdict was judged on.
     """
 
     num_accepted: int
     next_token: int
     is_bonus: bool
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 def committed_tokens(block: DraftBlock, verdict: Verdict) -> list[int]:
@@ -217,6 +231,8 @@ class RoundReport:
     skipped_blocks: int = 0  # blocks sent ahead that this round's verdict made stale
     wall_ns: int = 0  # since the previous verdict (the first round: since the open)
     rescued: bool = False  # the oracle drafted the block itself (a ``Rescue``)
+    # The committed tokens' logprobs (``committed`` of them), when the turn asks for them.
+    logprobs: tuple[TokenLogprob, ...] = ()
 
     @property
     def block_origin(self) -> str:

@@ -41,6 +41,7 @@ from specdec.core.types import (
     Rescue,
     RoundReport,
     Speculation,
+    TokenLogprob,
     TurnStats,
     Verdict,
     VerifyResult,
@@ -83,6 +84,7 @@ def sampling_from_pb(
         max_new_tokens=pb.max_new_tokens or default_max_new_tokens,
         stop_token_ids=stop_ids,
         stop=tuple(pb.stop),
+        logprobs=pb.logprobs if pb.HasField("logprobs") else None,
     )
     params.validate()
     return params
@@ -101,7 +103,24 @@ def sampling_to_pb(params: SamplingParams) -> common_pb2.SamplingParams:
     )
     if params.seed is not None:
         pb.seed = params.seed
+    if params.logprobs is not None:
+        pb.logprobs = params.logprobs
     return pb
+
+
+def logprobs_to_pb(logprobs: Sequence[TokenLogprob]) -> list[common_pb2.TokenLogprob]:
+    return [
+        common_pb2.TokenLogprob(
+            logprob=lp.logprob, top_token_ids=lp.top_token_ids, top_logprobs=lp.top_logprobs
+        )
+        for lp in logprobs
+    ]
+
+
+def logprobs_from_pb(pbs: Sequence[common_pb2.TokenLogprob]) -> tuple[TokenLogprob, ...]:
+    return tuple(
+        TokenLogprob(pb.logprob, tuple(pb.top_token_ids), tuple(pb.top_logprobs)) for pb in pbs
+    )
 
 
 def sparse_to_pb(dist: SparseDist) -> common_pb2.SparseDistribution:
@@ -182,6 +201,7 @@ def verdict_to_pb(
             queue_ns=result.queue_ns,
             rescue_pending=result.decision is not None,
             rescued=rescued,
+            logprobs=logprobs_to_pb(verdict.logprobs or ()),
         )
     )
 
@@ -191,7 +211,10 @@ def verify_result_from_pb(
 ) -> VerifyResult:
     """``decision``: the future the rescue decision that follows will resolve (the
     caller's, when ``pb.rescue_pending``)."""
-    verdict = None if pb.skipped else Verdict(pb.num_accepted, pb.next_token_id, pb.is_bonus)
+    verdict = None
+    if not pb.skipped:
+        logprobs = logprobs_from_pb(pb.logprobs) if pb.logprobs else None
+        verdict = Verdict(pb.num_accepted, pb.next_token_id, pb.is_bonus, logprobs)
     return VerifyResult(verdict, pb.committed_length, pb.verify_ns, pb.queue_ns, decision)
 
 
@@ -415,7 +438,10 @@ _ROUND_FIELDS = (
 
 
 def round_to_pb(report: RoundReport) -> registry_pb2.RoundReport:
-    return registry_pb2.RoundReport(**{name: getattr(report, name) for name in _ROUND_FIELDS})
+    return registry_pb2.RoundReport(
+        **{name: getattr(report, name) for name in _ROUND_FIELDS},
+        logprobs=logprobs_to_pb(report.logprobs),
+    )
 
 
 def round_from_pb(
@@ -428,6 +454,7 @@ def round_from_pb(
         k=pb.proposed,
         committed=len(token_ids),
         committed_length=base_length + len(token_ids),
+        logprobs=logprobs_from_pb(pb.logprobs),
     )
 
 

@@ -388,3 +388,72 @@ def test_bearer_tokens_principals_and_limits_apply_over_http(locked: tuple[Clust
     # The session limit (3): one held, two more, then 429.
     statuses = [http("POST", url + "/v1/sessions", token="tok-b")[0] for _ in range(3)]
     assert statuses == [200, 200, 429]
+
+
+@functools.cache
+def _oracle_logprobs(model_path: str, tokens: tuple[int, ...], start: int, t: float) -> list[Any]:
+    """log_softmax of the oracle's logits (/ T when T > 0) predicting tokens[start:], in
+    float32 from one forward of the whole sequence: (per token its own, the full row)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([list(tokens)])).logits[0].float()
+    z = logits[start - 1 : len(tokens) - 1]
+    rows = torch.log_softmax(z / t if t > 0 else z, dim=-1)
+    return [(float(row[token]), row) for row, token in zip(rows, tokens[start:], strict=True)]
+
+
+@pytest.mark.parametrize("k", [0, 4])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_logprobs_are_the_oracles_own_and_change_no_token(
+    rig: Rig, k: int, temperature: float
+) -> None:
+    messages: list[Any] = [{"role": "user", "content": "the dog sat on the log"}]
+    sampling = {"max_new_tokens": 16, "temperature": temperature, "seed": 5, "ignore_eos": True}
+    with Client(rig.cluster.address, timeout=60) as grpc_client:
+        plain = grpc_client.chat(messages, k=k, **sampling)
+        asked = grpc_client.chat(messages, k=k, logprobs=3, **sampling)
+    assert asked.token_ids == plain.token_ids and not plain.logprobs  # no token changes
+    assert len(asked.logprobs) == len(asked.token_ids) == 16
+    prompt = chat_ids(rig, messages)
+    expected = _oracle_logprobs(
+        str(rig.oracle_path), (*prompt, *asked.token_ids), len(prompt), temperature
+    )
+    for got, (logprob, row) in zip(asked.logprobs, expected, strict=True):
+        assert got.logprob == pytest.approx(logprob, abs=1e-4)
+        top = torch.topk(row, 3)
+        assert list(got.top_token_ids) == top.indices.tolist()
+        assert list(got.top_logprobs) == pytest.approx(top.values.tolist(), abs=1e-4)
+    # The same numbers over HTTP, whole and streamed, with each token's text.
+    client = rig.openai()
+    request: dict[str, Any] = {
+        "model": rig.model, "messages": messages, "max_tokens": 16, "temperature": temperature,
+        "seed": 5, "logprobs": True, "top_logprobs": 3,
+        "extra_body": {"ignore_eos": True, "specdec": {"k": k}},
+    }  # fmt: skip
+    whole = client.chat.completions.create(**request)
+    assert whole.choices[0].message.content == asked.text
+    assert whole.choices[0].logprobs is not None
+    content = whole.choices[0].logprobs.content or []
+    streamed = [
+        entry
+        for chunk in client.chat.completions.create(**request, stream=True)
+        if chunk.choices and chunk.choices[0].logprobs
+        for entry in chunk.choices[0].logprobs.content or []
+    ]
+    for entries in (content, streamed):
+        assert [e.token for e in entries] == [rig.tokenizer.decode([t]) for t in asked.token_ids]
+        assert [e.logprob for e in entries] == pytest.approx(
+            [lp.logprob for lp in asked.logprobs], abs=1e-6
+        )
+        assert [len(e.top_logprobs) for e in entries] == [3] * 16
+    # The legacy completions format, one alternative.
+    completion = client.completions.create(
+        model=rig.model, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=1,
+        extra_body={"ignore_eos": True, "specdec": {"k": k}},
+    )  # fmt: skip
+    legacy = completion.choices[0].logprobs
+    assert legacy is not None and legacy.token_logprobs and legacy.top_logprobs
+    assert len(legacy.token_logprobs) == 6 and all(len(t) == 1 for t in legacy.top_logprobs)
+    assert "".join(legacy.tokens or []) == completion.choices[0].text
