@@ -257,6 +257,12 @@ def format_stats(completion: Any) -> str:
 def _add_up(sub: Any) -> None:
     p = sub.add_parser("up", help="run gateway, oracle and draft locally (demo models)")
     p.add_argument("--port", type=int, default=50051, help="gateway port")
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=8000,
+        help="the gateway's OpenAI-compatible HTTP API (-1 = off)",
+    )
     p.add_argument("--oracle-port", type=int, default=0, help="oracle port (0 = port + 1)")
     p.add_argument("--oracle-model", default="", help="default: the demo oracle")
     p.add_argument("--draft-model", default="", help="default: the demo draft")

@@ -335,13 +335,15 @@ def test_published_ports(name: str) -> None:
         for svc_name, svc in stack(name)["services"].items()
         if svc.get("ports")
     }
-    expected = {} if name == "edge" else {"gateway": [50051], "jaeger": [16686]}
+    expected = {} if name == "edge" else {"gateway": [8000, 50051], "jaeger": [16686]}
     if name.endswith("public"):
         # Edge drafts dial the oracle at its advertised public name.
         expected["oracle"] = [50052]
         oracle = stack(name)["services"]["oracle"]
         assert oracle["environment"]["SPECDEC_ADVERTISE_ADDRESS"] == "gpu1.example.com:50052"
     assert published == expected
+    if "gateway" in expected:  # the OpenAI-compatible HTTP API, on the port published
+        assert stack(name)["services"]["gateway"]["environment"]["SPECDEC_HTTP_PORT"] == "8000"
 
 
 def test_start_order_follows_who_dials_whom() -> None:
