@@ -171,8 +171,10 @@ class Answer:
         else:
             choice["text"] = chunk.text
             obj = "text_completion"
-        before = sum(len(t) for t in self.text) - len(chunk.text)  # ``chunk`` is added
-        choice["logprobs"] = self._logprobs(chunk.token_ids, chunk.logprobs, before)
+        choice["logprobs"] = None
+        if chunk.logprobs:
+            before = sum(len(t) for t in self.text) - len(chunk.text)  # ``chunk`` is added
+            choice["logprobs"] = self._logprobs(chunk.token_ids, chunk.logprobs, before)
         choice["finish_reason"] = finish
         out = {**self._head(obj), "choices": [choice]}
         if chunk.summary is not None:

@@ -91,6 +91,13 @@ def add_bench_parser(sub: Any) -> None:
     )
     p.add_argument("--tracing-reps", type=int, default=3)
     p.add_argument(
+        "--http",
+        action="store_true",
+        help="instead: the OpenAI-compatible HTTP API's time per output token against "
+        "gRPC Generate's, side by side (greedy, oracle alone and k=4)",
+    )
+    p.add_argument("--http-reps", type=int, default=2, help="with --http: passes over the prompts")
+    p.add_argument(
         "--in-process",
         action="store_true",
         help="instead: the core loop against HF generate, in this process",
@@ -257,6 +264,7 @@ def run_bench(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     if not args.out:
         args.out = "bench_results/concurrency.json" if args.sessions else "bench_results/bench.json"
+        args.out = "bench_results/http.json" if args.http else args.out
     oracle_path = args.oracle_model or str(DEMO_ORACLE)
     draft_path = args.draft_model or str(DEMO_DRAFT)
     tokenizer = AutoTokenizer.from_pretrained(oracle_path)
@@ -274,6 +282,14 @@ def run_bench(args: argparse.Namespace) -> None:
 
         args.oracle_path, args.draft_path = oracle_path, draft_path
         run_concurrency(args, prompts)
+        return
+    if args.http:
+        from specdec.bench.http import run_http_overhead
+
+        args.oracle_path, args.draft_path = oracle_path, draft_path
+        report = run_http_overhead(args, prompts)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
         return
     if args.tracing_overhead:
         from specdec.bench.tracing import run_tracing_overhead
