@@ -33,22 +33,27 @@ def _hf_model(model_path: str) -> Any:
 
 
 @functools.cache
-def _reference(model_path: str, prompt: tuple[int, ...], max_new_tokens: int) -> tuple[int, ...]:
+def _reference(
+    model_path: str, prompt: tuple[int, ...], max_new_tokens: int, stops: tuple[int, ...]
+) -> tuple[int, ...]:
     model = _hf_model(model_path)
     with torch.no_grad():
         out = model.generate(
             torch.tensor([list(prompt)]),
             do_sample=False,
             max_new_tokens=max_new_tokens,
-            eos_token_id=None,
+            eos_token_id=list(stops) or None,
             pad_token_id=0,
         )
     return tuple(int(t) for t in out[0, len(prompt) :])
 
 
-def reference(model_path: Path, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
-    """HF greedy generate of the oracle alone (EOS ignored): what every greedy turn must equal."""
-    return list(_reference(str(model_path), tuple(prompt), max_new_tokens))
+def reference(
+    model_path: Path, prompt: Sequence[int], max_new_tokens: int, stops: Sequence[int] = ()
+) -> list[int]:
+    """HF greedy generate of the oracle alone, ending after one of ``stops`` (none: EOS
+    ignored): what every greedy turn must equal."""
+    return list(_reference(str(model_path), tuple(prompt), max_new_tokens, tuple(stops)))
 
 
 def wait_until(

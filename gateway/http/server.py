@@ -33,6 +33,10 @@ from specdec.telemetry.setup import tracer
 
 log = logging.getLogger(__name__)
 
+# An idle kept-alive connection stays open this long (uvicorn's default, 5 s, closes it
+# under clients that pause between requests; 75 s is nginx's).
+KEEP_ALIVE_S = 75
+
 # Paths whose requests are not traced (probes), as gRPC health checks are not.
 UNTRACED_PATHS = ("/health",)
 
@@ -128,6 +132,7 @@ async def start_http(
         lifespan="off",
         log_config=None,  # the gateway's logging
         access_log=False,
+        timeout_keep_alive=KEEP_ALIVE_S,
         timeout_graceful_shutdown=grace_s,
         **tls,
     )

@@ -37,10 +37,12 @@ def _http_sample(
         "stream": True, "stream_options": {"include_usage": True}, "specdec": {"k": k},
     }  # fmt: skip
     start = time.perf_counter()
-    connection.request(
-        "POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"}
-    )
-    response = connection.getresponse()
+    try:
+        response = _post(connection, body)
+    except (ConnectionError, http.client.RemoteDisconnected):  # a kept-alive one timed out
+        connection.close()
+        start = time.perf_counter()
+        response = _post(connection, body)
     if response.status != 200:
         raise RuntimeError(f"HTTP {response.status}: {response.read()[:500]!r}")
     sample, text = Sample(0, 0.0, 0.0), []
@@ -57,6 +59,12 @@ def _http_sample(
             sample.tokens = event["usage"]["completion_tokens"]
     sample.seconds = time.perf_counter() - start
     return sample, "".join(text)
+
+
+def _post(connection: http.client.HTTPConnection, body: Any) -> http.client.HTTPResponse:
+    headers = {"Content-Type": "application/json"}
+    connection.request("POST", "/v1/completions", json.dumps(body), headers)
+    return connection.getresponse()
 
 
 def _grpc_sample(client: Any, prompt: list[int], k: int, max_new_tokens: int) -> tuple[Sample, str]:

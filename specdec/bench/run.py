@@ -283,19 +283,13 @@ def run_bench(args: argparse.Namespace) -> None:
         args.oracle_path, args.draft_path = oracle_path, draft_path
         run_concurrency(args, prompts)
         return
-    if args.http:
+    if args.http or args.tracing_overhead:
         from specdec.bench.http import run_http_overhead
-
-        args.oracle_path, args.draft_path = oracle_path, draft_path
-        report = run_http_overhead(args, prompts)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2))
-        return
-    if args.tracing_overhead:
         from specdec.bench.tracing import run_tracing_overhead
 
         args.oracle_path, args.draft_path = oracle_path, draft_path
-        overhead = run_tracing_overhead(args, prompts)
+        run = run_http_overhead if args.http else run_tracing_overhead
+        overhead = run(args, prompts)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(overhead, indent=2))
         return

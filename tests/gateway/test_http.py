@@ -92,22 +92,10 @@ def http(
         return error.code, dict(error.headers), json.loads(error.read())
 
 
-@functools.cache
 def _chat_reference(model_path: str, prompt: tuple[int, ...], max_new_tokens: int) -> list[int]:
     """HF greedy generate of the oracle alone, stopping at EOS or ChatML's <|im_end|>."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
     stops = [EOS_ID, build_chat_tokenizer().convert_tokens_to_ids("<|im_end|>")]
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([list(prompt)]),
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=stops,
-            pad_token_id=0,
-        )
-    return [int(t) for t in out[0, len(prompt) :]]
+    return reference(Path(model_path), prompt, max_new_tokens, stops)
 
 
 def chat_ids(rig: Rig, messages: list[dict[str, str]]) -> list[int]:
