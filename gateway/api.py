@@ -89,6 +89,7 @@ class GatewayApi:
             session = self.sessions.get(call.session_id, owner)
         else:
             session = self.sessions.create(owner, ephemeral=True)
+        started = False  # workers asked for something: caches to release after a one-off
         try:
             if session.lock.locked():
                 raise FailedPrecondition(
@@ -107,12 +108,14 @@ class GatewayApi:
                     "the prompt is empty: set prompt, prompt_token_ids or messages"
                 )
             turn = TurnRequest(prompt_ids, self._with_stops(call), speculation)
+            started = True
             async for chunk in self._run(session, turn, chat_turn):
                 yield chunk
         finally:
             if session.ephemeral:
                 self.sessions.discard(session)
-                await self.release_caches(session)
+                if started:
+                    await self.release_caches(session)
 
     def stop_token_ids(self, *, chat: bool) -> tuple[int, ...]:
         """Where a turn stops besides its own stop ids: EOS, and a chat's end of turn."""
