@@ -15,7 +15,11 @@ _DEFAULTS = SPECULATION_DEFAULTS
 class DraftConfig(SecuritySettings, TelemetrySettings):
     """specdec draft: dials OUT to the gateway and to the oracles it is assigned."""
 
-    gateway: str = setting("localhost:50051", "gateway address to register with")
+    gateway: str = setting(
+        "localhost:50051",
+        "gateway address to register with; several replicas: a,b or a DNS name resolving "
+        "to each (a headless Service)",
+    )
     model: str = setting("", "draft model folder or hub id (default: the demo draft)")
     device: str = setting("cpu", "cpu, cuda or cuda:N")
     dtype: str = setting("float32", "float32, bfloat16 or float16")
@@ -53,6 +57,17 @@ class DraftConfig(SecuritySettings, TelemetrySettings):
         "draft Llama-family models (llama, mistral, qwen2) on specdec's lean forward, "
         "without HF's per-call overhead (off: HF's forward)",
     )
+    bench_acceptance: float = setting(
+        -1.0,
+        "BENCHMARKS ONLY: instead of the model, propose the oracle's greedy output (from "
+        "--bench-reference) with this per-token acceptance, e.g. 0.8 (-1 = off)",
+    )
+    bench_reference: str = setting(
+        "", "BENCHMARKS ONLY: JSON of the oracle's greedy outputs per prompt (a k = 0 pass)"
+    )
+    bench_step_ms: float = setting(
+        0.0, "BENCHMARKS ONLY: with --bench-acceptance, the draft's cost per proposed token, ms"
+    )
     verify_timeout_s: float = setting(
         30.0, "seconds to wait for each verdict (and the prefill) before failing the turn over"
     )
@@ -73,5 +88,15 @@ class DraftConfig(SecuritySettings, TelemetrySettings):
     def validate(self) -> None:
         """Raise ``InvalidArgument`` naming the first setting out of range."""
         self.speculation().validate(lambda name: "--" + name.replace("_", "-"))
+        if self.bench_acceptance != -1.0:
+            if not 0.0 <= self.bench_acceptance <= 1.0:
+                raise InvalidArgument(
+                    f"--bench-acceptance must be in [0, 1] (or -1: off), got "
+                    f"{self.bench_acceptance}"
+                )
+            if not self.bench_reference:
+                raise InvalidArgument("--bench-acceptance needs --bench-reference")
+            if self.bench_step_ms < 0:
+                raise InvalidArgument(f"--bench-step-ms must be >= 0, got {self.bench_step_ms}")
         if self.verify_timeout_s <= 0:
             raise InvalidArgument(f"--verify-timeout-s must be > 0, got {self.verify_timeout_s}")

@@ -23,7 +23,7 @@ from specdec.engine.lean_forward import lean_unsupported
 from specdec.engine.models import DEMO_DRAFT
 from specdec.engine.quantize import load_draft_model
 from specdec.rpc.logs import configure_logging
-from specdec.rpc.registration import GatewayConnection, stay_registered
+from specdec.rpc.registration import stay_registered_everywhere
 from specdec.rpc.security import ChannelSecurity
 from specdec.rpc.server import ServiceServer, start_server
 from specdec.telemetry import configure_telemetry, observe
@@ -57,14 +57,12 @@ async def serve(config: DraftConfig) -> None:
     if health is not None:
         await health.set_serving(True)
     log.info("draft %s ready (model %s); dialling gateway %s", worker_id, source, config.gateway)
-    connection = GatewayConnection()
     lifeline = asyncio.create_task(
-        stay_registered(
+        stay_registered_everywhere(
             config.gateway,
             worker.registration,
             worker.on_message,
             worker.load,
-            connection,
             worker.on_disconnect,
             security,
         )

@@ -29,11 +29,13 @@ from specdec.core.messages import (
     CancelAssignment,
     GatewayMessage,
     ReleaseDraftSession,
+    ReleaseSessions,
     WorkerKind,
     WorkerLoad,
     WorkerRegistration,
 )
 from specdec.core.wiring import run_assignment
+from specdec.drafters.controlled import ControlledDrafter, References
 from specdec.drafters.model_drafter import ModelDrafter
 from specdec.drafters.proposers import ThreadProposer
 from specdec.engine.models import LoadedModel
@@ -61,8 +63,23 @@ class DraftWorker:
         self.model = model
         self.worker_id = worker_id
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-model")
-        self._drafters: OrderedDict[str, ModelDrafter] = OrderedDict()
+        self._drafters: OrderedDict[str, ModelDrafter | ControlledDrafter] = OrderedDict()
+        # Benchmarks only: a drafter of chosen acceptance; each session drafts (sleeps)
+        # in a thread of its own, as on a device of its own.
+        self._references: References | None = None
+        if config.bench_acceptance >= 0:
+            self._references = References.load(config.bench_reference)
+            self._executor = ThreadPoolExecutor(
+                max_workers=config.max_sessions, thread_name_prefix="bench-draft"
+            )
+            log.warning(
+                "BENCHMARK DRAFTER: proposing the oracle's greedy output at acceptance %.2f, "
+                "%.2f ms a token (--bench-acceptance); not a real draft",
+                config.bench_acceptance,
+                config.bench_step_ms,
+            )
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._origin: dict[str, GatewayConnection] = {}  # the gateway each turn came from
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._adaptive = AdaptiveMemory()  # learnt costs, per oracle and pipeline depth
 
@@ -79,12 +96,17 @@ class DraftWorker:
             vocab_size=self.model.vocab_size,
             max_context=self.model.max_context,
             eos_token_ids=tuple(self.model.eos_token_ids),
+            cached_session_ids=tuple(self._drafters),
         )
 
     def load(self) -> WorkerLoad:
         return WorkerLoad(
             active_sessions=len(self._tasks),
-            kv_cache_bytes=sum(d.cache.memory_bytes() for d in self._drafters.values()),
+            kv_cache_bytes=sum(
+                d.cache.memory_bytes()
+                for d in self._drafters.values()
+                if isinstance(d, ModelDrafter)
+            ),
         )
 
     @property
@@ -95,18 +117,28 @@ class DraftWorker:
         if isinstance(message, Assignment):
             task = asyncio.create_task(self._run(message, connection))
             self._tasks[message.assignment_id] = task
-            task.add_done_callback(lambda _: self._tasks.pop(message.assignment_id, None))
+            self._origin[message.assignment_id] = connection
+            task.add_done_callback(lambda _: self._forget(message.assignment_id))
         elif isinstance(message, CancelAssignment):
             running = self._tasks.get(message.assignment_id)
             if running is not None:
                 running.cancel()
         elif isinstance(message, ReleaseDraftSession):
             self._drafters.pop(message.session_id, None)
+        elif isinstance(message, ReleaseSessions):  # no gateway knows them any more
+            for session_id in message.session_ids:
+                self._drafters.pop(session_id, None)
 
-    async def on_disconnect(self) -> None:
-        """The gateway is gone: it fails these turns over, so stop working on them."""
-        for task in list(self._tasks.values()):
-            task.cancel()
+    def _forget(self, assignment_id: str) -> None:
+        self._tasks.pop(assignment_id, None)
+        self._origin.pop(assignment_id, None)
+
+    async def on_disconnect(self, connection: GatewayConnection | None = None) -> None:
+        """A gateway is gone (None: every one): it fails its turns over, or a client
+        resumes them on another replica, so stop working on them."""
+        for assignment_id, task in list(self._tasks.items()):
+            if connection is None or self._origin.get(assignment_id) is connection:
+                task.cancel()
 
     async def close(self) -> None:
         await self.on_disconnect()
@@ -117,9 +149,16 @@ class DraftWorker:
 
     # -- one assignment -------------------------------------------------------
 
-    def _drafter(self, session_id: str) -> ModelDrafter:
+    def _drafter(self, session_id: str) -> ModelDrafter | ControlledDrafter:
         drafter = self._drafters.pop(session_id, None)
-        if drafter is None:
+        if drafter is None and self._references is not None:
+            drafter = ControlledDrafter(
+                self._references,
+                self.config.bench_acceptance,
+                self.model.vocab_size,
+                step_s=self.config.bench_step_ms / 1000,
+            )
+        elif drafter is None:
             drafter = ModelDrafter(
                 self.model,
                 max_support=self.config.max_support,

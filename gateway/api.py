@@ -3,9 +3,10 @@
 The gRPC servicer (``gateway/servicer.py``) and the OpenAI-compatible HTTP API
 (``gateway/http/``) both convert their requests into these calls and their answers
 out of them: one path for a turn, whatever the transport. A ``GenerateCall`` is
-checked and its prompt tokenized (or its chat rendered, ``gateway/chat.py``) before
-any worker is asked for anything; then the session's lock, ``TurnRunner.run`` and
-the turn's ``Chunk``s.
+checked and its prompt tokenized before any worker is asked for anything; then, under
+the session's turn lock, the turn is begun (a chat's prompt rendered after the
+session's conversation, ``gateway/chat.py``) or resumed (``gateway/resume.py``), and
+``TurnRunner.run`` streams its ``Chunk``s.
 """
 
 from __future__ import annotations
@@ -16,24 +17,33 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.chat import NO_TEMPLATE, ChatHistory, ChatTemplate, ChatTurn
+from gateway.chat import NO_TEMPLATE, ChatHistory, ChatTemplate
 from gateway.generation import Chunk, TurnRequest, TurnRunner
 from gateway.registry import Worker
-from gateway.sessions import Session, SessionTable
-from specdec.core.errors import FailedPrecondition, InvalidArgument
-from specdec.core.sampling import SamplingParams
+from gateway.resume import check_turn_id, plan
+from gateway.sessions import Session, SessionTable, ephemeral_session_id
+from specdec.core.errors import InvalidArgument, NotFound, Unavailable
+from specdec.core.sampling import SamplingParams, resolve_seed
 from specdec.core.types import ChatMessage, DrafterKind, Speculation
 from specdec.telemetry.gateway import request_observer
 
 log = logging.getLogger(__name__)
 
 
+# How long a resumed turn waits for the session's turn lock: a dead replica's lock
+# expires within its TTL (gateway.store.redis.LOCK_TTL_S), a live gateway lets go as
+# soon as it notices that the client of the cut stream is gone.
+RESUME_LOCK_WAIT_S = 15.0
+
+
 @dataclass(frozen=True)
 class GenerateCall:
     """One Generate request: exactly one of ``prompt`` (text), ``prompt_token_ids`` and
     ``messages`` (a chat); ``params`` validated, its stop ids without EOS (added here
-    unless ``ignore_eos``); ``speculation`` validated, unset fields the defaults."""
+    unless ``ignore_eos``); ``speculation`` validated, unset fields the defaults.
+    ``turn_id`` names the turn (``resume_after``: resume it, ``gateway.resume``)."""
 
+    turn_id: str
     prompt: str = ""
     prompt_token_ids: tuple[int, ...] = ()
     messages: tuple[ChatMessage, ...] = ()
@@ -41,6 +51,7 @@ class GenerateCall:
     params: SamplingParams = field(default_factory=SamplingParams)
     ignore_eos: bool = False
     speculation: Speculation = field(default_factory=Speculation)
+    resume_after: int | None = None
 
     @property
     def is_chat(self) -> bool:
@@ -66,15 +77,54 @@ class GatewayApi:
         self.chat = chat
         self.default_k = default_k
         self.default_max_new_tokens = default_max_new_tokens
+        # Set when the gateway stops: the turns it cuts are resumed on another replica.
+        self.draining = False
+
+    def drain(self) -> None:
+        """The gateway is stopping: the one-off turns it cuts stay resumable elsewhere."""
+        self.draining = True
 
     # -- Generate ------------------------------------------------------------
 
     async def generate(self, call: GenerateCall, owner: str) -> AsyncGenerator[Chunk, None]:
         """The turn's chunks, as the runner commits them. Every check of the request
         happens before the first chunk is asked of a worker."""
+        turn = self._turn_request(call)
+        session = await self._session_of(call, turn, owner)
+        # A resumed turn waits for the lock of the gateway it was cut on: a dead
+        # replica's expires, a live one lets go once it sees its client gone.
+        wait_s = RESUME_LOCK_WAIT_S if turn.resume_after is not None else 0.0
+        async with self.sessions.turn(session, wait_s) as session:
+            resumable = started = False
+            try:
+                after = plan(session, turn.turn_id, turn.resume_after)
+                if after is not None and session.turn is not None:
+                    t = session.turn  # its own durable prompt and parameters
+                    prompt = session.tokens[t.start : t.prompt_end]
+                    turn = TurnRequest(
+                        prompt, t.params, t.speculation, turn.turn_id, after, chat=t.chat
+                    )
+                else:
+                    turn = self._prompt(session, call, dataclasses.replace(turn, resume_after=None))
+                started = True
+                async for chunk in self._run(session, turn):
+                    yield chunk
+            except Unavailable:
+                resumable = True  # the client may resume it: a one-off's session stays
+                raise
+            finally:
+                if session.ephemeral and not (resumable or self.draining):
+                    await self.sessions.discard(session)
+                    if started:
+                        await self.release_caches(session.session_id)
+
+    def _turn_request(self, call: GenerateCall) -> TurnRequest:
+        """The request checked, its text tokenized; a chat's prompt comes later, from its
+        session (``_prompt``)."""
         forms = [n for n in ("prompt", "prompt_token_ids", "messages") if getattr(call, n)]
         if len(forms) > 1:
             raise InvalidArgument(f"set one of prompt, prompt_token_ids and messages, not {forms}")
+        check_turn_id(call.turn_id, call.resume_after)
         if call.is_chat:
             _check_messages(call.messages)
             if self.chat is None:
@@ -85,37 +135,53 @@ class GatewayApi:
         prompt_ids = list(call.prompt_token_ids)
         if call.prompt:
             prompt_ids = list(self.tokenizer(call.prompt)["input_ids"])
+        if not prompt_ids and not call.is_chat:
+            raise InvalidArgument("the prompt is empty: set prompt, prompt_token_ids or messages")
+        params = self._with_stops(call)
+        params = dataclasses.replace(params, seed=resolve_seed(params.seed))
+        return TurnRequest(prompt_ids, params, speculation, call.turn_id, call.resume_after)
+
+    async def _session_of(self, call: GenerateCall, turn: TurnRequest, owner: str) -> Session:
+        """The request's session; a one-off request's own (found again by its turn id)."""
         if call.session_id:
-            session = self.sessions.get(call.session_id, owner)
-        else:
-            session = self.sessions.create(owner, ephemeral=True)
-        started = False  # workers asked for something: caches to release after a one-off
-        try:
-            if session.lock.locked():
-                raise FailedPrecondition(
-                    f"session {call.session_id!r} is already generating; one turn at a time"
-                )
-            chat_turn = self._chat_turn(session, call) if call.is_chat else None
-            if chat_turn is not None:
-                prompt_ids = chat_turn.token_ids
-            elif session.chat is not None:
+            return await self.sessions.get(call.session_id, owner)
+        session_id = ephemeral_session_id(owner, turn.turn_id)
+        session = await self.sessions.find(session_id, owner)
+        if session is not None:
+            return session
+        if turn.resume_after:
+            raise NotFound(
+                f"cannot resume turn {turn.turn_id!r}: the one-off request is gone (it "
+                "finished, was cancelled, or expired)"
+            )
+        return await self.sessions.create(owner, ephemeral=True, session_id=session_id)
+
+    def _prompt(self, session: Session, call: GenerateCall, turn: TurnRequest) -> TurnRequest:
+        """A new turn's prompt: a chat's rendered after the session's conversation; a
+        plain prompt only where no chat is going on."""
+        latest = session.turn
+        if not call.is_chat:
+            if latest is not None and latest.chat is not None:
                 raise InvalidArgument(
                     f"session {call.session_id!r} is a chat: continue it with messages, or "
                     "create another session for plain prompts"
                 )
-            if not prompt_ids:
-                raise InvalidArgument(
-                    "the prompt is empty: set prompt, prompt_token_ids or messages"
-                )
-            turn = TurnRequest(prompt_ids, self._with_stops(call), speculation)
-            started = True
-            async for chunk in self._run(session, turn, chat_turn):
-                yield chunk
-        finally:
-            if session.ephemeral:
-                self.sessions.discard(session)
-                if started:
-                    await self.release_caches(session)
+            return turn
+        assert self.chat is not None
+        history = None
+        if latest is not None and latest.chat is not None:
+            reply = session.tokens[latest.prompt_end :]
+            history = ChatHistory.of(latest.chat, self._decode_text(reply), self._decode_raw(reply))
+        elif session.tokens:
+            raise InvalidArgument(
+                f"session {call.session_id!r} holds plain-prompt turns; messages continue "
+                "only a chat session: create another session for the chat"
+            )
+        new = history.new_messages(call.messages) if history else list(call.messages)
+        chat_turn = self.chat.turn(history, new)
+        return dataclasses.replace(
+            turn, prompt_ids=chat_turn.token_ids, chat=chat_turn.record(history)
+        )
 
     def stop_token_ids(self, *, chat: bool) -> tuple[int, ...]:
         """Where a turn stops besides its own stop ids: EOS, and a chat's end of turn."""
@@ -132,71 +198,48 @@ class GatewayApi:
         extra = tuple(i for i in self.stop_token_ids(chat=call.is_chat) if i not in own)
         return dataclasses.replace(params, stop_token_ids=own + extra)
 
-    def _chat_turn(self, session: Session, call: GenerateCall) -> ChatTurn:
-        assert self.chat is not None
-        if session.tokens and session.chat is None:
-            raise InvalidArgument(
-                f"session {call.session_id!r} holds plain-prompt turns; messages continue "
-                "only a chat session: create another session for the chat"
-            )
-        history = session.chat
-        new = history.new_messages(call.messages) if history else list(call.messages)
-        return self.chat.turn(history, new)
-
-    async def _run(
-        self, session: Session, turn: TurnRequest, chat_turn: ChatTurn | None
-    ) -> AsyncIterator[Chunk]:
+    async def _run(self, session: Session, turn: TurnRequest) -> AsyncIterator[Chunk]:
         watch = request_observer(  # None when telemetry is off
             session.session_id,
             len(turn.prompt_ids),
             turn.params,
             turn.k,
             not session.ephemeral,
-            chat=chat_turn is not None,
+            chat=turn.chat is not None,
         )
-        reply: list[str] = []
         try:
-            async with session.lock:
-                session.touch()
-                before = len(session.tokens)
-                try:
-                    async for chunk in self.runner.run(session, turn):
-                        if watch is not None:
-                            watch.chunk(chunk)
-                        reply.append(chunk.text)
-                        yield chunk
-                    session.turns += 1
-                    session.touch()
-                finally:
-                    # A reply cut short (cancelled, failed) is committed as far as it got.
-                    if chat_turn is not None and len(session.tokens) > before:
-                        generated = session.tokens[before + len(turn.prompt_ids) :]
-                        history = session.chat = session.chat or ChatHistory()
-                        chat_turn.commit(history, "".join(reply), self._decode_raw(generated))
+            async for chunk in self.runner.run(session, turn):
+                if watch is not None:
+                    watch.chunk(chunk)
+                yield chunk
         finally:
             if watch is not None:
                 watch.close()
 
     def _decode_raw(self, token_ids: list[int]) -> str:
-        """Text of token ids as the template writes it: special tokens kept."""
+        """Text of token ids as a template writes it: special tokens kept."""
         return str(self.tokenizer.decode(token_ids, clean_up_tokenization_spaces=False))
+
+    def _decode_text(self, token_ids: list[int]) -> str:
+        """Text of token ids as the client is sent it."""
+        return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
 
     # -- sessions and workers -------------------------------------------------
 
     async def create_session(self, owner: str) -> Session:
-        for expired in self.sessions.expire_idle():
+        for expired in await self.sessions.expire_idle():
             await self.release_caches(expired)
-        return self.sessions.create(owner)
+        return await self.sessions.create(owner)
 
-    def get_session(self, session_id: str, owner: str) -> Session:
-        return self.sessions.get(session_id, owner)
+    async def get_session(self, session_id: str, owner: str) -> Session:
+        return await self.sessions.get(session_id, owner)
 
     def session_text(self, session: Session) -> str:
-        return str(self.tokenizer.decode(session.tokens, skip_special_tokens=True))
+        return self._decode_text(session.tokens)
 
     async def close_session(self, session_id: str, owner: str) -> Session:
-        session = self.sessions.close(session_id, owner)
-        await self.release_caches(session)
+        session = await self.sessions.close(session_id, owner)
+        await self.release_caches(session.session_id)
         return session
 
     def workers(self) -> list[Worker]:
@@ -207,12 +250,12 @@ class GatewayApi:
         """The models the registered oracles serve (what the output is exactly that of)."""
         return sorted({o.info.model for o in self.runner.registry.oracles()})
 
-    async def release_caches(self, session: Session) -> None:
+    async def release_caches(self, session_id: str) -> None:
         """Tell every worker to forget this session's KV cache (best effort: soft state)."""
         # Every worker, not only the session's: a turn cancelled or failed over before
         # it ended left caches on workers the session never recorded.
         for worker in self.runner.registry.workers():
-            await worker.release_session(session.session_id)
+            await worker.release_session(session_id)
 
 
 def _check_messages(messages: tuple[ChatMessage, ...]) -> None:

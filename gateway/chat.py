@@ -6,9 +6,11 @@ without adding special tokens again (the template writes them). Generation stops
 the template's end-of-turn token as at EOS.
 
 In a session, a turn appends the new messages only; the committed tokens already hold
-the earlier ones. ``ChatHistory`` keeps the conversation and ``text``: what the
-session's committed tokens say, as text (each turn's rendered prompt, then its reply
-decoded with its special tokens). A new turn's prompt is then:
+the earlier ones. Each chat turn's record in the session store holds the conversation
+up to its prompt (``ChatRecord``); with the turn's reply, taken from the committed
+tokens, that is the ``ChatHistory`` the next turn continues: the messages, and
+``text``, what the session's committed tokens say as text (each turn's rendered
+prompt, then its reply decoded with its special tokens). A new turn's prompt is then:
 
 * the template *prefix-stable* for this conversation (the whole conversation rendered
   starts with ``text``): the rest of that rendering. The context is then exactly the
@@ -24,10 +26,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.store.base import ChatRecord
 from specdec.core.errors import FailedPrecondition, InvalidArgument
 from specdec.core.types import ChatMessage
 
@@ -43,18 +46,25 @@ NO_TEMPLATE = (
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class ChatHistory:
-    """A chat session's conversation and the text its committed tokens stand for."""
+    """A chat session's conversation so far and the text its committed tokens stand for:
+    its latest turn's ``ChatRecord`` (durable in the session store), then that turn's
+    reply as the client got it (``reply``) and as generated (``reply_text``, special
+    tokens kept)."""
 
-    messages: list[ChatMessage] = field(default_factory=list)
+    messages: tuple[ChatMessage, ...] = ()
     text: str = ""
+
+    @classmethod
+    def of(cls, record: ChatRecord, reply: str, reply_text: str) -> ChatHistory:
+        return cls((*record.messages, ChatMessage("assistant", reply)), record.text + reply_text)
 
     def new_messages(self, messages: Sequence[ChatMessage]) -> list[ChatMessage]:
         """The messages a turn adds: all of them, or what follows the conversation when a
         client sends it whole again (as OpenAI clients do) with the new messages at its end."""
         known = len(self.messages)
-        if known and len(messages) > known and list(messages[:known]) == self.messages:
+        if known and len(messages) > known and tuple(messages[:known]) == self.messages:
             return list(messages[known:])
         return list(messages)
 
@@ -67,12 +77,10 @@ class ChatTurn:
     text: str
     token_ids: list[int]
 
-    def commit(self, history: ChatHistory, reply: str, reply_text: str) -> None:
-        """Record the turn in ``history``: the new messages and the reply (as the client
-        got it), and the text of the committed tokens (``reply_text``: specials kept)."""
-        history.messages.extend(self.messages)
-        history.messages.append(ChatMessage("assistant", reply))
-        history.text += self.text + reply_text
+    def record(self, history: ChatHistory | None) -> ChatRecord:
+        """The turn's ``ChatRecord``: the conversation and its text up to this prompt."""
+        before = history or ChatHistory()
+        return ChatRecord((*before.messages, *self.messages), before.text + self.text)
 
 
 class ChatTemplate:

@@ -27,6 +27,17 @@ class GatewayConfig(SecuritySettings, TelemetrySettings):
     default_max_new_tokens: int = setting(128, "max_new_tokens when a request does not say")
     max_sessions: int = setting(10_000, "sessions held at once; beyond: RESOURCE_EXHAUSTED")
     session_ttl_s: float = setting(3600.0, "idle seconds after which a session expires")
+    session_store: str = setting(
+        "sqlite",
+        "where sessions live: sqlite (a database under --state-dir; survives restarts), "
+        "redis://host:port/db (shared by several gateway replicas), or memory (lost on "
+        "restart)",
+    )
+    state_dir: str = setting(
+        "",
+        "directory of the SQLite session store, one gateway each (default: "
+        "$XDG_STATE_HOME/specdec, else ~/.local/state/specdec)",
+    )
     max_failovers: int = setting(3, "times a turn may move to another worker after a failure")
     worker_wait_s: float = setting(
         5.0, "how long a request waits for a worker to register before UNAVAILABLE"

@@ -23,7 +23,10 @@ import grpc
 
 from gateway.detokenize import IncrementalDecoder
 from gateway.registry import Registry, Worker
+from gateway.resume import continue_turn
 from gateway.sessions import Session
+from gateway.store import TurnRecord
+from gateway.store.base import ChatRecord
 from specdec.core.adaptive import AdaptiveMemory
 from specdec.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from specdec.core.messages import (
@@ -57,12 +60,18 @@ class TurnRequest:
     """A validated Generate request, protobuf-free.
 
     speculation: k resolved (the gateway's default when unset; 0 with drafter none);
-    the draft settings left unset are the draft's defaults.
+    the draft settings left unset are the draft's defaults. params: the seed resolved.
+    turn_id: what the turn is resumed by. resume_after: None for a new turn; else the
+    session's latest turn (``Session.turn``) goes on, after the first ``resume_after``
+    of its generated tokens, which the client has (``gateway.resume``).
     """
 
     prompt_ids: list[int]
     params: SamplingParams
     speculation: Speculation
+    turn_id: str = ""
+    resume_after: int | None = None
+    chat: ChatRecord | None = None  # a chat turn's conversation (``gateway.chat``)
 
     @property
     def k(self) -> int:
@@ -194,11 +203,32 @@ class TurnRunner:
         produced = 0
         loop = asyncio.get_running_loop()
         t_start = loop.time()
+        if request.resume_after is not None:
+            # A turn cut by its gateway's death goes on from its durable tokens.
+            resumed = continue_turn(session, request.resume_after, stop, decoder)
+            context_before, produced, started = resumed.start, resumed.produced, True
+            if resumed.finish is not None:
+                if session.turn is not None and session.turn.finish is None:
+                    await session.finish_turn(resumed.finish, session.oracle_id, "")
+                yield Chunk(resumed.tokens, resumed.text, resumed.finish, summary)
+                return
+            if resumed.tokens:
+                yield Chunk(resumed.tokens, resumed.text)
         while True:
             oracle = await self.pick_oracle(session, excluded)
             if not started:
                 self._check_prompt(session, request, oracle)
-                session.tokens.extend(request.prompt_ids)
+                await session.begin_turn(
+                    request.prompt_ids,
+                    TurnRecord(
+                        request.turn_id,
+                        len(session.tokens),
+                        len(request.prompt_ids),
+                        dataclasses.replace(params, seed=seed),
+                        request.speculation,
+                        chat=request.chat,
+                    ),
+                )
                 started = True
             remaining = dataclasses.replace(params, max_new_tokens=params.max_new_tokens - produced)
             attempt, draft = self._attempt(session, request, remaining, seed, oracle, excluded)
@@ -229,7 +259,7 @@ class TurnRunner:
                     keep, finish = stop.feed(event.token_ids)
                     tokens = list(event.token_ids[:keep])
                     logprobs = event.report.logprobs[:keep]
-                    session.tokens.extend(tokens)
+                    await session.commit(tokens)  # durable before the client sees them
                     produced += keep
                     summary.stats.add(dataclasses.replace(event.report, committed=keep))
                     record_round(event.report, summary.drafter)
@@ -251,14 +281,17 @@ class TurnRunner:
                 continue
             except BaseException:
                 if produced == 0:  # nothing was generated: the turn never happened
-                    del session.tokens[context_before:]
+                    await session.rollback(context_before)
                 raise
             finally:
                 await attempt.aclose()
             if finish is None and not ended:
                 raise Unavailable("the worker stopped reporting without finishing the turn")
-            session.oracle_id = oracle.worker_id
-            session.draft_id = draft.worker_id if draft else session.draft_id
+            await session.finish_turn(
+                finish or FinishReason.LENGTH,
+                oracle.worker_id,
+                draft.worker_id if draft else "",
+            )
             summary.stats.total_ns = int((loop.time() - t_start) * 1e9)
             last = tokens if finish is not None and not ended else []
             tail = decoder.feed(last) if last else ""

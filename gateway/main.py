@@ -16,6 +16,7 @@ from gateway.http.server import start_http
 from gateway.registry import Registry, RegistryServicer
 from gateway.servicer import GatewayServicer
 from gateway.sessions import SessionTable
+from gateway.store import describe, open_store
 from specdec.config import load_config
 from specdec.core.errors import NotFound
 from specdec.engine.models import DEMO_ORACLE, vocab_fingerprint
@@ -61,7 +62,8 @@ async def start(config: GatewayConfig) -> ServiceServer:
         worker_wait_s=config.worker_wait_s,
         worker_silence_s=config.worker_silence_s,
     )
-    sessions = SessionTable(config.max_sessions, config.session_ttl_s)
+    store = await open_store(config.session_store, config.state_dir)
+    sessions = SessionTable(store, config.max_sessions, config.session_ttl_s)
     api = GatewayApi(
         runner,
         sessions,
@@ -81,7 +83,7 @@ async def start(config: GatewayConfig) -> ServiceServer:
             ),
             (
                 registry_pb2_grpc.add_WorkerRegistryServicer_to_server,
-                RegistryServicer(registry),
+                RegistryServicer(registry, sessions.known),
                 registry_pb2.DESCRIPTOR.services_by_name["WorkerRegistry"].full_name,
             ),
         ],
@@ -94,10 +96,19 @@ async def start(config: GatewayConfig) -> ServiceServer:
         http = await start_http(
             api, tokens or None, host=config.host, port=config.http_port, security=config
         )
+        server.on_drain.append(http.drain)
         server.on_stop.insert(0, http.stop)
+    server.on_drain.append(api.drain)
+    server.on_stop.append(store.close)
     server.on_stop.append(telemetry.shutdown)  # flushes the spans of the last requests
     await server.set_serving(True)
-    log.info("gateway listening on %s:%d (tokenizer %s)", config.host, server.port, source)
+    log.info(
+        "gateway listening on %s:%d (tokenizer %s, sessions in %s)",
+        config.host,
+        server.port,
+        source,
+        describe(store),
+    )
     return server
 
 

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ from specdec.core.messages import (
     GatewayMessage,
     Registered,
     ReleaseDraftSession,
+    ReleaseSessions,
     WorkerKind,
     WorkerLoad,
     WorkerMessage,
@@ -225,10 +226,20 @@ class Registry:
 
 
 class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
-    """Thin: the Connect stream of one worker."""
+    """Thin: the Connect stream of one worker.
 
-    def __init__(self, registry: Registry) -> None:
+    ``known``: which of some session ids are live sessions. A worker registers with the
+    sessions whose KV it caches; it is told to release the others (its KV lease on
+    them ended: closed or expired while it was away, or lost with the gateway).
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        known: Callable[[Sequence[str]], Awaitable[set[str]]] | None = None,
+    ) -> None:
         self._registry = registry
+        self._known = known
 
     async def Connect(
         self, request_iterator: AsyncIterator[registry_pb2.ConnectRequest], context: Any
@@ -240,6 +251,19 @@ class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
         reader = asyncio.create_task(self._read(worker, request_iterator))
         try:
             yield convert.gateway_message_to_pb(Registered(LOAD_INTERVAL_MS))
+            cached = worker.info.cached_session_ids
+            if cached and self._known is not None:
+                try:
+                    unknown = set(cached) - await self._known(cached)
+                except SpecdecError as exc:  # the store is down: keep the caches for now
+                    log.warning("no KV lease check for %s: %s", worker.worker_id, exc)
+                    unknown = set()
+                if unknown:
+                    log.info(
+                        "worker %s releases %d unknown sessions", worker.worker_id, len(unknown)
+                    )
+                    release = ReleaseSessions(tuple(sorted(unknown)))
+                    yield convert.gateway_message_to_pb(release)
             while True:
                 getter = asyncio.ensure_future(worker.outbox.get())
                 done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,7 +27,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     # -- Generate ------------------------------------------------------------
 
     def _call(self, request: gateway_pb2.GenerateRequest) -> GenerateCall:
+        resume_after = (
+            request.resume_after_tokens if request.HasField("resume_after_tokens") else None
+        )
         return GenerateCall(
+            turn_id=request.turn_id or uuid.uuid4().hex,
             prompt=request.prompt,
             prompt_token_ids=tuple(request.prompt_token_ids),
             messages=convert.messages_from_pb(request.messages),
@@ -36,15 +41,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             ),
             ignore_eos=request.sampling.ignore_eos,
             speculation=convert.speculation_from_pb(request.speculation),
+            resume_after=resume_after,
         )
 
     async def Generate(
         self, request: gateway_pb2.GenerateRequest, context: Any
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         call = self._call(request)
-        session_id = request.session_id
         async for chunk in self._api.generate(call, caller_of(context)):
-            yield _response(chunk, session_id)
+            yield _response(chunk, call.session_id, call.turn_id)
 
     # -- sessions ------------------------------------------------------------
 
@@ -57,7 +62,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def GetSession(
         self, request: gateway_pb2.GetSessionRequest, context: Any
     ) -> gateway_pb2.GetSessionResponse:
-        session = self._api.get_session(request.session_id, caller_of(context))
+        session = await self._api.get_session(request.session_id, caller_of(context))
         return gateway_pb2.GetSessionResponse(
             session_id=session.session_id,
             token_ids=session.tokens,
@@ -91,11 +96,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         )
 
 
-def _response(chunk: Chunk, session_id: str) -> gateway_pb2.GenerateResponse:
+def _response(chunk: Chunk, session_id: str, turn_id: str) -> gateway_pb2.GenerateResponse:
     response = gateway_pb2.GenerateResponse(
         token_ids=chunk.token_ids,
         text=chunk.text,
         session_id=session_id,
+        turn_id=turn_id,
         logprobs=convert.logprobs_to_pb(chunk.logprobs),
     )
     if chunk.finish_reason is not None:

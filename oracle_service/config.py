@@ -14,6 +14,13 @@ from specdec.config import (
     setting,
 )
 from specdec.core.errors import InvalidArgument
+from specdec.engine.kv_options import (
+    ATTENTIONS,
+    DEFAULT_VERIFY_TOKENS,
+    LAYOUTS,
+    MAX_ROW_TOKENS,
+    KVSettings,
+)
 
 MIB = 1024 * 1024
 MAX_VERIFY_LANES = 8
@@ -40,9 +47,43 @@ class OracleConfig(SecuritySettings, TelemetrySettings):
     public_address: str = setting(
         "", "host:port that drafts dial, when it differs from advertise_address (edge drafts)"
     )
-    gateway: str = setting("", "gateway host:port to register with (empty = standalone)")
+    gateway: str = setting(
+        "",
+        "gateway host:port to register with (empty = standalone); several replicas: "
+        "a,b or a DNS name resolving to each (a headless Service)",
+    )
     kv_budget_mb: float = setting(
-        1024.0, "KV cache memory kept for idle sessions before LRU eviction, in MiB"
+        0.0,
+        "KV cache memory, in MiB: the paged pool's size, or with HF caches what idle "
+        "sessions keep before LRU eviction (0 = auto: on a GPU what --gpu-memory-fraction "
+        "leaves after the weights and activations, else 1024)",
+    )
+    gpu_memory_fraction: float = setting(
+        0.9,
+        "share of the GPU's memory this oracle may use in all (weights, activations, CUDA "
+        "graphs, KV); the KV pool gets what is left (as vLLM's gpu_memory_utilization)",
+    )
+    kv_layout: str = setting(
+        "paged",
+        "KV memory of the static-KV forward: paged = blocks taken as sessions grow, slots = "
+        "one full-context slot per session (sessions beyond them use HF caches)",
+        choices=LAYOUTS,
+    )
+    batch_invariant: bool = setting(
+        True,
+        "paged KV: every forward runs --verify-tokens token rows, so a session's logits, "
+        "and its greedy output, do not depend on what else is in its batch",
+    )
+    verify_tokens: int = setting(
+        DEFAULT_VERIFY_TOKENS,
+        "with --batch-invariant: token rows of every forward (rows x (k + 1) beyond it run "
+        "as several forwards); at least --max-batch and 34",
+    )
+    attention: str = setting(
+        "auto",
+        "paged KV attention: sdpa = PyTorch's fused kernel, chunked = the batch-invariant "
+        "reference (auto: sdpa on a GPU, chunked elsewhere)",
+        choices=ATTENTIONS,
     )
     max_sessions: int = setting(
         64, "verify streams served at once; more are refused with RESOURCE_EXHAUSTED"
@@ -68,7 +109,7 @@ class OracleConfig(SecuritySettings, TelemetrySettings):
     verify_lanes: int = setting(
         0,
         "verify batches run at once, each in its own thread and CUDA stream (0 = auto: 2 "
-        "with CUDA graphs, else 1; a rescue draft needs 1)",
+        "with CUDA graphs for a model under 1 GiB of weights, else 1; a rescue draft needs 1)",
     )
     rescue_draft: str = setting(
         "",
@@ -118,6 +159,19 @@ class OracleConfig(SecuritySettings, TelemetrySettings):
     def kv_budget_bytes(self) -> int:
         return int(self.kv_budget_mb * MIB)
 
+    def kv_settings(self) -> KVSettings:
+        """The KV settings the engine takes (``oracle_service.kv_pool``)."""
+        return KVSettings(
+            static_kv=self.static_kv,
+            layout=self.kv_layout,
+            budget_bytes=self.kv_budget_bytes if self.kv_budget_mb > 0 else None,
+            memory_fraction=self.gpu_memory_fraction,
+            cuda_graphs=self.cuda_graphs,
+            batch_invariant=self.batch_invariant,
+            verify_tokens=self.verify_tokens,
+            attention=self.attention,
+        )
+
     def validate(self) -> None:
         """Raise ``InvalidArgument`` naming the first setting out of range (the engine's
         by ``check_settings``: here before the model loads)."""
@@ -131,6 +185,7 @@ class OracleConfig(SecuritySettings, TelemetrySettings):
             batch_wait_s=self.batch_wait_ms / 1000,
             lanes=self.verify_lanes,
             rescue=bool(self.rescue_draft),
+            kv=self.kv_settings(),
         )
         if not 0 <= self.metrics_port <= 65535:
             raise InvalidArgument(f"--metrics-port must be in [0, 65535], got {self.metrics_port}")
@@ -140,24 +195,34 @@ def check_settings(
     *,
     max_sessions: int,
     max_cached_sessions: int,
-    kv_budget_bytes: int,
+    kv_budget_bytes: int | None,
     max_batch: int,
     batch_wait_s: float,
     lanes: int,
     rescue: bool,
+    kv: KVSettings | None = None,
 ) -> None:
     """Raise ``InvalidArgument`` naming the first engine setting out of range (and its flag).
 
     The one home of these rules: ``OracleConfig.validate`` and the engine's constructor
     (``oracle_service.engine``, also built without a config) both call it.
     ``rescue``: the engine has a rescue draft, which needs one verify lane.
+    ``kv_budget_bytes``: None = auto; ``kv``: the other KV settings.
     """
     if max_sessions < 1:
         raise InvalidArgument(f"--max-sessions must be >= 1, got {max_sessions}")
     if max_cached_sessions < 0:
         raise InvalidArgument(f"--max-cached-sessions must be >= 0, got {max_cached_sessions}")
-    if kv_budget_bytes < 0:
+    if kv_budget_bytes is not None and kv_budget_bytes < 0:
         raise InvalidArgument(f"--kv-budget-mb must be >= 0, got {kv_budget_bytes / MIB:g}")
+    if kv is not None and not 0 < kv.memory_fraction <= 1:
+        raise InvalidArgument(f"--gpu-memory-fraction must be in (0, 1], got {kv.memory_fraction}")
+    least = max(max_batch, MAX_ROW_TOKENS + 1)
+    if kv is not None and kv.batch_invariant and kv.verify_tokens < least:
+        raise InvalidArgument(
+            f"--verify-tokens must be at least {least} (--max-batch and one block of "
+            f"{MAX_ROW_TOKENS} tokens), got {kv.verify_tokens}"
+        )
     if max_batch < 1:
         raise InvalidArgument(f"--max-batch must be >= 1, got {max_batch}")
     if not 0 <= batch_wait_s <= MAX_BATCH_WAIT_S:

@@ -23,6 +23,7 @@ A request goes through, in order:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Sequence
 
@@ -31,8 +32,9 @@ import torch
 from oracle_service.config import check_settings
 from oracle_service.counters import BatchCounters, EngineInfo
 from oracle_service.execution import BatchRunner
+from oracle_service.kv_pool import make_pool, store_budget
 from oracle_service.lanes import Lanes
-from oracle_service.lifetimes import Lifetimes
+from oracle_service.lifetimes import Lifetimes, evict_until
 from oracle_service.rescue import rescues_for
 from oracle_service.scheduler import BlockQueue, PendingBlock, Scheduler
 from oracle_service.sessions import Lease, SessionStore
@@ -40,9 +42,10 @@ from oracle_service.validation import check_block, check_open
 from specdec.core.errors import Unavailable
 from specdec.core.sampling import SamplingParams
 from specdec.core.types import DraftBlock, OpenResult, VerifyResult
+from specdec.engine.kv_options import KVSettings
 from specdec.engine.models import LoadedModel
 from specdec.engine.oracle import Oracle
-from specdec.engine.static_kv import slot_pool_for
+from specdec.engine.paged_kv import PagedPool
 
 DEFAULT_MAX_BATCH = 16
 
@@ -55,7 +58,7 @@ class OracleEngine:
         model: LoadedModel,
         *,
         oracle_id: str,
-        kv_budget_bytes: int,
+        kv_budget_bytes: int | None,
         max_sessions: int,
         max_cached_sessions: int,
         max_batch: int = DEFAULT_MAX_BATCH,
@@ -64,11 +67,14 @@ class OracleEngine:
         cuda_graphs: bool = True,
         lanes: int = 0,
         rescue_draft: LoadedModel | None = None,
+        kv: KVSettings | None = None,
     ) -> None:
         """``max_batch``: the most blocks (of different sessions) verified in one forward.
         ``batch_wait_s``: the batch wait (``oracle_service.scheduler``).
-        ``static_kv``, ``cuda_graphs``: see ``specdec.engine.static_kv.slot_pool_for``.
-        ``lanes``: batches verified at once (0 = auto: 2 with CUDA graphs, else 1).
+        ``kv_budget_bytes`` (None = auto), ``static_kv``, ``cuda_graphs``, ``kv`` (the other
+        KV settings): see ``oracle_service.kv_pool``.
+        ``lanes``: batches verified at once (0 = auto: 2 with CUDA graphs for a launch-bound
+        model, else 1).
         ``rescue_draft``: drafts the next block after a miss, for streams that allow
         it (``oracle_service.rescue``; it needs one lane).
         Raises ``InvalidArgument`` for a setting out of range (``config.check_settings``).
@@ -81,25 +87,30 @@ class OracleEngine:
             batch_wait_s=batch_wait_s,
             lanes=lanes,
             rescue=rescue_draft is not None,
+            kv=kv,
         )
         self.model = model
-        slots = slot_pool_for(
-            model,
-            static_kv,
-            max_slots=max_sessions,
-            max_rows=max_batch,
-            budget_bytes=kv_budget_bytes,
+        kv = dataclasses.replace(
+            kv or KVSettings(),
+            static_kv=static_kv,
             cuda_graphs=cuda_graphs,
-            lanes=1 if rescue_draft is not None else lanes,
+            budget_bytes=kv_budget_bytes,
         )
+        pool_lanes = 1 if rescue_draft is not None else lanes
+        slots = make_pool(model, kv, max_rows=max_batch, lanes=pool_lanes)
         self.oracle = Oracle(model, slots)
         self.oracle_id = oracle_id
         self.sessions = SessionStore(
             self.oracle.new_cache,
-            budget_bytes=kv_budget_bytes,
+            budget_bytes=store_budget(slots, kv),
             max_cached_sessions=max_cached_sessions,
             max_active_streams=max_sessions,
         )
+        if isinstance(slots, PagedPool):  # a cache short of blocks evicts idle sessions first
+            sessions = self.sessions
+            slots.reclaim = lambda blocks: evict_until(
+                sessions, lambda: slots.available_blocks >= blocks
+            )
         self.lanes = slots.lanes if slots is not None else max(1, lanes)
         self._lanes = Lanes(self.lanes, self._enter_lane, self.sessions, self._wake)
         self.max_batch = max_batch

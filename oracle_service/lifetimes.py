@@ -5,17 +5,22 @@ max_sessions streams are open) and prefills its committed tokens in a lane, once
 other job of the session runs; a release frees the session's cache the same way.
 Idle sessions are evicted in a lane, least recently used first, after anything
 that may have pushed the store over its budget: an open, a batch that verified
-something, a stream's close (``oracle_service.sessions``).
+something, a stream's close (``oracle_service.sessions``); and, on paged KV, when an
+opening stream's reservation or a growing cache needs their blocks
+(``oracle_service.kv_pool``).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
+from oracle_service.kv_pool import reserve_turn
 from oracle_service.lanes import Lanes
 from oracle_service.sessions import Lease, SessionStore
 from specdec.core.sampling import SamplingParams
 from specdec.core.types import OpenResult
+from specdec.engine.kv_options import turn_positions
 from specdec.engine.oracle import Oracle, PrefillResult
 
 log = logging.getLogger(__name__)
@@ -74,6 +79,12 @@ class Lifetimes:
     ) -> PrefillResult:
         """Lane: the session's cache made to hold tokens[:-1], reusing its longest prefix."""
         session = self.sessions.check(lease)
+        positions = turn_positions(len(tokens), sampling.max_new_tokens)
+        reserve_turn(  # the admission rule (oracle_service.kv_pool), before any prefill
+            lambda: session.cache.reserve(positions),
+            lambda done: evict_until(self.sessions, done),
+            f"{positions} positions: {len(tokens)} committed + {sampling.max_new_tokens} new",
+        )
         try:
             prefill = self.oracle.prefill(session.cache, tokens)
         finally:
@@ -89,6 +100,8 @@ class Lifetimes:
     def close(self, lease: Lease) -> None:
         """The stream of ``lease`` ended; its cache stays for the session's next turn."""
         self.sessions.close(lease)
+        if lease.session.active_streams == 0:
+            lease.session.cache.unreserve()  # its turn's KV reservation ends
         if not self._lanes.closed:
             # Its session may now be evictable; evict in a lane, not waiting.
             self._lanes.executors[0].submit(evict_idle, self.sessions)
@@ -100,6 +113,14 @@ class Lifetimes:
         if released:
             log.debug("session %s released", session_id)
         return released
+
+
+def evict_until(sessions: SessionStore, done: Callable[[], bool]) -> None:
+    """Lane: evict idle sessions, least recently used first, until ``done()`` (the KV pool
+    has the blocks a stream needs)."""
+    evicted = sessions.evict(until=done)
+    if evicted:
+        log.debug("evicted %d idle session(s) for KV memory", len(evicted))
 
 
 def evict_idle(sessions: SessionStore) -> None:

@@ -5,7 +5,8 @@ Start-up order, so that nothing is sent to a half-ready oracle:
 1. the gRPC server binds and starts with health NOT_SERVING (calls get UNAVAILABLE);
 2. the model loads in a background thread (SIGTERM still shuts down meanwhile);
 3. the engine is installed and health turns SERVING;
-4. with ``--gateway``, the oracle dials the gateway and stays registered.
+4. with ``--gateway``, the oracle dials every gateway replica and stays registered,
+   telling each the sessions it caches (those no gateway knows are released).
 
 SIGTERM/SIGINT: health NOT_SERVING, in-flight streams get a grace period, the
 gateway link and the model thread stop.
@@ -28,13 +29,19 @@ from oracle_service.servicer import SERVICE_NAME, OracleServicer
 from specdec.config import add_arguments as add_config_arguments
 from specdec.config import from_namespace, load_config
 from specdec.core.errors import SpecdecError
-from specdec.core.messages import GatewayMessage, WorkerKind, WorkerLoad, WorkerRegistration
+from specdec.core.messages import (
+    GatewayMessage,
+    ReleaseSessions,
+    WorkerKind,
+    WorkerLoad,
+    WorkerRegistration,
+)
 from specdec.engine.models import LoadedModel, check_compatible, load_model
 from specdec.engine.quantize import load_draft_model
 from specdec.rpc.grants import GrantSigner
 from specdec.rpc.health_endpoint import start_health_endpoint
 from specdec.rpc.logs import configure_logging
-from specdec.rpc.registration import GatewayConnection, stay_registered
+from specdec.rpc.registration import GatewayConnection, stay_registered_everywhere
 from specdec.rpc.security import ChannelSecurity, oracle_auth, server_credentials
 from specdec.rpc.server import ServiceServer, start_server
 from specdec.telemetry import configure_telemetry
@@ -93,7 +100,7 @@ class OracleService:
         engine = OracleEngine(
             model,
             oracle_id=self.oracle_id,
-            kv_budget_bytes=config.kv_budget_bytes,
+            kv_budget_bytes=config.kv_settings().budget_bytes,
             max_sessions=config.max_sessions,
             max_cached_sessions=config.max_cached_sessions,
             max_batch=config.max_batch,
@@ -102,6 +109,7 @@ class OracleService:
             cuda_graphs=config.cuda_graphs,
             lanes=config.verify_lanes,
             rescue_draft=draft,
+            kv=config.kv_settings(),
         )
         await engine.warm_up()
         self.engine = engine
@@ -119,12 +127,11 @@ class OracleService:
         )
         if config.gateway:
             self._registration = asyncio.create_task(
-                stay_registered(
+                stay_registered_everywhere(
                     config.gateway,
                     self.registration,
                     self._on_gateway_message,
                     self.load_report,
-                    connection=GatewayConnection(),
                     security=self.gateway_security,
                 ),
                 name="oracle-registration",
@@ -152,6 +159,7 @@ class OracleService:
             vocab_size=info.vocab_size,
             max_context=info.max_context,
             eos_token_ids=tuple(info.eos_token_ids),
+            cached_session_ids=tuple(self.engine.sessions.session_ids()),
         )
 
     def load_report(self) -> WorkerLoad:
@@ -165,7 +173,12 @@ class OracleService:
     async def _on_gateway_message(
         self, message: GatewayMessage, connection: GatewayConnection
     ) -> None:
-        # Assignments and draft releases are for drafts; an oracle has nothing to do yet.
+        if isinstance(message, ReleaseSessions) and self.engine is not None:
+            # Sessions no gateway knows: their KV lease ended.
+            released = [s for s in message.session_ids if await self.engine.release(s)]
+            log.info("released the KV of %d sessions no gateway knows", len(released))
+            return
+        # Assignments and draft releases are for drafts.
         log.debug("ignoring gateway message %s", type(message).__name__)
 
     async def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:

@@ -189,8 +189,9 @@ class SessionStore:
                 self._kv_bytes += measured - session.kv_bytes
             session.kv_bytes = measured
 
-    def evict(self) -> list[str]:
-        """Drop idle sessions, least recently used first, until both limits hold (model thread).
+    def evict(self, until: Callable[[], bool] | None = None) -> list[str]:
+        """Drop idle sessions, least recently used first, until both limits hold (model thread)
+        and ``until()`` is true (when given: the KV pool has the blocks a stream needs).
 
         Returns the evicted ids. Sessions with an open stream, or a job in another lane,
         are skipped: when
@@ -202,6 +203,7 @@ class SessionStore:
                 if (
                     self._kv_bytes <= self.budget_bytes
                     and len(self._sessions) <= self.max_cached_sessions
+                    and (until is None or until())
                 ):
                     break
                 session = self._sessions[session_id]
@@ -213,6 +215,8 @@ class SessionStore:
                 self._evicted[session_id] = None
                 while len(self._evicted) > EVICTED_IDS_KEPT:
                     self._evicted.popitem(last=False)
+                if until is not None:
+                    session.cache.release()  # ``until`` sees its blocks free at once
         for session in evicted:
             session.cache.release()  # frees its tensors (or KV slot) now, not at the next GC
         return [s.session_id for s in evicted]
@@ -241,6 +245,11 @@ class SessionStore:
     def get(self, session_id: str) -> OracleSession | None:
         with self._lock:
             return self._sessions.get(session_id)
+
+    def session_ids(self) -> list[str]:
+        """Every session with a cache here."""
+        with self._lock:
+            return list(self._sessions)
 
     @property
     def active_streams(self) -> int:

@@ -2,7 +2,8 @@
 
 Used by `specdec up`, by `specdec bench` and by the end-to-end tests: a
 ``Cluster`` starts a gateway, then oracles and drafts that dial into it, and
-waits until the gateway lists them.
+waits until the gateway lists them; ``redis_server`` starts a local
+``redis-server`` for gateway replicas sharing sessions.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -109,13 +111,19 @@ class Cluster:
     workdir: Path
     env: dict[str, str]
     echo: bool = False  # services log to this terminal instead of files
-    gateway: Service | None = None
+    gateway: Service | None = None  # the latest gateway started
     services: list[Service] = field(default_factory=list)
+    gateway_ports: list[int] = field(default_factory=list)  # every replica's, in order
 
     @property
     def address(self) -> str:
         assert self.gateway is not None
         return f"127.0.0.1:{self.gateway.port}"
+
+    @property
+    def gateway_addresses(self) -> str:
+        """Every gateway replica, as workers' ``--gateway`` and clients take them."""
+        return ",".join(f"127.0.0.1:{port}" for port in self.gateway_ports)
 
     def _start(
         self, name: str, args: Sequence[str], port: int = 0, nice: int = 0, cpus: str = ""
@@ -139,10 +147,16 @@ class Cluster:
         return service
 
     def start_gateway(self, *flags: str, port: int = 0, cpus: str = "") -> Service:
-        """A gateway on ``port`` (0 = a free one); ``cpus``: see ``check_cpus``."""
+        """A gateway on ``port`` (0 = a free one; the port of one that died: its
+        restart); ``cpus``: see ``check_cpus``. Its sessions are in a SQLite store
+        under the work directory unless ``flags`` name another store."""
         port = port or free_port()
         args = ["gateway", "--port", str(port), *flags]
+        if not {"--session-store", "--state-dir"} & set(flags):
+            args += ["--state-dir", str(self.workdir / "gateway-state")]
         self.gateway = self._start("gateway", args, port, cpus=cpus)
+        if port not in self.gateway_ports:
+            self.gateway_ports.append(port)
         return self.gateway
 
     def start_oracle(
@@ -157,7 +171,7 @@ class Cluster:
         port = port or free_port()
         args = [
             "oracle", "--port", str(port), "--host", "127.0.0.1",
-            "--gateway", self.address, "--advertise-address", f"127.0.0.1:{port}",
+            "--gateway", self.gateway_addresses, "--advertise-address", f"127.0.0.1:{port}",
         ]  # fmt: skip
         if model is not None:
             args += ["--model", str(model)]
@@ -180,19 +194,22 @@ class Cluster:
         ``cpus`` keeps it on those CPUs (``check_cpus``): apart from the oracle's, like
         an edge device.
         """
-        args = ["draft", "--gateway", self.address, "--health-port", "-1"]
+        args = ["draft", "--gateway", self.gateway_addresses, "--health-port", "-1"]
         if model is not None:
             args += ["--model", str(model)]
         if draft_id:
             args += ["--draft-id", draft_id]
         return self._start("draft", [*args, *flags], nice=nice, cpus=cpus)
 
-    def wait_workers(self, oracles: int, drafts: int, timeout: float = READY_TIMEOUT_S) -> None:
-        """Until the gateway lists this many workers of each kind."""
+    def wait_workers(
+        self, oracles: int, drafts: int, timeout: float = READY_TIMEOUT_S, address: str = ""
+    ) -> None:
+        """Until the gateway (at ``address``; default: the latest started) lists this many
+        workers of each kind."""
         from specdec.client import Client
 
         deadline = time.monotonic() + timeout
-        with Client(self.address, timeout=2) as client:
+        with Client(address or self.address, timeout=2) as client:
             while time.monotonic() < deadline:
                 for service in self.services:
                     if not service.alive() and service.process.returncode not in (0, -9):
@@ -247,3 +264,36 @@ def cluster(
         yield running
     finally:
         running.stop()
+
+
+@contextlib.contextmanager
+def redis_server(folder: Path) -> Iterator[str]:
+    """A local ``redis-server`` (append-only file on, as deployed) with its files in
+    ``folder``; yields its URL, stops it on exit. ``FileNotFoundError`` without one."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise FileNotFoundError("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    folder.mkdir(parents=True, exist_ok=True)
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder)]
+    process = subprocess.Popen(
+        [binary, *args, "--save", "", "--appendonly", "yes"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start (exit {process.poll()})")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)

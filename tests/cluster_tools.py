@@ -37,9 +37,13 @@ def _reference(
     model_path: str, prompt: tuple[int, ...], max_new_tokens: int, stops: tuple[int, ...]
 ) -> tuple[int, ...]:
     model = _hf_model(model_path)
+    ids = torch.tensor([list(prompt)])
     with torch.no_grad():
         out = model.generate(
-            torch.tensor([list(prompt)]),
+            ids,
+            # Every position is attended: without a mask HF masks the tokens equal to
+            # the pad id (0), which a long context may well contain.
+            attention_mask=torch.ones_like(ids),
             do_sample=False,
             max_new_tokens=max_new_tokens,
             eos_token_id=list(stops) or None,

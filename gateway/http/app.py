@@ -213,14 +213,14 @@ class HttpApi:
                 {"id": session_id, "object": "session", "deleted": True,
                  "token_count": len(closed.tokens)}
             )  # fmt: skip
-        session = self._api.get_session(session_id, owner)
+        session = await self._api.get_session(session_id, owner)
         return JSONResponse(
             {
                 "id": session.session_id,
                 "object": "session",
                 "token_count": len(session.tokens),
                 "turns": session.turns,
-                "chat": session.chat is not None,
+                "chat": session.turn is not None and session.turn.chat is not None,
                 "created": session.created_unix_ms // 1000,
                 "oracle_id": session.oracle_id,
                 "draft_id": session.draft_id,

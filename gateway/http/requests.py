@@ -14,6 +14,7 @@ it, never silently ignored. Unknown fields are ignored, as OpenAI clients add so
 from __future__ import annotations
 
 import math
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -70,7 +71,7 @@ def completion_request(body: Any, *, default_max_new_tokens: int) -> OpenAIReque
     logprobs = _integer(body, "logprobs", None, 0, MAX_LOGPROBS)
     return _request(
         body,
-        GenerateCall(prompt=text, prompt_token_ids=ids),
+        GenerateCall(_turn_id(), prompt=text, prompt_token_ids=ids),
         max_tokens=_integer(body, "max_tokens", None, 1),
         default_max_new_tokens=default_max_new_tokens,
         top_logprobs=logprobs,
@@ -93,7 +94,7 @@ def chat_request(body: Any, *, default_max_new_tokens: int) -> OpenAIRequest:
         max_tokens = _integer(body, "max_tokens", None, 1)
     return _request(
         body,
-        GenerateCall(messages=messages),
+        GenerateCall(_turn_id(), messages=messages),
         max_tokens=max_tokens,
         default_max_new_tokens=default_max_new_tokens,
         top_logprobs=(top or 0) if wants else None,
@@ -139,6 +140,7 @@ def _request(
         raise InvalidArgument("specdec.session_id must be a string (from POST /v1/sessions)")
     options = _object(body.get("stream_options") or {}, "stream_options")
     call = GenerateCall(
+        call.turn_id,
         prompt=call.prompt,
         prompt_token_ids=call.prompt_token_ids,
         messages=call.messages,
@@ -156,6 +158,10 @@ def _request(
         stream=_boolean(body, "stream", False),
         include_usage=_boolean(options, "include_usage", False),
     )
+
+
+def _turn_id() -> str:
+    return uuid.uuid4().hex
 
 
 def _speculation(extra: Mapping[str, Any]) -> Speculation:

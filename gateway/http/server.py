@@ -101,8 +101,12 @@ class HttpServer:
     def port(self) -> int:
         return int(self._socket.getsockname()[1])
 
-    async def stop(self) -> None:
+    def drain(self) -> None:
+        """The gateway is stopping: /health says so (503) while the streams finish."""
         self._app.state.http_api.serving = False
+
+    async def stop(self) -> None:
+        self.drain()
         self._server.should_exit = True
         with contextlib.suppress(asyncio.CancelledError):
             await self._task

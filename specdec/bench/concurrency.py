@@ -61,7 +61,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from specdec.bench.measure import Result, Sample, percentile
+from specdec.bench.measure import Result, Sample, format_table, percentile
+from specdec.bench.shapes import tokenizer_source
 from specdec.config import settings_in_environment
 from specdec.core.errors import InvalidArgument
 from specdec.v1 import common_pb2
@@ -420,16 +421,9 @@ COLUMNS = [
 
 def table(rows: list[dict[str, Any]]) -> str:
     """measure.table's layout with this mode's columns (missing figures shown as '-')."""
-    header = [title for _, title, _ in COLUMNS]
-    shown = [{**row, "max_batch": row["max_batch"] or "default"} for row in rows]
-    body = [
-        [fmt.format(row[key]) if row.get(key) is not None else "-" for key, _, fmt in COLUMNS]
-        for row in shown
-    ]
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *body]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return format_table(
+        [{**row, "max_batch": row["max_batch"] or "default"} for row in rows], COLUMNS
+    )
 
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:
@@ -576,7 +570,7 @@ def run_concurrency(args: argparse.Namespace, prompts: list[list[int]]) -> dict[
         out.write_text(json.dumps(report, indent=2))
 
     with tempfile.TemporaryDirectory() as workdir, cluster(Path(workdir), env) as c:
-        c.start_gateway("--tokenizer", args.oracle_path, cpus=args.oracle_cpus)
+        c.start_gateway("--tokenizer", tokenizer_source(args.oracle_path), cpus=args.oracle_cpus)
         for i in range(args.drafts):
             c.start_draft(
                 args.draft_path, "--device", args.draft_device,

@@ -150,7 +150,7 @@ COLUMNS = [
     ("rounds", "rounds", "{}"),
     ("pipelined_share", "piped", "{:.2f}"),
     ("branch_share", "branch", "{:.2f}"),
-    ("rescue_share", "recov.", "{:.2f}"),
+    ("rescue_share", "rescue", "{:.2f}"),
     ("skipped_blocks", "skip", "{}"),
     ("wire_bytes_per_token", "B/tok", "{:.0f}"),
     ("mismatched_outputs", "diff", "{}"),
@@ -159,9 +159,16 @@ COLUMNS = [
 
 def table(rows: list[dict[str, Any]]) -> str:
     """A fixed-width text table of summaries (missing figures shown as '-')."""
-    header = [title for _, title, _ in COLUMNS]
+    return format_table(rows, COLUMNS)
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
+    """Rows as a fixed-width text table of (key, title, format) columns; '-' for a missing
+    or None figure."""
+    header = [title for _, title, _ in columns]
     body = [
-        [fmt.format(row[key]) if key in row else "-" for key, _, fmt in COLUMNS] for row in rows
+        [fmt.format(row[key]) if row.get(key) is not None else "-" for key, _, fmt in columns]
+        for row in rows
     ]
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *body]]

@@ -27,6 +27,8 @@ from typing import Any
 
 from specdec.bench.measure import Result, Sample, table
 from specdec.bench.proxy import DelayProxy
+from specdec.bench.real_scale import add_real_scale_arguments
+from specdec.bench.shapes import tokenizer_source
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,13 @@ def add_bench_parser(sub: Any) -> None:
     )
     p.add_argument("--http-reps", type=int, default=2, help="with --http: passes over the prompts")
     p.add_argument(
+        "--session-stores",
+        default="",
+        help="instead: time per output token with the gateway's session store in memory "
+        "and on these, side by side, e.g. memory,sqlite,redis (redis: a local redis-server)",
+    )
+    p.add_argument("--store-reps", type=int, default=3, help="with --session-stores: repeats")
+    p.add_argument(
         "--in-process",
         action="store_true",
         help="instead: the core loop against HF generate, in this process",
@@ -146,6 +155,7 @@ def add_bench_parser(sub: Any) -> None:
         help="with --sessions: measure every session count this many times, alternating, "
         "and pool the windows (a drifting host then weighs on all counts alike)",
     )
+    add_real_scale_arguments(p)
     p.set_defaults(func=run_bench)
 
 
@@ -263,14 +273,29 @@ def run_bench(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     if not args.out:
-        args.out = "bench_results/concurrency.json" if args.sessions else "bench_results/bench.json"
-        args.out = "bench_results/http.json" if args.http else args.out
+        args.out = (
+            "bench_results/real_scale.json"
+            if args.real_scale
+            else "bench_results/concurrency.json"
+            if args.sessions
+            else "bench_results/http.json"
+            if args.http
+            else "bench_results/bench.json"
+        )
     oracle_path = args.oracle_model or str(DEMO_ORACLE)
     draft_path = args.draft_model or str(DEMO_DRAFT)
-    tokenizer = AutoTokenizer.from_pretrained(oracle_path)
+    if args.real_scale:
+        oracle_path = f"random:{args.real_scale.removeprefix('random:')}"
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(oracle_path))
     prompts = heldout_prompts(
         lambda text: tokenizer(text)["input_ids"], args.prompts, args.prompt_tokens
     )
+    if args.real_scale:
+        from specdec.bench.real_scale import run_real_scale
+
+        args.draft_path = draft_path
+        run_real_scale(args, prompts)
+        return
     if args.in_process:
         from specdec.bench.core import run_in_process
 
@@ -283,15 +308,22 @@ def run_bench(args: argparse.Namespace) -> None:
         args.oracle_path, args.draft_path = oracle_path, draft_path
         run_concurrency(args, prompts)
         return
-    if args.http or args.tracing_overhead:
+    if args.http or args.session_stores or args.tracing_overhead:  # side by side
         from specdec.bench.http import run_http_overhead
+        from specdec.bench.store import run_store_overhead
         from specdec.bench.tracing import run_tracing_overhead
 
         args.oracle_path, args.draft_path = oracle_path, draft_path
-        run = run_http_overhead if args.http else run_tracing_overhead
-        overhead = run(args, prompts)
+        side_by_side = (
+            run_http_overhead
+            if args.http
+            else run_store_overhead
+            if args.session_stores
+            else run_tracing_overhead
+        )
+        outcome = side_by_side(args, prompts)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(overhead, indent=2))
+        Path(args.out).write_text(json.dumps(outcome, indent=2))
         return
     configs = _configs(args)
     env = {"OMP_NUM_THREADS": str(args.threads), "SPECDEC_LOG_LEVEL": "warning"}
@@ -313,7 +345,9 @@ def run_bench(args: argparse.Namespace) -> None:
     rows: list[dict[str, Any]] = []
     drafted: list[dict[str, Any]] = []  # the rows of the draft model's configurations
     with tempfile.TemporaryDirectory() as workdir, cluster(Path(workdir), env) as c:
-        c.start_gateway("--tokenizer", oracle_path, "--default-max-new-tokens", "512")
+        c.start_gateway(
+            "--tokenizer", tokenizer_source(oracle_path), "--default-max-new-tokens", "512"
+        )
         rescue = ["--rescue-draft", draft_path] if args.rescue else []
         c.start_oracle(
             oracle_path, "--device", args.device, "--dtype", args.dtype,

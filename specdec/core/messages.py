@@ -3,9 +3,10 @@
 A worker (draft or oracle) keeps one ``WorkerRegistry.Connect`` stream open to the
 gateway. Up it go a ``WorkerRegistration``, ``WorkerLoad`` reports and, from drafts,
 ``AssignmentReport``s about the turns they run; down it come ``Registered``, an
-``Assignment`` (a turn for a draft to run), ``CancelAssignment`` and
-``ReleaseDraftSession``. ``specdec.rpc.convert`` turns each into its protobuf
-message and back at the stream's edge; everything between works on these.
+``Assignment`` (a turn for a draft to run), ``CancelAssignment``,
+``ReleaseDraftSession`` and ``ReleaseSessions``. ``specdec.rpc.convert`` turns each
+into its protobuf message and back at the stream's edge; everything between works on
+these.
 
 A leaf module like ``specdec.core.types``: no models, gRPC, protobuf or torch.
 """
@@ -46,6 +47,8 @@ class WorkerRegistration:
     vocab_size: int = 0
     max_context: int = 0
     eos_token_ids: tuple[int, ...] = ()
+    # Sessions whose KV cache it holds: the gateway releases those it does not know.
+    cached_session_ids: tuple[str, ...] = ()
 
     @property
     def draft_address(self) -> str:
@@ -146,4 +149,11 @@ class ReleaseDraftSession:
     session_id: str
 
 
-GatewayMessage = Registered | Assignment | CancelAssignment | ReleaseDraftSession
+@dataclass(frozen=True)
+class ReleaseSessions:
+    """Forget the KV caches of these sessions (drafts and oracles): no gateway knows them."""
+
+    session_ids: tuple[str, ...]
+
+
+GatewayMessage = Registered | Assignment | CancelAssignment | ReleaseDraftSession | ReleaseSessions

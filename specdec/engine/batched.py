@@ -48,6 +48,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from dataclasses import replace as replace_fields
+from typing import cast
 
 import torch
 
@@ -58,7 +59,8 @@ from specdec.core.verifier import greedy_verdict, validate_block, verify_block, 
 from specdec.engine.kv_cache import SequenceCache, dynamic_cache_of, forward_arguments
 from specdec.engine.models import LoadedModel
 from specdec.engine.oracle import Oracle, PrefillResult, VerifyTiming
-from specdec.engine.static_kv import SlotCache
+from specdec.engine.paged_kv import PagedCache, PagedPool
+from specdec.engine.static_kv import SlotCache, SlotPool
 
 log = logging.getLogger(__name__)
 
@@ -129,13 +131,13 @@ def verify_batch(oracle: Oracle, items: Sequence[BatchItem]) -> BatchVerificatio
     share a cache). A row's timing: its own prefill, the shared forward, and
     verify_ns = the whole batch (every row's verdict comes out together).
 
-    Rows on static KV slots (``SlotCache``) share one forward over the slot pool; the
-    others share one over their HF caches.
+    Rows on the oracle's KV pool (``PagedCache`` blocks or ``SlotCache`` slots) share one
+    forward over the pool; the others share one over their HF caches.
     """
     caches = {id(item.cache) for item in items}
     if len(caches) != len(items):
         raise InvalidArgument("the items of a batch must have different caches (sessions)")
-    slotted = [i for i, item in enumerate(items) if isinstance(item.cache, SlotCache)]
+    slotted = [i for i, item in enumerate(items) if _pooled(oracle, item.cache)]
     if not slotted:
         return _verify_dynamic(oracle, items)
     dynamic = sorted(set(range(len(items))) - set(slotted))
@@ -152,7 +154,7 @@ def verify_batch(oracle: Oracle, items: Sequence[BatchItem]) -> BatchVerificatio
 
 
 def _verify_slotted(oracle: Oracle, items: Sequence[BatchItem]) -> BatchVerification:
-    """Items on static KV slots: one ``SlotPool.forward_rows`` (a CUDA graph on a GPU)."""
+    """Items on the KV pool: one ``forward_rows`` of the pool (CUDA graphs on a GPU)."""
     start = time.perf_counter_ns()
     results: list[RowResult | None] = [None] * len(items)
     prefills = _prefill_all(oracle, items, results)
@@ -162,10 +164,13 @@ def _verify_slotted(oracle: Oracle, items: Sequence[BatchItem]) -> BatchVerifica
     forward = None
     if rows and pool is not None:
         try:
-            forward = pool.forward_rows(
-                [_slot_cache(items[index]) for index in rows],
-                [[items[index].committed[-1], *items[index].block.token_ids] for index in rows],
-            )
+            inputs = [[items[index].committed[-1], *items[index].block.token_ids] for index in rows]
+            if isinstance(pool, PagedPool):
+                forward = pool.forward_rows(
+                    [cast(PagedCache, items[index].cache) for index in rows], inputs
+                )
+            else:
+                forward = pool.forward_rows([_slot_cache(items[index]) for index in rows], inputs)
         except Exception as exc:  # the slots' kept positions are untouched: verify alone
             log.warning("verify of %d slot rows failed (%s); verifying one by one", len(rows), exc)
             fallback = f"the slot forward failed: {type(exc).__name__}: {exc}"
@@ -174,11 +179,18 @@ def _verify_slotted(oracle: Oracle, items: Sequence[BatchItem]) -> BatchVerifica
     verdicts = _judge(items, rows, forward.logits, results)
     for index, verdict in verdicts.items():
         item = items[index]
-        assert isinstance(item.cache, SlotCache)
+        assert isinstance(item.cache, PagedCache | SlotCache)
         # Keep committed[-1] and the accepted draft tokens, already written in the slot.
         item.cache.adopt([item.committed[-1], *item.block.token_ids[: verdict.num_accepted]])
     _record_timings(results, verdicts, prefills, forward.forward_ns, time.perf_counter_ns() - start)
     return BatchVerification(_settled(results), len(rows), None)
+
+
+def _pooled(oracle: Oracle, cache: SequenceCache) -> bool:
+    """Whether ``cache`` lives in the oracle's KV pool."""
+    if isinstance(oracle.slots, PagedPool):
+        return isinstance(cache, PagedCache) and cache.pool is oracle.slots
+    return isinstance(oracle.slots, SlotPool) and isinstance(cache, SlotCache)
 
 
 def _slot_cache(item: BatchItem) -> SlotCache:

@@ -165,6 +165,14 @@ class SequenceCache:
         """Free the cache's memory for good: its session is gone (evicted or released)."""
         self.reset()
 
+    def reserve(self, length: int) -> bool:
+        """Promise this cache memory for ``length`` positions; False when there is none to
+        promise. An HF cache grows freely: always True (a ``PagedCache`` reserves blocks)."""
+        return True
+
+    def unreserve(self) -> None:
+        """End ``reserve``'s promise (its turn ended)."""
+
     def layer_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """Per layer, the (keys, values) of the cached tokens, each [1, H, len(self), D].
 

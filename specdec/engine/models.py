@@ -96,9 +96,15 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: str = "float32") -
 
     Raises ``NotFound`` when the folder (or hub id) does not exist, ``InvalidArgument``
     when it is not a causal LM, the dtype is unknown, or CUDA is asked for but absent.
+    ``random:NAME`` builds a real model's shape with random weights
+    (``specdec.bench.shapes``, for benchmarks).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if name_or_path.startswith("random:"):  # benchmarks: a real shape, random weights
+        from specdec.bench.shapes import load_random
+
+        return load_random(name_or_path, device, dtype)  # type: ignore[no-any-return]
     torch_dtype = _parse_dtype(dtype)
     torch_device = _parse_device(device)
     source = _resolve_source(name_or_path)

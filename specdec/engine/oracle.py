@@ -28,6 +28,7 @@ from specdec.core.types import DraftBlock, Verdict
 from specdec.core.verifier import validate_block, verify_block, with_logprobs
 from specdec.engine.kv_cache import SequenceCache
 from specdec.engine.models import LoadedModel
+from specdec.engine.paged_kv import PagedCache, PagedPool
 from specdec.engine.static_kv import SlotCache, SlotPool
 
 
@@ -58,10 +59,10 @@ class VerifyTiming:
 class Oracle:
     """Verifies draft blocks for any number of sequences, each with its own ``SequenceCache``."""
 
-    def __init__(self, model: LoadedModel, slots: SlotPool | None = None) -> None:
-        """``slots``: static KV slots for the sessions' caches (``specdec.engine.static_kv``);
-        sessions that find none free, and every session without a pool, get a
-        ``SequenceCache`` on HF's forward."""
+    def __init__(self, model: LoadedModel, slots: SlotPool | PagedPool | None = None) -> None:
+        """``slots``: the sessions' KV pool: paged blocks (``specdec.engine.paged_kv``) or
+        static slots (``specdec.engine.static_kv``; sessions that find no slot free get a
+        ``SequenceCache`` on HF's forward, as every session does without a pool)."""
         self.model = model
         self.slots = slots
 
@@ -89,8 +90,10 @@ class Oracle:
         target = committed[:-1]
         reused = cache.sync(target)
         computed = len(target) - reused
-        if computed and self.slots is not None and isinstance(cache, SlotCache):
+        if computed and isinstance(self.slots, PagedPool) and isinstance(cache, PagedCache):
             self.slots.prefill(cache, target[reused:])  # replayed as CUDA graphs
+        elif computed and isinstance(self.slots, SlotPool) and isinstance(cache, SlotCache):
+            self.slots.prefill(cache, target[reused:])
         elif computed:
             # Only the KV is wanted; keep one row of logits instead of [n, V].
             cache.extend(target[reused:], logits_to_keep=1)

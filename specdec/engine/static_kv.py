@@ -52,7 +52,7 @@ import heapq
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,7 +115,104 @@ class _Lane:
     memory_pool: Any = None  # the memory pool of its graphs
 
 
-class SlotPool:
+class LanedPool:
+    """The lanes of a KV pool (``SlotPool``, ``paged_kv.PagedPool``): which lane a thread
+    is, its stream, and the capture of a forward as a CUDA graph in the lane's memory pool.
+    Subclasses set ``device``, ``lanes``, ``_lanes`` (each with ``stream`` and
+    ``memory_pool``) and ``_local`` (a ``threading.local``)."""
+
+    device: torch.device
+    lanes: int
+    cuda_graphs: bool
+    _lanes: Sequence[Any]
+    _local: threading.local
+    _fastest: dict[tuple[int, int, int], int]
+
+    def enter_lane(self, index: int) -> None:
+        """Make this thread lane ``index``: its forwards use that lane's graphs, buffers and
+        scratch slot, on its CUDA stream. A thread that never calls it is lane 0."""
+        if not 0 <= index < self.lanes:
+            raise ValueError(f"lane {index} of a pool with {self.lanes} lanes")
+        self._local.lane = index
+        stream = self._lanes[index].stream
+        if stream is not None:
+            torch.cuda.set_stream(stream)
+
+    @property
+    def _lane(self) -> Any:
+        return self._lanes[getattr(self._local, "lane", 0)]
+
+    def _sync(self) -> None:
+        """Wait for this thread's queued GPU work (not the other lanes')."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def capture_all(self) -> None:
+        """Capture this thread's lane's forward of every bucket now (``_capture_buckets``),
+        so that no batch waits for a capture (each takes tens of ms), and time the verify
+        graphs (once per pool) to route each row count to the fastest. A no-op without
+        CUDA graphs; a capture that fails leaves every lane eager."""
+        if not self.cuda_graphs:
+            return
+        start = time.perf_counter()
+        lane = self._lane
+        try:
+            with torch.inference_mode():
+                self._capture_buckets(lane)
+                self._sync()
+                if not self._fastest:
+                    self._fastest = self._time_row_buckets(lane)
+        except Exception as exc:  # e.g. an op that cannot be captured: run eagerly instead
+            log.warning("CUDA graph capture failed (%s); the verify forward runs eagerly", exc)
+            self.cuda_graphs = False
+            for each in self._lanes:
+                each.graphs.clear()
+            return
+        log.info(
+            "%s lane %d: captured %d forwards as CUDA graphs in %.1f s (%s)%s",
+            type(self).__name__,
+            self._lanes.index(lane),
+            len(lane.graphs),
+            time.perf_counter() - start,
+            self._buckets(),
+            "".join(
+                f"; {rows} rows x {tokens} x {width} replay {fastest} rows (faster)"
+                for (rows, tokens, width), fastest in sorted(self._fastest.items())
+                if fastest != rows
+            ),
+        )
+
+    def _capture_buckets(self, lane: Any) -> None:
+        """Replay (so capture) the forward of every bucket in ``lane``."""
+        raise NotImplementedError
+
+    def _buckets(self) -> str:
+        """The buckets, for the log."""
+        raise NotImplementedError
+
+    def _time_row_buckets(self, lane: Any) -> dict[tuple[int, int, int], int]:
+        raise NotImplementedError
+
+    def _record(self, lane: Any, forward: Callable[[], None]) -> Any:
+        """A CUDA graph of ``forward`` in the lane's memory pool, after a warm-up run on a
+        side stream (cuBLAS and the allocator warm up; the static inputs hold a real batch,
+        so it writes only where that batch's own forward writes)."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(WARMUP_RUNS):
+                forward()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if lane.memory_pool is None:
+            lane.memory_pool = torch.cuda.graph_pool_handle()
+        # thread_local: another lane's thread may use the GPU meanwhile.
+        with torch.cuda.graph(graph, pool=lane.memory_pool, capture_error_mode="thread_local"):
+            forward()
+        return graph
+
+
+class SlotPool(LanedPool):
     """The KV of ``slots`` sequences of one model, preallocated; see the module doc.
 
     max_rows: the most blocks one forward verifies (the oracle's max batch).
@@ -168,25 +265,6 @@ class SlotPool:
             lane.slots = torch.zeros(self.max_rows, dtype=torch.long, device=self.device)
             lane.lengths = torch.zeros(self.max_rows, dtype=torch.long, device=self.device)
         return lane
-
-    def enter_lane(self, index: int) -> None:
-        """Make this thread lane ``index``: its forwards use that lane's graphs, buffers and
-        scratch slot, on its CUDA stream. A thread that never calls it is lane 0."""
-        if not 0 <= index < self.lanes:
-            raise ValueError(f"lane {index} of a pool with {self.lanes} lanes")
-        self._local.lane = index
-        stream = self._lanes[index].stream
-        if stream is not None:
-            torch.cuda.set_stream(stream)
-
-    @property
-    def _lane(self) -> _Lane:
-        return self._lanes[getattr(self._local, "lane", 0)]
-
-    def _sync(self) -> None:
-        """Wait for this thread's queued GPU work (not the other lanes')."""
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
 
     @property
     def slot_bytes(self) -> int:
@@ -322,74 +400,30 @@ class SlotPool:
             cache.adopt(chunk)
         self._sync()
 
-    def capture_all(self) -> None:
-        """Capture this thread's lane's forward of every (rows, tokens, width) bucket now,
-        so that no batch waits for a capture (each takes tens of ms), and time the verify
-        graphs (once per pool) to route each row count to the fastest. A no-op without
-        CUDA graphs."""
-        if not self.cuda_graphs:
-            return
-        start = time.perf_counter()
-        lane = self._lane
-        try:
-            with torch.inference_mode():
-                for rows in self.row_buckets:
-                    slots = torch.full((rows,), lane.scratch, dtype=torch.long)  # scratch only
-                    zeros = torch.zeros(rows, dtype=torch.long)
-                    for tokens in TOKEN_BUCKETS + (PREFILL_BUCKETS if rows == 1 else ()):
-                        ids = torch.zeros(rows, tokens, dtype=torch.long)
-                        for width in self.width_buckets:
-                            if tokens <= width:
-                                self._replay(ids, slots, zeros, width)
-                self._sync()
-                if not self._fastest:
-                    self._fastest = self._time_row_buckets(lane)
-        except Exception as exc:  # e.g. an op that cannot be captured: run eagerly instead
-            log.warning("CUDA graph capture failed (%s); the verify forward runs eagerly", exc)
-            self.cuda_graphs = False
-            for each in self._lanes:
-                each.graphs.clear()
-            return
-        log.info(
-            "lane %d: captured %d forwards as CUDA graphs in %.1f s (verify: rows %s x tokens "
-            "%s x width %s; prefill: tokens %s)%s",
-            self._lanes.index(lane),
-            len(lane.graphs),
-            time.perf_counter() - start,
-            list(self.row_buckets),
-            list(TOKEN_BUCKETS),
-            list(self.width_buckets),
-            list(PREFILL_BUCKETS),
-            "".join(
-                f"; {rows} rows x {tokens} x {width} replay {fastest} rows (faster)"
-                for (rows, tokens, width), fastest in sorted(self._fastest.items())
-                if fastest != rows
-            ),
+    def _capture_buckets(self, lane: _Lane) -> None:
+        for rows in self.row_buckets:
+            slots = torch.full((rows,), lane.scratch, dtype=torch.long)  # scratch only
+            zeros = torch.zeros(rows, dtype=torch.long)
+            for tokens in TOKEN_BUCKETS + (PREFILL_BUCKETS if rows == 1 else ()):
+                ids = torch.zeros(rows, tokens, dtype=torch.long)
+                for width in self.width_buckets:
+                    if tokens <= width:
+                        self._replay(ids, slots, zeros, width)
+
+    def _buckets(self) -> str:
+        return (
+            f"verify: rows {list(self.row_buckets)} x tokens {list(TOKEN_BUCKETS)} x width "
+            f"{list(self.width_buckets)}; prefill: tokens {list(PREFILL_BUCKETS)}"
         )
 
     def _time_row_buckets(self, lane: _Lane) -> dict[tuple[int, int, int], int]:
-        """(rows, tokens, width) -> the row bucket >= rows whose graph replays fastest
-        (median of TIMING_REPLAYS; a larger one only when CALIBRATION_MARGIN faster)."""
-        took: dict[tuple[int, int, int], float] = {}
-        for (rows, tokens, width), graph in lane.graphs.items():
-            if tokens not in TOKEN_BUCKETS:
-                continue  # a prefill graph
-            times = []
-            for _ in range(TIMING_REPLAYS):
-                begin = time.perf_counter()
-                graph.graph.replay()
-                self._sync()
-                times.append(time.perf_counter() - begin)
-            took[rows, tokens, width] = sorted(times)[len(times) // 2]
-        fastest: dict[tuple[int, int, int], int] = {}
-        for rows, tokens, width in took:
-            best = rows
-            for larger in self.row_buckets:
-                time_s = took.get((larger, tokens, width), float("inf"))
-                if larger > rows and time_s < CALIBRATION_MARGIN * took[best, tokens, width]:
-                    best = larger
-            fastest[rows, tokens, width] = best
-        return fastest
+        """(rows, tokens, width) -> the row bucket >= rows whose graph replays fastest."""
+        took = {
+            key: replay_seconds(graph.graph, self._sync)
+            for key, graph in lane.graphs.items()
+            if key[1] in TOKEN_BUCKETS  # not a prefill graph
+        }
+        return fastest_row_buckets(took, self.row_buckets)
 
     def _replay(
         self, ids: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, width: int
@@ -416,21 +450,41 @@ class SlotPool:
         lengths: torch.Tensor,
         width: int,
     ) -> _Graph:
-        """Capture the forward over these static inputs (they hold a real batch: the
-        warm-up run writes only where that batch's own forward writes)."""
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(WARMUP_RUNS):
-                self._forward(ids, slots, lengths, width)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        if lane.memory_pool is None:
-            lane.memory_pool = torch.cuda.graph_pool_handle()
-        # thread_local: another lane's thread may use the GPU meanwhile.
-        with torch.cuda.graph(graph, pool=lane.memory_pool, capture_error_mode="thread_local"):
-            logits = self._forward(ids, slots, lengths, width)
-        return _Graph(graph, logits)
+        """Capture the forward over these static inputs (``LanedPool._record``)."""
+        out: list[torch.Tensor] = []
+
+        def forward() -> None:
+            out[:] = [self._forward(ids, slots, lengths, width)]
+
+        graph = self._record(lane, forward)
+        return _Graph(graph, out[0])
+
+
+def replay_seconds(graph: Any, sync: Callable[[], None]) -> float:
+    """Median wall time of TIMING_REPLAYS replays of a CUDA graph."""
+    times = []
+    for _ in range(TIMING_REPLAYS):
+        begin = time.perf_counter()
+        graph.replay()
+        sync()
+        times.append(time.perf_counter() - begin)
+    return sorted(times)[len(times) // 2]
+
+
+def fastest_row_buckets(
+    took: dict[tuple[int, int, int], float], row_buckets: Sequence[int]
+) -> dict[tuple[int, int, int], int]:
+    """(rows, tokens, width) -> the row bucket whose graph of the same tokens and width
+    replayed fastest (``took``): a larger one only when CALIBRATION_MARGIN faster."""
+    fastest: dict[tuple[int, int, int], int] = {}
+    for rows, tokens, width in took:
+        best = rows
+        for larger in row_buckets:
+            seconds = took.get((larger, tokens, width), float("inf"))
+            if larger > rows and seconds < CALIBRATION_MARGIN * took[best, tokens, width]:
+                best = larger
+        fastest[rows, tokens, width] = best
+    return fastest
 
 
 def slot_bytes_of(loaded: LoadedModel) -> int:

@@ -27,6 +27,7 @@ from specdec.core.messages import (
     GatewayMessage,
     Registered,
     ReleaseDraftSession,
+    ReleaseSessions,
     WorkerKind,
     WorkerLoad,
     WorkerMessage,
@@ -465,6 +466,7 @@ def registration_to_pb(info: WorkerRegistration) -> registry_pb2.RegisterWorker:
     fields = {f.name: getattr(info, f.name) for f in dataclasses.fields(info)}
     fields["kind"] = _WORKER_KIND_TO_PB[info.kind]
     fields["eos_token_ids"] = list(info.eos_token_ids)
+    fields["cached_session_ids"] = list(info.cached_session_ids)
     return registry_pb2.RegisterWorker(**fields)
 
 
@@ -475,6 +477,7 @@ def registration_from_pb(pb: registry_pb2.RegisterWorker) -> WorkerRegistration:
     fields = {f.name: getattr(pb, f.name) for f in dataclasses.fields(WorkerRegistration)}
     fields["kind"] = kind
     fields["eos_token_ids"] = tuple(pb.eos_token_ids)
+    fields["cached_session_ids"] = tuple(pb.cached_session_ids)
     return WorkerRegistration(**fields)
 
 
@@ -646,6 +649,9 @@ def gateway_message_to_pb(message: GatewayMessage) -> registry_pb2.ConnectRespon
             assignment_id=message.assignment_id, reason=message.reason
         )
         return registry_pb2.ConnectResponse(cancel=cancel)
+    if isinstance(message, ReleaseSessions):
+        release_sessions = registry_pb2.ReleaseSessions(session_ids=list(message.session_ids))
+        return registry_pb2.ConnectResponse(release_sessions=release_sessions)
     release = registry_pb2.ReleaseDraftSession(session_id=message.session_id)
     return registry_pb2.ConnectResponse(release=release)
 
@@ -661,4 +667,6 @@ def gateway_message_from_pb(pb: registry_pb2.ConnectResponse) -> GatewayMessage 
         return CancelAssignment(pb.cancel.assignment_id, pb.cancel.reason)
     if kind == "release":
         return ReleaseDraftSession(pb.release.session_id)
+    if kind == "release_sessions":
+        return ReleaseSessions(tuple(pb.release_sessions.session_ids))
     return None

@@ -47,6 +47,8 @@ class ServiceServer:
     port: int
     service_names: tuple[str, ...]
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Run when the stop begins, before in-flight calls get their grace period.
+    on_drain: list[Callable[[], None]] = field(default_factory=list)
 
     async def set_serving(self, serving: bool = True) -> None:
         status = (
@@ -58,6 +60,8 @@ class ServiceServer:
             await self.health.set(name, status)
 
     async def stop(self, grace_s: float = 5.0) -> None:
+        for drain in self.on_drain:
+            drain()
         with contextlib.suppress(Exception):
             await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)

@@ -25,19 +25,21 @@ class ConnectRequest(_message.Message):
     def __init__(self, register: _Optional[_Union[RegisterWorker, _Mapping]] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., commit: _Optional[_Union[AssignmentCommit, _Mapping]] = ..., finished: _Optional[_Union[AssignmentFinished, _Mapping]] = ..., failed: _Optional[_Union[AssignmentFailed, _Mapping]] = ..., opened: _Optional[_Union[AssignmentOpened, _Mapping]] = ...) -> None: ...
 
 class ConnectResponse(_message.Message):
-    __slots__ = ("registered", "assignment", "cancel", "release")
+    __slots__ = ("registered", "assignment", "cancel", "release", "release_sessions")
     REGISTERED_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     registered: Registered
     assignment: Assignment
     cancel: CancelAssignment
     release: ReleaseDraftSession
-    def __init__(self, registered: _Optional[_Union[Registered, _Mapping]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., cancel: _Optional[_Union[CancelAssignment, _Mapping]] = ..., release: _Optional[_Union[ReleaseDraftSession, _Mapping]] = ...) -> None: ...
+    release_sessions: ReleaseSessions
+    def __init__(self, registered: _Optional[_Union[Registered, _Mapping]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., cancel: _Optional[_Union[CancelAssignment, _Mapping]] = ..., release: _Optional[_Union[ReleaseDraftSession, _Mapping]] = ..., release_sessions: _Optional[_Union[ReleaseSessions, _Mapping]] = ...) -> None: ...
 
 class RegisterWorker(_message.Message):
-    __slots__ = ("worker_id", "kind", "model", "vocab_fingerprint", "address", "max_sessions", "device", "vocab_size", "max_context", "eos_token_ids", "public_address")
+    __slots__ = ("worker_id", "kind", "model", "vocab_fingerprint", "address", "max_sessions", "device", "vocab_size", "max_context", "eos_token_ids", "public_address", "cached_session_ids")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +51,7 @@ class RegisterWorker(_message.Message):
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     kind: _gateway_pb2.WorkerKind
     model: str
@@ -60,7 +63,8 @@ class RegisterWorker(_message.Message):
     max_context: int
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     public_address: str
-    def __init__(self, worker_id: _Optional[str] = ..., kind: _Optional[_Union[_gateway_pb2.WorkerKind, str]] = ..., model: _Optional[str] = ..., vocab_fingerprint: _Optional[str] = ..., address: _Optional[str] = ..., max_sessions: _Optional[int] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., public_address: _Optional[str] = ...) -> None: ...
+    cached_session_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., kind: _Optional[_Union[_gateway_pb2.WorkerKind, str]] = ..., model: _Optional[str] = ..., vocab_fingerprint: _Optional[str] = ..., address: _Optional[str] = ..., max_sessions: _Optional[int] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., public_address: _Optional[str] = ..., cached_session_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Registered(_message.Message):
     __slots__ = ("load_interval_ms",)
@@ -132,6 +136,12 @@ class ReleaseDraftSession(_message.Message):
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class ReleaseSessions(_message.Message):
+    __slots__ = ("session_ids",)
+    SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
+    session_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RoundReport(_message.Message):
     __slots__ = ("round", "proposed", "accepted", "is_bonus", "draft_ns", "verify_ns", "network_ns", "queue_ns", "drafted_ahead", "pipelined", "skipped_blocks", "branch", "rescued", "logprobs")

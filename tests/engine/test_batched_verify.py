@@ -40,7 +40,7 @@ from specdec.engine.batched import BatchItem, batch_forward, batch_unsupported, 
 from specdec.engine.kv_cache import SequenceCache
 from specdec.engine.models import LoadedModel
 from specdec.engine.oracle import Oracle
-from specdec.engine.static_kv import SlotCache
+from specdec.engine.paged_kv import PagedCache
 from specdec.rpc.server import start_server
 from specdec.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
 
@@ -639,7 +639,7 @@ async def test_concurrent_sessions_share_forwards_and_stay_exact(
             assert tokens[: len(references[name])] == references[name]
             session = engine.sessions.get(name)
             assert session is not None
-            assert isinstance(session.cache, SlotCache) == (static_kv == "on")
+            assert isinstance(session.cache, PagedCache) == (static_kv == "on")
         counters = engine.batch_counters
         assert counters.batched_forwards >= 1 and counters.largest_forward >= 2
         assert counters.largest_forward <= 4

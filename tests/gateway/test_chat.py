@@ -31,15 +31,19 @@ def user(text: str) -> ChatMessage:
 
 
 def answer(
-    template: ChatTemplate, tokenizer: Any, history: ChatHistory, new: list[ChatMessage], reply: str
-) -> list[int]:
+    template: ChatTemplate,
+    tokenizer: Any,
+    history: ChatHistory | None,
+    new: list[ChatMessage],
+    reply: str,
+) -> tuple[list[int], ChatHistory]:
     """Run one turn as the gateway does, the model 'generating' ``reply``: the turn's
-    prompt ids, then the reply's ids; the history is updated."""
+    prompt ids and the reply's ids, and the history the next turn continues."""
     turn = template.turn(history, new)
     reply_ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
     content = tokenizer.decode(reply_ids, skip_special_tokens=True)
-    turn.commit(history, content, tokenizer.decode(reply_ids))
-    return [*turn.token_ids, *reply_ids]
+    after = ChatHistory.of(turn.record(history), content, tokenizer.decode(reply_ids))
+    return [*turn.token_ids, *reply_ids], after
 
 
 def test_first_turn_is_the_template_with_its_generation_prompt(tokenizer: Any) -> None:
@@ -64,10 +68,10 @@ def test_a_session_turn_appends_the_rest_of_the_whole_conversation(
     # Prefix-stable: the context after two turns is exactly the whole conversation
     # rendered, whether the first reply ended with <|im_end|> or ran out of tokens.
     template = ChatTemplate(tokenizer)
-    history = ChatHistory()
     first = "a cat sat on the mat" + ("<|im_end|>" if ended else "")
-    context = answer(template, tokenizer, history, [user("the cat")], first)
-    context += answer(template, tokenizer, history, [user("and the dog")], "sat on the log")
+    context, history = answer(template, tokenizer, None, [user("the cat")], first)
+    more, history = answer(template, tokenizer, history, [user("and the dog")], "sat on the log")
+    context += more
     whole = tokenizer.apply_chat_template(
         [
             {"role": "user", "content": "the cat"},
@@ -88,24 +92,24 @@ def test_a_template_that_rewrites_replies_continues_after_the_reply_as_generated
     # The trimming template renders the reply " the mat " as "the mat": the committed
     # reply is kept as generated and closed as the template closes a reply, once.
     template = ChatTemplate(tokenizer, TRIMMING)
-    history = ChatHistory()
-    context = answer(template, tokenizer, history, [user("the cat")], " the mat <|im_end|>")
-    context += answer(template, tokenizer, history, [user("the dog")], "the log")
+    context, history = answer(template, tokenizer, None, [user("the cat")], " the mat <|im_end|>")
+    more, _ = answer(template, tokenizer, history, [user("the dog")], "the log")
+    context += more
     assert tokenizer.decode(context) == (
         "<|im_start|>user\nthe cat<|im_end|>\n<|im_start|>assistant\n the mat <|im_end|>"
         "\n<|im_start|>user\nthe dog<|im_end|>\n<|im_start|>assistant\nthe log"
     )
     # Cut short (no <|im_end|>): the template's closing is added.
-    history = ChatHistory()
-    context = answer(template, tokenizer, history, [user("the cat")], " the mat ")
-    context += answer(template, tokenizer, history, [user("the dog")], "")
+    context, history = answer(template, tokenizer, None, [user("the cat")], " the mat ")
+    more, _ = answer(template, tokenizer, history, [user("the dog")], "")
+    context += more
     assert tokenizer.decode(context).endswith(
         "\n the mat <|im_end|>\n<|im_start|>user\nthe dog<|im_end|>\n<|im_start|>assistant\n"
     )
 
 
 def test_a_conversation_sent_whole_again_adds_only_its_new_messages() -> None:
-    history = ChatHistory([user("hi"), ChatMessage("assistant", "hello")], "...")
+    history = ChatHistory((user("hi"), ChatMessage("assistant", "hello")), "...")
     again = [user("hi"), ChatMessage("assistant", "hello"), user("more")]
     assert history.new_messages(again) == [user("more")]
     # Not the session's conversation (an edited reply), or nothing new: all of it is new.

@@ -28,6 +28,7 @@ from specdec.core.messages import (
     CancelAssignment,
     Registered,
     ReleaseDraftSession,
+    ReleaseSessions,
     WorkerKind,
     WorkerLoad,
     WorkerRegistration,
@@ -70,7 +71,7 @@ def _value(hint: Any, default: Any) -> Any:
         item = typing.get_args(hint)[0]
         if dataclasses.is_dataclass(item):  # e.g. tuple[TokenLogprob, ...]
             return (distinct(item), distinct(item))  # type: ignore[arg-type]
-        return (next(_counter), next(_counter))
+        return (_value(item, None), _value(item, None))
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         return next(member for member in hint if member != default)
     raise TypeError(f"give a value for fields of type {hint}")
@@ -273,7 +274,12 @@ def test_a_failure_with_a_status_unknown_here_reads_as_unknown() -> None:
 
 @pytest.mark.parametrize(
     "message",
-    [Registered(250), CancelAssignment("a1", "done"), ReleaseDraftSession("s1")],
+    [
+        Registered(250),
+        CancelAssignment("a1", "done"),
+        ReleaseDraftSession("s1"),
+        ReleaseSessions(("s1", "s2")),
+    ],
     ids=lambda m: type(m).__name__,
 )
 def test_gateway_messages_round_trip(message: Any) -> None:

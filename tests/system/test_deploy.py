@@ -259,7 +259,28 @@ def test_compose_file_matches_the_compose_specification(path: Path) -> None:
 @pytest.mark.parametrize("name", STACKS)
 def test_compose_stack_merges_and_interpolates(name: str) -> None:
     services = set(stack(name)["services"])
-    assert services == ({"draft"} if name == "edge" else {*SERVICES, "jaeger"})
+    assert services == ({"draft"} if name == "edge" else {*SERVICES, "jaeger", "redis"})
+
+
+@pytest.mark.parametrize("name", [n for n in STACKS if n != "edge"])
+def test_compose_runs_two_gateway_replicas_on_redis(name: str) -> None:
+    services = stack(name)["services"]
+    gateway, redis = services["gateway"], services["redis"]
+    assert gateway["deploy"]["replicas"] == 2
+    # One host port per replica: a fixed one would clash.
+    (port,) = gateway["ports"]
+    first, last = (int(p) for p in str(port["published"]).split("-"))
+    assert last - first + 1 == 2 and port["target"] == 50051
+    # Sessions in the stack's Redis, which keeps an append-only file on a volume.
+    store = gateway["environment"]["SPECDEC_SESSION_STORE"]
+    assert re.fullmatch(r"redis://redis:6379/\d+", store), store
+    assert gateway["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert "--appendonly" in redis["command"] and "yes" in redis["command"]
+    assert [v["target"] for v in redis["volumes"]] == ["/data"]
+    assert not redis.get("ports"), "Redis is for the gateways only: publish no port"
+    # Workers register at the service name, which resolves to every replica.
+    for worker in ("oracle", "draft"):
+        assert services[worker]["environment"]["SPECDEC_GATEWAY"] == "gateway:50051"
 
 
 @pytest.mark.parametrize("name", STACKS)
@@ -588,7 +609,8 @@ def test_k8s_rendered_objects_are_valid_and_refer_to_each_other(overlay: str) ->
     config_maps, secrets = _by_kind(docs, "ConfigMap"), _by_kind(docs, "Secret")
     deployments = _by_kind(docs, "Deployment")
     assert set(deployments) == set(SERVICES)
-    for deployment in deployments.values():
+    workloads = {**deployments, **_by_kind(docs, "StatefulSet")}
+    for deployment in workloads.values():
         pod = deployment["spec"]["template"]["spec"]
         (container,) = pod["containers"]
         for source in container.get("envFrom", []):
@@ -601,24 +623,37 @@ def test_k8s_rendered_objects_are_valid_and_refer_to_each_other(overlay: str) ->
             if "secret" in volume:
                 assert volume["secret"]["secretName"] in secrets
         mounts = {m["name"] for m in container.get("volumeMounts", [])}
-        assert mounts <= {v["name"] for v in pod.get("volumes", [])}
+        claims = deployment["spec"].get("volumeClaimTemplates", [])  # StatefulSets
+        volumes = {v["name"] for v in pod.get("volumes", [])}
+        assert mounts <= volumes | {c["metadata"]["name"] for c in claims}
     # Services select pods that exist and target ports those pods name.
     for service in _by_kind(docs, "Service").values():
         selector = service["spec"]["selector"]
         (target,) = [
             d
-            for d in deployments.values()
+            for d in workloads.values()
             if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
         ]
         port_names = {
             p["name"] for p in target["spec"]["template"]["spec"]["containers"][0]["ports"]
         }
         assert all(p["targetPort"] in port_names for p in service["spec"]["ports"])
-    # Workers register at the ConfigMap's gateway address: a Service of the gateway.
+    # Workers register at the ConfigMap's gateway address: a headless Service of the
+    # gateway, whose name resolves to every replica.
     host, port = config_maps["specdec-config"]["data"]["SPECDEC_GATEWAY"].split(":")
     gateway_service = _by_kind(docs, "Service")[host]
     assert int(port) in [p["port"] for p in gateway_service["spec"]["ports"]]
     assert gateway_service["spec"]["selector"]["app.kubernetes.io/name"] == "gateway"
+    assert gateway_service["spec"]["clusterIP"] == "None"
+    # The gateways' session store is a Service of the Redis StatefulSet.
+    (gateway,) = deployments["gateway"]["spec"]["template"]["spec"]["containers"]
+    store = {e["name"]: e.get("value") for e in gateway["env"]}["SPECDEC_SESSION_STORE"]
+    match = re.fullmatch(r"redis://([\w-]+):(\d+)/\d+", store)
+    assert match is not None, store
+    store_host, store_port = match.groups()
+    redis_service = _by_kind(docs, "Service")[store_host]
+    assert int(store_port) in [p["port"] for p in redis_service["spec"]["ports"]]
+    assert redis_service["spec"]["selector"]["app.kubernetes.io/name"] == "redis"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -673,8 +708,19 @@ def test_k8s_topology() -> None:
     docs = kustomize("base")
     deployments = _by_kind(docs, "Deployment")
     gateway, oracle, draft = (deployments[s] for s in SERVICES)
-    # The gateway holds the registry in memory: exactly one, never two at once.
-    assert gateway["spec"]["replicas"] == 1 and gateway["spec"]["strategy"]["type"] == "Recreate"
+    # Two gateway replicas on one session store; an update replaces one at a time.
+    assert gateway["spec"]["replicas"] == 2
+    assert gateway["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert gateway["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 1
+    # Redis keeps its append-only file on a volume claimed per pod.
+    redis = _by_kind(docs, "StatefulSet")["redis"]
+    (redis_container,) = redis["spec"]["template"]["spec"]["containers"]
+    assert "--appendonly" in redis_container["args"]
+    (claim,) = redis["spec"]["volumeClaimTemplates"]
+    assert {"name": claim["metadata"]["name"], "mountPath": "/data"} in redis_container[
+        "volumeMounts"
+    ]
+    assert redis["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
     assert oracle["spec"]["replicas"] == 2 and draft["spec"]["replicas"] == 2
     (container,) = oracle["spec"]["template"]["spec"]["containers"]
     assert container["image"] == "specdec:cuda" and container["args"] == ["oracle"]
@@ -734,15 +780,21 @@ def test_healthcheck_follows_the_grpc_health_service() -> None:
 
 def _subcommands_used() -> list[str]:
     used: set[str] = set()
+
+    def ours(image: str) -> bool:  # not Redis's or Jaeger's image
+        return image.startswith(("specdec:", "${IMAGE"))
+
     for path in COMPOSE_FILES:
         for svc in (load_yaml_docs(path)[0].get("services") or {}).values():
-            used.update((svc.get("command") or [])[:1])
+            if "build" in svc or ours(str(svc.get("image", ""))):
+                used.update((svc.get("command") or [])[:1])
             test = (svc.get("healthcheck") or {}).get("test") or []
             used.update(test[2:3] if test[:2] == ["CMD", "specdec"] else [])
     for path in [*K8S_BASE_FILES, *(K8S / "tls").glob("*.yaml")]:
         for doc in load_yaml_docs(path):
             for c in doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
-                used.update((c.get("args") or [])[:1])
+                if ours(str(c.get("image", ""))):
+                    used.update((c.get("args") or [])[:1])
     dockerfile = (ROOT / "Dockerfile").read_text()
     used.update(re.findall(r'^CMD \["([a-z-]+)"', dockerfile, re.M))
     used.update(re.findall(r"CMD specdec ([a-z-]+)", dockerfile))
