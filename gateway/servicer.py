@@ -30,8 +30,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         resume_after = (
             request.resume_after_tokens if request.HasField("resume_after_tokens") else None
         )
+        # A new turn unnamed gets a name; a resume must name its turn (the api says so).
+        picked = "" if resume_after is not None else uuid.uuid4().hex
         return GenerateCall(
-            turn_id=request.turn_id or uuid.uuid4().hex,
+            turn_id=request.turn_id or picked,
             prompt=request.prompt,
             prompt_token_ids=tuple(request.prompt_token_ids),
             messages=convert.messages_from_pb(request.messages),

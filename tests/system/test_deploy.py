@@ -267,10 +267,12 @@ def test_compose_runs_two_gateway_replicas_on_redis(name: str) -> None:
     services = stack(name)["services"]
     gateway, redis = services["gateway"], services["redis"]
     assert gateway["deploy"]["replicas"] == 2
-    # One host port per replica: a fixed one would clash.
-    (port,) = gateway["ports"]
-    first, last = (int(p) for p in str(port["published"]).split("-"))
-    assert last - first + 1 == 2 and port["target"] == 50051
+    # One host port per replica, for gRPC and for the HTTP API: a fixed one would clash.
+    ports = {port["target"]: port for port in gateway["ports"]}
+    assert set(ports) == {50051, 8000}
+    for port in ports.values():
+        first, last = (int(p) for p in str(port["published"]).split("-"))
+        assert last - first + 1 == 2
     # Sessions in the stack's Redis, which keeps an append-only file on a volume.
     store = gateway["environment"]["SPECDEC_SESSION_STORE"]
     assert re.fullmatch(r"redis://redis:6379/\d+", store), store
