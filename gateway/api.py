@@ -52,6 +52,9 @@ class GenerateCall:
     ignore_eos: bool = False
     speculation: Speculation = field(default_factory=Speculation)
     resume_after: int | None = None
+    # The client can name the turn again to resume it: a one-off cut by UNAVAILABLE or
+    # by the gateway's stop keeps its session (False: the HTTP API, which cannot).
+    resumable: bool = True
 
     @property
     def is_chat(self) -> bool:
@@ -113,7 +116,8 @@ class GatewayApi:
                 resumable = True  # the client may resume it: a one-off's session stays
                 raise
             finally:
-                if session.ephemeral and not (resumable or self.draining):
+                kept = call.resumable and (resumable or self.draining)
+                if session.ephemeral and not kept:
                     await self.sessions.discard(session)
                     if started:
                         await self.release_caches(session.session_id)

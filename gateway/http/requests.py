@@ -148,6 +148,7 @@ def _request(
         params=params,
         ignore_eos=_boolean(body, "ignore_eos", False),
         speculation=_speculation(extra),
+        resumable=False,  # an OpenAI client cannot name the turn again
     )
     model = body.get("model") or ""
     if not isinstance(model, str):

@@ -8,7 +8,8 @@ with EOS ignored; for the oracle alone (k = 0: a chunk per token, the HTTP layer
 worst case) and the draft (k = 4). Reports per row the median time per output
 token (wall / tokens), TTFT and tokens/s, and per k the median of the paired
 ratios HTTP / gRPC of the time per output token (the target: at most 1.05), and
-checks that both APIs stream the same text.
+checks that both APIs stream the same text. Beside it, timed alone, what only the HTTP
+path does per chunk (``encode_cost_us``) as a share of the time per output token.
 """
 
 from __future__ import annotations
@@ -72,9 +73,34 @@ def _grpc_sample(client: Any, prompt: list[int], k: int, max_new_tokens: int) ->
     sample, text = Sample(0, 0.0, 0.0), []
     for response in client.stream(prompt, k=k, max_new_tokens=max_new_tokens, ignore_eos=True):
         sample.arrive(response.token_ids, time.perf_counter(), start)
+        sample.chunks += bool(response.token_ids)
         text.append(response.text)
     sample.seconds = time.perf_counter() - start
     return sample, "".join(text)
+
+
+def encode_cost_us(chunks: int = 2000) -> float:
+    """Microseconds the gateway spends per streamed chunk on what only the HTTP path does:
+    the OpenAI chunk object, its JSON, the SSE line and h11's chunked framing (timed
+    alone, in this process: the end-to-end ratio on a loaded machine is noisier)."""
+    import h11
+
+    from gateway.generation import Chunk
+    from gateway.http.app import _sse
+    from gateway.http.responses import Answer
+
+    answer = Answer(False, "model", "", str)
+    chunk = Chunk([17, 18, 19], " three tokens")
+    connection = h11.Connection(h11.SERVER)
+    connection.receive_data(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    connection.next_event(), connection.next_event()  # the request, its (empty) body
+    connection.send(h11.Response(status_code=200, headers=[("transfer-encoding", "chunked")]))
+    start = time.perf_counter()
+    for _ in range(chunks):
+        answer.add(chunk)
+        event = answer.stream_chunk(chunk, first=False)
+        connection.send(h11.Data(data=_sse(event)))
+    return (time.perf_counter() - start) / chunks * 1e6
 
 
 def _row(label: str, api: str, samples: list[Sample]) -> dict[str, Any]:
@@ -95,7 +121,9 @@ def run_http_overhead(args: argparse.Namespace, prompts: list[list[int]]) -> dic
 
     env = {"OMP_NUM_THREADS": str(args.threads), "SPECDEC_LOG_LEVEL": "warning"}
     n = args.max_new_tokens
-    rows, comparisons = [], []
+    rows: list[dict[str, Any]] = []
+    comparisons: list[dict[str, Any]] = []
+    tokens_per_round: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as workdir, cluster(Path(workdir), env) as c:
         http_port = free_port()
         c.start_gateway("--tokenizer", args.oracle_path, "--http-port", str(http_port))
@@ -127,12 +155,23 @@ def run_http_overhead(args: argparse.Namespace, prompts: list[list[int]]) -> dic
                     (h.seconds / h.tokens) / (g.seconds / g.tokens) for h, g in pairs
                 )
                 rows += [_row(label, api, samples[api]) for api in ("grpc", "http")]
+                chunks = sum(s.chunks for s in samples["grpc"])
+                tokens_per_round[label] = sum(s.tokens for s in samples["grpc"]) / max(chunks, 1)
                 comparisons.append(
                     {"config": label, "http_over_grpc_per_token": paired,
                      "mismatched_outputs": mismatched}
                 )  # fmt: skip
         connection.close()
-    result = {"max_new_tokens": n, "rows": rows, "comparisons": comparisons}
+    encode_us = encode_cost_us()
+    for comparison, http_row in zip(comparisons, rows[1::2], strict=True):
+        # A chunk per round: tokens per chunk = tokens per round (1 for the oracle alone).
+        tokens_per_chunk = tokens_per_round[comparison["config"]]
+        per_token_ms = encode_us / 1000 / tokens_per_chunk
+        comparison["encode_share_of_tpot"] = per_token_ms / http_row["ms_per_output_token"]
+    result = {
+        "max_new_tokens": n, "rows": rows, "comparisons": comparisons,
+        "encode_us_per_chunk": encode_us, "tokens_per_chunk": tokens_per_round,
+    }  # fmt: skip
     print(_table(result), flush=True)
     return result
 
@@ -148,8 +187,10 @@ def _table(result: dict[str, Any]) -> str:
         "",
         *(
             f"{c['config']}: HTTP / gRPC time per output token {c['http_over_grpc_per_token']:.3f} "
-            f"(median of pairs), outputs differing: {c['mismatched_outputs']}"
+            f"(median of pairs), outputs differing: {c['mismatched_outputs']}; the HTTP "
+            f"layer's own encoding: {100 * c['encode_share_of_tpot']:.3f} % of the TPOT"
             for c in result["comparisons"]
         ),
+        f"encoding a chunk for HTTP: {result['encode_us_per_chunk']:.1f} µs",
     ]
     return "\n".join(lines)

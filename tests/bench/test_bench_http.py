@@ -38,3 +38,8 @@ def test_http_bench_end_to_end(tmp_path: Path, model_dir: Callable[[str, str], P
     for comparison in report["comparisons"]:
         assert comparison["mismatched_outputs"] == 0  # both APIs stream the same text
         assert comparison["http_over_grpc_per_token"] > 0
+        assert 0 < comparison["encode_share_of_tpot"] < 1
+    # A chunk a token for the oracle alone; more for the draft's rounds.
+    assert report["tokens_per_chunk"]["oracle alone k=0"] == 1.0
+    assert report["tokens_per_chunk"]["draft k=4"] > 1.0
+    assert report["encode_us_per_chunk"] > 0

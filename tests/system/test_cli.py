@@ -62,7 +62,10 @@ def test_up_serves_the_http_api_and_generate_chats(
             if line.startswith("specdec is up"):
                 break
         assert f"http://localhost:{http_port}/v1" in lines[-1], "".join(lines)
-        body = {"messages": [{"role": "user", "content": "the cat"}], "max_tokens": 4}
+        body = {
+            "messages": [{"role": "user", "content": "the cat"}], "max_tokens": 4,
+            "temperature": 0, "ignore_eos": True,
+        }  # fmt: skip
         answer = subprocess.run(
             ["curl", "-sS", f"http://127.0.0.1:{http_port}/v1/chat/completions",
              "-H", "Content-Type: application/json", "-d", json.dumps(body)],
@@ -73,7 +76,7 @@ def test_up_serves_the_http_api_and_generate_chats(
         chat = subprocess.run(
             [sys.executable, "-m", "specdec.cli", "generate", "--chat", "the cat",
              "--system", "be brief", "--gateway", f"127.0.0.1:{port}", "--max-new-tokens", "4",
-             "--temperature", "0"],
+             "--temperature", "0", "--ignore-eos"],
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert chat.returncode == 0, chat.stderr
