@@ -187,6 +187,7 @@ class DraftWorker:
             # A stalled link sends nothing: only a deadline per round notices it.
             round_timeout_s=self.config.verify_timeout_s or None,
             allow_rescue=bool(a.speculation.over(defaults).rescue),
+            commit=a.commit,
         )
         try:
             drafter = self._drafter(a.session_id)

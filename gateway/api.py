@@ -3,7 +3,8 @@
 The gRPC servicer (``gateway/servicer.py``) and the OpenAI-compatible HTTP API
 (``gateway/http/``) both convert their requests into these calls and their answers
 out of them: one path for a turn, whatever the transport. A ``GenerateCall`` is
-checked and its prompt tokenized before any worker is asked for anything; then, under
+checked (``gateway/limits.py``) and its prompt tokenized, off the event loop, before any
+worker is asked for anything; then, under
 the session's turn lock, the turn is begun (a chat's prompt rendered after the
 session's conversation, ``gateway/chat.py``) or resumed (``gateway/resume.py``), and
 ``TurnRunner.run`` streams its ``Chunk``s.
@@ -11,14 +12,17 @@ session's conversation, ``gateway/chat.py``) or resumed (``gateway/resume.py``),
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.chat import NO_TEMPLATE, ChatHistory, ChatTemplate
 from gateway.generation import Chunk, TurnRequest, TurnRunner
+from gateway.limits import RequestLimits
 from gateway.registry import Worker
 from gateway.resume import check_turn_id, plan
 from gateway.sessions import Session, SessionTable, ephemeral_session_id
@@ -73,6 +77,7 @@ class GatewayApi:
         chat: ChatTemplate | None = None,
         default_k: int,
         default_max_new_tokens: int,
+        limits: RequestLimits,
     ) -> None:
         self.runner = runner
         self.sessions = sessions
@@ -80,6 +85,9 @@ class GatewayApi:
         self.chat = chat
         self.default_k = default_k
         self.default_max_new_tokens = default_max_new_tokens
+        self.limits = limits
+        # Off the event loop, one prompt at a time (a fast tokenizer is not thread-safe).
+        self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         # Set when the gateway stops: the turns it cuts are resumed on another replica.
         self.draining = False
 
@@ -87,12 +95,19 @@ class GatewayApi:
         """The gateway is stopping: the one-off turns it cuts stay resumable elsewhere."""
         self.draining = True
 
+    def close(self) -> None:
+        """The gateway has stopped: no more prompts to tokenize."""
+        self._tokenizing.shutdown(wait=False, cancel_futures=True)
+
+    async def _off_loop(self, work: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, work, *args)
+
     # -- Generate ------------------------------------------------------------
 
     async def generate(self, call: GenerateCall, owner: str) -> AsyncGenerator[Chunk, None]:
         """The turn's chunks, as the runner commits them. Every check of the request
         happens before the first chunk is asked of a worker."""
-        turn = self._turn_request(call)
+        turn = await self._turn_request(call)
         session = await self._session_of(call, turn, owner)
         # A resumed turn waits for the lock of the gateway it was cut on: a dead
         # replica's expires, a live one lets go once it sees its client gone.
@@ -108,7 +123,8 @@ class GatewayApi:
                         prompt, t.params, t.speculation, turn.turn_id, after, chat=t.chat
                     )
                 else:
-                    turn = self._prompt(session, call, dataclasses.replace(turn, resume_after=None))
+                    new = dataclasses.replace(turn, resume_after=None)
+                    turn = await self._prompt(session, call, new)
                 started = True
                 async for chunk in self._run(session, turn):
                     yield chunk
@@ -122,7 +138,7 @@ class GatewayApi:
                     if started:
                         await self.release_caches(session.session_id)
 
-    def _turn_request(self, call: GenerateCall) -> TurnRequest:
+    async def _turn_request(self, call: GenerateCall) -> TurnRequest:
         """The request checked, its text tokenized; a chat's prompt comes later, from its
         session (``_prompt``)."""
         forms = [n for n in ("prompt", "prompt_token_ids", "messages") if getattr(call, n)]
@@ -133,12 +149,16 @@ class GatewayApi:
             _check_messages(call.messages)
             if self.chat is None:
                 raise InvalidArgument(NO_TEMPLATE)
+        contexts = [o.info.max_context for o in self.runner.registry.oracles()]
+        # A chat's text is its messages' contents (the template adds a bounded few each).
+        text = call.prompt or "".join(m.content for m in call.messages)
+        self.limits.check(text, call.params.stop, max(contexts, default=0))
         speculation = call.speculation.over(Speculation(k=self.default_k))
         if speculation.drafter is DrafterKind.NONE:
             speculation = dataclasses.replace(speculation, k=0)
         prompt_ids = list(call.prompt_token_ids)
         if call.prompt:
-            prompt_ids = list(self.tokenizer(call.prompt)["input_ids"])
+            prompt_ids = await self._off_loop(self._tokenize, call.prompt)
         if not prompt_ids and not call.is_chat:
             raise InvalidArgument("the prompt is empty: set prompt, prompt_token_ids or messages")
         params = self._with_stops(call)
@@ -160,7 +180,10 @@ class GatewayApi:
             )
         return await self.sessions.create(owner, ephemeral=True, session_id=session_id)
 
-    def _prompt(self, session: Session, call: GenerateCall, turn: TurnRequest) -> TurnRequest:
+    def _tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
+    async def _prompt(self, session: Session, call: GenerateCall, turn: TurnRequest) -> TurnRequest:
         """A new turn's prompt: a chat's rendered after the session's conversation; a
         plain prompt only where no chat is going on."""
         latest = session.turn
@@ -182,7 +205,7 @@ class GatewayApi:
                 "only a chat session: create another session for the chat"
             )
         new = history.new_messages(call.messages) if history else list(call.messages)
-        chat_turn = self.chat.turn(history, new)
+        chat_turn = await self._off_loop(self.chat.turn, history, new)
         return dataclasses.replace(
             turn, prompt_ids=chat_turn.token_ids, chat=chat_turn.record(history)
         )

@@ -47,6 +47,18 @@ class GatewayConfig(SecuritySettings, TelemetrySettings):
         "seconds a turn waits for the next report of its worker (a draft's commit, an oracle's "
         "verdict) before failing over: a hung worker or a stalled link sends nothing",
     )
+    max_request_bytes: int = setting(
+        8 * 1024 * 1024,
+        "most bytes of one request to the public API: beyond, INVALID_ARGUMENT before it is "
+        "parsed; beyond twice this, gRPC refuses it unread (RESOURCE_EXHAUSTED)",
+    )
+    max_prompt_chars: int = setting(
+        0,
+        "most characters of a text prompt, refused before tokenising (0 = what the "
+        "largest oracle's context could hold: its tokens x the longest token's characters)",
+    )
+    max_stop_strings: int = setting(16, "most stop strings of one request")
+    max_stop_chars: int = setting(256, "most characters of each stop string")
     log_level: str = setting("info", "debug, info, warning or error")
     auth_tokens: str = setting(
         "",
@@ -58,9 +70,16 @@ class GatewayConfig(SecuritySettings, TelemetrySettings):
         "token oracles and drafts must present (their SPECDEC_AUTH_TOKEN); default --auth-token",
         group=SECURITY,
     )
+    worker_tokens: str = setting(
+        "",
+        "edge devices' own worker tokens, each its own principal: edge1:TOKEN1,edge2:TOKEN2; "
+        "they register drafts only (revoke one: remove it here and on the oracles, restart)",
+        group=SECURITY,
+    )
     grant_secret: str = setting(
         "",
-        "secret shared with the oracles to sign session grants (empty = no grants)",
+        "secret shared with the oracles to sign session grants (empty = no grants); every "
+        "gateway replica derives the oracles' commit keys from it (empty = random ones)",
         group=SECURITY,
     )
     grant_ttl_s: float = setting(600.0, "seconds a session grant stays valid", group=SECURITY)

@@ -1,12 +1,12 @@
 """One Generate turn at the gateway: pick workers, run the rounds, stream, fail over.
 
 The gateway's session tokens are the source of truth. Workers report commits;
-each commit must extend exactly the session's committed length (anything else
-is a duplicate or stale report and is ignored). The gateway runs its own stop
-checker over the committed stream, so the output ends exactly where the
-oracle alone would end, even across a failover. When a worker disappears
-mid-turn, the turn resumes on another one from the committed tokens (the new
-oracle re-prefills them): time is lost, tokens never are.
+each must extend exactly the session's committed length and carry the oracle's
+proof (``gateway.commits``): anything else is refused, and the turn fails over
+without it. The gateway runs its own stop checker over the committed stream, so
+the output ends exactly where the oracle alone would end, even across a failover.
+When a worker disappears mid-turn, the turn resumes on another one from the
+committed tokens (the new oracle re-prefills them): time is lost, tokens never are.
 """
 
 from __future__ import annotations
@@ -21,14 +21,23 @@ from dataclasses import dataclass
 
 import grpc
 
+from gateway.commits import CommitGate, CommitRefused
 from gateway.detokenize import IncrementalDecoder
+from gateway.limits import check_fits_worker_link
 from gateway.registry import Registry, Worker
 from gateway.resume import continue_turn
 from gateway.sessions import Session
 from gateway.store import TurnRecord
 from gateway.store.base import ChatRecord
 from specdec.core.adaptive import AdaptiveMemory
-from specdec.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from specdec.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    SpecdecError,
+    Unavailable,
+    quoted,
+)
 from specdec.core.messages import (
     Assignment,
     AssignmentCommitted,
@@ -41,9 +50,12 @@ from specdec.core.messages import (
 from specdec.core.sampling import SamplingParams, resolve_seed, validate_token_ids
 from specdec.core.stopping import FinishReason, turn_stop_checker
 from specdec.core.types import DrafterKind, Speculation, TokenLogprob, TurnStats
+from specdec.core.vocab import vocabulary_mismatch
 from specdec.core.wiring import run_assignment
 from specdec.drafters.ngram import NgramDrafter
 from specdec.drafters.proposers import InlineProposer
+from specdec.rpc import convert
+from specdec.rpc.commit_proof import new_ticket
 from specdec.rpc.oracle_link import GrpcOracleLink, OracleRpcError
 from specdec.telemetry.gateway import record_round
 from specdec.telemetry.rounds import current_trace_context, round_tracer
@@ -176,14 +188,20 @@ class TurnRunner:
         self, session: Session, oracle: Worker, request: TurnRequest, excluded: set[str]
     ) -> Worker | None:
         drafts = [d for d in self.registry.drafts() if d.worker_id not in excluded and d.responsive]
-        compatible = [
-            d for d in drafts if d.info.vocab_fingerprint == oracle.info.vocab_fingerprint
-        ]
+        reasons = {
+            d.worker_id: vocabulary_mismatch(
+                d.info.vocab_fingerprint,
+                d.info.vocab_size,
+                oracle.info.vocab_fingerprint,
+                oracle.info.vocab_size,
+            )
+            for d in drafts
+        }
+        compatible = [d for d in drafts if reasons[d.worker_id] is None]
         if request.speculation.drafter is DrafterKind.MODEL and drafts and not compatible:
             raise FailedPrecondition(
-                f"no registered draft shares oracle {oracle.worker_id}'s vocabulary "
-                f"({oracle.info.vocab_fingerprint}); drafts have "
-                f"{sorted({d.info.vocab_fingerprint for d in drafts})}"
+                f"no registered draft can draft for oracle {oracle.worker_id}: "
+                + "; ".join(f"{name}: {why}" for name, why in sorted(reasons.items()))
             )
         free = [d for d in compatible if d.has_capacity]
         return _prefer(free, session.draft_id) if free else None
@@ -231,31 +249,34 @@ class TurnRunner:
                 )
                 started = True
             remaining = dataclasses.replace(params, max_new_tokens=params.max_new_tokens - produced)
-            attempt, draft = self._attempt(session, request, remaining, seed, oracle, excluded)
+            attempt, draft, gate = self._attempt(
+                session, request, remaining, seed, oracle, excluded
+            )
             summary.oracle_id = oracle.worker_id
             summary.model = oracle.info.model
             summary.draft_id = draft.worker_id if draft else ""
             summary.drafter = _drafter_kind(request, draft)
             finish: FinishReason | None = None
-            ended = False
+            ended = opened = False
             try:
                 async for event in attempt:
                     if isinstance(event, AssignmentOpened):
                         summary.stats.cached_tokens += event.opened.cached_tokens
                         summary.stats.prefilled_tokens += event.opened.computed_tokens
                         summary.stats.prefill_ns += event.opened.prefill_ns
+                        opened = True
                         continue
+                    try:
+                        if isinstance(event, AssignmentFinished):
+                            gate.finish(event, len(session.tokens))
+                        else:
+                            gate.commit(event, len(session.tokens))
+                    except CommitRefused as refused:
+                        raise await self._refuse(refused, session, oracle, draft) from None
                     if isinstance(event, AssignmentFinished):
                         finish = finish or event.reason or FinishReason.LENGTH
                         ended = True
                         break
-                    if event.base_length != len(session.tokens):
-                        log.warning(
-                            "ignoring a commit at %d (session at %d)",
-                            event.base_length,
-                            len(session.tokens),
-                        )
-                        continue
                     keep, finish = stop.feed(event.token_ids)
                     tokens = list(event.token_ids[:keep])
                     logprobs = event.report.logprobs[:keep]
@@ -282,6 +303,11 @@ class TurnRunner:
             except BaseException:
                 if produced == 0:  # nothing was generated: the turn never happened
                     await session.rollback(context_before)
+                if opened:  # its workers hold the session's context: the next turn reuses it
+                    with contextlib.suppress(SpecdecError):
+                        await session.note_workers(
+                            oracle.worker_id, draft.worker_id if draft else ""
+                        )
                 raise
             finally:
                 await attempt.aclose()
@@ -298,11 +324,30 @@ class TurnRunner:
             yield Chunk(last, tail + decoder.flush(), finish, summary, logprobs if last else ())
             return
 
+    async def _refuse(
+        self, refused: CommitRefused, session: Session, oracle: Worker, draft: Worker | None
+    ) -> _Broke:
+        """A report that is not the oracle's word: nothing of it was applied. The turn
+        fails over without its worker, and a draft that sent it is dismissed."""
+        culprit = draft or oracle
+        log.warning(
+            "refused a report of %s %s for session %s: %s; the turn fails over",
+            "draft" if draft else "oracle",
+            quoted(culprit.worker_id),
+            session.session_id[:8],
+            refused,
+        )
+        if draft is not None:
+            await self.registry.dismiss(draft, f"the gateway refused its report: {refused}")
+        return _Broke(culprit, f"{culprit.worker_id}'s report refused: {refused}")
+
     def eos_token_ids(self) -> tuple[int, ...]:
         oracles = self.registry.oracles()
         return tuple(oracles[0].info.eos_token_ids) if oracles else ()
 
     def _check_prompt(self, session: Session, request: TurnRequest, oracle: Worker) -> None:
+        """Before the prompt joins the session: its ids, the context, and that the turn's
+        messages to its workers fit their links."""
         validate_token_ids(request.prompt_ids, oracle.info.vocab_size, "prompt_token_ids")
         total = len(session.tokens) + len(request.prompt_ids)
         if oracle.info.max_context and total >= oracle.info.max_context:
@@ -311,6 +356,35 @@ class TurnRunner:
                 f"{len(request.prompt_ids)}), but the oracle's model takes at most "
                 f"{oracle.info.max_context - 1} so that one token can be generated"
             )
+        tokens = (*session.tokens, *request.prompt_ids)
+        probe = self._job(session, request, request.params, 0, oracle, request.speculation, tokens)
+        check_fits_worker_link(convert.wire_size(probe), total)
+
+    def _job(
+        self,
+        session: Session,
+        request: TurnRequest,
+        params: SamplingParams,
+        seed: int,
+        oracle: Worker,
+        speculation: Speculation,
+        tokens: Sequence[int],
+    ) -> Assignment:
+        """One attempt of the turn on ``oracle``, from the session's ``tokens``."""
+        return Assignment(
+            assignment_id=uuid.uuid4().hex,
+            session_id=session.session_id,
+            oracle_id=oracle.worker_id,
+            oracle_address=oracle.info.draft_address,
+            token_ids=tuple(tokens),
+            prompt_tokens=len(request.prompt_ids),
+            params=params,
+            seed=seed,
+            speculation=speculation,
+            grant=self.registry.grant(session.session_id, oracle),
+            max_context=oracle.info.max_context,
+            commit=new_ticket(oracle.commit_key) if oracle.commit_key else None,
+        )
 
     def _attempt(
         self,
@@ -320,7 +394,7 @@ class TurnRunner:
         seed: int,
         oracle: Worker,
         excluded: set[str],
-    ) -> tuple[AsyncGenerator[_Event, None], Worker | None]:
+    ) -> tuple[AsyncGenerator[_Event, None], Worker | None, CommitGate]:
         want_model = request.k > 0 and request.speculation.drafter in (
             DrafterKind.AUTO,
             DrafterKind.MODEL,
@@ -329,22 +403,11 @@ class TurnRunner:
         speculation = dataclasses.replace(
             request.speculation, drafter=_drafter_kind(request, draft)
         )
-        job = Assignment(
-            assignment_id=uuid.uuid4().hex,
-            session_id=session.session_id,
-            oracle_id=oracle.worker_id,
-            oracle_address=oracle.info.draft_address,
-            token_ids=tuple(session.tokens),
-            prompt_tokens=len(request.prompt_ids),
-            params=params,
-            seed=seed,
-            speculation=speculation,
-            grant=self.registry.grant(session.session_id, oracle),
-            max_context=oracle.info.max_context,
-        )
+        job = self._job(session, request, params, seed, oracle, speculation, session.tokens)
+        gate = CommitGate(job, oracle.commit_key)
         if draft is not None:
-            return self._draft_attempt(job, oracle, draft), draft
-        return self._local_attempt(job, oracle), None
+            return self._draft_attempt(job, oracle, draft), draft, gate
+        return self._local_attempt(job, oracle), None, gate
 
     async def _draft_attempt(
         self, job: Assignment, oracle: Worker, draft: Worker
@@ -399,6 +462,7 @@ class TurnRunner:
             grant=job.grant,
             trace_context=rounds.trace_context if rounds is not None else None,
             round_timeout_s=self._worker_silence_s,
+            commit=job.commit,
         )
         queue: asyncio.Queue[AssignmentReport] = asyncio.Queue()
         task = asyncio.create_task(

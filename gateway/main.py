@@ -13,6 +13,7 @@ from gateway.chat import ChatTemplate
 from gateway.config import GatewayConfig
 from gateway.generation import TurnRunner
 from gateway.http.server import start_http
+from gateway.limits import RequestLimits, longest_token_chars
 from gateway.registry import Registry, RegistryServicer
 from gateway.servicer import GatewayServicer
 from gateway.sessions import SessionTable
@@ -23,6 +24,7 @@ from specdec.engine.models import DEMO_ORACLE, vocab_fingerprint
 from specdec.rpc.grants import GrantSigner
 from specdec.rpc.health_endpoint import start_health_endpoint
 from specdec.rpc.logs import configure_logging
+from specdec.rpc.request_guard import ByteLimit
 from specdec.rpc.security import (
     ChannelSecurity,
     application_tokens,
@@ -48,12 +50,26 @@ async def start(config: GatewayConfig) -> ServiceServer:
             f"cannot load the tokenizer {source!r} ({exc}); set --tokenizer / "
             "SPECDEC_TOKENIZER to the oracle model's folder or hub id"
         ) from None
+    limits = RequestLimits(
+        max_request_bytes=config.max_request_bytes,
+        max_prompt_chars=config.max_prompt_chars,
+        max_stop_strings=config.max_stop_strings,
+        max_stop_chars=config.max_stop_chars,
+        token_chars=longest_token_chars(tokenizer),
+    )
     # Security (docs/security.md): each part off unless configured.
-    auth = gateway_auth(config.auth_token, config.auth_tokens, config.worker_token)
+    auth = gateway_auth(
+        config.auth_token, config.auth_tokens, config.worker_token, config.worker_tokens
+    )
     credentials = server_credentials(config)
     grants = GrantSigner(config.grant_secret, config.grant_ttl_s) if config.grant_secret else None
     dial_oracles = ChannelSecurity.of(config, token=config.worker_token or config.auth_token)
-    registry = Registry(vocab_fingerprint(tokenizer), security=dial_oracles, grants=grants)
+    registry = Registry(
+        vocab_fingerprint(tokenizer),
+        security=dial_oracles,
+        grants=grants,
+        commit_secret=config.grant_secret,
+    )
     runner = TurnRunner(
         registry,
         lambda ids: str(tokenizer.decode(list(ids), clean_up_tokenization_spaces=False)),
@@ -71,6 +87,7 @@ async def start(config: GatewayConfig) -> ServiceServer:
         chat=ChatTemplate.load(tokenizer, config.chat_template),
         default_k=config.default_k,
         default_max_new_tokens=config.default_max_new_tokens,
+        limits=limits,
     )
     servicer = GatewayServicer(api)
     server = await start_server(
@@ -89,6 +106,12 @@ async def start(config: GatewayConfig) -> ServiceServer:
         ],
         credentials=credentials,
         interceptors=[auth] if auth else [],
+        request_limits={
+            gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name: ByteLimit(
+                config.max_request_bytes, "--max-request-bytes"
+            )
+        },
+        max_receive_bytes=limits.receive_bytes,
     )
     await start_health_endpoint(config.health_host, config.health_port, server)
     if config.http_port >= 0:
@@ -101,6 +124,11 @@ async def start(config: GatewayConfig) -> ServiceServer:
     server.on_drain.append(api.drain)
     server.on_stop.append(store.close)
     server.on_stop.append(telemetry.shutdown)  # flushes the spans of the last requests
+
+    async def stop_tokenizing() -> None:
+        api.close()
+
+    server.on_stop.append(stop_tokenizing)
     await server.set_serving(True)
     log.info(
         "gateway listening on %s:%d (tokenizer %s, sessions in %s)",

@@ -20,10 +20,18 @@ from typing import Any
 
 import grpc
 
-from specdec.core.errors import FailedPrecondition, InvalidArgument, SpecdecError
+from gateway.identity import WorkerIdentity, check_role, check_takeover, identity_of
+from specdec.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    SpecdecError,
+    quoted,
+)
 from specdec.core.messages import (
     AssignmentFailed,
     AssignmentReport,
+    CommitKey,
     GatewayMessage,
     Registered,
     ReleaseDraftSession,
@@ -35,6 +43,7 @@ from specdec.core.messages import (
 )
 from specdec.rpc import convert
 from specdec.rpc.channels import open_channel
+from specdec.rpc.commit_proof import new_commit_key
 from specdec.rpc.grants import GrantSigner
 from specdec.rpc.security import ChannelSecurity
 from specdec.v1 import oracle_pb2, oracle_pb2_grpc, registry_pb2, registry_pb2_grpc
@@ -42,6 +51,7 @@ from specdec.v1 import oracle_pb2, oracle_pb2_grpc, registry_pb2, registry_pb2_g
 log = logging.getLogger(__name__)
 
 LOAD_INTERVAL_MS = 1000
+MAX_WORKER_ID_CHARS = 128
 # A worker reports its load every LOAD_INTERVAL_MS; one silent for this long is hung (or
 # its link stalled) even though its stream is open: it gets no new turns until it speaks.
 SILENT_AFTER_S = 3 * LOAD_INTERVAL_MS / 1000
@@ -61,6 +71,11 @@ class Worker:
     alive: bool = True
     last_seen: float = field(default_factory=time.monotonic)  # its last message, any kind
     security: ChannelSecurity | None = None  # how the gateway dials it (TLS, token)
+    identity: WorkerIdentity = field(default_factory=WorkerIdentity)  # what it proved
+    commit_key: CommitKey | None = None  # oracles: what they prove their commits with
+    # Set (with the reason) when the gateway ends its stream: replaced, or caught lying.
+    dismissed: asyncio.Event = field(default_factory=asyncio.Event)
+    dismissal: str = ""
 
     @property
     def worker_id(self) -> str:
@@ -126,12 +141,14 @@ class Registry:
         required_fingerprint: str | None = None,
         security: ChannelSecurity | None = None,
         grants: GrantSigner | None = None,
+        commit_secret: str = "",
     ) -> None:
         self._workers: dict[str, Worker] = {}
         self._waiting: dict[str, asyncio.Queue[AssignmentReport]] = {}
         self._required_fingerprint = required_fingerprint
         self._security = security  # dialling oracles: TLS material and worker token
         self._grants = grants
+        self._commit_secret = commit_secret  # "": a random commit key per oracle registration
         self.changed = asyncio.Condition()
 
     def grant(self, session_id: str, oracle: Worker) -> str:
@@ -150,23 +167,45 @@ class Registry:
     def get(self, worker_id: str) -> Worker | None:
         return self._workers.get(worker_id)
 
-    async def register(self, info: WorkerRegistration) -> Worker:
-        if not info.worker_id:
-            raise InvalidArgument("RegisterWorker.worker_id must be set")
+    async def register(
+        self, info: WorkerRegistration, identity: WorkerIdentity | None = None
+    ) -> Worker:
+        """Add a worker; ALREADY_EXISTS when a live worker has its id and it does not
+        prove to be that worker (``gateway.identity``)."""
+        identity = identity or WorkerIdentity()
+        if not info.worker_id or len(info.worker_id) > MAX_WORKER_ID_CHARS:
+            raise InvalidArgument(
+                f"RegisterWorker.worker_id must have 1 to {MAX_WORKER_ID_CHARS} characters, "
+                f"got {len(info.worker_id)}"
+            )
+        check_role(info, identity)
         if info.kind is WorkerKind.ORACLE:
             if not info.address:
                 raise InvalidArgument("an oracle must register the address it listens on")
             if self._required_fingerprint and info.vocab_fingerprint != self._required_fingerprint:
                 raise FailedPrecondition(
-                    f"oracle {info.worker_id} has vocabulary {info.vocab_fingerprint}, but the "
+                    f"oracle {info.worker_id!r} has vocabulary {info.vocab_fingerprint}, but the "
                     f"gateway's tokenizer is {self._required_fingerprint}: point the gateway's "
                     "--tokenizer at the oracle's model"
                 )
         old = self._workers.get(info.worker_id)
         if old is not None:
+            try:
+                check_takeover(info.worker_id, old.identity, identity, old.uptime_s)
+            except SpecdecError:
+                log.warning(
+                    "refused a registration under the id of live worker %s (it proved %s; "
+                    "the live one %s)",
+                    quoted(info.worker_id),
+                    identity,
+                    old.identity,
+                )
+                raise
             log.info("worker %s re-registered; dropping its previous connection", info.worker_id)
-            await self.unregister(old)
-        worker = Worker(info, security=self._security)
+            await self.dismiss(old, "the same worker registered again on a new stream")
+        worker = Worker(info, security=self._security, identity=identity)
+        if worker.is_oracle:
+            worker.commit_key = new_commit_key(info.worker_id, self._commit_secret)
         self._workers[info.worker_id] = worker
         log.info(
             "%s %s registered (model %s, %s)",
@@ -196,6 +235,12 @@ class Registry:
         if worker.channel is not None:
             with contextlib.suppress(Exception):
                 await worker.channel.close()
+
+    async def dismiss(self, worker: Worker, reason: str) -> None:
+        """Unregister ``worker`` and end its Connect stream (PERMISSION_DENIED, ``reason``)."""
+        worker.dismissal = reason
+        worker.dismissed.set()
+        await self.unregister(worker)
 
     # -- assignments -------------------------------------------------------
 
@@ -247,10 +292,12 @@ class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
         first = await anext(aiter(request_iterator), None)
         if first is None or not first.HasField("register"):
             raise InvalidArgument("the first message of Connect must be RegisterWorker")
-        worker = await self._registry.register(convert.registration_from_pb(first.register))
+        info = convert.registration_from_pb(first.register)
+        worker = await self._registry.register(info, identity_of(context))
         reader = asyncio.create_task(self._read(worker, request_iterator))
+        dismissed = asyncio.ensure_future(worker.dismissed.wait())
         try:
-            yield convert.gateway_message_to_pb(Registered(LOAD_INTERVAL_MS))
+            yield convert.gateway_message_to_pb(Registered(LOAD_INTERVAL_MS, worker.commit_key))
             cached = worker.info.cached_session_ids
             if cached and self._known is not None:
                 try:
@@ -266,13 +313,21 @@ class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
                     yield convert.gateway_message_to_pb(release)
             while True:
                 getter = asyncio.ensure_future(worker.outbox.get())
-                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {getter, reader, dismissed}, return_when=asyncio.FIRST_COMPLETED
+                )
                 if getter not in done:
                     getter.cancel()
+                    if dismissed in done:
+                        raise PermissionDenied(worker.dismissal)
+                    error = None if reader.cancelled() else reader.exception()
+                    if error is not None:
+                        raise error  # a message the request guard refused
                     return  # the worker closed its side
                 yield convert.gateway_message_to_pb(getter.result())
         finally:
             reader.cancel()
+            dismissed.cancel()
             await self._registry.unregister(worker)
 
     async def _read(

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from gateway.store.base import Fence, SessionRecord, SessionStore, TurnRecord, now_ms
-from specdec.core.errors import FailedPrecondition, NotFound, ResourceExhausted
+from specdec.core.errors import FailedPrecondition, NotFound, ResourceExhausted, quoted
 from specdec.core.stopping import FinishReason
 
 
@@ -68,6 +68,14 @@ class Session(SessionRecord):
         self.turn, self._previous_turn = self._previous_turn, None
         if self.turn is not None:
             await store.update(self)
+
+    async def note_workers(self, oracle_id: str, draft_id: str) -> None:
+        """Where the session's caches are, when a turn ends short of finishing (cancelled):
+        its next turn goes back to them instead of prefilling elsewhere."""
+        store, _ = self._writer()
+        self.oracle_id = oracle_id
+        self.draft_id = draft_id or self.draft_id
+        await store.update(self)
 
     async def finish_turn(self, reason: FinishReason, oracle_id: str, draft_id: str) -> None:
         """The turn completed: count it, note where its caches are."""
@@ -117,7 +125,7 @@ class SessionTable:
     async def get(self, session_id: str, owner: str) -> Session:
         session = await self.find(session_id, owner)
         if session is None:
-            raise NotFound(f"no session {session_id!r} (it may have expired or been closed)")
+            raise NotFound(f"no session {quoted(session_id)} (it may have expired or been closed)")
         return session
 
     @contextlib.asynccontextmanager
@@ -127,7 +135,7 @@ class SessionTable:
         async with self.store.lock(session.session_id, wait_s) as fence:
             current = await self.find(session.session_id, session.owner)
             if current is None:
-                raise NotFound(f"session {session.session_id!r} was closed meanwhile")
+                raise NotFound(f"session {quoted(session.session_id)} was closed meanwhile")
             current.fence = fence
             try:
                 yield current
@@ -138,7 +146,7 @@ class SessionTable:
         session = await self.get(session_id, owner)
         if await self.store.locked(session_id):
             raise FailedPrecondition(
-                f"session {session_id!r} is generating; cancel that request first"
+                f"session {quoted(session_id)} is generating; cancel that request first"
             )
         await self.store.delete(session_id)
         return session

@@ -131,6 +131,12 @@ class OracleConfig(SecuritySettings, TelemetrySettings):
         "the gateway's grant secret: serve only sessions it granted (empty = any)",
         group=SECURITY,
     )
+    worker_tokens: str = setting(
+        "",
+        "edge devices' own worker tokens, as the gateway's --worker-tokens "
+        "(edge1:TOKEN1,edge2:TOKEN2): accepted besides --auth-token",
+        group=SECURITY,
+    )
     health_host: str = setting("127.0.0.1", "interface of the plaintext health endpoint")
     health_port: int = setting(-1, "plaintext health-only port (-1 = off: health on --port)")
 

@@ -115,7 +115,10 @@ class OracleEngine:
         self._lanes = Lanes(self.lanes, self._enter_lane, self.sessions, self._wake)
         self.max_batch = max_batch
         self.batch_counters = BatchCounters()
+        # A batch is what one forward holds (a paged pool's token budget).
         queue = BlockQueue(max_batch)
+        if isinstance(slots, PagedPool):
+            queue.fits = slots.fits_one_forward
         self.rescues = rescues_for(rescue_draft, model, self._lanes.executors[0], queue, self._wake)
         self._lifetimes = Lifetimes(
             self.oracle, self.sessions, self._lanes, oracle_id, self.rescues is not None

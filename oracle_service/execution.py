@@ -103,7 +103,9 @@ class BatchRunner:
             return
         self._lanes.give_back(lane, sessions)
         self._counters.count_batch(len(batch), done.verified, done.forward_rows, done.compute_ns)
-        self._queue.restart_clocks({p.session for p in batch}, time.perf_counter_ns())
+        now = time.perf_counter_ns()
+        self._queue.restart_clocks({p.session for p in batch}, now)
+        self._queue.answered([p.session for p in batch], now)
         for pending, outcome in zip(batch, done.outcomes, strict=True):
             if pending.future.done():
                 continue  # its caller gave up; the work is done all the same

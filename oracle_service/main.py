@@ -31,6 +31,7 @@ from specdec.config import from_namespace, load_config
 from specdec.core.errors import SpecdecError
 from specdec.core.messages import (
     GatewayMessage,
+    Registered,
     ReleaseSessions,
     WorkerKind,
     WorkerLoad,
@@ -117,10 +118,12 @@ class OracleService:
         observe_store(engine.sessions)
         await self.server.set_serving(True)
         log.info(
-            "model %s loaded in %.1fs (vocab %d, context %d, fingerprint %s); serving as %s",
+            "model %s loaded in %.1fs (vocab %d, %d padded logit rows dropped, context %d, "
+            "fingerprint %s); serving as %s",
             model.name,
             time.monotonic() - start,
             model.vocab_size,
+            model.padded_logits,
             model.max_context,
             model.fingerprint,
             self.oracle_id,
@@ -173,6 +176,10 @@ class OracleService:
     async def _on_gateway_message(
         self, message: GatewayMessage, connection: GatewayConnection
     ) -> None:
+        if isinstance(message, Registered) and message.commit_key is not None:
+            # What this oracle proves its commits to that gateway with (docs/security.md).
+            self.servicer.keyring.add(message.commit_key)
+            return
         if isinstance(message, ReleaseSessions) and self.engine is not None:
             # Sessions no gateway knows: their KV lease ended.
             released = [s for s in message.session_ids if await self.engine.release(s)]
@@ -203,7 +210,7 @@ async def start(config: OracleConfig) -> OracleService:
     telemetry = configure_telemetry("oracle", config.metrics_port, config.trace_file)
     # Security (docs/security.md): each part off unless configured.
     grants = GrantSigner(config.grant_secret) if config.grant_secret else None
-    auth = oracle_auth(config.auth_token)
+    auth = oracle_auth(config.auth_token, config.worker_tokens)
     credentials = server_credentials(config)
     gateway_security = ChannelSecurity.of(config)
     servicer = OracleServicer(grants=grants)

@@ -9,7 +9,11 @@ block on:
   verdict), and the second extends the first's verdict, so it must run in a later
   batch. Skipping it also keeps every later block of that session behind it, so
   each session's blocks still run in the order they arrived;
-* the scan stops at ``max_batch`` blocks;
+* the scan stops at ``max_batch`` blocks, and before the first block that would not fit
+  the same forward as the blocks before it (``fits``: the KV pool's token budget, e.g. a
+  batch-invariant forward holds B x T <= 128 grid tokens). The rest run in the next
+  batch, which starts right after; before, one batch ran as two forwards and every
+  session in it waited for both;
 * a pipelined block that is already known to be stale (its session's committed
   tokens do not end with what it assumed) is answered "skipped" on the spot
   instead of taking a place: otherwise it would keep its session's next block,
@@ -30,7 +34,13 @@ verdict at different times (network, drafting), so a batch started the moment a
 lane is free holds only the quickest; the others then wait a whole forward for the
 next one. A short wait fills the batch instead: one forward of B rows costs about
 one of a single row when the GPU is launch-bound. With another lane free, the
-latecomers will have that one: no wait.
+latecomers will have that one: no wait. Nor when the waiting blocks already fill a
+forward, or when no latecomer is expected within the wait: each session's return
+time (from its verdict to its next block: the round trip, plus the drafting of k
+tokens when speculating) is a running mean, and a session answered at t is expected
+at t + that mean. Waiting for sessions still drafting only idles the GPU: at 16
+speculating sessions of an 8B oracle (drafting ~9 ms a block, a wait of 5 ms) the
+batcher idled 5 ms before every batch and ran half the sessions anyway.
 
 Rescue decisions due (``oracle_service.rescue``) are settled just before a batch is
 taken, so that a block extending a miss's verdict finds it decided.
@@ -42,7 +52,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -78,12 +88,28 @@ class PendingBlock:
         return self.lease.session
 
 
-class BlockQueue:
-    """Blocks waiting for the model, oldest first (event loop only)."""
+# A session's return time, as a running mean: mean' = RETURN_DECAY mean + (1 - it) sample.
+RETURN_DECAY = 0.8
 
-    def __init__(self, max_batch: int) -> None:
+
+def _fits_always(sizes: Sequence[int]) -> bool:
+    return True
+
+
+class BlockQueue:
+    """Blocks waiting for the model, oldest first (event loop only).
+
+    fits(sizes): whether rows of ``sizes`` tokens (k + 1 each) run as one forward.
+    """
+
+    def __init__(
+        self, max_batch: int, fits: Callable[[Sequence[int]], bool] = _fits_always
+    ) -> None:
         self.max_batch = max_batch
+        self.fits = fits
         self._waiting: deque[PendingBlock] = deque()
+        # Sessions answered and not back yet -> when their verdict was answered (ns).
+        self._answered: dict[OracleSession, int] = {}
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -103,7 +129,46 @@ class BlockQueue:
         return [p for p in self._waiting if p.session is session and not p.future.done()]
 
     def put(self, pending: PendingBlock) -> None:
+        session = pending.session
+        answered = self._answered.pop(session, None)
+        if answered is not None:  # its return time: verdict -> this block
+            took = max(0, pending.enqueued_ns - answered)
+            session.return_ns = RETURN_DECAY * session.return_ns + (1 - RETURN_DECAY) * took
         self._waiting.append(pending)
+
+    def answered(self, sessions: Sequence[OracleSession], now_ns: int) -> None:
+        """``sessions`` got a verdict (or a skip) at ``now_ns``: those with no block waiting
+        are expected back at now_ns + their return time."""
+        waiting = {p.session for p in self._waiting if not p.future.done()}
+        for session in sessions:
+            if session not in waiting:
+                self._answered[session] = now_ns
+
+    def late_by(self, deadline_ns: int) -> int:
+        """Sessions with an open stream, answered and not back, that are not expected back
+        by ``deadline_ns`` (answered + return time later). A session never answered yet
+        is not among them: it may come any moment."""
+        for session in [s for s in self._answered if s.active_streams <= 0]:
+            del self._answered[session]  # its stream ended: it sends nothing more
+        return sum(
+            1
+            for session, answered in self._answered.items()
+            if not session.busy and answered + session.return_ns > deadline_ns
+        )
+
+    def fills_forward(self) -> bool:
+        """Whether the blocks that could run now fill a batch: ``max_batch`` of them, or
+        more tokens than one forward holds."""
+        sizes: list[int] = []
+        sessions: set[OracleSession] = set()
+        for pending in self._waiting:
+            if pending.future.done() or pending.session.busy or pending.session in sessions:
+                continue
+            sessions.add(pending.session)
+            sizes.append(len(pending.block.token_ids) + 1)
+            if len(sizes) >= self.max_batch or not self.fits(sizes):
+                return True
+        return False
 
     def put_next(self, pending: PendingBlock) -> None:
         """Queue ``pending`` as its session's next block, ahead of the others it has
@@ -154,6 +219,7 @@ class BlockQueue:
         batch: list[PendingBlock] = []
         skipped: list[PendingBlock] = []
         sessions: set[OracleSession] = set()
+        sizes: list[int] = []  # tokens of each row: the batch's, then the candidate's
         kept: deque[PendingBlock] = deque()
         while self._waiting and len(batch) < self.max_batch:
             pending = self._waiting.popleft()
@@ -165,6 +231,10 @@ class BlockQueue:
             if stale(pending):
                 skipped.append(pending)  # its session's next block may take the place
                 continue
+            sizes.append(len(pending.block.token_ids) + 1)
+            if batch and not self.fits(sizes):  # the next forward's first block
+                kept.append(pending)
+                break
             sessions.add(pending.session)
             batch.append(pending)
         kept.extend(self._waiting)
@@ -288,11 +358,14 @@ class Scheduler:
             could_wait = self._sessions.active_streams - self._lanes.sessions_in_batches
             if not 0 < waiting < min(self.queue.max_batch, could_wait):
                 return
-            if self._lanes.free_count > 1:
+            if self._lanes.free_count > 1 or self.queue.fills_forward():
                 return
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return
+            late = self.queue.late_by(time.perf_counter_ns() + int(remaining * 1e9))
+            if could_wait - waiting <= late:
+                return  # every latecomer is still drafting: waiting would only idle
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
@@ -301,6 +374,7 @@ class Scheduler:
         """Answer stale pipelined blocks without the model: nothing changes for them."""
         now = time.perf_counter_ns()
         self._counters.count_skipped(len(skipped))
+        self.queue.answered([pending.session for pending in skipped], now)
         for pending in skipped:
             result = VerifyResult(
                 None, len(pending.session.committed), 0, now - pending.enqueued_ns

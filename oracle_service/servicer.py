@@ -8,6 +8,7 @@ e.g., FAILED_PRECONDITION, and the session's state is left as it was).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -19,12 +20,15 @@ import grpc
 from oracle_service.engine import OracleEngine
 from oracle_service.sessions import Lease
 from specdec.core.errors import InvalidArgument, Unavailable
+from specdec.core.sampling import SamplingParams
 from specdec.core.types import MAX_BRANCHES, MAX_PIPELINE_DEPTH, Rescue, VerifyResult
+from specdec.rpc.commit_proof import CommitChain, Keyring
 from specdec.rpc.convert import (
     block_from_pb,
     opened_to_pb,
     rescue_decision_to_pb,
     sampling_from_pb,
+    ticket_from_pb,
     verdict_to_pb,
 )
 from specdec.rpc.grants import GrantSigner
@@ -39,16 +43,23 @@ SERVICE_NAME = oracle_pb2.DESCRIPTOR.services_by_name["Oracle"].full_name
 # MAX_PIPELINE_DEPTH levels of 1 + MAX_BRANCHES alternatives. Beyond that the stream
 # is read no further until the engine answers one (flow control, not an error).
 MAX_QUEUED = MAX_PIPELINE_DEPTH * (1 + MAX_BRANCHES)
+# How long an OpenVerify waits for the commit key it names: a turn can reach the oracle
+# just before the gateway's answer to its registration does.
+COMMIT_KEY_WAIT_S = 5.0
 
 
 class OracleServicer(oracle_pb2_grpc.OracleServicer):  # type: ignore[misc]
     """Serves ``engine``; until one is set (the model is loading) every call is UNAVAILABLE."""
 
     def __init__(
-        self, engine: OracleEngine | None = None, grants: GrantSigner | None = None
+        self,
+        engine: OracleEngine | None = None,
+        grants: GrantSigner | None = None,
+        keyring: Keyring | None = None,
     ) -> None:
         self.engine = engine
         self.grants = grants  # set: open only sessions the gateway granted to this oracle
+        self.keyring = keyring or Keyring()  # the commit keys its gateways gave it
 
     def _engine(self) -> OracleEngine:
         if self.engine is None:
@@ -74,6 +85,7 @@ class OracleServicer(oracle_pb2_grpc.OracleServicer):  # type: ignore[misc]
             self.grants.verify(request.grant, request.session_id, engine.oracle_id)
         # Stopping fields do not matter to verification; EOS handling is the caller's.
         sampling = sampling_from_pb(request.sampling)
+        chain = await self._commit_chain(request, sampling)
         watch = verify_observer(engine.sessions, request.session_id)  # None: telemetry off
         lease, opened = await engine.open(
             request.session_id, request.token_ids, sampling, request.seed, request.allow_rescue
@@ -95,7 +107,7 @@ class OracleServicer(oracle_pb2_grpc.OracleServicer):  # type: ignore[misc]
                 while (answer := await answers.get()) is not None:
                     if isinstance(answer, Exception):
                         raise answer
-                    yield await answer.response(watch, request.session_id)
+                    yield await answer.response(watch, request.session_id, chain)
                     while (waiting := answer.decision()) is not None:
                         rescue = await waiting
                         yield rescue_decision_to_pb(answer.block.round, rescue)
@@ -103,7 +115,7 @@ class OracleServicer(oracle_pb2_grpc.OracleServicer):  # type: ignore[misc]
                             break
                         waiting = rescue.result
                         answer = _Answer.rescued(answer, rescue)
-                        yield await answer.response(watch, request.session_id)
+                        yield await answer.response(watch, request.session_id, chain)
                     waiting = None
             finally:
                 reader.cancel()
@@ -116,6 +128,30 @@ class OracleServicer(oracle_pb2_grpc.OracleServicer):  # type: ignore[misc]
         finally:
             # Ended, cancelled or aborted: the session keeps its cache for its next turn.
             engine.close(lease)
+
+    async def _commit_chain(
+        self, request: oracle_pb2.OpenVerify, sampling: SamplingParams
+    ) -> CommitChain | None:
+        """The chain that proves this stream's commits to the gateway (None: no ticket)."""
+        ticket = ticket_from_pb(request.commit)
+        if ticket is None:
+            return None
+        secret = await self.keyring.get(ticket.key_id, COMMIT_KEY_WAIT_S)
+        if secret is None:
+            raise Unavailable(
+                f"OpenVerify.commit names commit key {ticket.key_id[:24]!r}, which no gateway "
+                "this oracle is registered at gave it: the turn must move to another oracle"
+            )
+        return CommitChain(
+            secret,
+            ticket,
+            request.session_id,
+            request.token_ids,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            seed=request.seed,
+        )
 
     async def GetInfo(
         self, request: oracle_pb2.GetInfoRequest, context: grpc.aio.ServicerContext
@@ -158,13 +194,18 @@ class _Answer:
     trace_context: dict[str, str]
     arrived_ns: int  # time.time_ns() when it was read (or announced): its span starts there
     result: asyncio.Future[VerifyResult]
-    k: int  # its drafted tokens
+    tokens: tuple[int, ...]  # its drafted tokens
     is_rescue: bool = False
+
+    @property
+    def k(self) -> int:
+        return len(self.tokens)
 
     @classmethod
     def of(cls, message: oracle_pb2.VerifyRequest, result: asyncio.Future[VerifyResult]) -> _Answer:
         block = message.block
-        return cls(block, dict(message.trace_context), time.time_ns(), result, len(block.token_ids))
+        tokens = tuple(block.token_ids)
+        return cls(block, dict(message.trace_context), time.time_ns(), result, tokens)
 
     @classmethod
     def rescued(cls, after: _Answer, rescue: Rescue) -> _Answer:
@@ -174,7 +215,7 @@ class _Answer:
             after.trace_context,
             time.time_ns(),
             rescue.result,
-            len(rescue.block),
+            rescue.block.token_ids,
             True,
         )
 
@@ -183,8 +224,9 @@ class _Answer:
         return self.result.result().decision
 
     async def response(
-        self, watch: VerifyObserver | None, session_id: str
+        self, watch: VerifyObserver | None, session_id: str, chain: CommitChain | None
     ) -> oracle_pb2.VerifyResponse:
+        """Its verdict, with the proof of its commit when the stream has a ``chain``."""
         pb, result = self.block, await self.result
         verdict = result.verdict
         if verdict is None:  # a pipelined block whose assumption failed
@@ -201,6 +243,10 @@ class _Answer:
             self.k,
             verdict.next_token,
         )
+        if chain is not None:
+            committed = (*self.tokens[: verdict.num_accepted], verdict.next_token)
+            proof = chain.seal(result.committed_length - len(committed), committed)
+            result = dataclasses.replace(result, proof=proof)
         return verdict_to_pb(pb.round, result, rescued=self.is_rescue)
 
 

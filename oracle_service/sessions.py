@@ -45,6 +45,8 @@ class OracleSession:
     kv_bytes: ``cache.memory_bytes()`` when last accounted.
     busy: the engine's jobs on this session running in a lane now (set on the event
     loop); while busy, its blocks wait and it is not evicted.
+    return_ns: how long its next block takes to come after a verdict, a running mean
+    (``oracle_service.scheduler``'s batch wait).
     """
 
     session_id: str
@@ -57,6 +59,7 @@ class OracleSession:
     last_used: float = field(default_factory=time.monotonic)
     kv_bytes: int = 0
     busy: int = 0
+    return_ns: float = 0.0
 
 
 @dataclass(eq=False)

@@ -7,6 +7,7 @@
     specdec traces FILE [--trace-id ID | --last N]  a request round by round, from span files
     specdec traces FILE --tail [P]                  what the slowest inter-token gaps are made of
     specdec train | eval-pair                       build and measure the demo model pair
+    specdec distill --oracle DIR --data PATH --out DIR   a draft for your oracle and text
 
 Imports are lazy so that `specdec train` needs only torch and transformers.
 """
@@ -343,6 +344,7 @@ DELEGATED: dict[str, tuple[str, str]] = {
     # name: (module with main(argv), help)
     "train": ("specdec.training.cli", "train the demo model pair (see `specdec train -h`)"),
     "eval-pair": ("specdec.training.cli", "measure a draft/oracle pair"),
+    "distill": ("specdec.training.cli", "distill a draft for your oracle from your text"),
     "bench": ("specdec.bench.run", "benchmark against the oracle alone and HF"),
 }
 

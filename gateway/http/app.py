@@ -155,12 +155,12 @@ class HttpApi:
     # -- generation ----------------------------------------------------------
 
     async def completions(self, request: Request, owner: str) -> Response:
-        body = await read_json(request)
+        body = await read_json(request, self._api.limits.max_request_bytes)
         parsed = completion_request(body, default_max_new_tokens=self._api.default_max_new_tokens)
         return await self._generate(request, owner, parsed, chat=False)
 
     async def chat(self, request: Request, owner: str) -> Response:
-        body = await read_json(request)
+        body = await read_json(request, self._api.limits.max_request_bytes)
         parsed = chat_request(body, default_max_new_tokens=self._api.default_max_new_tokens)
         return await self._generate(request, owner, parsed, chat=True)
 
@@ -275,15 +275,17 @@ async def _events(
 
 
 async def read_json(request: Request, limit: int = MAX_MESSAGE_BYTES) -> Any:
-    """The request's JSON body; 413 past ``limit`` bytes, 400 when it is not JSON."""
+    """The request's JSON body; 413 past ``limit`` bytes (``--max-request-bytes``, read
+    no further), 400 when it is not JSON."""
+    too_large = f"the request body is over the limit of {limit} bytes (--max-request-bytes)"
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
-        raise HttpError(413, f"the request body is over the limit of {limit} bytes")
+        raise HttpError(413, too_large)
     data = bytearray()
     async for piece in request.stream():
         data += piece
         if len(data) > limit:
-            raise HttpError(413, f"the request body is over the limit of {limit} bytes")
+            raise HttpError(413, too_large)
     try:
         return json.loads(data)
     except ValueError as exc:

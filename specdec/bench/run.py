@@ -56,6 +56,19 @@ def add_bench_parser(sub: Any) -> None:
         default="",
         help="the draft's dtype (default: --dtype); float32 keeps int8 draft weights on a CPU",
     )
+    p.add_argument(
+        "--prompt-data",
+        action="append",
+        default=[],
+        help="cut the prompts from the test documents of this text instead (what "
+        "`specdec distill --data` took; repeatable)",
+    )
+    p.add_argument(
+        "--heldout-permille",
+        type=int,
+        default=50,
+        help="with --prompt-data: the held-out share `specdec distill` used (default 50)",
+    )
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--prompt-tokens", type=int, default=192)
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -287,9 +300,17 @@ def run_bench(args: argparse.Namespace) -> None:
     if args.real_scale:
         oracle_path = f"random:{args.real_scale.removeprefix('random:')}"
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(oracle_path))
-    prompts = heldout_prompts(
-        lambda text: tokenizer(text)["input_ids"], args.prompts, args.prompt_tokens
-    )
+    if args.prompt_data:
+        from specdec.training.domain import heldout_prompts as domain_prompts
+
+        prompts = domain_prompts(
+            args.prompt_data, lambda text: tokenizer(text)["input_ids"], args.prompts,
+            args.prompt_tokens, args.heldout_permille,
+        )  # fmt: skip
+    else:
+        prompts = heldout_prompts(
+            lambda text: tokenizer(text)["input_ids"], args.prompts, args.prompt_tokens
+        )
     if args.real_scale:
         from specdec.bench.real_scale import run_real_scale
 
@@ -408,6 +429,7 @@ def run_bench(args: argparse.Namespace) -> None:
                     "device": args.device,
                     "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else ""},
         "models": {"oracle": oracle_path, "draft": draft_path},
+        "prompt_data": args.prompt_data,
         "prompts": len(prompts),
         "rows": rows,
         "round_trip": round_trip,

@@ -57,3 +57,19 @@ class PermissionDenied(SpecdecError):
     """The caller is authenticated but not allowed to touch this resource."""
 
     status = "PERMISSION_DENIED"
+
+
+class AlreadyExists(SpecdecError):
+    """A name is taken (a live worker's id)."""
+
+    status = "ALREADY_EXISTS"
+
+
+def quoted(text: str, limit: int = 40) -> str:
+    """``text`` for an error message or a log line: repr'd, cut to ``limit`` characters.
+
+    Ids and strings a caller sends can be megabytes long: an error that repeated them
+    whole would itself exceed the message limit (and fill the logs)."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"

@@ -65,6 +65,24 @@ class WorkerLoad:
 
 
 @dataclass(frozen=True)
+class CommitKey:
+    """A secret the gateway shares with one oracle registration, to prove commits
+    (``specdec.rpc.commit_proof``); only that oracle is ever sent it."""
+
+    key_id: str
+    secret: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class CommitTicket:
+    """What the oracle of one attempt of a turn signs its commits with: which key, and
+    a nonce the gateway chose for this attempt."""
+
+    key_id: str
+    nonce: bytes
+
+
+@dataclass(frozen=True)
 class Assignment:
     """One turn of one session, for a worker to run against an oracle.
 
@@ -85,6 +103,7 @@ class Assignment:
     grant: str = ""  # presented to the oracle (docs/security.md)
     trace_context: Mapping[str, str] = field(default_factory=dict)  # W3C, of the request
     max_context: int = 0
+    commit: CommitTicket | None = None  # passed on to the oracle: it proves each commit
 
 
 @dataclass(frozen=True)
@@ -97,12 +116,15 @@ class AssignmentOpened:
 
 @dataclass(frozen=True)
 class AssignmentCommitted:
-    """Tokens the oracle committed in one round, after ``base_length`` tokens."""
+    """Tokens the oracle committed in one round, after ``base_length`` tokens: its whole
+    verdict, also the tokens after a stop condition (the gateway cuts there itself), and
+    the oracle's ``proof`` of it (``specdec.rpc.commit_proof``)."""
 
     assignment_id: str
     base_length: int
     token_ids: tuple[int, ...]
     report: RoundReport
+    proof: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -131,9 +153,11 @@ WorkerMessage = WorkerRegistration | WorkerLoad | AssignmentReport
 
 @dataclass(frozen=True)
 class Registered:
-    """The gateway took the registration; load reports are due every ``load_interval_ms``."""
+    """The gateway took the registration; load reports are due every ``load_interval_ms``.
+    An oracle gets the key it proves its commits with (a draft never does)."""
 
     load_interval_ms: int
+    commit_key: CommitKey | None = None
 
 
 @dataclass(frozen=True)

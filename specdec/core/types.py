@@ -191,6 +191,7 @@ class VerifyResult:
     verify_ns: int
     queue_ns: int = 0
     decision: asyncio.Future[Rescue | None] | None = None
+    proof: bytes = b""  # the oracle's proof of the commit (``specdec.rpc.commit_proof``)
 
 
 @dataclass(frozen=True)
@@ -231,8 +232,13 @@ class RoundReport:
     skipped_blocks: int = 0  # blocks sent ahead that this round's verdict made stale
     wall_ns: int = 0  # since the previous verdict (the first round: since the open)
     rescued: bool = False  # the oracle drafted the block itself (a ``Rescue``)
-    # The committed tokens' logprobs (``committed`` of them), when the turn asks for them.
+    # The verdict's logprobs (one per committed token, then one per ``cut`` token), when
+    # the turn asks for them.
     logprobs: tuple[TokenLogprob, ...] = ()
+    # The oracle's proof of the verdict (empty: none), and the verdict's tokens after a
+    # stop condition, which the proof covers too: a draft relays both to the gateway.
+    proof: bytes = field(default=b"", repr=False)
+    cut: tuple[int, ...] = ()
 
     @property
     def block_origin(self) -> str:

@@ -4,9 +4,10 @@ n-gram) both do around ``run_turn`` for an ``Assignment``.
 The wiring is the same wherever the turn runs: the turn's stop checker (EOS counts
 only when it is among the stop ids), every commit and the open reported as
 ``AssignmentCommitted`` / ``AssignmentOpened`` (each commit after the length the
-previous one reached), and adaptive k learnt per (drafter, oracle, pipeline depth):
-the costs a policy learns differ per oracle and with pipelining. The runner only
-says where the reports go and what its own defaults are.
+previous one reached, with the whole verdict and the oracle's proof of it), and
+adaptive k learnt per (drafter, oracle, pipeline depth): the costs a policy learns
+differ per oracle and with pipelining. The runner only says where the reports go and
+what its own defaults are.
 """
 
 from __future__ import annotations
@@ -69,7 +70,11 @@ async def run_assignment(
 
     async def on_commit(tokens: list[int], round_report: RoundReport) -> None:
         nonlocal base
-        await report(AssignmentCommitted(job.assignment_id, base, tuple(tokens), round_report))
+        # The whole verdict, as the oracle's proof covers it: the gateway cuts at its stop.
+        verdict = (*tokens, *round_report.cut)
+        await report(
+            AssignmentCommitted(job.assignment_id, base, verdict, round_report, round_report.proof)
+        )
         base += len(tokens)
 
     async def on_open(opened: OpenResult) -> None:

@@ -1,11 +1,16 @@
 """Loading a causal LM and its tokenizer, and deciding whether two of them can be paired.
 
-A draft and an oracle can only be compared token for token when they share the
-tokenizer *and* the width of their logits: the verifier indexes the oracle's
-distribution p with the draft's token ids and compares it with the draft's q.
-``vocab_fingerprint`` names a tokenizer by a short hash of its vocabulary, so
-two processes (edge draft, GPU oracle) can check compatibility by exchanging a
-string instead of a vocabulary.
+A draft and an oracle can only be compared token for token when their ids mean the
+same strings: the verifier indexes the oracle's distribution p with the draft's token
+ids and compares it with the draft's q. ``vocab_fingerprint`` names a tokenizer by a
+short hash of its token → id map, so two processes (edge draft, GPU oracle) can check
+compatibility by exchanging a string instead of a vocabulary.
+
+Logit rows past the tokenizer's ids (embedding matrices padded to a multiple of 64 or
+128, differently within one family) are dropped at load: the model's logits are then
+exactly its logits over the ids its tokenizer can produce, which is the padded rows
+masked to −∞, probability zero, for the draft and the oracle alike, in every forward
+path. ``check_compatible`` applies ``specdec.core.vocab.vocabulary_mismatch``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 import torch
 
 from specdec.core.errors import InvalidArgument, NotFound, VocabularyMismatch
+from specdec.core.vocab import vocabulary_mismatch
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo_models"
 DEMO_ORACLE = DEMO_DIR / "oracle"
@@ -41,8 +47,9 @@ FINGERPRINT_HEX_CHARS = 16
 class LoadedModel:
     """A causal LM ready for inference, with what the speculation code needs to know about it.
 
-    vocab_size: the width V of the model's logits (may exceed ``len(tokenizer)``:
-        embedding matrices are often padded to a multiple of 64 or 128).
+    vocab_size: the width V of the model's logits, which are those of the ids the
+        tokenizer can produce (padded rows past them were dropped at load).
+    padded_logits: how many padded logit rows were dropped (0 for most models).
     max_context: the most positions the model can attend over.
     eos_token_ids: ids that end generation, in the precedence order HF uses
         (generation_config, then config, then tokenizer).
@@ -58,6 +65,7 @@ class LoadedModel:
     max_context: int
     eos_token_ids: tuple[int, ...]
     fingerprint: str
+    padded_logits: int = 0
 
     def decode(self, token_ids: list[int]) -> str:
         """Text of ``token_ids`` (special tokens kept, as HF's stop-string matching sees them)."""
@@ -65,30 +73,44 @@ class LoadedModel:
 
 
 def vocab_fingerprint(tokenizer: Any) -> str:
-    """Short sha256 hex of the sorted (token -> id) vocabulary and the special tokens.
+    """Short sha256 hex of the sorted (token -> id) map of every id the tokenizer produces.
 
-    Two tokenizers with the same fingerprint map every string to the same ids
-    (up to normalisation rules, which real tokenizer pairs share with their vocab).
+    Two tokenizers with the same fingerprint give every id the same string, which is
+    all verification needs. Which tokens are BOS, EOS or padding is left out: a base
+    model and its instruct sibling share the vocabulary but not those settings, and the
+    oracle's stopping rules are the ones that count.
     """
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0]))
-    specials = sorted((str(name), str(value)) for name, value in _special_tokens(tokenizer).items())
-    payload = json.dumps({"vocab": vocab, "special": specials}, ensure_ascii=False)
+    payload = json.dumps(vocab, ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:FINGERPRINT_HEX_CHARS]
+
+
+def usable_vocab_size(tokenizer: Any, logits: int) -> int:
+    """The ids a model can emit: those its tokenizer produces, within its ``logits`` rows."""
+    ids = tokenizer.get_vocab().values()
+    return min(logits, max(ids) + 1) if ids else logits
 
 
 def check_compatible(draft: LoadedModel, oracle: LoadedModel) -> None:
     """Raise ``VocabularyMismatch`` unless ``draft`` can propose tokens for ``oracle``."""
-    if draft.fingerprint != oracle.fingerprint:
+    reason = vocabulary_mismatch(
+        draft.fingerprint, draft.vocab_size, oracle.fingerprint, oracle.vocab_size
+    )
+    if reason is not None:
         raise VocabularyMismatch(
-            f"draft {draft.name!r} (vocab fingerprint {draft.fingerprint}) and oracle "
-            f"{oracle.name!r} (vocab fingerprint {oracle.fingerprint}) use different "
-            "tokenizers; pick a draft from the oracle's model family"
+            f"draft {draft.name!r} cannot draft for oracle {oracle.name!r}: {reason}"
         )
-    if draft.vocab_size != oracle.vocab_size:
-        raise VocabularyMismatch(
-            f"draft {draft.name!r} has {draft.vocab_size} logits per position but oracle "
-            f"{oracle.name!r} has {oracle.vocab_size}; their distributions cannot be compared"
-        )
+
+
+def drop_padded_logits(model: Any, usable: int) -> int:
+    """Keep the first ``usable`` rows of the input and output embeddings; returns how many
+    rows were dropped. Logits over the kept ids are unchanged, bit for bit."""
+    output_embeddings = model.get_output_embeddings()
+    rows = int(output_embeddings.weight.shape[0]) if output_embeddings is not None else usable
+    if rows <= usable:
+        return 0
+    model.resize_token_embeddings(usable, mean_resizing=False)
+    return rows - usable
 
 
 def load_model(name_or_path: str, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
@@ -130,14 +152,16 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: str = "float32") -
     except (OSError, ValueError, TypeError) as exc:
         raise NotFound(f"cannot load the tokenizer of {name_or_path!r}: {exc}") from exc
 
-    model = model.to(torch_device)  # type: ignore[arg-type]
-    model.eval()
     output_embeddings = model.get_output_embeddings()
-    vocab_size = (
+    logits = (
         int(output_embeddings.weight.shape[0])
         if output_embeddings is not None
         else int(config.vocab_size)
     )
+    vocab_size = usable_vocab_size(tokenizer, logits)
+    padded = drop_padded_logits(model, vocab_size)
+    model = model.to(torch_device)  # type: ignore[arg-type]
+    model.eval()
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -148,6 +172,7 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: str = "float32") -
         max_context=_max_context(config),
         eos_token_ids=_eos_token_ids(model, config, tokenizer),
         fingerprint=vocab_fingerprint(tokenizer),
+        padded_logits=padded,
     )
 
 
@@ -234,10 +259,3 @@ def _as_ids(value: Any) -> tuple[int, ...]:
     if isinstance(value, torch.Tensor):
         return tuple(int(v) for v in value.flatten().tolist())
     return tuple(dict.fromkeys(int(v) for v in value))
-
-
-def _special_tokens(tokenizer: Any) -> dict[str, Any]:
-    specials = getattr(tokenizer, "special_tokens_map", None)
-    if isinstance(specials, dict):
-        return specials
-    return {}

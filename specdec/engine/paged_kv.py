@@ -40,9 +40,11 @@ at 4,096 positions of an 8B model); here, as in vLLM's PagedAttention:
   not fit M tokens run as several forwards. Without it M = B x T (fewer FLOPs, but
   cuBLAS picks kernels by M, and rounding then depends on the batch).
 * With CUDA graphs every (B, T, W) bucket is captured once (``capture_all``) and
-  replayed; the graphs of a lane share one memory pool and write their logits into one
-  buffer. Prefill runs the same forward on one row in chunks (``prefill_chunk`` tokens).
-  On the CPU everything runs eagerly, with the same shapes.
+  replayed (launch-bound models also time each row bucket's graph, to route a batch
+  to a larger bucket when that replays faster); the graphs of a lane share one memory
+  pool and write their logits into one buffer. Prefill runs the same forward on one
+  row in chunks (``prefill_chunk`` tokens). On the CPU everything runs eagerly, with
+  the same shapes.
 * Lanes (as ``SlotPool``): forwards that run at once in their own threads and CUDA
   streams. They pay off for launch-bound models only; auto gives 2 lanes to models
   under LAUNCH_BOUND_BYTES of weights, 1 to larger ones (two forwards of an 8B model
@@ -189,6 +191,7 @@ class PagedPool(LanedPool):
         self.attention = attention
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         launch_bound = weight_bytes(loaded) < LAUNCH_BOUND_BYTES
+        self.launch_bound = launch_bound
         self.lanes = lanes or (2 if self.cuda_graphs and launch_bound else 1)
         self.batch_invariant = batch_invariant
         self.verify_tokens = verify_tokens if batch_invariant else 0
@@ -332,6 +335,15 @@ class PagedPool(LanedPool):
 
     def _fits(self, rows: int, tokens: int) -> bool:
         return not self.batch_invariant or rows * tokens <= self.verify_tokens
+
+    def fits_one_forward(self, sizes: Sequence[int]) -> bool:
+        """Whether rows of ``sizes`` tokens (k + 1 each) run as one forward (``_chunks``)."""
+        if not sizes:
+            return True
+        if len(sizes) > self.max_rows:
+            return False
+        rows = _bucket(len(sizes), self.row_buckets)
+        return self._fits(rows, _bucket(max(sizes), ROW_TOKEN_BUCKETS))
 
     def _chunks(self, sizes: Sequence[int]) -> list[list[int]]:
         """Rows (indices) of each forward: at most max_rows, and within M tokens."""
@@ -599,7 +611,13 @@ class PagedPool(LanedPool):
         )
 
     def _time_row_buckets(self, lane: _Lane) -> dict[tuple[int, int, int], int]:
-        """(rows, tokens, width) -> the row bucket whose verify graph replays fastest."""
+        """(rows, tokens, width) -> the row bucket whose verify graph replays fastest.
+
+        Only for launch-bound models: a weight-bound forward costs the same at any row
+        count (the weights are read once), and timing an 8B model's 240 graphs took ~12 s
+        of the oracle's start."""
+        if not self.launch_bound:
+            return {}
         took = {}
         for (rows, tokens, width), graph in lane.graphs.items():
             if graph.logits is None:

@@ -24,6 +24,8 @@ from specdec.core.messages import (
     AssignmentFinished,
     AssignmentOpened,
     CancelAssignment,
+    CommitKey,
+    CommitTicket,
     GatewayMessage,
     Registered,
     ReleaseDraftSession,
@@ -203,6 +205,7 @@ def verdict_to_pb(
             rescue_pending=result.decision is not None,
             rescued=rescued,
             logprobs=logprobs_to_pb(verdict.logprobs or ()),
+            proof=result.proof,
         )
     )
 
@@ -216,7 +219,9 @@ def verify_result_from_pb(
     if not pb.skipped:
         logprobs = logprobs_from_pb(pb.logprobs) if pb.logprobs else None
         verdict = Verdict(pb.num_accepted, pb.next_token_id, pb.is_bonus, logprobs)
-    return VerifyResult(verdict, pb.committed_length, pb.verify_ns, pb.queue_ns, decision)
+    return VerifyResult(
+        verdict, pb.committed_length, pb.verify_ns, pb.queue_ns, decision, proof=pb.proof
+    )
 
 
 def rescue_decision_to_pb(round_index: int, rescue: Rescue | None) -> oracle_pb2.VerifyResponse:
@@ -459,6 +464,22 @@ def round_from_pb(
     )
 
 
+# ---- commit proofs ---------------------------------------------------------------------------
+
+
+def ticket_to_pb(ticket: CommitTicket | None) -> common_pb2.CommitTicket | None:
+    return (
+        None
+        if ticket is None
+        else common_pb2.CommitTicket(key_id=ticket.key_id, nonce=ticket.nonce)
+    )
+
+
+def ticket_from_pb(pb: common_pb2.CommitTicket) -> CommitTicket | None:
+    """None when unset (no key named): the oracle then proves nothing."""
+    return CommitTicket(pb.key_id, pb.nonce) if pb.key_id else None
+
+
 # ---- workers -------------------------------------------------------------------------------
 
 
@@ -518,6 +539,7 @@ def assignment_to_pb(job: Assignment) -> registry_pb2.Assignment:
         trace_context=dict(job.trace_context),
         max_context=job.max_context,
         pipeline_depth=s.pipeline_depth or 0,  # 0: the draft's default
+        commit=ticket_to_pb(job.commit),
     )
     if s.branches is not None:
         pb.branches = s.branches
@@ -549,6 +571,7 @@ def assignment_from_pb(pb: registry_pb2.Assignment) -> Assignment:
         grant=pb.grant,
         trace_context=dict(pb.trace_context),
         max_context=pb.max_context,
+        commit=ticket_from_pb(pb.commit),
     )
 
 
@@ -579,6 +602,7 @@ def worker_message_to_pb(message: WorkerMessage) -> registry_pb2.ConnectRequest:
             base_length=message.base_length,
             token_ids=list(message.token_ids),
             round=round_to_pb(message.report),
+            proof=message.proof,
         )
         return registry_pb2.ConnectRequest(commit=commit)
     if isinstance(message, AssignmentFinished):
@@ -617,7 +641,7 @@ def worker_message_from_pb(pb: registry_pb2.ConnectRequest) -> WorkerMessage | N
         c = pb.commit
         tokens = tuple(c.token_ids)
         report = round_from_pb(c.round, c.base_length, tokens)
-        return AssignmentCommitted(c.assignment_id, c.base_length, tokens, report)
+        return AssignmentCommitted(c.assignment_id, c.base_length, tokens, report, c.proof)
     if kind == "finished":
         f = pb.finished
         return AssignmentFinished(
@@ -641,6 +665,11 @@ def worker_message_from_pb(pb: registry_pb2.ConnectRequest) -> WorkerMessage | N
 def gateway_message_to_pb(message: GatewayMessage) -> registry_pb2.ConnectResponse:
     if isinstance(message, Registered):
         registered = registry_pb2.Registered(load_interval_ms=message.load_interval_ms)
+        if message.commit_key is not None:
+            key = message.commit_key
+            registered.commit_key.CopyFrom(
+                registry_pb2.CommitKey(key_id=key.key_id, secret=key.secret)
+            )
         return registry_pb2.ConnectResponse(registered=registered)
     if isinstance(message, Assignment):
         return registry_pb2.ConnectResponse(assignment=assignment_to_pb(message))
@@ -656,11 +685,18 @@ def gateway_message_to_pb(message: GatewayMessage) -> registry_pb2.ConnectRespon
     return registry_pb2.ConnectResponse(release=release)
 
 
+def wire_size(message: GatewayMessage) -> int:
+    """Bytes ``message`` takes on a worker's Connect stream (what its size limit counts)."""
+    return int(gateway_message_to_pb(message).ByteSize())
+
+
 def gateway_message_from_pb(pb: registry_pb2.ConnectResponse) -> GatewayMessage | None:
     """None for an empty message; an assignment is validated (``InvalidArgument``)."""
     kind = pb.WhichOneof("kind")
     if kind == "registered":
-        return Registered(pb.registered.load_interval_ms)
+        key = pb.registered.commit_key
+        commit_key = CommitKey(key.key_id, key.secret) if key.key_id else None
+        return Registered(pb.registered.load_interval_ms, commit_key)
     if kind == "assignment":
         return assignment_from_pb(pb.assignment)
     if kind == "cancel":

@@ -61,11 +61,13 @@ def rewrap(
     handler: grpc.RpcMethodHandler,
     wrap_unary: Callable[[Callable[..., Any]], Callable[..., Any]],
     wrap_stream: Callable[[Callable[..., Any]], Callable[..., Any]],
+    request_deserializer: Callable[[bytes], Any] | None = None,
 ) -> grpc.RpcMethodHandler:
     """``handler`` with its behaviour wrapped: ``wrap_unary`` for RPCs that return one
-    response, ``wrap_stream`` for RPCs that stream responses; all four shapes in one place."""
+    response, ``wrap_stream`` for RPCs that stream responses; all four shapes in one place.
+    ``request_deserializer`` replaces the handler's own."""
     kwargs = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": request_deserializer or handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary:

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 
 from specdec.core.errors import SpecdecError
+from specdec.core.messages import CommitTicket
 from specdec.core.sampling import SamplingParams
 from specdec.core.types import DraftBlock, OpenResult, Rescue, VerifyResult
 from specdec.rpc import convert
@@ -56,9 +57,11 @@ class GrpcOracleLink:
         timeout_s: float | None = None,
         round_timeout_s: float | None = None,
         allow_rescue: bool = False,
+        commit: CommitTicket | None = None,
     ) -> None:
         """``allow_rescue``: let the oracle draft a block itself after a miss (greedy
-        turns; see ``specdec.core.types.Rescue``)."""
+        turns; see ``specdec.core.types.Rescue``). ``commit``: the gateway's ticket, under
+        which the oracle proves each verdict (``specdec.rpc.commit_proof``)."""
         self._stub = oracle_pb2_grpc.OracleStub(channel)
         self._session_id = session_id
         self._grant = grant
@@ -76,6 +79,7 @@ class GrpcOracleLink:
         # flight on it then fail for the same reason, not as "cancelled".
         self._broken: OracleRpcError | None = None
         self._allow_rescue = allow_rescue
+        self._commit = commit
         # Rescue: what the next follow-up response on the stream (a rescue decision,
         # a rescue block's verdict) resolves. Whichever reads it first routes it: a
         # reader started for it, or an exchange in flight (which then reads on). One
@@ -228,6 +232,7 @@ class GrpcOracleLink:
                 seed=seed,
                 grant=self._grant,
                 allow_rescue=self._allow_rescue,
+                commit=convert.ticket_to_pb(self._commit),
             ),
             trace_context=self._trace_context(None),
         )

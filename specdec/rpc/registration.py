@@ -97,7 +97,7 @@ async def stay_registered(
                     failures = 0
                     interval = max(message.load_interval_ms, 100) / 1000
                     reporter = asyncio.create_task(_report_load(connection, load, interval))
-                elif message is not None:
+                if message is not None:  # (an oracle takes its commit key from Registered)
                     await on_message(message, connection)
             log.warning("gateway %s closed the worker stream", gateway_address)
         except grpc.aio.AioRpcError as exc:
@@ -106,6 +106,7 @@ async def stay_registered(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 grpc.StatusCode.UNAUTHENTICATED,
                 grpc.StatusCode.PERMISSION_DENIED,
+                grpc.StatusCode.ALREADY_EXISTS,
             )
             level = logging.WARNING if refused else logging.INFO if failures == 0 else logging.DEBUG
             log.log(level, "gateway %s: %s %s", gateway_address, exc.code().name, exc.details())

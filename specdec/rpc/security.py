@@ -40,6 +40,9 @@ _PRINCIPAL: contextvars.ContextVar[str] = contextvars.ContextVar("specdec_princi
 
 # The principal of the single shared token (``auth_token``).
 DEFAULT_PRINCIPAL = "default"
+# The principal of the shared worker token; a per-device one (``worker_tokens``) is the
+# device's own name.
+WORKER_PRINCIPAL = "worker"
 AUTHORIZATION = "authorization"
 
 
@@ -253,8 +256,9 @@ class TokenTable:
         return found
 
 
-def parse_principal_tokens(text: str) -> dict[str, str]:
-    """``"alice:TOKEN1,bob:TOKEN2"`` -> {TOKEN1: "alice", TOKEN2: "bob"}."""
+def parse_principal_tokens(text: str, flag: str = "--auth-tokens") -> dict[str, str]:
+    """``"alice:TOKEN1,bob:TOKEN2"`` -> {TOKEN1: "alice", TOKEN2: "bob"}; ``flag`` names
+    the setting in errors."""
     tokens: dict[str, str] = {}
     for item in (part.strip() for part in text.split(",")):
         if not item:
@@ -262,11 +266,13 @@ def parse_principal_tokens(text: str) -> dict[str, str]:
         principal, sep, token = item.partition(":")
         if not sep or not principal.strip() or not token.strip():
             raise InvalidArgument(
-                f"--auth-tokens entry {principal.strip() or item[:3] + '...'!r} is not "
+                f"{flag} entry {principal.strip() or item[:3] + '...'!r} is not "
                 "PRINCIPAL:TOKEN (comma-separated, e.g. alice:TOKEN1,bob:TOKEN2)"
             )
         if token.strip() in tokens:
-            raise InvalidArgument(f"--auth-tokens: principal {principal!r} reuses a token")
+            raise InvalidArgument(f"{flag}: principal {principal!r} reuses a token")
+        if principal.strip() in tokens.values():
+            raise InvalidArgument(f"{flag}: principal {principal.strip()!r} appears twice")
         tokens[token.strip()] = principal.strip()
     return tokens
 
@@ -277,6 +283,20 @@ def bearer_token(authorization: str | None) -> str | None:
         return None
     scheme, _, token = authorization.strip().partition(" ")
     return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def worker_token_table(worker_token: str, worker_tokens: str) -> dict[str, str]:
+    """The tokens workers may present: the shared ``worker_token`` (principal "worker")
+    and each device's own (``worker_tokens``, "edge1:TOKEN1,edge2:TOKEN2")."""
+    devices = parse_principal_tokens(worker_tokens, "--worker-tokens")
+    if WORKER_PRINCIPAL in devices.values():
+        raise InvalidArgument(
+            f"--worker-tokens: {WORKER_PRINCIPAL!r} names the shared --worker-token; "
+            "give each device another name"
+        )
+    if worker_token in devices:
+        raise InvalidArgument("--worker-tokens reuses the shared worker token; use one")
+    return {**({worker_token: WORKER_PRINCIPAL} if worker_token else {}), **devices}
 
 
 def _bearer(metadata: Any) -> str | None:
@@ -363,27 +383,41 @@ def _guard_stream(behavior: Callable[..., AsyncIterator[Any]], check: Check) -> 
     return handler
 
 
-def application_tokens(auth_token: str, auth_tokens: str) -> TokenTable:
-    """The gateway's application tokens: ``auth_token`` (principal "default") and
-    ``auth_tokens`` ("alice:TOKEN1,bob:TOKEN2", each its own principal); empty: no auth."""
+def _application_token_map(auth_token: str, auth_tokens: str) -> dict[str, str]:
     apps = parse_principal_tokens(auth_tokens)
     if auth_token:
         if auth_token in apps:
             raise InvalidArgument("--auth-token is also one of --auth-tokens; use one")
         apps[auth_token] = DEFAULT_PRINCIPAL
-    return TokenTable(apps, what="application token")
+    return apps
 
 
-def gateway_auth(auth_token: str, auth_tokens: str, worker_token: str) -> AuthInterceptor | None:
+def application_tokens(auth_token: str, auth_tokens: str) -> TokenTable:
+    """The gateway's application tokens: ``auth_token`` (principal "default") and
+    ``auth_tokens`` ("alice:TOKEN1,bob:TOKEN2", each its own principal); empty: no auth."""
+    return TokenTable(_application_token_map(auth_token, auth_tokens), what="application token")
+
+
+def gateway_auth(
+    auth_token: str, auth_tokens: str, worker_token: str, worker_tokens: str = ""
+) -> AuthInterceptor | None:
     """The gateway's interceptor (None: authentication off).
 
     Applications (service Gateway) present one of ``application_tokens``. Workers
     (service WorkerRegistry) present the worker token: ``worker_token``, or
-    ``auth_token`` when that is empty (one shared token for everything).
+    ``auth_token`` when that is empty (one shared token for everything), or a device's
+    own token of ``worker_tokens`` (its principal is the device's name).
     """
-    apps = application_tokens(auth_token, auth_tokens)
-    worker = worker_token or auth_token
-    if apps and not worker:
+    apps = _application_token_map(auth_token, auth_tokens)
+    workers = worker_token_table(worker_token or auth_token, worker_tokens)
+    if worker_tokens.strip() and not (worker_token or auth_token):
+        raise InvalidArgument(
+            "--worker-tokens needs --worker-token too: oracles register with the shared "
+            "worker token, a device's own token registers drafts only"
+        )
+    if any(workers.get(token, WORKER_PRINCIPAL) != WORKER_PRINCIPAL for token in apps):
+        raise InvalidArgument("a --worker-tokens token is also an application token")
+    if apps and not worker_token and not auth_token:
         raise InvalidArgument(
             "--auth-tokens protects the API but workers would register unauthenticated: "
             "set --worker-token (SPECDEC_WORKER_TOKEN) and give it to the oracles and "
@@ -391,16 +425,16 @@ def gateway_auth(auth_token: str, auth_tokens: str, worker_token: str) -> AuthIn
         )
     protected: dict[str, TokenTable] = {}
     if apps:
-        protected["specdec.v1.Gateway"] = apps
-    if worker:
-        protected["specdec.v1.WorkerRegistry"] = TokenTable({worker: "worker"}, what="worker token")
+        protected["specdec.v1.Gateway"] = TokenTable(apps, what="application token")
+    if workers:
+        protected["specdec.v1.WorkerRegistry"] = TokenTable(workers, what="worker token")
     return AuthInterceptor(protected) if protected else None
 
 
-def oracle_auth(auth_token: str) -> AuthInterceptor | None:
-    """The oracle's interceptor: Verify, GetInfo, ReleaseSession need the worker token."""
-    if not auth_token:
+def oracle_auth(auth_token: str, worker_tokens: str = "") -> AuthInterceptor | None:
+    """The oracle's interceptor: Verify, GetInfo, ReleaseSession need the worker token
+    (``auth_token``) or a device's own (``worker_tokens``, for its drafts' Verify)."""
+    workers = worker_token_table(auth_token, worker_tokens)
+    if not workers:
         return None
-    return AuthInterceptor(
-        {"specdec.v1.Oracle": TokenTable({auth_token: "worker"}, what="worker token")}
-    )
+    return AuthInterceptor({"specdec.v1.Oracle": TokenTable(workers, what="worker token")})

@@ -1,7 +1,8 @@
 """Start and stop a grpc.aio server the same way in every service.
 
-Every server gets: the error interceptor (and, when tracing is on, the
-OpenTelemetry interceptor, health checks excluded), the standard health service
+Every server gets: the error interceptor, the request guard (oversized or
+unparsable requests: INVALID_ARGUMENT, ``specdec.rpc.request_guard``) and, when
+tracing is on, the OpenTelemetry interceptor (health checks excluded), the standard health service
 (NOT_SERVING until the service says it is ready), server reflection, and a
 graceful shutdown on SIGTERM/SIGINT (health goes NOT_SERVING, in-flight RPCs
 get ``grace_s`` to finish, then ``on_stop`` callbacks run).
@@ -13,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from specdec.rpc.interceptors import ErrorInterceptor
+from specdec.rpc.request_guard import ByteLimit, RequestGuard
 from specdec.telemetry import server_interceptors
 
 log = logging.getLogger(__name__)
@@ -94,16 +96,28 @@ async def start_server(
     credentials: grpc.ServerCredentials | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     maximum_concurrent_rpcs: int | None = None,
+    request_limits: Mapping[str, ByteLimit] | None = None,
+    max_receive_bytes: int = MAX_MESSAGE_BYTES,
 ) -> ServiceServer:
     """Start a server on ``bind`` ("host:port", port 0 = any free port).
 
     services: (add_XServicer_to_server, servicer, full service name) triples.
+    request_limits: method or service name -> the most bytes of one request, refused
+    (INVALID_ARGUMENT) once read but before it is parsed.
+    max_receive_bytes: the most bytes grpc reads of one request at all: beyond, it
+    refuses it unread (RESOURCE_EXHAUSTED). Reading a request costs the event loop and
+    the heap about its size, so a server whose requests are small keeps this low.
     Health starts NOT_SERVING; call ``set_serving()`` once the model is loaded.
     """
     server = grpc.aio.server(
         # Tracing outermost ([] when off): its span sees the status the others set.
-        interceptors=[*server_interceptors(), *interceptors, ErrorInterceptor()],
-        options=SERVER_OPTIONS,
+        interceptors=[
+            *server_interceptors(),
+            *interceptors,
+            RequestGuard(request_limits),
+            ErrorInterceptor(),
+        ],
+        options=[("grpc.max_receive_message_length", max_receive_bytes), *SERVER_OPTIONS[1:]],
         maximum_concurrent_rpcs=maximum_concurrent_rpcs,
     )
     names = tuple(name for _, _, name in services)

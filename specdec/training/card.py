@@ -1,4 +1,5 @@
-"""The model card (README.md) of a trained pair, rendered from its metrics.json content."""
+"""Model cards (README.md) rendered from metrics.json: the demo pair (`specdec train`) and a
+draft made by `specdec distill`."""
 
 from __future__ import annotations
 
@@ -31,6 +32,14 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_f(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _command(m: dict[str, Any]) -> list[str]:
+    """The card's "Training" heading and the command that made the models, verbatim."""
+    return [
+        "## Training", "", f"Command (seed {m['seed']}), on {m['hardware']}:", "",
+        "```", m["command"], "```", "",
+    ]  # fmt: skip
 
 
 def render(m: dict[str, Any]) -> str:
@@ -124,14 +133,7 @@ def render(m: dict[str, Any]) -> str:
         "The draft starts from the oracle's embedding, final norm and first layers "
         f"({len(draft['initialised_from_oracle'])} tensors copied).",
         "",
-        "## Training",
-        "",
-        f"Command (seed {m['seed']}), on {m['hardware']}:",
-        "",
-        "```",
-        m["command"],
-        "```",
-        "",
+        *_command(m),
         f"- Oracle: {oracle['train']['steps']:,} steps, {oracle['train']['tokens']:,} tokens, "
         f"{oracle['train']['seconds']} s; final training loss "
         f"{_f(oracle['train']['final_train_loss'])}, best held-out (validation) loss "
@@ -173,4 +175,93 @@ def render(m: dict[str, Any]) -> str:
             _table(["k", "greedy speedup"], [[k, v] for k, v in m["speedup"].items()]),
             "",
         ]
+    return "\n".join(parts)
+
+
+def _before_after_rows(m: dict[str, Any]) -> list[list[Any]]:
+    before, after = m["before"], m["after"]
+    rows: list[list[Any]] = []
+    for mode, name in (("greedy", "greedy"), ("t1", "T=1")):
+        b, a = before["acceptance"][mode], after["acceptance"][mode]
+        rows.append([f"{name} acceptance per token", b["acceptance"], a["acceptance"],
+                     a["acceptance"] - b["acceptance"]])  # fmt: skip
+        for k, value in a["tokens_per_round"].items():
+            rows.append([f"{name} tokens/round k={k}", b["tokens_per_round"][k], value,
+                         value - b["tokens_per_round"][k]])  # fmt: skip
+        for k, value in after.get("speedup", {}).get(mode, {}).items():
+            old = before["speedup"][mode][k]
+            rows.append([f"{name} expected speedup k={k}", old, value, value - old])
+    return rows
+
+
+def before_after_table(m: dict[str, Any]) -> str:
+    """The starting draft against the distilled one on the held-out test prompts (markdown)."""
+    return _table(["on held-out test text", "before", "after", "change"], _before_after_rows(m))
+
+
+def render_distilled(m: dict[str, Any]) -> str:
+    """Model card of a draft made by `specdec distill`: data, command, losses, acceptance."""
+    data, rounds, opts = m["data"], m["draft"]["train"], m["options"]
+    acc = m["after"]["acceptance"]
+    timing = m.get("timing")
+    history = [[h["step"], h["seconds"], h["greedy"], h["t1"]] for h in rounds["history"]]
+    parts = [
+        f"# Draft for `{m['oracle']['path']}`, distilled by `specdec distill`",
+        "",
+        f"A draft model for speculative decoding with the oracle `{m['oracle']['path']}` "
+        f"({m['oracle']['params']:,} parameters), trained on the oracle's own next-token "
+        "distributions over text of the user's domain (DistillSpec, Zhou et al. 2023). "
+        f"Starting point: {m['draft']['source']}; {m['draft']['params']:,} parameters, "
+        f"{m['draft']['weights_bytes'] / 1e6:.1f} MB of bf16 weights. The tokenizer is the "
+        "oracle's, and so are the EOS ids in generation_config.json. Serve it with "
+        "`specdec draft --model <this folder>`.",
+        "",
+        "## Data",
+        "",
+        f"Sources: {', '.join(f'`{s}`' for s in data['sources'])}. Documents "
+        f"{data['documents']['train']:,} training, {data['documents']['eval']:,} held out "
+        f"({data['bytes']['train']:,} / {data['bytes']['eval']:,} bytes; skipped "
+        f"{data['skipped']}). Tokens: {data['tokens']['train']:,} training, "
+        f"{data['tokens']['valid']:,} validation, {data['tokens']['test']:,} test. A document "
+        "is held out iff int(sha256('<name>/<key>')[:8], 16) % 1000 < "
+        f"{opts['heldout_permille']}; held-out documents alternate between validation "
+        "(checkpoint choice) and test (the numbers below).",
+        "",
+        *_command(m),
+        f"- {rounds['rounds']:,} rounds of {opts['rounds']['round_sequences']} prompts of "
+        f"{opts['rounds']['prompt_len']} tokens continued by {opts['rounds']['gen_len']} tokens, "
+        f"{opts['rounds']['on_policy']:.0%} by the draft itself (on-policy), the rest by the "
+        f"oracle; {opts['rounds']['greedy_frac']:.0%} greedy, the rest at T=1. The oracle's "
+        f"top-{opts['rounds']['top_k']} log-probabilities at every continuation position are "
+        f"the targets; loss {opts['rounds']['loss']} on those bins plus a rest bin.",
+        f"- {rounds['steps']:,} steps of {opts['rounds']['batch_size']} sequences, "
+        f"{rounds['seconds']:.0f} s; the draft kept is the best on validation (mean of greedy "
+        f"and T=1 acceptance), step {rounds['best_step']}.",
+        f"- Stage times (s): {m['stage_seconds']}; total {m['total_seconds']} s.",
+        f"- Versions: {m['versions']}.",
+        "",
+        _table(["step", "seconds", "validation greedy acceptance", "validation T=1"], history),
+        "",
+        "## Acceptance before and after",
+        "",
+        f"On {acc['prompts']} prompts of {acc['prompt_len']} tokens cut from the test "
+        f"documents, continued {acc['gen_len']} tokens by the oracle. Greedy: the share of "
+        "positions where the draft's argmax is the oracle's token, and tokens per round "
+        "simulated exactly along the continuations. T=1: the mean of Σ min(p, q) on sampled "
+        "continuations, and (1 − α^(k+1))/(1 − α).",
+        "",
+        before_after_table(m),
+        "",
+    ]
+    if timing:
+        parts += [
+            f"Expected speedup = tokens_per_round(k) · t_oracle(1) / (k · t_draft(1) + "
+            f"t_oracle(k+1)), with per-call costs measured on {timing['device']} "
+            f"(batch 1, {timing['context']}-token context, median of {timing['reps']}): "
+            f"t_draft(1) = {_f(timing['t_draft_1_ms'], 2)} ms, t_oracle(1) = "
+            f"{_f(timing['t_oracle_1_ms'], 2)} ms.",
+            "",
+        ]
+    if m.get("peak_gpu_bytes"):
+        parts += [f"Peak GPU memory: {m['peak_gpu_bytes'] / 2**30:.2f} GiB.", ""]
     return "\n".join(parts)

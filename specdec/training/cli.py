@@ -1,4 +1,5 @@
-"""argparse front end: ``train`` (the whole pipeline) and ``eval-pair`` (measure a saved pair).
+"""argparse front end: ``train`` (the whole pipeline), ``eval-pair`` (measure a saved pair)
+and ``distill`` (a draft for the user's oracle, from the user's text).
 
 The main ``specdec`` CLI mounts these with ``add_train_parser`` / ``add_eval_parser``;
 ``python -m specdec.training`` runs them standalone from a source checkout. Every flag
@@ -243,12 +244,131 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# (flag dest, OnPolicyConfig field, type, help) of `distill`: None = the device's preset.
+_ROUND_FLAGS: list[tuple[str, Any, str]] = [
+    ("on_policy", float, "share of continuations the draft generates itself (default 0.5)"),
+    ("greedy_frac", float, "share of continuations decoded greedily, the rest at T=1 (0.5)"),
+    ("loss", str, "kl+tvd, kl, tvd or jsd (default kl+tvd)"),
+    ("tvd_weight", float, "loss = KL + w·TVD for kl+tvd (default 1.0)"),
+    ("lr", float, "peak learning rate (default 1e-3)"),
+    ("prompt_len", int, "prompt tokens of each continuation (default 64)"),
+    ("gen_len", int, "tokens generated per prompt (default 128 on a GPU, 64 on a CPU)"),
+    ("round_sequences", int, "continuations per round (default 512 on a GPU, 32 on a CPU)"),
+    ("gen_batch", int, "sequences generated at once (default 512 on a GPU, 32 on a CPU)"),
+    ("batch_size", int, "sequences per optimizer step (default 64 on a GPU, 16 on a CPU)"),
+    ("top_k", int, "oracle log-probabilities kept per position (default 64)"),
+    ("reuse", float, "times a round's sequences are trained on, on average (default 4)"),
+    ("buffer_rounds", int, "rounds kept in the replay buffer (default 8)"),
+    ("memory_gib", float, "memory for logits at once, GiB (default 4 on a GPU, 1 on a CPU)"),
+    ("eval_every_s", float, "seconds between validations (default 60 on a GPU, 90 on a CPU)"),
+]
+
+
+def add_distill_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``distill`` on an argparse subparsers object."""
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "distill",
+        help="distill a draft for your oracle from your text (DistillSpec)",
+        description=(
+            "Train a draft model for ORACLE on the oracle's own next-token distributions over "
+            "continuations of prompts cut from your text (by the draft itself and by the "
+            "oracle), measure its acceptance before and after on held-out text, and write "
+            "an HF folder that `specdec draft --model` serves. Rerun with the same --out to "
+            "resume from its checkpoint."
+        ),
+    )
+    p.add_argument("--oracle", required=True, help="the oracle: an HF causal LM folder or hub id")
+    p.add_argument(
+        "--data",
+        required=True,
+        action="append",
+        help="your text: a folder (every text file under it), a quoted glob such as "
+        "'src/**/*.pm', a .txt, or a .jsonl of "
+        "documents or prompts (text / prompt+completion / messages); repeatable",
+    )
+    p.add_argument("--out", required=True, help="new or empty folder (or one to resume)")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--draft", help="starting draft folder (same tokenizer as the oracle)")
+    start.add_argument(
+        "--draft-size",
+        help="a fresh llama draft HIDDEN,LAYERS,FFN,HEADS,KV_HEADS (default: the oracle's "
+        "width with 2 layers, started from the oracle's embeddings and first layers)",
+    )
+    p.add_argument("--minutes", type=float, default=20.0, help="bound on the whole run (20)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-data-mb", type=float, help="use the first MB of the text only")
+    p.add_argument(
+        "--heldout-permille", type=int, default=50, help="held-out share of documents, ‰ (50)"
+    )
+    p.add_argument("--eval-prompts", type=int, help="test prompts (default 64; 32 on a CPU)")
+    p.add_argument(
+        "--eval-gen-len", type=int, help="oracle tokens per test prompt (128; 96 on a CPU)"
+    )
+    p.add_argument("--no-timing", action="store_true", help="skip the per-call cost timing")
+    p.add_argument("--max-rounds", type=int, help="stop after this many rounds (tests)")
+    for dest, typ, help_text in _ROUND_FLAGS:
+        p.add_argument("--" + dest.replace("_", "-"), dest=dest, type=typ, help=help_text)
+    p.set_defaults(func=run_distill)
+    return p
+
+
+def distill_options_from_args(args: argparse.Namespace) -> Any:
+    """Defaults, the device's preset, then every flag the user gave."""
+    from specdec.training.domain_distill import DistillOptions, cpu_preset
+    from specdec.training.loop import resolve_device
+
+    opts = DistillOptions(
+        oracle=args.oracle,
+        data=tuple(args.data),
+        out=Path(args.out),
+        draft=args.draft,
+        draft_size=parse_size(args.draft_size) if args.draft_size else None,
+        minutes=args.minutes,
+        device=args.device,
+        threads=args.threads,
+        seed=args.seed,
+        heldout_permille=args.heldout_permille,
+        max_data_mb=args.max_data_mb,
+        timing=not args.no_timing,
+        max_rounds=args.max_rounds,
+    )
+    if args.minutes <= 0:
+        from specdec.core.errors import InvalidArgument
+
+        raise InvalidArgument(f"--minutes must be > 0, got {args.minutes}")
+    if resolve_device(args.device).type == "cpu":
+        opts = cpu_preset(opts)
+    if args.eval_prompts is not None:
+        opts.eval_prompts = args.eval_prompts
+    if args.eval_gen_len is not None:
+        opts.eval_gen_len = args.eval_gen_len
+    for dest, _, _ in _ROUND_FLAGS:
+        value = getattr(args, dest)
+        if value is not None:
+            setattr(opts.rounds, dest, value)
+    opts.rounds.validate()
+    argv = getattr(args, "argv", None)
+    opts.command = shlex.join(["specdec", *(sys.argv[1:] if argv is None else argv)])
+    return opts
+
+
+def run_distill(args: argparse.Namespace) -> int:
+    """Run `specdec distill`; returns the process exit code."""
+    from specdec.training import domain_distill
+
+    domain_distill.run(distill_options_from_args(args))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m specdec.training {train,eval-pair} ...``."""
+    """``python -m specdec.training {train,eval-pair,distill} ...``."""
     parser = argparse.ArgumentParser(prog="python -m specdec.training")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
     add_eval_parser(sub)
+    add_distill_parser(sub)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in the model card
     code: int = args.func(args)

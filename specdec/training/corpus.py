@@ -243,6 +243,24 @@ def _reject_reason(relpath: str, data: bytes, max_file_bytes: int) -> str | None
     return None
 
 
+def admit(
+    root: str,
+    relpath: str,
+    text: str,
+    digest: str,
+    seen: set[str],
+    skipped: Counter[str],
+    eval_permille: int,
+) -> CorpusFile | None:
+    """The file on its side of the held-out rule, or None (counted) when its content was seen."""
+    if digest in seen:
+        skipped["duplicate"] += 1
+        return None
+    seen.add(digest)
+    split = "eval" if is_heldout(root, relpath, eval_permille) else "train"
+    return CorpusFile(root, relpath, digest, text, split)
+
+
 def collect(
     packages: Sequence[str] = DEFAULT_PACKAGES,
     eval_permille: int = DEFAULT_EVAL_PERMILLE,
@@ -289,13 +307,10 @@ def collect(
         if reason is not None:
             skipped[reason] += 1
             continue
-        digest = hashlib.sha256(data).hexdigest()
-        if digest in seen_hashes:
-            skipped["duplicate"] += 1
-            continue
-        seen_hashes.add(digest)
-        split = "eval" if is_heldout(root_name, relpath, eval_permille) else "train"
-        files.append(CorpusFile(root_name, relpath, digest, text, split))
+        kept = admit(root_name, relpath, text, hashlib.sha256(data).hexdigest(), seen_hashes,
+                     skipped, eval_permille)  # fmt: skip
+        if kept is not None:
+            files.append(kept)
     train = sorted(
         (f for f in files if f.split == "train"), key=lambda f: order_key(f.root, f.relpath)
     )

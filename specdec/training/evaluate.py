@@ -36,7 +36,7 @@ from specdec.training.corpus import (
     split_heldout,
 )
 from specdec.training.distill import generate
-from specdec.training.loop import autocast, batches, spaced_windows
+from specdec.training.loop import autocast, batches, log, spaced_windows, synchronize
 from specdec.training.modeling import cache_kwarg, forward_logits
 from specdec.training.tokenizer import build_stream, encode_texts
 
@@ -102,15 +102,23 @@ def acceptance(
     seed: int = 0,
     batch: int = 64,
     ks: Sequence[int] = DEFAULT_KS,
+    stage: str | None = None,
 ) -> dict[str, Any]:
-    """Greedy and T=1 acceptance of ``draft`` on the oracle's continuations of prompts (N, P)."""
+    """Greedy and T=1 acceptance of ``draft`` on the oracle's continuations of prompts (N, P).
+
+    With ``stage``, a progress line (done, elapsed, ETA) is logged after every batch.
+    """
     oracle.to(device).eval()
     draft.to(device).eval()
     n, p_len = prompts.shape
     gen = torch.Generator(device=device).manual_seed(seed)
     agreements: list[list[bool]] = []
     alphas: list[torch.Tensor] = []
-    for chunk in batches(prompts.to(device), batch):
+    start = time.perf_counter()
+    for index, chunk in enumerate(batches(prompts.to(device), batch)):
+        if stage is not None and index:
+            done, spent = index * batch, time.perf_counter() - start
+            log(stage, f"{done}/{n} prompts, {spent:.0f}s, eta {spent * (n - done) / done:.0f}s")
         b = chunk.shape[0]
         greedy = generate(oracle, chunk, gen_len, torch.ones(b, dtype=torch.bool), gen, device)
         with autocast(device):
@@ -147,9 +155,13 @@ def _vocab_size(model: torch.nn.Module) -> int:
 
 
 def _time_calls(model: torch.nn.Module, n_tokens: int, cache: DynamicCache, arg: str) -> float:
-    x = torch.randint(0, _vocab_size(model), (1, n_tokens))
+    device = next(model.parameters()).device
+    x = torch.randint(0, _vocab_size(model), (1, n_tokens), device=device)
+    synchronize(device)
     t0 = time.perf_counter()
-    forward_logits(model, x, cache, logits_to_keep=n_tokens, cache_arg=arg)
+    with autocast(device):
+        forward_logits(model, x, cache, logits_to_keep=n_tokens, cache_arg=arg)
+    synchronize(device)
     dt = time.perf_counter() - t0
     cache.crop(-n_tokens)  # a negative count removes tokens on every transformers version
     return dt
@@ -163,23 +175,30 @@ def cpu_timing(
     threads: int = 2,
     context: int = 128,
     reps: int = 40,
+    device: torch.device | None = None,
 ) -> dict[str, Any]:
     """Per-call latency (ms) on CPU, fp32, batch 1, with a ``context``-token KV cache.
 
     Calls of the two models and every size are interleaved, so background load hits them
-    alike; the median over ``reps`` is reported, and the minimum beside it.
+    alike; the median over ``reps`` is reported, and the minimum beside it. With a CUDA
+    ``device`` the models are timed where they are instead (bf16 autocast, synchronised).
     """
+    on_gpu = device is not None and device.type == "cuda"
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        models = {"draft": deepcopy(draft).to("cpu", torch.float32).eval()}
-        models["oracle"] = deepcopy(oracle).to("cpu", torch.float32).eval()
+        if on_gpu:
+            models = {"draft": draft.eval(), "oracle": oracle.eval()}
+        else:
+            models = {"draft": deepcopy(draft).to("cpu", torch.float32).eval()}
+            models["oracle"] = deepcopy(oracle).to("cpu", torch.float32).eval()
         caches: dict[str, DynamicCache] = {}
         args = {name: cache_kwarg(m) for name, m in models.items()}
         for name, m in models.items():
             caches[name] = DynamicCache()
-            ctx = torch.randint(0, _vocab_size(m), (1, context))
-            forward_logits(m, ctx, caches[name], logits_to_keep=1, cache_arg=args[name])
+            ctx = torch.randint(0, _vocab_size(m), (1, context), device=device if on_gpu else None)
+            with autocast(ctx.device):
+                forward_logits(m, ctx, caches[name], logits_to_keep=1, cache_arg=args[name])
         calls = [("draft", 1), ("oracle", 1)] + [("oracle", k + 1) for k in ks]
         samples: dict[tuple[str, int], list[float]] = {c: [] for c in calls}
         for rep in range(reps + 5):
@@ -196,6 +215,7 @@ def cpu_timing(
         "context": context,
         "reps": reps,
         "cpu": platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name(device) if on_gpu else "cpu",
         "torch": torch.__version__,
         "t_draft_1_ms": med[("draft", 1)],
         "t_oracle_1_ms": med[("oracle", 1)],

@@ -90,7 +90,7 @@ class TrainOptions:
         return d
 
 
-def _hardware(device: torch.device) -> str:
+def hardware(device: torch.device) -> str:
     cpu = f"{platform.machine()} CPU, {os.cpu_count()} cores"
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} + {cpu}"
@@ -173,7 +173,7 @@ def run(opts: TrainOptions) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     log(
         "setup",
-        f"device {device} ({_hardware(device)}), torch {torch.__version__}, seed {opts.seed}",
+        f"device {device} ({hardware(device)}), torch {torch.__version__}, seed {opts.seed}",
     )
 
     # 1. Corpus.
@@ -286,11 +286,11 @@ def run(opts: TrainOptions) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "command": opts.command,
         "seed": opts.seed,
-        "hardware": _hardware(device),
+        "hardware": hardware(device),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
-            **_lib_versions(),
+            **lib_versions(),
         },
         "options": opts.as_dict(),
         "corpus": {
@@ -340,7 +340,7 @@ def run(opts: TrainOptions) -> dict[str, Any]:
     return metrics
 
 
-def _lib_versions() -> dict[str, str]:
+def lib_versions() -> dict[str, str]:
     import safetensors
     import tokenizers
     import transformers

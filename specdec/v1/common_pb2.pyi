@@ -65,6 +65,14 @@ class TokenLogprob(_message.Message):
     top_logprobs: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, logprob: _Optional[float] = ..., top_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
+class CommitTicket(_message.Message):
+    __slots__ = ("key_id", "nonce")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    nonce: bytes
+    def __init__(self, key_id: _Optional[str] = ..., nonce: _Optional[bytes] = ...) -> None: ...
+
 class SpeculationParams(_message.Message):
     __slots__ = ("num_speculative_tokens", "adaptive", "drafter", "pipeline_depth", "branches", "rescue")
     NUM_SPECULATIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]

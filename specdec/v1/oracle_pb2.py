@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from specdec.v1 import common_pb2 as specdec_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17specdec/v1/oracle.proto\x12\nspecdec.v1\x1a\x17specdec/v1/common.proto\"\xe2\x01\n\rVerifyRequest\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x16.specdec.v1.OpenVerifyH\x00\x12(\n\x05\x62lock\x18\x02 \x01(\x0b\x32\x17.specdec.v1.VerifyBlockH\x00\x12\x42\n\rtrace_context\x18\x0f \x03(\x0b\x32+.specdec.v1.VerifyRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x06\n\x04kind\"\x94\x01\n\nOpenVerify\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\r\n\x05grant\x18\x05 \x01(\t\x12\x14\n\x0c\x61llow_rescue\x18\x06 \x01(\x08\"\xc8\x01\n\x0bVerifyBlock\x12\r\n\x05round\x18\x01 \x01(\r\x12\x13\n\x0b\x62\x61se_length\x18\x02 \x01(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12;\n\x13\x64raft_distributions\x18\x04 \x03(\x0b\x32\x1e.specdec.v1.SparseDistribution\x12\x10\n\x08\x64raft_ns\x18\x05 \x01(\x04\x12\x19\n\x11\x61ssumed_token_ids\x18\x06 \x03(\x05\x12\x18\n\x10last_alternative\x18\x07 \x01(\x08\"\xa0\x01\n\x0eVerifyResponse\x12*\n\x06opened\x18\x01 \x01(\x0b\x32\x18.specdec.v1.VerifyOpenedH\x00\x12,\n\x07verdict\x18\x02 \x01(\x0b\x32\x19.specdec.v1.VerifyVerdictH\x00\x12,\n\x06rescue\x18\x03 \x01(\x0b\x32\x1a.specdec.v1.RescueDecisionH\x00\x42\x06\n\x04kind\"\x7f\n\x0cVerifyOpened\x12\x15\n\rcached_tokens\x18\x01 \x01(\x05\x12\x17\n\x0f\x63omputed_tokens\x18\x02 \x01(\x05\x12\x12\n\nprefill_ns\x18\x03 \x01(\x04\x12\x18\n\x10\x63ommitted_length\x18\x04 \x01(\x05\x12\x11\n\toracle_id\x18\x05 \x01(\t\"\x82\x02\n\rVerifyVerdict\x12\r\n\x05round\x18\x01 \x01(\r\x12\x14\n\x0cnum_accepted\x18\x02 \x01(\x05\x12\x15\n\rnext_token_id\x18\x03 \x01(\x05\x12\x10\n\x08is_bonus\x18\x04 \x01(\x08\x12\x18\n\x10\x63ommitted_length\x18\x05 \x01(\x05\x12\x11\n\tverify_ns\x18\x06 \x01(\x04\x12\x10\n\x08queue_ns\x18\x07 \x01(\x04\x12\x0f\n\x07skipped\x18\x08 \x01(\x08\x12\x16\n\x0erescue_pending\x18\t \x01(\x08\x12\x0f\n\x07rescued\x18\n \x01(\x08\x12*\n\x08logprobs\x18\x0b \x03(\x0b\x32\x18.specdec.v1.TokenLogprob\"2\n\x0eRescueDecision\x12\r\n\x05round\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\x10\n\x0eGetInfoRequest\"\xf6\x02\n\x0fGetInfoResponse\x12\x11\n\toracle_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x19\n\x11vocab_fingerprint\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x13\n\x0bmax_context\x18\x05 \x01(\x05\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x12\x17\n\x0f\x61\x63tive_sessions\x18\x07 \x01(\x05\x12\x17\n\x0f\x63\x61\x63hed_sessions\x18\x08 \x01(\x05\x12\x16\n\x0ekv_cache_bytes\x18\t \x01(\x03\x12\x1d\n\x15kv_cache_budget_bytes\x18\n \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\x12\x0f\n\x07\x62\x61tches\x18\x0c \x01(\x04\x12\x17\n\x0fverified_blocks\x18\r \x01(\x04\x12\x16\n\x0everify_busy_ns\x18\x0e \x01(\x04\x12\x14\n\x0crescue_draft\x18\x0f \x01(\t\x12\x15\n\rrescue_blocks\x18\x10 \x01(\x04\"+\n\x15ReleaseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x16ReleaseSessionResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\xea\x01\n\x06Oracle\x12\x43\n\x06Verify\x12\x19.specdec.v1.VerifyRequest\x1a\x1a.specdec.v1.VerifyResponse(\x01\x30\x01\x12\x42\n\x07GetInfo\x12\x1a.specdec.v1.GetInfoRequest\x1a\x1b.specdec.v1.GetInfoResponse\x12W\n\x0eReleaseSession\x12!.specdec.v1.ReleaseSessionRequest\x1a\".specdec.v1.ReleaseSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17specdec/v1/oracle.proto\x12\nspecdec.v1\x1a\x17specdec/v1/common.proto\"\xe2\x01\n\rVerifyRequest\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x16.specdec.v1.OpenVerifyH\x00\x12(\n\x05\x62lock\x18\x02 \x01(\x0b\x32\x17.specdec.v1.VerifyBlockH\x00\x12\x42\n\rtrace_context\x18\x0f \x03(\x0b\x32+.specdec.v1.VerifyRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x06\n\x04kind\"\xbe\x01\n\nOpenVerify\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\r\n\x05grant\x18\x05 \x01(\t\x12\x14\n\x0c\x61llow_rescue\x18\x06 \x01(\x08\x12(\n\x06\x63ommit\x18\x07 \x01(\x0b\x32\x18.specdec.v1.CommitTicket\"\xc8\x01\n\x0bVerifyBlock\x12\r\n\x05round\x18\x01 \x01(\r\x12\x13\n\x0b\x62\x61se_length\x18\x02 \x01(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12;\n\x13\x64raft_distributions\x18\x04 \x03(\x0b\x32\x1e.specdec.v1.SparseDistribution\x12\x10\n\x08\x64raft_ns\x18\x05 \x01(\x04\x12\x19\n\x11\x61ssumed_token_ids\x18\x06 \x03(\x05\x12\x18\n\x10last_alternative\x18\x07 \x01(\x08\"\xa0\x01\n\x0eVerifyResponse\x12*\n\x06opened\x18\x01 \x01(\x0b\x32\x18.specdec.v1.VerifyOpenedH\x00\x12,\n\x07verdict\x18\x02 \x01(\x0b\x32\x19.specdec.v1.VerifyVerdictH\x00\x12,\n\x06rescue\x18\x03 \x01(\x0b\x32\x1a.specdec.v1.RescueDecisionH\x00\x42\x06\n\x04kind\"\x7f\n\x0cVerifyOpened\x12\x15\n\rcached_tokens\x18\x01 \x01(\x05\x12\x17\n\x0f\x63omputed_tokens\x18\x02 \x01(\x05\x12\x12\n\nprefill_ns\x18\x03 \x01(\x04\x12\x18\n\x10\x63ommitted_length\x18\x04 \x01(\x05\x12\x11\n\toracle_id\x18\x05 \x01(\t\"\x91\x02\n\rVerifyVerdict\x12\r\n\x05round\x18\x01 \x01(\r\x12\x14\n\x0cnum_accepted\x18\x02 \x01(\x05\x12\x15\n\rnext_token_id\x18\x03 \x01(\x05\x12\x10\n\x08is_bonus\x18\x04 \x01(\x08\x12\x18\n\x10\x63ommitted_length\x18\x05 \x01(\x05\x12\x11\n\tverify_ns\x18\x06 \x01(\x04\x12\x10\n\x08queue_ns\x18\x07 \x01(\x04\x12\x0f\n\x07skipped\x18\x08 \x01(\x08\x12\x16\n\x0erescue_pending\x18\t \x01(\x08\x12\x0f\n\x07rescued\x18\n \x01(\x08\x12\r\n\x05proof\x18\x0b \x01(\x0c\x12*\n\x08logprobs\x18\x0c \x03(\x0b\x32\x18.specdec.v1.TokenLogprob\"2\n\x0eRescueDecision\x12\r\n\x05round\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\x10\n\x0eGetInfoRequest\"\xf6\x02\n\x0fGetInfoResponse\x12\x11\n\toracle_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x19\n\x11vocab_fingerprint\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x13\n\x0bmax_context\x18\x05 \x01(\x05\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x12\x17\n\x0f\x61\x63tive_sessions\x18\x07 \x01(\x05\x12\x17\n\x0f\x63\x61\x63hed_sessions\x18\x08 \x01(\x05\x12\x16\n\x0ekv_cache_bytes\x18\t \x01(\x03\x12\x1d\n\x15kv_cache_budget_bytes\x18\n \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\x12\x0f\n\x07\x62\x61tches\x18\x0c \x01(\x04\x12\x17\n\x0fverified_blocks\x18\r \x01(\x04\x12\x16\n\x0everify_busy_ns\x18\x0e \x01(\x04\x12\x14\n\x0crescue_draft\x18\x0f \x01(\t\x12\x15\n\rrescue_blocks\x18\x10 \x01(\x04\"+\n\x15ReleaseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x16ReleaseSessionResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\xea\x01\n\x06Oracle\x12\x43\n\x06Verify\x12\x19.specdec.v1.VerifyRequest\x1a\x1a.specdec.v1.VerifyResponse(\x01\x30\x01\x12\x42\n\x07GetInfo\x12\x1a.specdec.v1.GetInfoRequest\x1a\x1b.specdec.v1.GetInfoResponse\x12W\n\x0eReleaseSession\x12!.specdec.v1.ReleaseSessionRequest\x1a\".specdec.v1.ReleaseSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,25 +39,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VERIFYREQUEST_TRACECONTEXTENTRY']._serialized_start=232
   _globals['_VERIFYREQUEST_TRACECONTEXTENTRY']._serialized_end=283
   _globals['_OPENVERIFY']._serialized_start=294
-  _globals['_OPENVERIFY']._serialized_end=442
-  _globals['_VERIFYBLOCK']._serialized_start=445
-  _globals['_VERIFYBLOCK']._serialized_end=645
-  _globals['_VERIFYRESPONSE']._serialized_start=648
-  _globals['_VERIFYRESPONSE']._serialized_end=808
-  _globals['_VERIFYOPENED']._serialized_start=810
-  _globals['_VERIFYOPENED']._serialized_end=937
-  _globals['_VERIFYVERDICT']._serialized_start=940
-  _globals['_VERIFYVERDICT']._serialized_end=1198
-  _globals['_RESCUEDECISION']._serialized_start=1200
-  _globals['_RESCUEDECISION']._serialized_end=1250
-  _globals['_GETINFOREQUEST']._serialized_start=1252
-  _globals['_GETINFOREQUEST']._serialized_end=1268
-  _globals['_GETINFORESPONSE']._serialized_start=1271
-  _globals['_GETINFORESPONSE']._serialized_end=1645
-  _globals['_RELEASESESSIONREQUEST']._serialized_start=1647
-  _globals['_RELEASESESSIONREQUEST']._serialized_end=1690
-  _globals['_RELEASESESSIONRESPONSE']._serialized_start=1692
-  _globals['_RELEASESESSIONRESPONSE']._serialized_end=1734
-  _globals['_ORACLE']._serialized_start=1737
-  _globals['_ORACLE']._serialized_end=1971
+  _globals['_OPENVERIFY']._serialized_end=484
+  _globals['_VERIFYBLOCK']._serialized_start=487
+  _globals['_VERIFYBLOCK']._serialized_end=687
+  _globals['_VERIFYRESPONSE']._serialized_start=690
+  _globals['_VERIFYRESPONSE']._serialized_end=850
+  _globals['_VERIFYOPENED']._serialized_start=852
+  _globals['_VERIFYOPENED']._serialized_end=979
+  _globals['_VERIFYVERDICT']._serialized_start=982
+  _globals['_VERIFYVERDICT']._serialized_end=1255
+  _globals['_RESCUEDECISION']._serialized_start=1257
+  _globals['_RESCUEDECISION']._serialized_end=1307
+  _globals['_GETINFOREQUEST']._serialized_start=1309
+  _globals['_GETINFOREQUEST']._serialized_end=1325
+  _globals['_GETINFORESPONSE']._serialized_start=1328
+  _globals['_GETINFORESPONSE']._serialized_end=1702
+  _globals['_RELEASESESSIONREQUEST']._serialized_start=1704
+  _globals['_RELEASESESSIONREQUEST']._serialized_end=1747
+  _globals['_RELEASESESSIONRESPONSE']._serialized_start=1749
+  _globals['_RELEASESESSIONRESPONSE']._serialized_end=1791
+  _globals['_ORACLE']._serialized_start=1794
+  _globals['_ORACLE']._serialized_end=2028
 # @@protoc_insertion_point(module_scope)

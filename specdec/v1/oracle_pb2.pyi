@@ -25,20 +25,22 @@ class VerifyRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[OpenVerify, _Mapping]] = ..., block: _Optional[_Union[VerifyBlock, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class OpenVerify(_message.Message):
-    __slots__ = ("session_id", "token_ids", "sampling", "seed", "grant", "allow_rescue")
+    __slots__ = ("session_id", "token_ids", "sampling", "seed", "grant", "allow_rescue", "commit")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     GRANT_FIELD_NUMBER: _ClassVar[int]
     ALLOW_RESCUE_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
     seed: int
     grant: str
     allow_rescue: bool
-    def __init__(self, session_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., grant: _Optional[str] = ..., allow_rescue: _Optional[bool] = ...) -> None: ...
+    commit: _common_pb2.CommitTicket
+    def __init__(self, session_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., grant: _Optional[str] = ..., allow_rescue: _Optional[bool] = ..., commit: _Optional[_Union[_common_pb2.CommitTicket, _Mapping]] = ...) -> None: ...
 
 class VerifyBlock(_message.Message):
     __slots__ = ("round", "base_length", "token_ids", "draft_distributions", "draft_ns", "assumed_token_ids", "last_alternative")
@@ -83,7 +85,7 @@ class VerifyOpened(_message.Message):
     def __init__(self, cached_tokens: _Optional[int] = ..., computed_tokens: _Optional[int] = ..., prefill_ns: _Optional[int] = ..., committed_length: _Optional[int] = ..., oracle_id: _Optional[str] = ...) -> None: ...
 
 class VerifyVerdict(_message.Message):
-    __slots__ = ("round", "num_accepted", "next_token_id", "is_bonus", "committed_length", "verify_ns", "queue_ns", "skipped", "rescue_pending", "rescued", "logprobs")
+    __slots__ = ("round", "num_accepted", "next_token_id", "is_bonus", "committed_length", "verify_ns", "queue_ns", "skipped", "rescue_pending", "rescued", "proof", "logprobs")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +96,7 @@ class VerifyVerdict(_message.Message):
     SKIPPED_FIELD_NUMBER: _ClassVar[int]
     RESCUE_PENDING_FIELD_NUMBER: _ClassVar[int]
     RESCUED_FIELD_NUMBER: _ClassVar[int]
+    PROOF_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     round: int
     num_accepted: int
@@ -105,8 +108,9 @@ class VerifyVerdict(_message.Message):
     skipped: bool
     rescue_pending: bool
     rescued: bool
+    proof: bytes
     logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
-    def __init__(self, round: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token_id: _Optional[int] = ..., is_bonus: _Optional[bool] = ..., committed_length: _Optional[int] = ..., verify_ns: _Optional[int] = ..., queue_ns: _Optional[int] = ..., skipped: _Optional[bool] = ..., rescue_pending: _Optional[bool] = ..., rescued: _Optional[bool] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ...) -> None: ...
+    def __init__(self, round: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token_id: _Optional[int] = ..., is_bonus: _Optional[bool] = ..., committed_length: _Optional[int] = ..., verify_ns: _Optional[int] = ..., queue_ns: _Optional[int] = ..., skipped: _Optional[bool] = ..., rescue_pending: _Optional[bool] = ..., rescued: _Optional[bool] = ..., proof: _Optional[bytes] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class RescueDecision(_message.Message):
     __slots__ = ("round", "token_ids")

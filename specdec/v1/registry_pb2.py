@@ -26,7 +26,7 @@ from specdec.v1 import common_pb2 as specdec_dot_v1_dot_common__pb2
 from specdec.v1 import gateway_pb2 as specdec_dot_v1_dot_gateway__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19specdec/v1/registry.proto\x12\nspecdec.v1\x1a\x17specdec/v1/common.proto\x1a\x18specdec/v1/gateway.proto\"\xb4\x02\n\x0e\x43onnectRequest\x12.\n\x08register\x18\x01 \x01(\x0b\x32\x1a.specdec.v1.RegisterWorkerH\x00\x12&\n\x04load\x18\x02 \x01(\x0b\x32\x16.specdec.v1.WorkerLoadH\x00\x12.\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x1c.specdec.v1.AssignmentCommitH\x00\x12\x32\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x1e.specdec.v1.AssignmentFinishedH\x00\x12.\n\x06\x66\x61iled\x18\x05 \x01(\x0b\x32\x1c.specdec.v1.AssignmentFailedH\x00\x12.\n\x06opened\x18\x06 \x01(\x0b\x32\x1c.specdec.v1.AssignmentOpenedH\x00\x42\x06\n\x04kind\"\x92\x02\n\x0f\x43onnectResponse\x12,\n\nregistered\x18\x01 \x01(\x0b\x32\x16.specdec.v1.RegisteredH\x00\x12,\n\nassignment\x18\x02 \x01(\x0b\x32\x16.specdec.v1.AssignmentH\x00\x12.\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x1c.specdec.v1.CancelAssignmentH\x00\x12\x32\n\x07release\x18\x04 \x01(\x0b\x32\x1f.specdec.v1.ReleaseDraftSessionH\x00\x12\x37\n\x10release_sessions\x18\x05 \x01(\x0b\x32\x1b.specdec.v1.ReleaseSessionsH\x00\x42\x06\n\x04kind\"\x9e\x02\n\x0eRegisterWorker\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.specdec.v1.WorkerKind\x12\r\n\x05model\x18\x03 \x01(\t\x12\x19\n\x11vocab_fingerprint\x18\x04 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12\x14\n\x0cmax_sessions\x18\x06 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x12\n\nvocab_size\x18\x08 \x01(\x05\x12\x13\n\x0bmax_context\x18\t \x01(\x05\x12\x15\n\reos_token_ids\x18\n \x03(\x05\x12\x16\n\x0epublic_address\x18\x0b \x01(\t\x12\x1a\n\x12\x63\x61\x63hed_session_ids\x18\x0c \x03(\t\"&\n\nRegistered\x12\x18\n\x10load_interval_ms\x18\x01 \x01(\x05\"=\n\nWorkerLoad\x12\x17\n\x0f\x61\x63tive_sessions\x18\x01 \x01(\x05\x12\x16\n\x0ekv_cache_bytes\x18\x02 \x01(\x03\"\xf0\x03\n\nAssignment\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x11\n\toracle_id\x18\x03 \x01(\t\x12\x16\n\x0eoracle_address\x18\x04 \x01(\t\x12\x11\n\ttoken_ids\x18\x05 \x03(\x05\x12\x15\n\rprompt_tokens\x18\x06 \x01(\x05\x12,\n\x08sampling\x18\x07 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x1e\n\x16num_speculative_tokens\x18\t \x01(\x05\x12\x10\n\x08\x61\x64\x61ptive\x18\n \x01(\x08\x12\r\n\x05grant\x18\x0b \x01(\t\x12?\n\rtrace_context\x18\x0c \x03(\x0b\x32(.specdec.v1.Assignment.TraceContextEntry\x12\x13\n\x0bmax_context\x18\r \x01(\x05\x12\x16\n\x0epipeline_depth\x18\x0e \x01(\x05\x12\x15\n\x08\x62ranches\x18\x0f \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06rescue\x18\x10 \x01(\x08H\x01\x88\x01\x01\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0b\n\t_branchesB\t\n\x07_rescue\"9\n\x10\x43\x61ncelAssignment\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\")\n\x13ReleaseDraftSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\"&\n\x0fReleaseSessions\x12\x13\n\x0bsession_ids\x18\x01 \x03(\t\"\xac\x02\n\x0bRoundReport\x12\r\n\x05round\x18\x01 \x01(\r\x12\x10\n\x08proposed\x18\x02 \x01(\x05\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x05\x12\x10\n\x08is_bonus\x18\x04 \x01(\x08\x12\x10\n\x08\x64raft_ns\x18\x05 \x01(\x04\x12\x11\n\tverify_ns\x18\x06 \x01(\x04\x12\x12\n\nnetwork_ns\x18\x07 \x01(\x04\x12\x10\n\x08queue_ns\x18\x08 \x01(\x04\x12\x15\n\rdrafted_ahead\x18\t \x01(\x08\x12\x11\n\tpipelined\x18\n \x01(\x08\x12\x16\n\x0eskipped_blocks\x18\x0b \x01(\x05\x12\x0e\n\x06\x62ranch\x18\x0c \x01(\x08\x12\x0f\n\x07rescued\x18\r \x01(\x08\x12*\n\x08logprobs\x18\x0e \x03(\x0b\x32\x18.specdec.v1.TokenLogprob\"\x81\x01\n\x10\x41ssignmentOpened\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12\x15\n\rcached_tokens\x18\x02 \x01(\x05\x12\x18\n\x10prefilled_tokens\x18\x03 \x01(\x05\x12\x12\n\nprefill_ns\x18\x04 \x01(\x04\x12\x11\n\toracle_id\x18\x05 \x01(\t\"y\n\x10\x41ssignmentCommit\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12\x13\n\x0b\x62\x61se_length\x18\x02 \x01(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12&\n\x05round\x18\x04 \x01(\x0b\x32\x17.specdec.v1.RoundReport\"\x88\x01\n\x12\x41ssignmentFinished\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.specdec.v1.FinishReason\x12*\n\x05stats\x18\x03 \x01(\x0b\x32\x1b.specdec.v1.GenerationStats\"O\n\x10\x41ssignmentFailed\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12\x13\n\x0bstatus_code\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t2X\n\x0eWorkerRegistry\x12\x46\n\x07\x43onnect\x12\x1a.specdec.v1.ConnectRequest\x1a\x1b.specdec.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19specdec/v1/registry.proto\x12\nspecdec.v1\x1a\x17specdec/v1/common.proto\x1a\x18specdec/v1/gateway.proto\"\xb4\x02\n\x0e\x43onnectRequest\x12.\n\x08register\x18\x01 \x01(\x0b\x32\x1a.specdec.v1.RegisterWorkerH\x00\x12&\n\x04load\x18\x02 \x01(\x0b\x32\x16.specdec.v1.WorkerLoadH\x00\x12.\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x1c.specdec.v1.AssignmentCommitH\x00\x12\x32\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x1e.specdec.v1.AssignmentFinishedH\x00\x12.\n\x06\x66\x61iled\x18\x05 \x01(\x0b\x32\x1c.specdec.v1.AssignmentFailedH\x00\x12.\n\x06opened\x18\x06 \x01(\x0b\x32\x1c.specdec.v1.AssignmentOpenedH\x00\x42\x06\n\x04kind\"\x92\x02\n\x0f\x43onnectResponse\x12,\n\nregistered\x18\x01 \x01(\x0b\x32\x16.specdec.v1.RegisteredH\x00\x12,\n\nassignment\x18\x02 \x01(\x0b\x32\x16.specdec.v1.AssignmentH\x00\x12.\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x1c.specdec.v1.CancelAssignmentH\x00\x12\x32\n\x07release\x18\x04 \x01(\x0b\x32\x1f.specdec.v1.ReleaseDraftSessionH\x00\x12\x37\n\x10release_sessions\x18\x05 \x01(\x0b\x32\x1b.specdec.v1.ReleaseSessionsH\x00\x42\x06\n\x04kind\"\x9e\x02\n\x0eRegisterWorker\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.specdec.v1.WorkerKind\x12\r\n\x05model\x18\x03 \x01(\t\x12\x19\n\x11vocab_fingerprint\x18\x04 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12\x14\n\x0cmax_sessions\x18\x06 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x12\n\nvocab_size\x18\x08 \x01(\x05\x12\x13\n\x0bmax_context\x18\t \x01(\x05\x12\x15\n\reos_token_ids\x18\n \x03(\x05\x12\x16\n\x0epublic_address\x18\x0b \x01(\t\x12\x1a\n\x12\x63\x61\x63hed_session_ids\x18\x0c \x03(\t\"Q\n\nRegistered\x12\x18\n\x10load_interval_ms\x18\x01 \x01(\x05\x12)\n\ncommit_key\x18\x02 \x01(\x0b\x32\x15.specdec.v1.CommitKey\"+\n\tCommitKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\x0c\"=\n\nWorkerLoad\x12\x17\n\x0f\x61\x63tive_sessions\x18\x01 \x01(\x05\x12\x16\n\x0ekv_cache_bytes\x18\x02 \x01(\x03\"\x9a\x04\n\nAssignment\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x11\n\toracle_id\x18\x03 \x01(\t\x12\x16\n\x0eoracle_address\x18\x04 \x01(\t\x12\x11\n\ttoken_ids\x18\x05 \x03(\x05\x12\x15\n\rprompt_tokens\x18\x06 \x01(\x05\x12,\n\x08sampling\x18\x07 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x1e\n\x16num_speculative_tokens\x18\t \x01(\x05\x12\x10\n\x08\x61\x64\x61ptive\x18\n \x01(\x08\x12\r\n\x05grant\x18\x0b \x01(\t\x12?\n\rtrace_context\x18\x0c \x03(\x0b\x32(.specdec.v1.Assignment.TraceContextEntry\x12\x13\n\x0bmax_context\x18\r \x01(\x05\x12\x16\n\x0epipeline_depth\x18\x0e \x01(\x05\x12\x15\n\x08\x62ranches\x18\x0f \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06rescue\x18\x10 \x01(\x08H\x01\x88\x01\x01\x12(\n\x06\x63ommit\x18\x11 \x01(\x0b\x32\x18.specdec.v1.CommitTicket\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0b\n\t_branchesB\t\n\x07_rescue\"9\n\x10\x43\x61ncelAssignment\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\")\n\x13ReleaseDraftSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\"&\n\x0fReleaseSessions\x12\x13\n\x0bsession_ids\x18\x01 \x03(\t\"\xac\x02\n\x0bRoundReport\x12\r\n\x05round\x18\x01 \x01(\r\x12\x10\n\x08proposed\x18\x02 \x01(\x05\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x05\x12\x10\n\x08is_bonus\x18\x04 \x01(\x08\x12\x10\n\x08\x64raft_ns\x18\x05 \x01(\x04\x12\x11\n\tverify_ns\x18\x06 \x01(\x04\x12\x12\n\nnetwork_ns\x18\x07 \x01(\x04\x12\x10\n\x08queue_ns\x18\x08 \x01(\x04\x12\x15\n\rdrafted_ahead\x18\t \x01(\x08\x12\x11\n\tpipelined\x18\n \x01(\x08\x12\x16\n\x0eskipped_blocks\x18\x0b \x01(\x05\x12\x0e\n\x06\x62ranch\x18\x0c \x01(\x08\x12\x0f\n\x07rescued\x18\r \x01(\x08\x12*\n\x08logprobs\x18\x0e \x03(\x0b\x32\x18.specdec.v1.TokenLogprob\"\x81\x01\n\x10\x41ssignmentOpened\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12\x15\n\rcached_tokens\x18\x02 \x01(\x05\x12\x18\n\x10prefilled_tokens\x18\x03 \x01(\x05\x12\x12\n\nprefill_ns\x18\x04 \x01(\x04\x12\x11\n\toracle_id\x18\x05 \x01(\t\"\x88\x01\n\x10\x41ssignmentCommit\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12\x13\n\x0b\x62\x61se_length\x18\x02 \x01(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12&\n\x05round\x18\x04 \x01(\x0b\x32\x17.specdec.v1.RoundReport\x12\r\n\x05proof\x18\x05 \x01(\x0c\"\x88\x01\n\x12\x41ssignmentFinished\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.specdec.v1.FinishReason\x12*\n\x05stats\x18\x03 \x01(\x0b\x32\x1b.specdec.v1.GenerationStats\"O\n\x10\x41ssignmentFailed\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12\x13\n\x0bstatus_code\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t2X\n\x0eWorkerRegistry\x12\x46\n\x07\x43onnect\x12\x1a.specdec.v1.ConnectRequest\x1a\x1b.specdec.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,29 +42,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERWORKER']._serialized_start=681
   _globals['_REGISTERWORKER']._serialized_end=967
   _globals['_REGISTERED']._serialized_start=969
-  _globals['_REGISTERED']._serialized_end=1007
-  _globals['_WORKERLOAD']._serialized_start=1009
-  _globals['_WORKERLOAD']._serialized_end=1070
-  _globals['_ASSIGNMENT']._serialized_start=1073
-  _globals['_ASSIGNMENT']._serialized_end=1569
-  _globals['_ASSIGNMENT_TRACECONTEXTENTRY']._serialized_start=1494
-  _globals['_ASSIGNMENT_TRACECONTEXTENTRY']._serialized_end=1545
-  _globals['_CANCELASSIGNMENT']._serialized_start=1571
-  _globals['_CANCELASSIGNMENT']._serialized_end=1628
-  _globals['_RELEASEDRAFTSESSION']._serialized_start=1630
-  _globals['_RELEASEDRAFTSESSION']._serialized_end=1671
-  _globals['_RELEASESESSIONS']._serialized_start=1673
-  _globals['_RELEASESESSIONS']._serialized_end=1711
-  _globals['_ROUNDREPORT']._serialized_start=1714
-  _globals['_ROUNDREPORT']._serialized_end=2014
-  _globals['_ASSIGNMENTOPENED']._serialized_start=2017
-  _globals['_ASSIGNMENTOPENED']._serialized_end=2146
-  _globals['_ASSIGNMENTCOMMIT']._serialized_start=2148
-  _globals['_ASSIGNMENTCOMMIT']._serialized_end=2269
-  _globals['_ASSIGNMENTFINISHED']._serialized_start=2272
-  _globals['_ASSIGNMENTFINISHED']._serialized_end=2408
-  _globals['_ASSIGNMENTFAILED']._serialized_start=2410
-  _globals['_ASSIGNMENTFAILED']._serialized_end=2489
-  _globals['_WORKERREGISTRY']._serialized_start=2491
-  _globals['_WORKERREGISTRY']._serialized_end=2579
+  _globals['_REGISTERED']._serialized_end=1050
+  _globals['_COMMITKEY']._serialized_start=1052
+  _globals['_COMMITKEY']._serialized_end=1095
+  _globals['_WORKERLOAD']._serialized_start=1097
+  _globals['_WORKERLOAD']._serialized_end=1158
+  _globals['_ASSIGNMENT']._serialized_start=1161
+  _globals['_ASSIGNMENT']._serialized_end=1699
+  _globals['_ASSIGNMENT_TRACECONTEXTENTRY']._serialized_start=1624
+  _globals['_ASSIGNMENT_TRACECONTEXTENTRY']._serialized_end=1675
+  _globals['_CANCELASSIGNMENT']._serialized_start=1701
+  _globals['_CANCELASSIGNMENT']._serialized_end=1758
+  _globals['_RELEASEDRAFTSESSION']._serialized_start=1760
+  _globals['_RELEASEDRAFTSESSION']._serialized_end=1801
+  _globals['_RELEASESESSIONS']._serialized_start=1803
+  _globals['_RELEASESESSIONS']._serialized_end=1841
+  _globals['_ROUNDREPORT']._serialized_start=1844
+  _globals['_ROUNDREPORT']._serialized_end=2144
+  _globals['_ASSIGNMENTOPENED']._serialized_start=2147
+  _globals['_ASSIGNMENTOPENED']._serialized_end=2276
+  _globals['_ASSIGNMENTCOMMIT']._serialized_start=2279
+  _globals['_ASSIGNMENTCOMMIT']._serialized_end=2415
+  _globals['_ASSIGNMENTFINISHED']._serialized_start=2418
+  _globals['_ASSIGNMENTFINISHED']._serialized_end=2554
+  _globals['_ASSIGNMENTFAILED']._serialized_start=2556
+  _globals['_ASSIGNMENTFAILED']._serialized_end=2635
+  _globals['_WORKERREGISTRY']._serialized_start=2637
+  _globals['_WORKERREGISTRY']._serialized_end=2725
 # @@protoc_insertion_point(module_scope)

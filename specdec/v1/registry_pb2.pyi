@@ -67,10 +67,20 @@ class RegisterWorker(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., kind: _Optional[_Union[_gateway_pb2.WorkerKind, str]] = ..., model: _Optional[str] = ..., vocab_fingerprint: _Optional[str] = ..., address: _Optional[str] = ..., max_sessions: _Optional[int] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., public_address: _Optional[str] = ..., cached_session_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Registered(_message.Message):
-    __slots__ = ("load_interval_ms",)
+    __slots__ = ("load_interval_ms", "commit_key")
     LOAD_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_KEY_FIELD_NUMBER: _ClassVar[int]
     load_interval_ms: int
-    def __init__(self, load_interval_ms: _Optional[int] = ...) -> None: ...
+    commit_key: CommitKey
+    def __init__(self, load_interval_ms: _Optional[int] = ..., commit_key: _Optional[_Union[CommitKey, _Mapping]] = ...) -> None: ...
+
+class CommitKey(_message.Message):
+    __slots__ = ("key_id", "secret")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    secret: bytes
+    def __init__(self, key_id: _Optional[str] = ..., secret: _Optional[bytes] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
     __slots__ = ("active_sessions", "kv_cache_bytes")
@@ -81,7 +91,7 @@ class WorkerLoad(_message.Message):
     def __init__(self, active_sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("assignment_id", "session_id", "oracle_id", "oracle_address", "token_ids", "prompt_tokens", "sampling", "seed", "num_speculative_tokens", "adaptive", "grant", "trace_context", "max_context", "pipeline_depth", "branches", "rescue")
+    __slots__ = ("assignment_id", "session_id", "oracle_id", "oracle_address", "token_ids", "prompt_tokens", "sampling", "seed", "num_speculative_tokens", "adaptive", "grant", "trace_context", "max_context", "pipeline_depth", "branches", "rescue", "commit")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +115,7 @@ class Assignment(_message.Message):
     PIPELINE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     BRANCHES_FIELD_NUMBER: _ClassVar[int]
     RESCUE_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
     assignment_id: str
     session_id: str
     oracle_id: str
@@ -121,7 +132,8 @@ class Assignment(_message.Message):
     pipeline_depth: int
     branches: int
     rescue: bool
-    def __init__(self, assignment_id: _Optional[str] = ..., session_id: _Optional[str] = ..., oracle_id: _Optional[str] = ..., oracle_address: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., prompt_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., num_speculative_tokens: _Optional[int] = ..., adaptive: _Optional[bool] = ..., grant: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., max_context: _Optional[int] = ..., pipeline_depth: _Optional[int] = ..., branches: _Optional[int] = ..., rescue: _Optional[bool] = ...) -> None: ...
+    commit: _common_pb2.CommitTicket
+    def __init__(self, assignment_id: _Optional[str] = ..., session_id: _Optional[str] = ..., oracle_id: _Optional[str] = ..., oracle_address: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., prompt_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., num_speculative_tokens: _Optional[int] = ..., adaptive: _Optional[bool] = ..., grant: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., max_context: _Optional[int] = ..., pipeline_depth: _Optional[int] = ..., branches: _Optional[int] = ..., rescue: _Optional[bool] = ..., commit: _Optional[_Union[_common_pb2.CommitTicket, _Mapping]] = ...) -> None: ...
 
 class CancelAssignment(_message.Message):
     __slots__ = ("assignment_id", "reason")
@@ -190,16 +202,18 @@ class AssignmentOpened(_message.Message):
     def __init__(self, assignment_id: _Optional[str] = ..., cached_tokens: _Optional[int] = ..., prefilled_tokens: _Optional[int] = ..., prefill_ns: _Optional[int] = ..., oracle_id: _Optional[str] = ...) -> None: ...
 
 class AssignmentCommit(_message.Message):
-    __slots__ = ("assignment_id", "base_length", "token_ids", "round")
+    __slots__ = ("assignment_id", "base_length", "token_ids", "round", "proof")
     ASSIGNMENT_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    PROOF_FIELD_NUMBER: _ClassVar[int]
     assignment_id: str
     base_length: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     round: RoundReport
-    def __init__(self, assignment_id: _Optional[str] = ..., base_length: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., round: _Optional[_Union[RoundReport, _Mapping]] = ...) -> None: ...
+    proof: bytes
+    def __init__(self, assignment_id: _Optional[str] = ..., base_length: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., round: _Optional[_Union[RoundReport, _Mapping]] = ..., proof: _Optional[bytes] = ...) -> None: ...
 
 class AssignmentFinished(_message.Message):
     __slots__ = ("assignment_id", "finish_reason", "stats")

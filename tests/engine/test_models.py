@@ -76,18 +76,70 @@ def test_check_compatible_rejects_other_tokenizer(
         check_compatible(draft, loaded("llama", "oracle"))
 
 
-def test_check_compatible_rejects_other_logits_width(
-    tmp_path: Path, tiny_tokenizer: Any, loaded: Callable[..., Any]
-) -> None:
-    # Same tokenizer, but the embedding is padded to 128 rows: logits are [.., 128].
+def padded_model(tokenizer: Any, folder: Path, logits: int, seed: int = 0) -> Path:
+    """A llama of ``tokenizer`` whose embedding is padded to ``logits`` rows, the padded
+    lm_head rows scaled copies of real ones: unmasked, they would win every argmax."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=128))
-    padded = load_model(str(save_model(model, tiny_tokenizer, tmp_path / "padded")))
-    assert padded.vocab_size == 128
-    assert padded.fingerprint == loaded("llama", "oracle").fingerprint
-    with pytest.raises(VocabularyMismatch, match="logits"):
-        check_compatible(padded, loaded("llama", "oracle"))
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=logits)).eval()
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head[VOCAB_SIZE:] = 4 * head[torch.arange(VOCAB_SIZE, logits) % VOCAB_SIZE]
+    model.generation_config.eos_token_id = EOS_ID
+    return save_model(model, tokenizer, folder)
+
+
+def test_padded_logit_rows_are_dropped_exactly(tmp_path: Path, tiny_tokenizer: Any) -> None:
+    from transformers import AutoModelForCausalLM
+
+    folder = padded_model(tiny_tokenizer, tmp_path / "padded", logits=128)
+    padded = load_model(str(folder))
+    assert (padded.vocab_size, padded.padded_logits) == (VOCAB_SIZE, 128 - VOCAB_SIZE)
+    ids = torch.tensor([[1, 5, 9, 12, 40]])
+    raw = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        full = raw(ids).logits
+        kept = padded.model(ids).logits
+    assert full[0, -1].argmax() >= VOCAB_SIZE  # the padding would win, unmasked
+    assert kept.shape[-1] == VOCAB_SIZE
+    assert torch.equal(kept, full[..., :VOCAB_SIZE])  # = the padded ids masked to -inf
+
+
+def test_pairs_padded_differently_are_compatible(
+    tmp_path: Path, tiny_tokenizer: Any, loaded: Callable[..., Any]
+) -> None:
+    # Qwen2.5-0.5B / -7B: one tokenizer, 151,936 against 152,064 logits.
+    draft = load_model(str(padded_model(tiny_tokenizer, tmp_path / "d", logits=112, seed=1)))
+    oracle = load_model(str(padded_model(tiny_tokenizer, tmp_path / "o", logits=128, seed=2)))
+    assert draft.fingerprint == oracle.fingerprint == loaded("llama", "oracle").fingerprint
+    check_compatible(draft, oracle)
+    check_compatible(oracle, draft)
+    check_compatible(draft, loaded("llama", "oracle"))
+
+
+def test_fingerprint_ignores_special_token_settings(tiny_tokenizer: Any, tmp_path: Path) -> None:
+    # An instruct sibling: the same vocabulary, another EOS and padding token.
+    tiny_tokenizer.save_pretrained(tmp_path)
+    from transformers import AutoTokenizer
+
+    instruct = AutoTokenizer.from_pretrained(tmp_path, eos_token="<unk>", pad_token="<s>")
+    assert instruct.eos_token_id != tiny_tokenizer.eos_token_id
+    assert vocab_fingerprint(instruct) == vocab_fingerprint(tiny_tokenizer)
+
+
+def test_check_compatible_refuses_a_draft_the_oracle_cannot_score(
+    tmp_path: Path, tiny_tokenizer: Any, loaded: Callable[..., Any]
+) -> None:
+    # An oracle with fewer logits than its tokenizer has ids cannot score the last ones.
+    from transformers import AutoModelForCausalLM
+
+    narrow = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=80))
+    oracle = load_model(str(save_model(narrow, tiny_tokenizer, tmp_path / "narrow")))
+    assert oracle.vocab_size == 80
+    with pytest.raises(VocabularyMismatch, match="scores only 80"):
+        check_compatible(loaded("llama", "draft"), oracle)
+    check_compatible(oracle, loaded("llama", "draft"))
 
 
 def test_eos_ids_come_from_generation_config(tmp_path: Path, tiny_tokenizer: Any) -> None:

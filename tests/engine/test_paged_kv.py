@@ -138,6 +138,10 @@ def test_without_batch_invariance_the_forward_takes_the_grid_tokens_only(
     assert invariant._chunks([9, 9, 9, 9, 2]) == [[0, 1, 2, 3], [4]]  # 4 x 9 <= 40, max rows 4
     assert invariant._chunks([17, 17, 3]) == [[0, 1], [2]]  # 2 x 17 fits, 4 (bucket) x 17 not
     assert fast._chunks([33] * 5) == [[0, 1, 2, 3], [4]]
+    # The oracle's batches are what one forward holds (its scheduler asks this).
+    for pool in (fast, invariant):
+        for sizes in ([5] * 4, [9] * 4, [9, 9, 9, 9, 2], [17, 17, 3], [17, 17], [33] * 5, [1]):
+            assert pool.fits_one_forward(sizes) == (len(pool._chunks(sizes)) == 1), sizes
     with pytest.raises(InvalidArgument, match="--verify-tokens"):
         pool_of(model, verify_tokens=20)
 

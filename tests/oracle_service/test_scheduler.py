@@ -37,10 +37,14 @@ def lease_of(store: SessionStore, session_id: str, committed: list[int]) -> Leas
 
 
 def block(
-    lease: Lease, base_length: int, assumed: tuple[int, ...] = (), enqueued_ns: int = 0
+    lease: Lease,
+    base_length: int,
+    assumed: tuple[int, ...] = (),
+    enqueued_ns: int = 0,
+    k: int = 0,
 ) -> PendingBlock:
     future: asyncio.Future[VerifyResult] = asyncio.get_running_loop().create_future()
-    return PendingBlock(lease, base_length, DraftBlock(()), assumed, future, enqueued_ns)
+    return PendingBlock(lease, base_length, DraftBlock((5,) * k), assumed, future, enqueued_ns)
 
 
 def names(blocks: list[PendingBlock]) -> list[tuple[str, int]]:
@@ -147,3 +151,49 @@ async def test_known_stale_needs_the_exact_length_and_tail(store: SessionStore) 
     assert known_stale(block(a, 3, (3, 3)))
     assert known_stale(block(a, 2, (2,)))  # the session is past that length
     assert known_stale(block(a, 4, (3,)))  # or not there yet
+
+
+async def test_a_batch_is_what_one_forward_holds_and_the_rest_runs_next(
+    store: SessionStore,
+) -> None:
+    a, b, c, d = (lease_of(store, name, [1]) for name in "abcd")
+    # A forward of at most 12 tokens (rows of k + 1).
+    queue = BlockQueue(max_batch=8, fits=lambda sizes: sum(sizes) <= 12)
+    for pending in [block(a, 1, k=4), block(b, 1, k=4), block(c, 1, k=4), block(d, 1)]:
+        queue.put(pending)
+    assert queue.fills_forward()
+    # c's 5 tokens would make 15: the batch stops before it (d, younger, does not pass it).
+    assert names(queue.take()[0]) == [("a", 1), ("b", 1)]
+    assert not queue.fills_forward()
+    assert names(queue.take()[0]) == [("c", 1), ("d", 1)]
+
+
+async def test_the_batch_wait_expects_only_sessions_due_back_in_time(
+    store: SessionStore,
+) -> None:
+    a, b = lease_of(store, "a", [1]), lease_of(store, "b", [1])
+    queue = BlockQueue(max_batch=8)
+    ms = 1_000_000
+    # No history yet: a session answered is expected back at once (the wait as before).
+    queue.answered([a.session, b.session], now_ns=0)
+    assert queue.late_by(deadline_ns=5 * ms) == 0
+    # a comes back 9 ms after its verdict (drafting), b after 1 ms (a round trip).
+    queue.put(block(b, 1, enqueued_ns=1 * ms))
+    queue.put(block(a, 1, enqueued_ns=9 * ms))
+    assert a.session.return_ns == pytest.approx(0.2 * 9 * ms)
+    for _ in range(20):  # verified, answered, back: the running means settle
+        queue.take()
+        queue.answered([a.session, b.session], now_ns=0)
+        queue.put(block(b, 1, enqueued_ns=1 * ms))
+        queue.put(block(a, 1, enqueued_ns=9 * ms))
+    queue.take()
+    queue.answered([a.session, b.session], now_ns=100 * ms)
+    # Within a wait of 5 ms only b is due; a is still drafting: late.
+    assert queue.late_by(deadline_ns=105 * ms) == 1
+    assert queue.late_by(deadline_ns=110 * ms) == 0
+    # A session with a block already waiting is not late; a closed stream neither.
+    queue.put(block(b, 1, enqueued_ns=101 * ms))
+    queue.answered([b.session], now_ns=102 * ms)
+    assert queue.late_by(deadline_ns=105 * ms) == 1
+    a.session.active_streams = 0
+    assert queue.late_by(deadline_ns=105 * ms) == 0

@@ -26,6 +26,8 @@ from specdec.core.messages import (
     AssignmentFinished,
     AssignmentOpened,
     CancelAssignment,
+    CommitKey,
+    CommitTicket,
     Registered,
     ReleaseDraftSession,
     ReleaseSessions,
@@ -65,6 +67,8 @@ def _value(hint: Any, default: Any) -> Any:
         return next(_counter) + 0.5
     if hint is str:
         return f"s{next(_counter)}"
+    if hint is bytes:
+        return b"b%d" % next(_counter)
     if origin is list:
         return [next(_counter), next(_counter)]
     if origin is tuple:
@@ -161,20 +165,30 @@ def test_stats_round_trip() -> None:
 
 # RoundReport fields a commit does not carry: the gateway derives them from the commit.
 DERIVED_ROUND_FIELDS = {"k", "committed", "committed_length", "wall_ns"}
+# ... and those it carries outside its RoundReport: the proof as AssignmentCommit.proof,
+# the tokens after a stop among its token_ids.
+RELAYED_ROUND_FIELDS = {"proof", "cut"}
 
 
 def test_a_commit_round_trips_with_its_round() -> None:
     tokens = (11, 12)
     report = distinct(
-        RoundReport, committed=len(tokens), committed_length=40 + len(tokens), wall_ns=0
+        RoundReport,
+        committed=len(tokens),
+        committed_length=40 + len(tokens),
+        wall_ns=0,
+        proof=b"",
+        cut=(),
     )
     report = dataclasses.replace(report, k=report.proposed)
-    commit = AssignmentCommitted("a1", 40, tokens, report)
+    commit = AssignmentCommitted("a1", 40, tokens, report, proof=b"the oracle's")
     back = convert.worker_message_from_pb(convert.worker_message_to_pb(commit))
     assert back == commit
     assert len(back.report.logprobs) == len(tokens) and back.report.logprobs[0].top_token_ids
     sent = {f.name for f in registry_pb2.RoundReport.DESCRIPTOR.fields}
-    assert {f.name for f in dataclasses.fields(RoundReport)} == sent | DERIVED_ROUND_FIELDS
+    assert {f.name for f in dataclasses.fields(RoundReport)} == (
+        sent | DERIVED_ROUND_FIELDS | RELAYED_ROUND_FIELDS
+    )
 
 
 # -- workers -------------------------------------------------------------------------------
@@ -216,6 +230,7 @@ def _assignment(**speculation: Any) -> Assignment:
         params=params,
         speculation=Speculation(drafter=DrafterKind.MODEL, **speculation),
         trace_context={"traceparent": "00-abc-def-01"},
+        commit=CommitTicket("k1", b"nonce"),
     )
 
 
@@ -276,6 +291,7 @@ def test_a_failure_with_a_status_unknown_here_reads_as_unknown() -> None:
     "message",
     [
         Registered(250),
+        Registered(250, CommitKey("k1", b"secret")),
         CancelAssignment("a1", "done"),
         ReleaseDraftSession("s1"),
         ReleaseSessions(("s1", "s2")),

@@ -30,7 +30,12 @@ def test_healthcheck_does_not_import_torch() -> None:
 
 
 def test_delegated_subcommands_show_their_own_help() -> None:
-    for name, flag in (("train", "--out"), ("eval-pair", "--pair"), ("bench", "--delays")):
+    for name, flag in (
+        ("train", "--out"),
+        ("eval-pair", "--pair"),
+        ("bench", "--prompt-data"),
+        ("distill", "--draft-size"),
+    ):
         out = subprocess.run(
             [sys.executable, "-m", "specdec.cli", name, "--help"],
             capture_output=True,

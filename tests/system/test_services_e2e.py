@@ -119,6 +119,30 @@ def test_greedy_output_equals_oracle_alone(system: tuple[Cluster, Path], k: int)
             assert result.stats.accepted_tokens <= result.stats.proposed_tokens
 
 
+def test_a_stop_inside_a_verdict_ends_the_output_there(system: tuple[Cluster, Path]) -> None:
+    """A draft reports each verdict whole (the oracle's proof covers all of it); the
+    gateway's stop checker cuts the output right after the stop token."""
+    c, oracle_path = system
+    cuts = 0
+    with Client(c.address, timeout=60) as client:
+        for prompt in PROMPTS:
+            expected = reference(oracle_path, prompt, 24)
+            # The latest first occurrence: a stop likely inside a multi-token verdict.
+            stop = max(expected, key=expected.index)
+            end = expected.index(stop) + 1
+            session = client.create_session()
+            result = client.generate(
+                prompt, session_id=session, max_new_tokens=24, k=4, stop_token_ids=[stop],
+                ignore_eos=True,
+            )  # fmt: skip
+            assert result.token_ids == expected[:end], prompt
+            assert result.finish_reason == "stop_token"
+            assert list(client.get_session(session).token_ids) == prompt + expected[:end]
+            assert (result.stats.draft_id, result.stats.failovers) == ("draft-a", 0)
+            cuts += result.stats.proposed_tokens > 0 and end > 1
+    assert cuts > 0
+
+
 def test_ngram_drafter_is_exact(system: tuple[Cluster, Path]) -> None:
     c, oracle_path = system
     prompt = PROMPTS[1] * 2

@@ -1,0 +1,81 @@
+"""The commit gate (``gateway.commits``): a commit is applied only where the session is,
+with the oracle's proof; a worker ends a turn only at the context limit."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.commits import CommitGate, CommitRefused
+from specdec.core.messages import (
+    Assignment,
+    AssignmentCommitted,
+    AssignmentFinished,
+    CommitKey,
+    CommitTicket,
+)
+from specdec.core.sampling import SamplingParams
+from specdec.core.stopping import FinishReason
+from specdec.core.types import RoundReport, Speculation
+from specdec.rpc.commit_proof import CommitChain
+
+KEY = CommitKey("k1", b"s" * 32)
+JOB = Assignment(
+    assignment_id="a1", session_id="s1", oracle_id="o1", oracle_address="", token_ids=(1, 5, 9),
+    prompt_tokens=3, params=SamplingParams(temperature=0.5, seed=1), seed=7,
+    speculation=Speculation(), max_context=6, commit=CommitTicket("k1", b"n" * 16),
+)  # fmt: skip
+REPORT = RoundReport(0, 0, 0, 0, False, 1, 4, 0, 0, 0, 0)
+
+
+def _oracle() -> CommitChain:
+    """The oracle's side of the chain, as it opens with the job's terms."""
+    assert JOB.commit is not None
+    p = JOB.params
+    return CommitChain(
+        KEY.secret, JOB.commit, JOB.session_id, JOB.token_ids,
+        temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=JOB.seed,
+    )  # fmt: skip
+
+
+def _commit(base: int, tokens: tuple[int, ...], proof: bytes) -> AssignmentCommitted:
+    return AssignmentCommitted("a1", base, tokens, REPORT, proof)
+
+
+def test_commits_with_the_oracles_proofs_pass_in_order() -> None:
+    oracle, gate = _oracle(), CommitGate(JOB, KEY)
+    gate.commit(_commit(3, (20, 21), oracle.seal(3, (20, 21))), committed_length=3)
+    gate.commit(_commit(5, (22,), oracle.seal(5, (22,))), committed_length=5)
+
+
+def test_a_commit_off_the_sessions_length_is_refused() -> None:
+    proof = _oracle().seal(3, (20,))
+    with pytest.raises(CommitRefused, match="after 3 tokens, but the session holds 4"):
+        CommitGate(JOB, KEY).commit(_commit(3, (20,), proof), committed_length=4)
+
+
+def test_without_a_key_nothing_is_applied() -> None:
+    proof = _oracle().seal(3, (20,))
+    with pytest.raises(CommitRefused, match="no commit key"):
+        CommitGate(JOB, None).commit(_commit(3, (20,), proof), committed_length=3)
+
+
+@pytest.mark.parametrize(
+    ("reason", "length", "allowed"),
+    [
+        (FinishReason.CONTEXT_LIMIT, 6, True),
+        (FinishReason.CONTEXT_LIMIT, 5, False),
+        (FinishReason.EOS, 6, False),
+        (FinishReason.LENGTH, 4, False),
+        (None, 4, False),
+    ],
+)
+def test_a_worker_ends_a_turn_only_at_the_context_limit(
+    reason: FinishReason | None, length: int, allowed: bool
+) -> None:
+    gate = CommitGate(JOB, KEY)
+    finished = AssignmentFinished("a1", reason)
+    if allowed:
+        gate.finish(finished, length)
+    else:
+        with pytest.raises(CommitRefused, match="where the oracle's output goes on"):
+            gate.finish(finished, length)
