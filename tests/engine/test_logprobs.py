@@ -1,6 +1,6 @@
 """Logprobs from the verify pass: every path that judges a block (one session alone, a
-batch over HF caches, a batch over static KV slots) gives each committed token the
-oracle's own log-softmax, and the same verdict as without them."""
+batch over HF caches, a batch over static KV slots, a batch over paged KV) gives each
+committed token the oracle's own log-softmax, and the same verdict as without them."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from specdec.core.types import Verdict, committed_tokens
 from specdec.engine.batched import BatchItem, verify_batch
 from specdec.engine.models import LoadedModel
 from specdec.engine.oracle import Oracle
+from specdec.engine.paged_kv import PagedCache, PagedPool
 from specdec.engine.static_kv import SlotCache, SlotPool
 from tests.engine.test_batched_verify import ROWS, make_rows, next_logits, outcome_verdict
 
@@ -61,7 +62,7 @@ def with_logprobs(items: list[BatchItem], params: SamplingParams | None) -> list
 SAMPLED = SamplingParams(temperature=0.7, top_k=40, top_p=0.9)
 
 
-@pytest.mark.parametrize("path", ["alone", "batched", "slots"])
+@pytest.mark.parametrize("path", ["alone", "batched", "slots", "paged"])
 @pytest.mark.parametrize(("mode", "params"), [("greedy", None), ("q", SAMPLED)])
 def test_each_committed_token_gets_the_oracles_log_softmax_and_the_same_verdict(
     path: str, mode: str, params: SamplingParams | None, loaded: Callable[[str, str], LoadedModel]
@@ -70,10 +71,14 @@ def test_each_committed_token_gets_the_oracles_log_softmax_and_the_same_verdict(
     plain = Oracle(model)
     accepted = set()
     for seed in (21, 22):
-        # The static KV path as the GPU runs it, eagerly on the CPU (a pool per batch: its
-        # 8 slots hold one batch's rows).
-        slots = SlotPool(model, 8, cuda_graphs=False) if path == "slots" else None
-        oracle = Oracle(model, slots)
+        # The static and paged KV paths as the GPU runs them, eagerly on the CPU (a pool
+        # per batch: it holds one batch's rows; the paged one verifies them in two forwards).
+        pool: SlotPool | PagedPool | None = None
+        if path == "slots":
+            pool = SlotPool(model, 8, cuda_graphs=False)
+        elif path == "paged":
+            pool = PagedPool(model, 64, max_rows=4, cuda_graphs=False, verify_tokens=40)
+        oracle = Oracle(model, pool)
         rows = make_rows(model, oracle, mode, seed, ROWS, alone_oracle=plain)
         asked = with_logprobs(rows.batched, params)
         unasked = [
@@ -89,8 +94,9 @@ def test_each_committed_token_gets_the_oracles_log_softmax_and_the_same_verdict(
             result = verify_batch(oracle, asked)
             assert result.forward_rows == len(ROWS)
             verdicts = [outcome_verdict(o) for o in result.results]
-            if path == "slots":
-                assert all(isinstance(i.cache, SlotCache) for i in asked)
+            kind = {"slots": SlotCache, "paged": PagedCache}.get(path)
+            if kind is not None:
+                assert all(isinstance(i.cache, kind) for i in asked)
         for item, plain_item, verdict in zip(asked, unasked, verdicts, strict=True):
             check(model, item, verdict)
             # Asking for logprobs changes no token: the verdict without them is the same.
