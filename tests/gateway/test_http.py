@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import openai
 import pytest
 import torch
@@ -265,6 +266,16 @@ def test_errors_are_openai_shaped_with_their_http_status(rig: Rig) -> None:
         client.chat.completions.create(
             model=rig.model, messages=[{"role": "user", "content": "x"}], top_logprobs=2
         )
+    with pytest.raises(openai.BadRequestError, match="top_logprobs must be"):
+        client.chat.completions.create(
+            model=rig.model, messages=[{"role": "user", "content": "x"}], logprobs=True,
+            top_logprobs=21,
+        )  # fmt: skip
+    # The same bound over gRPC.
+    with Client(rig.cluster.address, timeout=60) as c, pytest.raises(grpc.RpcError) as refused:
+        c.generate(PROMPT, logprobs=21)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "logprobs must be None or an integer in [0, 20]" in str(refused.value.details())
     with pytest.raises(openai.NotFoundError, match="does not exist here") as missing:
         client.completions.create(model="gpt-4o", prompt="x")
     assert missing.value.body["code"] == "model_not_found"  # type: ignore[index]
@@ -373,6 +384,10 @@ def test_bearer_tokens_principals_and_limits_apply_over_http(locked: tuple[Clust
         as_("tok-a").chat.completions.create(
             model="any", messages=[{"role": "user", "content": "hi"}]
         )
+    with Client(c.address, token="tok-a", timeout=10) as alice, pytest.raises(grpc.RpcError) as no:
+        alice.chat([{"role": "user", "content": "hi"}])
+    assert no.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "--chat-template" in str(no.value.details())
     # The session limit (3): alice's, two more, then 429. The one-off that got 503 holds
     # no place: an HTTP client cannot resume it, so its session is gone with it.
     created = [http("POST", url + "/v1/sessions", token="tok-b") for _ in range(3)]
