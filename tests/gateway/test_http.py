@@ -174,6 +174,26 @@ def test_chat_completions_equal_the_oracle_alone_on_the_chat_template(
     assert finish == ("stop" if len(expected_ids) < 20 else "length")
 
 
+def test_a_chat_turn_stops_at_the_templates_end_of_turn(rig: Rig) -> None:
+    """The ChatML model ends this reply with <|im_end|> (not EOS) well before max_tokens:
+    the turn stops there, over both APIs; without the stop rules it runs on past it."""
+    messages: list[Any] = [{"role": "user", "content": "the dog sat on the log"}]
+    im_end = rig.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    expected = _chat_reference(str(rig.oracle_path), tuple(chat_ids(rig, messages)), 40)
+    assert expected[-1] == im_end and len(expected) < 40  # the premise of the test
+    with Client(rig.cluster.address, timeout=60) as grpc_client:
+        stopped = grpc_client.chat(messages, max_new_tokens=40)
+        ignored = grpc_client.chat(messages, max_new_tokens=40, ignore_eos=True)
+    assert stopped.finish_reason == "stop_token" and stopped.token_ids == expected
+    assert len(ignored.token_ids) == 40 and ignored.token_ids[: len(expected)] == expected
+    completion = rig.openai().chat.completions.create(
+        model=rig.model, messages=messages, max_tokens=40, temperature=0
+    )
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens == len(expected)
+
+
 def test_a_chat_session_goes_on_over_http_and_grpc(rig: Rig) -> None:
     client = rig.openai()
     status, _, created = http("POST", rig.url + "/v1/sessions")
