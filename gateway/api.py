@@ -145,14 +145,13 @@ class GatewayApi:
         if len(forms) > 1:
             raise InvalidArgument(f"set one of prompt, prompt_token_ids and messages, not {forms}")
         check_turn_id(call.turn_id, call.resume_after)
-        if call.is_chat:
-            _check_messages(call.messages)
-            if self.chat is None:
-                raise InvalidArgument(NO_TEMPLATE)
+        _check_messages(call.messages)
         contexts = [o.info.max_context for o in self.runner.registry.oracles()]
         # A chat's text is its messages' contents (the template adds a bounded few each).
         text = call.prompt or "".join(m.content for m in call.messages)
         self.limits.check(text, call.params.stop, max(contexts, default=0))
+        if call.is_chat and self.chat is None:
+            raise InvalidArgument(NO_TEMPLATE)
         speculation = call.speculation.over(Speculation(k=self.default_k))
         if speculation.drafter is DrafterKind.NONE:
             speculation = dataclasses.replace(speculation, k=0)

@@ -355,13 +355,14 @@ def _kv_is(port: int, kv_bytes: int) -> bool:
 
 @pytest.fixture(scope="module")
 def locked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, str]]:
-    """A gateway with application tokens for alice and bob, at most 3 sessions, the demo
-    tokenizer (no chat template) and no worker at all."""
+    """A gateway with application tokens for alice and bob, at most 3 sessions, small
+    input limits, the demo tokenizer (no chat template) and no worker at all."""
     with cluster(tmp_path_factory.mktemp("http-auth")) as c:
         http_port = free_port()
         c.start_gateway(
             "--http-port", str(http_port), "--auth-tokens", "alice:tok-a,bob:tok-b",
             "--worker-token", "tok-w", "--max-sessions", "3", "--worker-wait-s", "0.2",
+            "--max-prompt-chars", "64", "--max-request-bytes", "4096",
         )  # fmt: skip
         url = f"http://127.0.0.1:{http_port}"
         wait_until(lambda: _reachable(url + "/health"), timeout=120, what="HTTP API up")
@@ -393,6 +394,16 @@ def test_bearer_tokens_principals_and_limits_apply_over_http(locked: tuple[Clust
         session = alice.create_session()
     assert http("GET", f"{url}/v1/sessions/{session}", token="tok-a")[0] == 200
     assert http("GET", f"{url}/v1/sessions/{session}", token="tok-b")[0] == 404
+    # The gateway's input limits, before any work: the prompt's characters (a chat's
+    # too), and the body's bytes, unread past the limit.
+    for route, body in (
+        ("completions", {"prompt": "x" * 65}),
+        ("chat/completions", {"messages": [{"role": "user", "content": "x" * 65}]}),
+    ):
+        status, _, refused = http("POST", f"{url}/v1/{route}", body, token="tok-a")
+        assert status == 400 and "--max-prompt-chars" in refused["error"]["message"]
+    status, _, refused = http("POST", url + "/v1/completions", {"prompt": "x" * 5000}, "tok-a")
+    assert status == 413 and "--max-request-bytes" in refused["error"]["message"]
     # No oracle registered: 503, with a Retry-After.
     status, headers, body = http(
         "POST", url + "/v1/completions", {"prompt": "hello", "max_tokens": 2}, token="tok-a"
