@@ -143,3 +143,16 @@ def run_script(name: str, *args: str, out: Path) -> tuple[str, list[dict[str, An
     command = [sys.executable, str(script), *args, "--out", str(out)]
     printed = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return printed, json.loads(out.read_text())["rows"]
+
+
+def run_bench(argv: list[str], out: Path) -> dict[str, Any]:
+    """``specdec bench`` with ``argv`` (its ``--out`` among them, ``out``), in this
+    process: it must exit 0; the JSON it wrote."""
+    import pytest
+
+    from specdec.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", *argv])
+    assert exit_info.value.code == 0
+    return dict(json.loads(out.read_text()))

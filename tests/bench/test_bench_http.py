@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
-from specdec.cli import main
+from tests.cluster_tools import run_bench
 
 PROMPTS = 2
 NEW_TOKENS = 8
@@ -17,15 +14,12 @@ NEW_TOKENS = 8
 def test_http_bench_end_to_end(tmp_path: Path, model_dir: Callable[[str, str], Path]) -> None:
     out = tmp_path / "http.json"
     argv = [
-        "bench", "--http", "--prompts", str(PROMPTS), "--prompt-tokens", "32",
+        "--http", "--prompts", str(PROMPTS), "--prompt-tokens", "32",
         "--max-new-tokens", str(NEW_TOKENS), "--http-reps", "1",
         "--oracle-model", str(model_dir("llama", "oracle")),
         "--draft-model", str(model_dir("llama", "close_draft")), "--out", str(out),
     ]  # fmt: skip
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 0
-    report = json.loads(out.read_text())
+    report = run_bench(argv, out)
     rows = [(r["config"], r["api"]) for r in report["rows"]]
     assert rows == [
         ("oracle alone k=0", "grpc"), ("oracle alone k=0", "http"),
