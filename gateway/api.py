@@ -13,9 +13,10 @@ session's conversation, ``gateway/chat.py``) or resumed (``gateway/resume.py``),
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -126,8 +127,11 @@ class GatewayApi:
                     new = dataclasses.replace(turn, resume_after=None)
                     turn = await self._prompt(session, call, new)
                 started = True
-                async for chunk in self._run(session, turn):
-                    yield chunk
+                # Closed here, under the turn lock: a cancelled turn notes its workers
+                # in the session before the lock lets go (not when garbage-collected).
+                async with contextlib.aclosing(self._run(session, turn)) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
             except Unavailable:
                 resumable = True  # the client may resume it: a one-off's session stays
                 raise
@@ -224,7 +228,7 @@ class GatewayApi:
         extra = tuple(i for i in self.stop_token_ids(chat=call.is_chat) if i not in own)
         return dataclasses.replace(params, stop_token_ids=own + extra)
 
-    async def _run(self, session: Session, turn: TurnRequest) -> AsyncIterator[Chunk]:
+    async def _run(self, session: Session, turn: TurnRequest) -> AsyncGenerator[Chunk, None]:
         watch = request_observer(  # None when telemetry is off
             session.session_id,
             len(turn.prompt_ids),
@@ -234,10 +238,11 @@ class GatewayApi:
             chat=turn.chat is not None,
         )
         try:
-            async for chunk in self.runner.run(session, turn):
-                if watch is not None:
-                    watch.chunk(chunk)
-                yield chunk
+            async with contextlib.aclosing(self.runner.run(session, turn)) as chunks:
+                async for chunk in chunks:
+                    if watch is not None:
+                        watch.chunk(chunk)
+                    yield chunk
         finally:
             if watch is not None:
                 watch.close()

@@ -16,7 +16,7 @@ import contextlib
 import dataclasses
 import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -208,7 +208,7 @@ class TurnRunner:
 
     # -- the turn ------------------------------------------------------------
 
-    async def run(self, session: Session, request: TurnRequest) -> AsyncIterator[Chunk]:
+    async def run(self, session: Session, request: TurnRequest) -> AsyncGenerator[Chunk, None]:
         """Stream the turn's chunks; commits land in ``session.tokens`` as they arrive."""
         params = request.params
         stop = turn_stop_checker(params, self.eos_token_ids(), self._decode)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -50,8 +51,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self, request: gateway_pb2.GenerateRequest, context: Any
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         call = self._call(request)
-        async for chunk in self._api.generate(call, caller_of(context)):
-            yield _response(chunk, call.session_id, call.turn_id)
+        # Closed as the call ends, cancelled or not: the turn's cleanup runs now.
+        async with contextlib.aclosing(self._api.generate(call, caller_of(context))) as chunks:
+            async for chunk in chunks:
+                yield _response(chunk, call.session_id, call.turn_id)
 
     # -- sessions ------------------------------------------------------------
 
