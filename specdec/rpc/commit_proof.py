@@ -13,16 +13,15 @@ gateway hold, and the gateway applies no commit whose proof does not verify.
 
 HMAC-SHA256 throughout; every variable-length field is length-prefixed; logprobs_i
 are the commit's ``TokenLogprob``s (none: an empty list), each value as the float32
-that carries it. The gateway
-picks the nonce for each attempt of a turn (``CommitTicket``) and both sides run the
-same chain: the oracle seals each verdict it commits (``CommitChain.seal``), the
-gateway checks each commit a worker reports (``CommitChain.check``). A proof therefore
-binds the session, the attempt, the context and the sampling the oracle verified
-under, the position, the tokens and their logprobs, and every commit before it: forged
-proofs, proofs
-replayed from another turn or session, tokens shifted, altered or reordered, and an
-oracle opened on another context, temperature or seed all fail. 128 bits of tag leave
-a forger one chance in 2^128 per try, and a refused commit ends its worker's turn.
+that carries it. The gateway picks the nonce for each attempt of a turn
+(``CommitTicket``) and both sides run the same chain: the oracle seals each verdict it
+commits (``CommitChain.seal``), the gateway checks each commit a worker reports
+(``CommitChain.check``). A proof therefore binds the session, the attempt, the context
+and the sampling the oracle verified under, the position, the tokens and their
+logprobs, and every commit before it: forged proofs, proofs replayed from another turn
+or session, tokens shifted, altered or reordered, and an oracle opened on another
+context, temperature or seed all fail. 128 bits of tag leave a forger one chance in
+2^128 per try, and a refused commit ends its worker's turn.
 
 Without ``--grant-secret`` the gateway draws a random secret per oracle registration;
 with it, every gateway replica derives the same secret per oracle from it, so that a
