@@ -5,9 +5,10 @@ draft, possibly on a stolen edge device) must not be able to change them. So a r
 changes the session only when it is the oracle's word:
 
 * a commit must extend exactly the session's committed length, and carry the oracle's
-  proof of exactly these tokens there, next in the attempt's chain
-  (``specdec.rpc.commit_proof``: the chain also binds the session, the attempt, and the
-  context and sampling the oracle verified under);
+  proof of exactly these tokens there and of their logprobs, next in the attempt's
+  chain (``specdec.rpc.commit_proof``: the chain also binds the session, the attempt,
+  and the context and sampling the oracle verified under); a turn that asks for
+  logprobs gets one per token of each commit;
 * a turn ends where the gateway's own stop checker ends it; a worker may end it only
   at the context limit, which the gateway checks too.
 
@@ -48,6 +49,7 @@ class CommitGate:
                 seed=job.seed,
             )
         self._max_context = job.max_context
+        self._logprobs = job.params.logprobs is not None
 
     def commit(self, event: AssignmentCommitted, committed_length: int) -> None:
         """Return if ``event`` is the oracle's next commit of this attempt; else refuse."""
@@ -58,10 +60,17 @@ class CommitGate:
             )
         if self._chain is None:
             raise CommitRefused("the oracle of this attempt has no commit key to prove it with")
-        if not self._chain.check(event.base_length, event.token_ids, event.proof):
+        logprobs = event.report.logprobs
+        if len(logprobs) != (len(event.token_ids) if self._logprobs else 0):
+            raise CommitRefused(
+                f"a commit of {len(event.token_ids)} tokens with {len(logprobs)} logprobs, "
+                f"where the turn asked for {'one each' if self._logprobs else 'none'}"
+            )
+        if not self._chain.check(event.base_length, event.token_ids, event.proof, logprobs):
             raise CommitRefused(
                 f"a commit of {len(event.token_ids)} tokens after {event.base_length} without "
-                "the oracle's proof (forged, replayed, or not the tokens the oracle committed)"
+                "the oracle's proof (forged, replayed, or not the tokens and logprobs the "
+                "oracle committed)"
             )
 
     def finish(self, event: AssignmentFinished, committed_length: int) -> None:

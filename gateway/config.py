@@ -15,6 +15,12 @@ class GatewayConfig(SecuritySettings, TelemetrySettings):
     host: str = setting("0.0.0.0", "interface to listen on")
     port: int = setting(50051, "port of the public API and of the worker registry")
     tokenizer: str = setting("", "tokenizer folder or hub id (default: the demo oracle's)")
+    chat_template: str = setting(
+        "", "Jinja chat template FILE for chat requests (default: the tokenizer's own)"
+    )
+    http_port: int = setting(
+        -1, "port of the OpenAI-compatible HTTP API on --host (-1 = off, 0 = any free port)"
+    )
     default_k: int = setting(
         SPECULATION_DEFAULTS.k,
         "tokens drafted per round when a request does not say (with --default-adaptive: "

@@ -16,7 +16,7 @@ import contextlib
 import dataclasses
 import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -28,6 +28,7 @@ from gateway.registry import Registry, Worker
 from gateway.resume import continue_turn
 from gateway.sessions import Session
 from gateway.store import TurnRecord
+from gateway.store.base import ChatRecord
 from specdec.core.adaptive import AdaptiveMemory
 from specdec.core.errors import (
     FailedPrecondition,
@@ -48,7 +49,7 @@ from specdec.core.messages import (
 )
 from specdec.core.sampling import SamplingParams, resolve_seed, validate_token_ids
 from specdec.core.stopping import FinishReason, turn_stop_checker
-from specdec.core.types import DrafterKind, Speculation, TurnStats
+from specdec.core.types import DrafterKind, Speculation, TokenLogprob, TurnStats
 from specdec.core.vocab import vocabulary_mismatch
 from specdec.core.wiring import run_assignment
 from specdec.drafters.ngram import NgramDrafter
@@ -82,6 +83,7 @@ class TurnRequest:
     speculation: Speculation
     turn_id: str = ""
     resume_after: int | None = None
+    chat: ChatRecord | None = None  # a chat turn's conversation (``gateway.chat``)
 
     @property
     def k(self) -> int:
@@ -90,12 +92,14 @@ class TurnRequest:
 
 @dataclass(frozen=True)
 class Chunk:
-    """What one GenerateResponse carries; the last one has finish_reason and summary."""
+    """What one GenerateResponse carries; the last one has finish_reason and summary.
+    ``logprobs``: one per token id when the request asks for them, else empty."""
 
     token_ids: list[int]
     text: str
     finish_reason: FinishReason | None = None
     summary: TurnSummary | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass
@@ -204,7 +208,7 @@ class TurnRunner:
 
     # -- the turn ------------------------------------------------------------
 
-    async def run(self, session: Session, request: TurnRequest) -> AsyncIterator[Chunk]:
+    async def run(self, session: Session, request: TurnRequest) -> AsyncGenerator[Chunk, None]:
         """Stream the turn's chunks; commits land in ``session.tokens`` as they arrive."""
         params = request.params
         stop = turn_stop_checker(params, self.eos_token_ids(), self._decode)
@@ -240,6 +244,7 @@ class TurnRunner:
                         len(request.prompt_ids),
                         dataclasses.replace(params, seed=seed),
                         request.speculation,
+                        chat=request.chat,
                     ),
                 )
                 started = True
@@ -274,6 +279,7 @@ class TurnRunner:
                         break
                     keep, finish = stop.feed(event.token_ids)
                     tokens = list(event.token_ids[:keep])
+                    logprobs = event.report.logprobs[:keep]
                     await session.commit(tokens)  # durable before the client sees them
                     produced += keep
                     summary.stats.add(dataclasses.replace(event.report, committed=keep))
@@ -284,7 +290,7 @@ class TurnRunner:
                     if finish is not None:
                         break
                     if tokens:
-                        yield Chunk(tokens, text)
+                        yield Chunk(tokens, text, logprobs=logprobs)
             except _Broke as broke:
                 if summary.failovers >= self._max_failovers:
                     raise Unavailable(
@@ -315,7 +321,7 @@ class TurnRunner:
             summary.stats.total_ns = int((loop.time() - t_start) * 1e9)
             last = tokens if finish is not None and not ended else []
             tail = decoder.feed(last) if last else ""
-            yield Chunk(last, tail + decoder.flush(), finish, summary)
+            yield Chunk(last, tail + decoder.flush(), finish, summary, logprobs if last else ())
             return
 
     async def _refuse(

@@ -8,8 +8,11 @@ from collections.abc import Sequence
 
 from transformers import AutoTokenizer
 
+from gateway.api import GatewayApi
+from gateway.chat import ChatTemplate
 from gateway.config import GatewayConfig
 from gateway.generation import TurnRunner
+from gateway.http.server import start_http
 from gateway.limits import RequestLimits, longest_token_chars
 from gateway.registry import Registry, RegistryServicer
 from gateway.servicer import GatewayServicer
@@ -22,7 +25,12 @@ from specdec.rpc.grants import GrantSigner
 from specdec.rpc.health_endpoint import start_health_endpoint
 from specdec.rpc.logs import configure_logging
 from specdec.rpc.request_guard import ByteLimit
-from specdec.rpc.security import ChannelSecurity, gateway_auth, server_credentials
+from specdec.rpc.security import (
+    ChannelSecurity,
+    application_tokens,
+    gateway_auth,
+    server_credentials,
+)
 from specdec.rpc.server import ServiceServer, start_server
 from specdec.telemetry import configure_telemetry
 from specdec.v1 import gateway_pb2, gateway_pb2_grpc, registry_pb2, registry_pb2_grpc
@@ -72,15 +80,17 @@ async def start(config: GatewayConfig) -> ServiceServer:
     )
     store = await open_store(config.session_store, config.state_dir)
     sessions = SessionTable(store, config.max_sessions, config.session_ttl_s)
-    servicer = GatewayServicer(
+    api = GatewayApi(
         runner,
         sessions,
         tokenizer,
+        chat=ChatTemplate.load(tokenizer, config.chat_template),
         default_k=config.default_k,
         default_max_new_tokens=config.default_max_new_tokens,
         default_adaptive=config.default_adaptive,
         limits=limits,
     )
+    servicer = GatewayServicer(api)
     server = await start_server(
         f"{config.host}:{config.port}",
         [
@@ -105,12 +115,19 @@ async def start(config: GatewayConfig) -> ServiceServer:
         max_receive_bytes=limits.receive_bytes,
     )
     await start_health_endpoint(config.health_host, config.health_port, server)
-    server.on_drain.append(servicer.drain)
+    if config.http_port >= 0:
+        tokens = application_tokens(config.auth_token, config.auth_tokens)
+        http = await start_http(
+            api, tokens or None, host=config.host, port=config.http_port, security=config
+        )
+        server.on_drain.append(http.drain)
+        server.on_stop.insert(0, http.stop)
+    server.on_drain.append(api.drain)
     server.on_stop.append(store.close)
     server.on_stop.append(telemetry.shutdown)  # flushes the spans of the last requests
 
     async def stop_tokenizing() -> None:
-        servicer.close()
+        api.close()
 
     server.on_stop.append(stop_tokenizing)
     await server.set_serving(True)

@@ -34,6 +34,7 @@ from specdec.core.messages import (
     CommitKey,
     GatewayMessage,
     Registered,
+    ReleaseDraftSession,
     ReleaseSessions,
     WorkerKind,
     WorkerLoad,
@@ -113,6 +114,19 @@ class Worker:
         except grpc.aio.AioRpcError:
             return False
         return True
+
+    async def release_session(self, session_id: str, timeout_s: float = 2.0) -> None:
+        """Make this worker forget the session's KV cache: an oracle by ReleaseSession, a
+        draft by a message down its stream (best effort: the caches are soft state)."""
+        if not self.is_oracle:
+            self.outbox.put_nowait(ReleaseDraftSession(session_id))
+            return
+        try:
+            await self.oracle_stub().ReleaseSession(
+                oracle_pb2.ReleaseSessionRequest(session_id=session_id), timeout=timeout_s
+            )
+        except Exception as exc:
+            log.debug("release on %s failed: %s", self.worker_id, exc)
 
     @property
     def uptime_s(self) -> float:

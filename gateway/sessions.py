@@ -31,6 +31,7 @@ class Session(SessionRecord):
 
     store: SessionStore | None = field(default=None, repr=False)
     fence: Fence | None = field(default=None, repr=False)
+    _previous_turn: TurnRecord | None = field(default=None, repr=False)  # of a running turn
 
     @classmethod
     def of(cls, record: SessionRecord, store: SessionStore) -> Session:
@@ -49,7 +50,7 @@ class Session(SessionRecord):
         store, fence = self._writer()
         await store.append(fence, len(self.tokens), prompt_ids, turn)
         self.tokens.extend(prompt_ids)
-        self.turn = turn
+        self._previous_turn, self.turn = self.turn, turn
 
     async def commit(self, token_ids: Sequence[int]) -> None:
         """Commit one round's tokens; durable when this returns."""
@@ -59,11 +60,14 @@ class Session(SessionRecord):
             self.tokens.extend(token_ids)
 
     async def rollback(self, length: int) -> None:
-        """Undo a turn that produced nothing: its prompt and its record go."""
+        """Undo a turn that produced nothing: its prompt and its record go, and the turn
+        before it is the latest again (a chat goes on from it)."""
         store, fence = self._writer()
         await store.truncate(fence, length)
         del self.tokens[length:]
-        self.turn = None
+        self.turn, self._previous_turn = self._previous_turn, None
+        if self.turn is not None:
+            await store.update(self)
 
     async def note_workers(self, oracle_id: str, draft_id: str) -> None:
         """Where the session's caches are, when a turn ends short of finishing (cancelled):

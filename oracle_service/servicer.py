@@ -245,7 +245,8 @@ class _Answer:
         )
         if chain is not None:
             committed = (*self.tokens[: verdict.num_accepted], verdict.next_token)
-            proof = chain.seal(result.committed_length - len(committed), committed)
+            base = result.committed_length - len(committed)
+            proof = chain.seal(base, committed, verdict.logprobs or ())
             result = dataclasses.replace(result, proof=proof)
         return verdict_to_pb(pb.round, result, rescued=self.is_rescue)
 

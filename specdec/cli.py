@@ -154,7 +154,14 @@ def _add_generate(sub: Any) -> None:
     from specdec.config import env_default
 
     p = sub.add_parser("generate", help="stream a generation through a gateway")
-    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("prompt", help="the prompt text (with --chat: the user's message)")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="send the prompt as a user message, rendered with the model's chat template "
+        "(in a --session: the conversation goes on)",
+    )
+    p.add_argument("--system", default=None, help="with --chat: a system message first")
     p.add_argument(
         "--gateway",
         default=env_default("gateway", "localhost:50051"),
@@ -191,12 +198,19 @@ def _generate(args: argparse.Namespace) -> None:
         **speculation_request(args),
     )
     tls = {"ca": args.tls_ca, "cert": args.tls_cert, "key": args.tls_key}
-    print_generation(args.gateway, args.prompt, request, token=args.token, tls=tls)
+    prompt: Any = args.prompt
+    if args.system is not None and not args.chat:
+        sys.exit("error: --system needs --chat")
+    if args.chat:
+        prompt = [{"role": "user", "content": args.prompt}]
+        if args.system is not None:
+            prompt.insert(0, {"role": "system", "content": args.system})
+    print_generation(args.gateway, prompt, request, token=args.token, tls=tls)
 
 
 def print_generation(
     gateway: str,
-    prompt: str,
+    prompt: Any,
     request: dict[str, Any],
     *,
     token: str | None = None,
@@ -204,6 +218,7 @@ def print_generation(
 ) -> None:
     """Stream one generation to stdout, then its statistics to stderr; exit on an error.
 
+    prompt: text, or chat messages (``specdec.client.Prompt``);
     request: ``specdec.client.build_request``'s keywords; tls: its ca, cert and key
     (TLS when ca or cert is set)."""
     import grpc
@@ -248,6 +263,12 @@ def format_stats(completion: Any) -> str:
 def _add_up(sub: Any) -> None:
     p = sub.add_parser("up", help="run gateway, oracle and draft locally (demo models)")
     p.add_argument("--port", type=int, default=50051, help="gateway port")
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=8000,
+        help="the gateway's OpenAI-compatible HTTP API (-1 = off)",
+    )
     p.add_argument("--oracle-port", type=int, default=0, help="oracle port (0 = port + 1)")
     p.add_argument("--oracle-model", default="", help="default: the demo oracle")
     p.add_argument("--draft-model", default="", help="default: the demo draft")

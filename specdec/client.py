@@ -7,6 +7,11 @@
             print(piece.text, end="", flush=True)
         result = client.generate("import os", temperature=0.8, seed=1)
         print(result.text, result.stats.acceptance_rate)
+        reply = client.chat([{"role": "user", "content": "Hi!"}])  # the chat template
+
+A prompt is text, token ids, or messages (``{"role", "content"}`` mappings), which the
+gateway renders with the oracle's chat template; in a session, a chat turn sends its
+new messages only.
 
 Errors arrive as ``grpc.RpcError`` with the gateway's status code and message.
 Over TLS, with a token: ``Client.tls("gw:50051", ca="ca.crt", token=...)``
@@ -26,18 +31,32 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from specdec.core.types import DrafterKind, Speculation
+from specdec.core.types import ChatMessage, DrafterKind, Speculation, TokenLogprob
 from specdec.rpc import convert
 from specdec.rpc.channels import CHANNEL_OPTIONS
 from specdec.rpc.security import tls_credentials
 from specdec.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+# Text, token ids, or a conversation of {"role", "content"} messages.
+Prompt = str | Sequence[int] | Sequence[Mapping[str, str]]
+
+
+def chat_messages(messages: Sequence[Mapping[str, str]]) -> list[ChatMessage]:
+    """``[{"role": ..., "content": ...}, ...]`` -> ChatMessages (ValueError when malformed)."""
+    out = []
+    for i, message in enumerate(messages):
+        try:
+            out.append(ChatMessage(str(message["role"]), str(message["content"])))
+        except (KeyError, TypeError):
+            raise ValueError(f"messages[{i}] must be a {{'role', 'content'}} mapping") from None
+    return out
 
 
 def drafter_kind(drafter: DrafterKind | str | None) -> DrafterKind:
@@ -61,10 +80,13 @@ class Completion:
     finish_reason: str = ""
     stats: common_pb2.GenerationStats = field(default_factory=common_pb2.GenerationStats)
     session_id: str = ""
+    # One per token id when the request set ``logprobs``: the oracle's log-probability.
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     def add(self, response: gateway_pb2.GenerateResponse) -> None:
         self.text += response.text
         self.token_ids.extend(response.token_ids)
+        self.logprobs.extend(convert.logprobs_from_pb(response.logprobs))
         self.session_id = response.session_id or self.session_id
         if response.finish_reason:
             name = common_pb2.FinishReason.Name(response.finish_reason)
@@ -95,7 +117,7 @@ def gateway_addresses(address: str | Sequence[str]) -> list[str]:
 
 
 def build_request(
-    prompt: str | Sequence[int],
+    prompt: Prompt,
     *,
     session_id: str = "",
     turn_id: str | None = None,
@@ -107,6 +129,7 @@ def build_request(
     stop: Sequence[str] = (),
     stop_token_ids: Sequence[int] = (),
     ignore_eos: bool = False,
+    logprobs: int | None = None,
     k: int | None = Speculation.k,
     adaptive: bool | None = Speculation.adaptive,
     drafter: DrafterKind | str | None = Speculation.drafter,
@@ -116,6 +139,8 @@ def build_request(
 ) -> gateway_pb2.GenerateRequest:
     """A GenerateRequest from keyword arguments.
 
+    ``logprobs``: None = none; n in [0, 20]: each token's log-probability under the
+    oracle and the n likeliest tokens' (``Completion.logprobs``).
     The speculation settings are ``specdec.core.types.Speculation``'s: None = the
     server's default (k and adaptive: the gateway's, the controller with k up to 8 unless
     it was started otherwise; the others: the draft's); k=0: the oracle alone; k set
@@ -134,6 +159,8 @@ def build_request(
     )
     if seed is not None:
         sampling.seed = seed
+    if logprobs is not None:
+        sampling.logprobs = logprobs
     speculation = convert.speculation_to_pb(
         Speculation(
             k=k,
@@ -152,8 +179,10 @@ def build_request(
     )
     if isinstance(prompt, str):
         request.prompt = prompt
+    elif prompt and all(isinstance(m, Mapping) for m in prompt):
+        request.messages.extend(convert.messages_to_pb(chat_messages(prompt)))  # type: ignore[arg-type]
     else:
-        request.prompt_token_ids.extend(prompt)
+        request.prompt_token_ids.extend(prompt)  # type: ignore[arg-type]
     return request
 
 
@@ -282,9 +311,7 @@ class Client(_Gateways):
         for channel in self._channels:
             channel.close()
 
-    def stream(
-        self, prompt: str | Sequence[int], **kwargs: Any
-    ) -> Iterator[gateway_pb2.GenerateResponse]:
+    def stream(self, prompt: Prompt, **kwargs: Any) -> Iterator[gateway_pb2.GenerateResponse]:
         """Yield GenerateResponse messages as tokens are committed (see ``build_request``);
         a stream cut by a gateway's death is resumed (see the module docstring)."""
         request = build_request(prompt, **kwargs)
@@ -297,11 +324,17 @@ class Client(_Gateways):
             except grpc.RpcError as exc:
                 self._reconnect(resumer, resumer.retry_after(exc, request))
 
-    def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> Completion:
+    def generate(self, prompt: Prompt, **kwargs: Any) -> Completion:
         completion = Completion()
         for response in self.stream(prompt, **kwargs):
             completion.add(response)
         return completion
+
+    def chat(self, messages: Sequence[Mapping[str, str]], **kwargs: Any) -> Completion:
+        """The assistant's reply to ``messages`` (the chat template's rendering)."""
+        if not messages:
+            raise ValueError("chat needs at least one message")
+        return self.generate(messages, **kwargs)
 
     def create_session(self) -> str:
         reply = self._stub.CreateSession(
@@ -393,7 +426,7 @@ class AsyncClient(_Gateways):
             await channel.close()
 
     async def stream(
-        self, prompt: str | Sequence[int], **kwargs: Any
+        self, prompt: Prompt, **kwargs: Any
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         """As ``Client.stream``: a stream cut by a gateway's death is resumed."""
         request = build_request(prompt, **kwargs)
@@ -407,11 +440,17 @@ class AsyncClient(_Gateways):
             except grpc.RpcError as exc:
                 await self._reconnect(resumer, resumer.retry_after(exc, request))
 
-    async def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> Completion:
+    async def generate(self, prompt: Prompt, **kwargs: Any) -> Completion:
         completion = Completion()
         async for response in self.stream(prompt, **kwargs):
             completion.add(response)
         return completion
+
+    async def chat(self, messages: Sequence[Mapping[str, str]], **kwargs: Any) -> Completion:
+        """The assistant's reply to ``messages`` (the chat template's rendering)."""
+        if not messages:
+            raise ValueError("chat needs at least one message")
+        return await self.generate(messages, **kwargs)
 
     async def create_session(self) -> str:
         reply = await self._stub.CreateSession(

@@ -28,6 +28,7 @@ def run_local_system(args: argparse.Namespace) -> None:
     ):
         try:
             gateway_flags = ["--tokenizer", args.oracle_model] if args.oracle_model else []
+            gateway_flags += ["--http-port", str(args.http_port)]
             c.start_gateway(*gateway_flags, port=args.port)
             # On a CPU the draft's model also serves the oracle as rescue draft (after
             # a verdict none of the draft's blocks fit, the oracle drafts the next one
@@ -48,8 +49,11 @@ def run_local_system(args: argparse.Namespace) -> None:
             if not args.no_draft:
                 c.start_draft(args.draft_model or None)
             c.wait_workers(oracles=1, drafts=0 if args.no_draft else 1)
+            http = ""
+            if args.http_port >= 0:
+                http = f", OpenAI API http://localhost:{args.http_port}/v1"
             print(
-                f"specdec is up: gateway localhost:{args.port} (clients connect here), "
+                f"specdec is up: gateway localhost:{args.port} (clients connect here){http}, "
                 f"oracle 127.0.0.1:{oracle.port}{'' if args.no_draft else ', 1 draft'}",
                 flush=True,
             )

@@ -33,7 +33,9 @@ def _hf_model(model_path: str) -> Any:
 
 
 @functools.cache
-def _reference(model_path: str, prompt: tuple[int, ...], max_new_tokens: int) -> tuple[int, ...]:
+def _reference(
+    model_path: str, prompt: tuple[int, ...], max_new_tokens: int, stops: tuple[int, ...]
+) -> tuple[int, ...]:
     model = _hf_model(model_path)
     ids = torch.tensor([list(prompt)])
     with torch.no_grad():
@@ -44,15 +46,18 @@ def _reference(model_path: str, prompt: tuple[int, ...], max_new_tokens: int) ->
             attention_mask=torch.ones_like(ids),
             do_sample=False,
             max_new_tokens=max_new_tokens,
-            eos_token_id=None,
+            eos_token_id=list(stops) or None,
             pad_token_id=0,
         )
     return tuple(int(t) for t in out[0, len(prompt) :])
 
 
-def reference(model_path: Path, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
-    """HF greedy generate of the oracle alone (EOS ignored): what every greedy turn must equal."""
-    return list(_reference(str(model_path), tuple(prompt), max_new_tokens))
+def reference(
+    model_path: Path, prompt: Sequence[int], max_new_tokens: int, stops: Sequence[int] = ()
+) -> list[int]:
+    """HF greedy generate of the oracle alone, ending after one of ``stops`` (none: EOS
+    ignored): what every greedy turn must equal."""
+    return list(_reference(str(model_path), tuple(prompt), max_new_tokens, tuple(stops)))
 
 
 def wait_until(
@@ -138,3 +143,16 @@ def run_script(name: str, *args: str, out: Path) -> tuple[str, list[dict[str, An
     command = [sys.executable, str(script), *args, "--out", str(out)]
     printed = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return printed, json.loads(out.read_text())["rows"]
+
+
+def run_bench(argv: list[str], out: Path) -> dict[str, Any]:
+    """``specdec bench`` with ``argv`` (its ``--out`` among them, ``out``), in this
+    process: it must exit 0; the JSON it wrote."""
+    import pytest
+
+    from specdec.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", *argv])
+    assert exit_info.value.code == 0
+    return dict(json.loads(out.read_text()))

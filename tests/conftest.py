@@ -59,6 +59,49 @@ def build_tokenizer(corpus: list[str] = CORPUS, vocab_size: int = VOCAB_SIZE) ->
     return tokenizer
 
 
+# ChatML, as Qwen's instruct models write it; <|im_end|> closes every message.
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CHAT_SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+CHAT_VOCAB_SIZE = 160  # the specials, the printable ASCII bytes, newline and a few merges
+
+
+def build_chat_tokenizer() -> Any:
+    """A byte-level BPE tokenizer (GPT-2's and Qwen's kind: text round-trips exactly) with
+    ChatML's special tokens and template, ``CHAT_VOCAB_SIZE`` ids. Its bytes are ASCII
+    only, so that whatever a random model generates decodes to valid text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    # The byte-level alphabet's character of each byte (GPT-2's bytes_to_unicode):
+    # printable ASCII stands for itself, space is U+0120 and newline U+010A.
+    ascii_chars = [chr(b) for b in range(0x21, 0x7F)] + [chr(0x100 + 0x20), chr(0x100 + 0x0A)]
+    trainer = trainers.BpeTrainer(
+        vocab_size=CHAT_VOCAB_SIZE,
+        special_tokens=CHAT_SPECIALS,
+        initial_alphabet=ascii_chars,
+        limit_alphabet=len(ascii_chars),
+    )
+    backend.train_from_iterator([*CORPUS, "user\nassistant\nsystem\n"], trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        additional_special_tokens=CHAT_SPECIALS[3:],
+    )
+    tokenizer.chat_template = CHATML
+    assert tokenizer.convert_tokens_to_ids(["<s>", "</s>"]) == [BOS_ID, EOS_ID]
+    assert len(tokenizer) == CHAT_VOCAB_SIZE, len(tokenizer)
+    return tokenizer
+
+
 def tiny_config(
     arch: str, vocab_size: int, hidden: int = 32, layers: int = 2, init: float = 0.3
 ) -> Any:
@@ -95,12 +138,14 @@ def tiny_config(
     raise ValueError(arch)
 
 
-def build_model(arch: str, seed: int, hidden: int = 32, layers: int = 2) -> Any:
+def build_model(
+    arch: str, seed: int, hidden: int = 32, layers: int = 2, vocab_size: int = VOCAB_SIZE
+) -> Any:
     """A random causal LM of ``arch``, deterministic in ``seed``, in eval mode."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = tiny_config(arch, VOCAB_SIZE, hidden=hidden, layers=layers)
+    config = tiny_config(arch, vocab_size, hidden=hidden, layers=layers)
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config.eos_token_id = EOS_ID
     model.generation_config.pad_token_id = EOS_ID
@@ -117,14 +162,14 @@ def perturb(model: Any, noise: float, seed: int) -> Any:
     return model
 
 
-def build_role(arch: str, role: str) -> Any:
+def build_role(arch: str, role: str, vocab_size: int = VOCAB_SIZE) -> Any:
     """The random model for (``arch``, ``role``); see the module docstring."""
     if role == "oracle":
-        return build_model(arch, seed=1234)
+        return build_model(arch, seed=1234, vocab_size=vocab_size)
     if role == "draft":
-        return build_model(arch, seed=99, hidden=32, layers=1)
+        return build_model(arch, seed=99, hidden=32, layers=1, vocab_size=vocab_size)
     if role == "close_draft":
-        return perturb(build_model(arch, seed=1234), noise=0.02, seed=7)
+        return perturb(build_model(arch, seed=1234, vocab_size=vocab_size), noise=0.02, seed=7)
     raise ValueError(role)
 
 
@@ -154,6 +199,23 @@ def model_dir(
                 build_role(arch, role), tiny_tokenizer, root / arch / role
             )
         return made[arch, role]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """chat_model_dir(role) -> folder of the llama ``role`` (a vocabulary of
+    ``CHAT_VOCAB_SIZE``) with the ChatML tokenizer."""
+    root = tmp_path_factory.mktemp("tiny_chat_models")
+    tokenizer = build_chat_tokenizer()
+    made: dict[str, Path] = {}
+
+    def get(role: str = "oracle") -> Path:
+        if role not in made:
+            model = build_role("llama", role, CHAT_VOCAB_SIZE)
+            made[role] = save_model(model, tokenizer, root / role)
+        return made[role]
 
     return get
 

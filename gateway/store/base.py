@@ -29,11 +29,21 @@ from dataclasses import dataclass, field
 from specdec.core.errors import FailedPrecondition
 from specdec.core.sampling import SamplingParams
 from specdec.core.stopping import FinishReason
-from specdec.core.types import DrafterKind, Speculation
+from specdec.core.types import ChatMessage, DrafterKind, Speculation
 
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class ChatRecord:
+    """A chat turn's conversation (``gateway.chat``): every message up to and including
+    the turn's own, and ``text``, what the committed tokens up to its prompt's end stand
+    for (each turn's rendered prompt, each reply as generated, special tokens kept)."""
+
+    messages: tuple[ChatMessage, ...]
+    text: str
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,7 @@ class TurnRecord:
     params: SamplingParams
     speculation: Speculation
     finish: FinishReason | None = None
+    chat: ChatRecord | None = None  # a chat turn's conversation; None for a plain prompt
 
     @property
     def prompt_end(self) -> int:
@@ -69,6 +80,12 @@ class TurnRecord:
                 "params": dataclasses.asdict(self.params),
                 "speculation": speculation,
                 "finish": self.finish.value if self.finish is not None else None,
+                "chat": None
+                if self.chat is None
+                else {
+                    "messages": [[m.role, m.content] for m in self.chat.messages],
+                    "text": self.chat.text,
+                },
             },
             separators=(",", ":"),
         )
@@ -82,6 +99,7 @@ class TurnRecord:
         speculation = data["speculation"]
         speculation["drafter"] = DrafterKind(speculation["drafter"])
         finish = data["finish"]
+        chat = data.get("chat")  # absent in records written before chat
         return cls(
             turn_id=data["turn_id"],
             start=data["start"],
@@ -89,6 +107,9 @@ class TurnRecord:
             params=SamplingParams(**params),
             speculation=Speculation(**speculation),
             finish=FinishReason(finish) if finish is not None else None,
+            chat=None
+            if chat is None
+            else ChatRecord(tuple(ChatMessage(*m) for m in chat["messages"]), chat["text"]),
         )
 
 

@@ -11,7 +11,7 @@ A session's tokens are stored as one row per committed round (``chunks``:
 little-endian int32 ids after ``base`` tokens), so an append costs the same
 however long the session is; ``sessions.length`` is the committed length every
 append must extend. Calls run on the event loop: each is tens of microseconds
-(docs/bench/SESSION_STORE.md).
+(BENCHMARKS.md, "What the session store costs").
 """
 
 from __future__ import annotations

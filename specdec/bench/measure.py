@@ -35,6 +35,7 @@ class Sample:
     stats: Any = None  # common_pb2.GenerationStats, or None for in-process baselines
     token_ids: list[int] = field(default_factory=list)
     last_arrival: float = 0.0  # perf_counter seconds of the last chunk
+    chunks: int = 0  # streamed messages that carried tokens (where the caller counts them)
 
     def arrive(self, token_ids: Sequence[int], now: float, start: float) -> None:
         """A chunk of tokens arrived at ``now`` in a request sent at ``start`` (perf_counter

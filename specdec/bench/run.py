@@ -126,6 +126,13 @@ def add_bench_parser(sub: Any) -> None:
     )
     p.add_argument("--tracing-reps", type=int, default=3)
     p.add_argument(
+        "--http",
+        action="store_true",
+        help="instead: the OpenAI-compatible HTTP API's time per output token against "
+        "gRPC Generate's, side by side (greedy, oracle alone and k=4)",
+    )
+    p.add_argument("--http-reps", type=int, default=2, help="with --http: passes over the prompts")
+    p.add_argument(
         "--session-stores",
         default="",
         help="instead: time per output token with the gateway's session store in memory "
@@ -306,6 +313,8 @@ def run_bench(args: argparse.Namespace) -> None:
             if args.real_scale
             else "bench_results/concurrency.json"
             if args.sessions
+            else "bench_results/http.json"
+            if args.http
             else "bench_results/bench.json"
         )
     oracle_path = args.oracle_model or str(DEMO_ORACLE)
@@ -342,12 +351,19 @@ def run_bench(args: argparse.Namespace) -> None:
         args.oracle_path, args.draft_path = oracle_path, draft_path
         run_concurrency(args, prompts)
         return
-    if args.session_stores or args.tracing_overhead:  # two systems or more side by side
+    if args.http or args.session_stores or args.tracing_overhead:  # side by side
+        from specdec.bench.http import run_http_overhead
         from specdec.bench.store import run_store_overhead
         from specdec.bench.tracing import run_tracing_overhead
 
         args.oracle_path, args.draft_path = oracle_path, draft_path
-        side_by_side = run_store_overhead if args.session_stores else run_tracing_overhead
+        side_by_side = (
+            run_http_overhead
+            if args.http
+            else run_store_overhead
+            if args.session_stores
+            else run_tracing_overhead
+        )
         outcome = side_by_side(args, prompts)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(outcome, indent=2))

@@ -47,6 +47,12 @@ class Unavailable(SpecdecError):
     status = "UNAVAILABLE"
 
 
+class Unauthenticated(SpecdecError):
+    """The caller did not prove who it is (no bearer token, or an unknown one)."""
+
+    status = "UNAUTHENTICATED"
+
+
 class PermissionDenied(SpecdecError):
     """The caller is authenticated but not allowed to touch this resource."""
 

@@ -243,6 +243,7 @@ def report(
         skipped_blocks=skipped,
         wall_ns=wall_ns,
         rescued=origin.rescued,
+        logprobs=verdict.logprobs or (),  # the whole verdict's, as ``cut`` is sent too
         proof=result.proof,  # the oracle's, relayed as is
         cut=tuple(committed_tokens(sent.block, verdict)[keep:]),  # the proof covers them
     )

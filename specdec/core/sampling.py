@@ -28,8 +28,11 @@ from dataclasses import dataclass, field
 import torch
 
 from specdec.core.errors import InvalidArgument
+from specdec.core.types import TokenLogprob
 
 MAX_NEW_TOKENS_LIMIT = 1 << 20
+# Most alternatives a token's logprobs may list (OpenAI's limit).
+MAX_LOGPROBS = 20
 _MASK64 = (1 << 64) - 1
 # |sum(q) - 1| tolerated for a SparseDist that crossed the wire as float32.
 SPARSE_SUM_TOLERANCE = 1e-3
@@ -46,6 +49,9 @@ class SamplingParams:
     max_new_tokens: hard cap on generated tokens.
     stop_token_ids: generation ends right after one of these (EOS included by the caller).
     stop: generation ends right after the token that completes one of these strings.
+    logprobs: None = none; n in [0, MAX_LOGPROBS]: each committed token comes with its
+        log-probability under the oracle and the n likeliest tokens' (``token_logprobs``).
+        Reporting only: no token changes for asking.
     """
 
     temperature: float = 0.0
@@ -55,6 +61,7 @@ class SamplingParams:
     max_new_tokens: int = 128
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = field(default=())
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -94,6 +101,12 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise InvalidArgument(f"stop strings must be non-empty strings, got {s!r}")
+        n = self.logprobs
+        if n is not None and (not _is_int(n) or not 0 <= n <= MAX_LOGPROBS):
+            raise InvalidArgument(
+                f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}] (the likeliest "
+                f"tokens listed beside each token's own), got {n!r}"
+            )
 
 
 def _is_int(x: object) -> bool:
@@ -140,6 +153,37 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     if params.top_p < 1.0:
         probs = _mask_top_p(probs, params.top_p)
     return probs
+
+
+def token_logprobs(
+    logits: torch.Tensor, token_ids: Sequence[int], params: SamplingParams
+) -> tuple[TokenLogprob, ...]:
+    """logits [n, V] (row i predicts token_ids[i]) -> each token's ``TokenLogprob``.
+
+    The distribution is the oracle's under the request's temperature T, before top-k and
+    top-p: log p(y) = log_softmax(logits / T)[y] for T > 0, and log_softmax(logits)[y]
+    when greedy (T = 0: the model's own distribution, whose argmax greedy takes). The
+    masks are left out so that the values do not depend on where a cut falls and the
+    alternatives listed stay finite. Computed in float32, with the ``params.logprobs``
+    likeliest ids and their log-probabilities (likeliest first).
+    """
+    z = logits.to(torch.float32)
+    z = z - z.amax(dim=-1, keepdim=True)  # shift invariant; no overflow for a tiny T
+    if params.temperature > 0:
+        z = z / params.temperature
+    lp = torch.log_softmax(z, dim=-1)  # [n, V]
+    ids = torch.tensor(list(token_ids), dtype=torch.int64, device=lp.device)
+    chosen: list[float] = lp.gather(1, ids[:, None])[:, 0].tolist()
+    n = min(params.logprobs or 0, lp.shape[-1])
+    if not n:
+        return tuple(TokenLogprob(c) for c in chosen)
+    top = torch.topk(lp, n, dim=-1)
+    top_ids: list[list[int]] = top.indices.tolist()
+    top_values: list[list[float]] = top.values.tolist()
+    return tuple(
+        TokenLogprob(c, tuple(i), tuple(v))
+        for c, i, v in zip(chosen, top_ids, top_values, strict=True)
+    )
 
 
 def _mask_top_k(z: torch.Tensor, k: int) -> torch.Tensor:

@@ -75,21 +75,43 @@ class RunnerUps:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A committed token's log-probability under the oracle, and the likeliest tokens at
+    its position with theirs, likeliest first (``SamplingParams.logprobs`` says how many
+    and defines the distribution)."""
+
+    logprob: float
+    top_token_ids: tuple[int, ...] = ()
+    top_logprobs: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
 class Verdict:
     """num_accepted draft tokens are kept, then exactly one more token follows.
 
     next_token: the recovered (correction) token after a rejection, or the
     bonus token when all k were accepted (is_bonus=True).
+    logprobs: when the turn asks for them, one per committed token (the accepted ones,
+    then next_token), from the logits this verdict was judged on.
     """
 
     num_accepted: int
     next_token: int
     is_bonus: bool
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 def committed_tokens(block: DraftBlock, verdict: Verdict) -> list[int]:
     """The tokens a round commits: the accepted prefix of the block, then next_token."""
     return [*block.token_ids[: verdict.num_accepted], verdict.next_token]
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One message of a conversation, as a chat template renders it."""
+
+    role: str  # "system", "user", "assistant" (whatever the template knows)
+    content: str
 
 
 # Blocks in flight to an oracle at once (a draft setting and a request field);
@@ -210,6 +232,9 @@ class RoundReport:
     skipped_blocks: int = 0  # blocks sent ahead that this round's verdict made stale
     wall_ns: int = 0  # since the previous verdict (the first round: since the open)
     rescued: bool = False  # the oracle drafted the block itself (a ``Rescue``)
+    # The verdict's logprobs (one per committed token, then one per ``cut`` token), when
+    # the turn asks for them.
+    logprobs: tuple[TokenLogprob, ...] = ()
     # The oracle's proof of the verdict (empty: none), and the verdict's tokens after a
     # stop condition, which the proof covers too: a draft relays both to the gateway.
     proof: bytes = field(default=b"", repr=False)

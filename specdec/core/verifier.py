@@ -43,6 +43,8 @@ because P(reject) = 1 - sum_b min(p(b), q(b)) = sum_b max(0, p(b) - q(b)).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from specdec.core.errors import InvalidArgument
@@ -55,11 +57,12 @@ from specdec.core.sampling import (
     sample_from_probs,
     sparse_prob,
     sparse_to_dense,
+    token_logprobs,
     uniform,
     validate_sparse,
     validate_token_ids,
 )
-from specdec.core.types import MAX_SPECULATIVE_TOKENS, DraftBlock, Verdict
+from specdec.core.types import MAX_SPECULATIVE_TOKENS, DraftBlock, Verdict, committed_tokens
 
 # Random stream of the oracle's verification draws (1 is the draft's proposal stream).
 VERIFY_STREAM = 0
@@ -177,6 +180,19 @@ def verify_sampled(probs: torch.Tensor, block: DraftBlock, position: int, seed: 
     return Verdict(
         num_accepted=k, next_token=race_draw(probs[k], seed, position + k), is_bonus=True
     )
+
+
+def with_logprobs(
+    verdict: Verdict, logits: torch.Tensor, block: DraftBlock, params: SamplingParams
+) -> Verdict:
+    """``verdict`` with its committed tokens' logprobs when ``params.logprobs`` asks for
+    them: the accepted x_0..x_{n-1}, then y, predicted by rows 0..n of the same logits
+    [k+1, V] the verdict was judged on. Nothing is computed otherwise."""
+    if params.logprobs is None:
+        return verdict
+    tokens = committed_tokens(block, verdict)
+    logprobs = token_logprobs(logits[: len(tokens)], tokens, params)
+    return dataclasses.replace(verdict, logprobs=logprobs)
 
 
 def verify_block(

@@ -55,7 +55,7 @@ import torch
 from specdec.core.errors import InvalidArgument
 from specdec.core.sampling import SamplingParams
 from specdec.core.types import DraftBlock, Verdict
-from specdec.core.verifier import greedy_verdict, validate_block, verify_block
+from specdec.core.verifier import greedy_verdict, validate_block, verify_block, with_logprobs
 from specdec.engine.kv_cache import SequenceCache, dynamic_cache_of, forward_arguments
 from specdec.engine.models import LoadedModel
 from specdec.engine.oracle import Oracle, PrefillResult, VerifyTiming
@@ -275,14 +275,16 @@ def _judge(
     for row, index in enumerate(rows):
         item = items[index]
         k = len(item.block.token_ids)
+        rows_logits = logits[row, : k + 1]
         try:
             if row in target_of:
-                verdicts[index] = greedy_verdict(target_of[row], item.block)
+                verdict = greedy_verdict(target_of[row], item.block)
             else:
                 # Row i predicts block position i, at absolute position len(committed) + i.
-                verdicts[index] = verify_block(
-                    logits[row, : k + 1], item.block, item.params, len(item.committed), item.seed
+                verdict = verify_block(
+                    rows_logits, item.block, item.params, len(item.committed), item.seed
                 )
+            verdicts[index] = with_logprobs(verdict, rows_logits, item.block, item.params)
         except Exception as exc:  # its own error; its cache still holds committed[:-1]
             results[index] = exc
     return verdicts

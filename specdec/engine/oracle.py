@@ -25,7 +25,7 @@ import torch
 from specdec.core.errors import InvalidArgument
 from specdec.core.sampling import SamplingParams
 from specdec.core.types import DraftBlock, Verdict
-from specdec.core.verifier import validate_block, verify_block
+from specdec.core.verifier import validate_block, verify_block, with_logprobs
 from specdec.engine.kv_cache import SequenceCache
 from specdec.engine.models import LoadedModel
 from specdec.engine.paged_kv import PagedCache, PagedPool
@@ -141,6 +141,7 @@ class Oracle:
             forward_ns = time.perf_counter_ns() - forward_start
             # Row i predicts block position i, at absolute position len(committed) + i.
             verdict = verify_block(logits, block, params, position=len(committed), seed=seed)
+            verdict = with_logprobs(verdict, logits, block, params)
         except BaseException:
             if len(cache) > base:
                 cache.rollback(base)

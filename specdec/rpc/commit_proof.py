@@ -8,18 +8,20 @@ gateway hold, and the gateway applies no commit whose proof does not verify.
     secret   one per oracle registration: Registered.commit_key, sent to that oracle only
     K        = HMAC(secret, "specdec-commit.v1" | session id | nonce)      one per turn
     h_0      = HMAC(K, "open" | temperature | top_k | top_p | seed | context tokens)
-    h_i      = HMAC(K, "commit" | h_(i-1) | base_i | tokens_i)               the i-th commit
+    h_i      = HMAC(K, "commit" | h_(i-1) | base_i | tokens_i | logprobs_i)  the i-th commit
     proof_i  = h_i[:16]
 
-HMAC-SHA256 throughout; every variable-length field is length-prefixed. The gateway
-picks the nonce for each attempt of a turn (``CommitTicket``) and both sides run the
-same chain: the oracle seals each verdict it commits (``CommitChain.seal``), the
-gateway checks each commit a worker reports (``CommitChain.check``). A proof therefore
-binds the session, the attempt, the context and the sampling the oracle verified
-under, the position and the tokens, and every commit before it: forged proofs, proofs
-replayed from another turn or session, tokens shifted, altered or reordered, and an
-oracle opened on another context, temperature or seed all fail. 128 bits of tag leave
-a forger one chance in 2^128 per try, and a refused commit ends its worker's turn.
+HMAC-SHA256 throughout; every variable-length field is length-prefixed; logprobs_i
+are the commit's ``TokenLogprob``s (none: an empty list), each value as the float32
+that carries it. The gateway picks the nonce for each attempt of a turn
+(``CommitTicket``) and both sides run the same chain: the oracle seals each verdict it
+commits (``CommitChain.seal``), the gateway checks each commit a worker reports
+(``CommitChain.check``). A proof therefore binds the session, the attempt, the context
+and the sampling the oracle verified under, the position, the tokens and their
+logprobs, and every commit before it: forged proofs, proofs replayed from another turn
+or session, tokens shifted, altered or reordered, and an oracle opened on another
+context, temperature or seed all fail. 128 bits of tag leave a forger one chance in
+2^128 per try, and a refused commit ends its worker's turn.
 
 Without ``--grant-secret`` the gateway draws a random secret per oracle registration;
 with it, every gateway replica derives the same secret per oracle from it, so that a
@@ -38,6 +40,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from specdec.core.messages import CommitKey, CommitTicket
+from specdec.core.types import TokenLogprob
 
 VERSION = b"specdec-commit.v1"
 PROOF_BYTES = 16
@@ -66,6 +69,16 @@ def _tokens(tokens: Sequence[int]) -> bytes:
     if sys.byteorder == "big":
         packed.byteswap()
     return struct.pack("<I", len(packed)) + packed.tobytes()
+
+
+def _logprobs(logprobs: Sequence[TokenLogprob]) -> bytes:
+    """Count, then per token its logprob, its top ids and their logprobs; each value as
+    the float32 the protos carry it as (what the oracle sends is what the gateway reads)."""
+    parts = [struct.pack("<I", len(logprobs))]
+    for lp in logprobs:
+        values = struct.pack(f"<{1 + len(lp.top_logprobs)}f", lp.logprob, *lp.top_logprobs)
+        parts += [_field(values), _tokens(lp.top_token_ids)]
+    return b"".join(parts)
 
 
 def new_ticket(key: CommitKey) -> CommitTicket:
@@ -101,22 +114,38 @@ class CommitChain:
         sampling = struct.pack("<fifQ", temperature, top_k, top_p, seed & (2**64 - 1))
         self._head = _mac(self._key, b"open", sampling, _tokens(context))
 
-    def _next(self, base_length: int, tokens: Sequence[int]) -> bytes:
+    def _next(
+        self, base_length: int, tokens: Sequence[int], logprobs: Sequence[TokenLogprob]
+    ) -> bytes:
         return _mac(
-            self._key, b"commit", self._head, struct.pack("<q", base_length), _tokens(tokens)
+            self._key,
+            b"commit",
+            self._head,
+            struct.pack("<q", base_length),
+            _tokens(tokens),
+            _logprobs(logprobs),
         )
 
-    def seal(self, base_length: int, tokens: Sequence[int]) -> bytes:
-        """The oracle: the proof of committing ``tokens`` after ``base_length`` tokens."""
-        self._head = self._next(base_length, tokens)
+    def seal(
+        self, base_length: int, tokens: Sequence[int], logprobs: Sequence[TokenLogprob] = ()
+    ) -> bytes:
+        """The oracle: the proof of committing ``tokens`` (with their ``logprobs``, when
+        the stream asks for them) after ``base_length`` tokens."""
+        self._head = self._next(base_length, tokens, logprobs)
         return self._head[:PROOF_BYTES]
 
-    def check(self, base_length: int, tokens: Sequence[int], proof: bytes) -> bool:
+    def check(
+        self,
+        base_length: int,
+        tokens: Sequence[int],
+        proof: bytes,
+        logprobs: Sequence[TokenLogprob] = (),
+    ) -> bool:
         """The gateway: whether ``proof`` is the oracle's for this commit, next in the
         chain. Only a commit that passes moves the chain on."""
         try:
-            head = self._next(base_length, tokens)
-        except (ValueError, TypeError, struct.error):
+            head = self._next(base_length, tokens, logprobs)
+        except (ValueError, TypeError, struct.error, OverflowError):
             return False
         if not hmac.compare_digest(head[:PROOF_BYTES], proof):
             return False

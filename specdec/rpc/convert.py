@@ -37,12 +37,14 @@ from specdec.core.messages import (
 )
 from specdec.core.stopping import FinishReason
 from specdec.core.types import (
+    ChatMessage,
     DraftBlock,
     DrafterKind,
     OpenResult,
     Rescue,
     RoundReport,
     Speculation,
+    TokenLogprob,
     TurnStats,
     Verdict,
     VerifyResult,
@@ -85,6 +87,7 @@ def sampling_from_pb(
         max_new_tokens=pb.max_new_tokens or default_max_new_tokens,
         stop_token_ids=stop_ids,
         stop=tuple(pb.stop),
+        logprobs=pb.logprobs if pb.HasField("logprobs") else None,
     )
     params.validate()
     return params
@@ -103,7 +106,24 @@ def sampling_to_pb(params: SamplingParams) -> common_pb2.SamplingParams:
     )
     if params.seed is not None:
         pb.seed = params.seed
+    if params.logprobs is not None:
+        pb.logprobs = params.logprobs
     return pb
+
+
+def logprobs_to_pb(logprobs: Sequence[TokenLogprob]) -> list[common_pb2.TokenLogprob]:
+    return [
+        common_pb2.TokenLogprob(
+            logprob=lp.logprob, top_token_ids=lp.top_token_ids, top_logprobs=lp.top_logprobs
+        )
+        for lp in logprobs
+    ]
+
+
+def logprobs_from_pb(pbs: Sequence[common_pb2.TokenLogprob]) -> tuple[TokenLogprob, ...]:
+    return tuple(
+        TokenLogprob(pb.logprob, tuple(pb.top_token_ids), tuple(pb.top_logprobs)) for pb in pbs
+    )
 
 
 def sparse_to_pb(dist: SparseDist) -> common_pb2.SparseDistribution:
@@ -184,6 +204,7 @@ def verdict_to_pb(
             queue_ns=result.queue_ns,
             rescue_pending=result.decision is not None,
             rescued=rescued,
+            logprobs=logprobs_to_pb(verdict.logprobs or ()),
             proof=result.proof,
         )
     )
@@ -194,7 +215,10 @@ def verify_result_from_pb(
 ) -> VerifyResult:
     """``decision``: the future the rescue decision that follows will resolve (the
     caller's, when ``pb.rescue_pending``)."""
-    verdict = None if pb.skipped else Verdict(pb.num_accepted, pb.next_token_id, pb.is_bonus)
+    verdict = None
+    if not pb.skipped:
+        logprobs = logprobs_from_pb(pb.logprobs) if pb.logprobs else None
+        verdict = Verdict(pb.num_accepted, pb.next_token_id, pb.is_bonus, logprobs)
     return VerifyResult(
         verdict, pb.committed_length, pb.verify_ns, pb.queue_ns, decision, proof=pb.proof
     )
@@ -283,6 +307,17 @@ def status_name(value: int) -> str:
     return _STATUS_NAMES.get(value, "UNKNOWN")
 
 
+# ---- chat ------------------------------------------------------------------------------
+
+
+def messages_from_pb(messages: Sequence[gateway_pb2.ChatMessage]) -> tuple[ChatMessage, ...]:
+    return tuple(ChatMessage(m.role, m.content) for m in messages)
+
+
+def messages_to_pb(messages: Sequence[ChatMessage]) -> list[gateway_pb2.ChatMessage]:
+    return [gateway_pb2.ChatMessage(role=m.role, content=m.content) for m in messages]
+
+
 # ---- speculation --------------------------------------------------------------------------
 
 # Core field -> SpeculationParams field, where the names differ.
@@ -355,6 +390,17 @@ _STATS_PB_NAMES = {
 }
 
 
+def stats_fields(stats: TurnStats) -> dict[str, Any]:
+    """The ``GenerationStats`` fields of ``stats``, by their API names (the computed ones
+    too): what the gRPC and the HTTP API both report."""
+    return {
+        **{pb: getattr(stats, core) for core, pb in _STATS_PB_NAMES.items()},
+        "acceptance_rate": stats.acceptance_rate,
+        "mean_tokens_per_round": stats.mean_tokens_per_round,
+        "mean_speculative_tokens": stats.proposed / stats.rounds if stats.rounds else 0.0,
+    }
+
+
 def stats_to_pb(
     stats: TurnStats,
     *,
@@ -364,10 +410,7 @@ def stats_to_pb(
     failovers: int = 0,
 ) -> common_pb2.GenerationStats:
     return common_pb2.GenerationStats(
-        **{pb: getattr(stats, core) for core, pb in _STATS_PB_NAMES.items()},
-        acceptance_rate=stats.acceptance_rate,
-        mean_tokens_per_round=stats.mean_tokens_per_round,
-        mean_speculative_tokens=stats.proposed / stats.rounds if stats.rounds else 0.0,
+        **stats_fields(stats),
         oracle_id=oracle_id,
         draft_id=draft_id,
         drafter=drafter_to_pb(drafter),
@@ -402,7 +445,10 @@ _ROUND_FIELDS = (
 
 
 def round_to_pb(report: RoundReport) -> registry_pb2.RoundReport:
-    return registry_pb2.RoundReport(**{name: getattr(report, name) for name in _ROUND_FIELDS})
+    return registry_pb2.RoundReport(
+        **{name: getattr(report, name) for name in _ROUND_FIELDS},
+        logprobs=logprobs_to_pb(report.logprobs),
+    )
 
 
 def round_from_pb(
@@ -415,6 +461,7 @@ def round_from_pb(
         k=pb.proposed,
         committed=len(token_ids),
         committed_length=base_length + len(token_ids),
+        logprobs=logprobs_from_pb(pb.logprobs),
     )
 
 

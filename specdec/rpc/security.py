@@ -31,7 +31,7 @@ from typing import Any
 import grpc
 
 from specdec.config import SecuritySettings
-from specdec.core.errors import InvalidArgument
+from specdec.core.errors import InvalidArgument, Unauthenticated
 from specdec.rpc.interceptors import rewrap
 
 # The principal of the RPC being handled. grpc.aio runs each RPC in its own task, so
@@ -277,6 +277,14 @@ def parse_principal_tokens(text: str, flag: str = "--auth-tokens") -> dict[str, 
     return tokens
 
 
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``authorization`` value (None: no header; "": not a bearer token)."""
+    if authorization is None:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
 def worker_token_table(worker_token: str, worker_tokens: str) -> dict[str, str]:
     """The tokens workers may present: the shared ``worker_token`` (principal "worker")
     and each device's own (``worker_tokens``, "edge1:TOKEN1,edge2:TOKEN2")."""
@@ -294,9 +302,19 @@ def worker_token_table(worker_token: str, worker_tokens: str) -> dict[str, str]:
 def _bearer(metadata: Any) -> str | None:
     for key, value in metadata or ():
         if key == AUTHORIZATION:
-            scheme, _, token = str(value).strip().partition(" ")
-            return token.strip() if scheme.lower() == "bearer" else ""
+            return bearer_token(str(value))
     return None
+
+
+def authenticate(table: TokenTable, token: str | None, service: str, how: str) -> str:
+    """The principal ``token`` proves to ``service``; ``Unauthenticated`` otherwise, its
+    message saying ``how`` a client sends one."""
+    if not token:
+        raise Unauthenticated(f"{service} needs a bearer token: {how}")
+    principal = table.principal_of(token)
+    if principal is None:
+        raise Unauthenticated(f"the bearer token is not a valid {table.what} for {service}")
+    return principal
 
 
 Check = Callable[[grpc.aio.ServicerContext], Awaitable[str]]
@@ -316,20 +334,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def _check(self, service: str, table: TokenTable) -> Check:
         async def check(context: grpc.aio.ServicerContext) -> str:
-            token = _bearer(context.invocation_metadata())
-            if not token:
-                await context.abort(
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    f"{service} needs a bearer token: send the metadata `authorization: "
-                    f"Bearer <{table.what}>` (SPECDEC_AUTH_TOKEN, Client(token=...))",
+            try:
+                return authenticate(
+                    table,
+                    _bearer(context.invocation_metadata()),
+                    service,
+                    f"send the metadata `authorization: Bearer <{table.what}>` "
+                    "(SPECDEC_AUTH_TOKEN, Client(token=...))",
                 )
-            principal = table.principal_of(token or "")
-            if principal is None:
-                await context.abort(
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    f"the bearer token is not a valid {table.what} for {service}",
-                )
-            return principal or ""
+            except Unauthenticated as exc:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+                raise  # not reached: abort raises
 
         return check
 
@@ -368,22 +383,32 @@ def _guard_stream(behavior: Callable[..., AsyncIterator[Any]], check: Check) -> 
     return handler
 
 
-def gateway_auth(
-    auth_token: str, auth_tokens: str, worker_token: str, worker_tokens: str = ""
-) -> AuthInterceptor | None:
-    """The gateway's interceptor (None: authentication off).
-
-    Applications (service Gateway) present ``auth_token`` (principal "default") or one
-    of ``auth_tokens`` ("alice:TOKEN1,bob:TOKEN2", each its own principal). Workers
-    (service WorkerRegistry) present the worker token: ``worker_token``, or
-    ``auth_token`` when that is empty (one shared token for everything), or a device's
-    own token of ``worker_tokens`` (its principal is the device's name).
-    """
+def _application_token_map(auth_token: str, auth_tokens: str) -> dict[str, str]:
     apps = parse_principal_tokens(auth_tokens)
     if auth_token:
         if auth_token in apps:
             raise InvalidArgument("--auth-token is also one of --auth-tokens; use one")
         apps[auth_token] = DEFAULT_PRINCIPAL
+    return apps
+
+
+def application_tokens(auth_token: str, auth_tokens: str) -> TokenTable:
+    """The gateway's application tokens: ``auth_token`` (principal "default") and
+    ``auth_tokens`` ("alice:TOKEN1,bob:TOKEN2", each its own principal); empty: no auth."""
+    return TokenTable(_application_token_map(auth_token, auth_tokens), what="application token")
+
+
+def gateway_auth(
+    auth_token: str, auth_tokens: str, worker_token: str, worker_tokens: str = ""
+) -> AuthInterceptor | None:
+    """The gateway's interceptor (None: authentication off).
+
+    Applications (service Gateway) present one of ``application_tokens``. Workers
+    (service WorkerRegistry) present the worker token: ``worker_token``, or
+    ``auth_token`` when that is empty (one shared token for everything), or a device's
+    own token of ``worker_tokens`` (its principal is the device's name).
+    """
+    apps = _application_token_map(auth_token, auth_tokens)
     workers = worker_token_table(worker_token or auth_token, worker_tokens)
     if worker_tokens.strip() and not (worker_token or auth_token):
         raise InvalidArgument(

@@ -1,9 +1,10 @@
 """The gateway's view of a request: GenAI attributes on its Generate span, request metrics.
 
-``request_observer`` is created by the Generate handler (None when tracing and
-metrics are both off); it annotates the RPC's server span, which is the root
-of the request's trace, and times the stream of chunks (first token,
-inter-token gaps). ``record_round`` counts one verified round, wherever it ran.
+``request_observer`` is created for each Generate turn (None when tracing and
+metrics are both off); it annotates the request's server span (the gRPC call's, or
+the HTTP request's), which is the root of the request's trace, and times the stream
+of chunks (first token, inter-token gaps). ``record_round`` counts one verified
+round, wherever it ran.
 """
 
 from __future__ import annotations
@@ -163,20 +164,29 @@ class RequestObserver:
 
 
 def request_observer(
-    session_id: str, prompt_tokens: int, params: SamplingParams, k: int, persistent: bool
+    session_id: str,
+    prompt_tokens: int,
+    params: SamplingParams,
+    k: int,
+    persistent: bool,
+    *,
+    chat: bool = False,
 ) -> RequestObserver | None:
     """Observer of the Generate call running now; None when tracing and metrics are off.
 
     persistent: the session outlives the call (its id is the GenAI conversation id).
+    chat: the prompt is a conversation (GenAI operation "chat", else "text_completion").
     """
     active, recorder = tracer(), metrics()
     if active is None and recorder is None:
         return None
     span: Span | None = None
     if active is not None:
-        span = trace.get_current_span()  # the RPC's server span: the request's root
+        span = trace.get_current_span()  # the RPC's or HTTP request's span: the trace's root
         attributes: dict[str, Any] = {
-            names.GEN_AI_OPERATION_NAME: names.OPERATION_TEXT_COMPLETION,
+            names.GEN_AI_OPERATION_NAME: (
+                names.OPERATION_CHAT if chat else names.OPERATION_TEXT_COMPLETION
+            ),
             names.GEN_AI_PROVIDER_NAME: names.PROVIDER,
             names.GEN_AI_REQUEST_MAX_TOKENS: params.max_new_tokens,
             names.GEN_AI_REQUEST_TEMPERATURE: params.temperature,

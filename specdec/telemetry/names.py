@@ -37,6 +37,7 @@ GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
 GEN_AI_CONVERSATION_ID = "gen_ai.conversation.id"
 OPERATION_TEXT_COMPLETION = "text_completion"
+OPERATION_CHAT = "chat"
 PROVIDER = "specdec"
 
 # -- specdec request attributes ----------------------------------------------

@@ -25,37 +25,39 @@ _sym_db = _symbol_database.Default()
 from specdec.v1 import common_pb2 as specdec_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18specdec/v1/gateway.proto\x12\nspecdec.v1\x1a\x17specdec/v1/common.proto\"\xfc\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\x12\x32\n\x0bspeculation\x18\x05 \x01(\x0b\x32\x1d.specdec.v1.SpeculationParams\x12\x0f\n\x07turn_id\x18\x10 \x01(\t\x12 \n\x13resume_after_tokens\x18\x11 \x01(\x05H\x00\x88\x01\x01\x42\x16\n\x14_resume_after_tokens\"\xb5\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.specdec.v1.FinishReason\x12*\n\x05stats\x18\x04 \x01(\x0b\x32\x1b.specdec.v1.GenerationStats\x12\x12\n\nsession_id\x18\x05 \x01(\t\x12\x0f\n\x07turn_id\x18\x10 \x01(\t\"\x16\n\x14\x43reateSessionRequest\"+\n\x15\x43reateSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xb1\x01\n\x12GetSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05turns\x18\x04 \x01(\x05\x12\x11\n\toracle_id\x18\x05 \x01(\t\x12\x10\n\x08\x64raft_id\x18\x06 \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\x07 \x01(\x03\x12\x19\n\x11last_used_unix_ms\x18\x08 \x01(\x03\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"+\n\x14\x43loseSessionResponse\x12\x13\n\x0btoken_count\x18\x01 \x01(\x05\"\x14\n\x12ListWorkersRequest\">\n\x13ListWorkersResponse\x12\'\n\x07workers\x18\x01 \x03(\x0b\x32\x16.specdec.v1.WorkerInfo\"\xe9\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.specdec.v1.WorkerKind\x12\r\n\x05model\x18\x03 \x01(\t\x12\x19\n\x11vocab_fingerprint\x18\x04 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12\x17\n\x0f\x61\x63tive_sessions\x18\x06 \x01(\x05\x12\x14\n\x0cmax_sessions\x18\x07 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x16\n\x0ekv_cache_bytes\x18\t \x01(\x03\x12\x10\n\x08uptime_s\x18\n \x01(\x01*X\n\nWorkerKind\x12\x1b\n\x17WORKER_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11WORKER_KIND_DRAFT\x10\x01\x12\x16\n\x12WORKER_KIND_ORACLE\x10\x02\x32\x98\x03\n\x07Gateway\x12G\n\x08Generate\x12\x1b.specdec.v1.GenerateRequest\x1a\x1c.specdec.v1.GenerateResponse0\x01\x12T\n\rCreateSession\x12 .specdec.v1.CreateSessionRequest\x1a!.specdec.v1.CreateSessionResponse\x12K\n\nGetSession\x12\x1d.specdec.v1.GetSessionRequest\x1a\x1e.specdec.v1.GetSessionResponse\x12Q\n\x0c\x43loseSession\x12\x1f.specdec.v1.CloseSessionRequest\x1a .specdec.v1.CloseSessionResponse\x12N\n\x0bListWorkers\x12\x1e.specdec.v1.ListWorkersRequest\x1a\x1f.specdec.v1.ListWorkersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18specdec/v1/gateway.proto\x12\nspecdec.v1\x1a\x17specdec/v1/common.proto\"\xa7\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\x12\x32\n\x0bspeculation\x18\x05 \x01(\x0b\x32\x1d.specdec.v1.SpeculationParams\x12)\n\x08messages\x18\x06 \x03(\x0b\x32\x17.specdec.v1.ChatMessage\x12\x0f\n\x07turn_id\x18\x10 \x01(\t\x12 \n\x13resume_after_tokens\x18\x11 \x01(\x05H\x00\x88\x01\x01\x42\x16\n\x14_resume_after_tokens\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xe1\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.specdec.v1.FinishReason\x12*\n\x05stats\x18\x04 \x01(\x0b\x32\x1b.specdec.v1.GenerationStats\x12\x12\n\nsession_id\x18\x05 \x01(\t\x12*\n\x08logprobs\x18\x06 \x03(\x0b\x32\x18.specdec.v1.TokenLogprob\x12\x0f\n\x07turn_id\x18\x10 \x01(\t\"\x16\n\x14\x43reateSessionRequest\"+\n\x15\x43reateSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xb1\x01\n\x12GetSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05turns\x18\x04 \x01(\x05\x12\x11\n\toracle_id\x18\x05 \x01(\t\x12\x10\n\x08\x64raft_id\x18\x06 \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\x07 \x01(\x03\x12\x19\n\x11last_used_unix_ms\x18\x08 \x01(\x03\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"+\n\x14\x43loseSessionResponse\x12\x13\n\x0btoken_count\x18\x01 \x01(\x05\"\x14\n\x12ListWorkersRequest\">\n\x13ListWorkersResponse\x12\'\n\x07workers\x18\x01 \x03(\x0b\x32\x16.specdec.v1.WorkerInfo\"\xe9\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.specdec.v1.WorkerKind\x12\r\n\x05model\x18\x03 \x01(\t\x12\x19\n\x11vocab_fingerprint\x18\x04 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12\x17\n\x0f\x61\x63tive_sessions\x18\x06 \x01(\x05\x12\x14\n\x0cmax_sessions\x18\x07 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x16\n\x0ekv_cache_bytes\x18\t \x01(\x03\x12\x10\n\x08uptime_s\x18\n \x01(\x01*X\n\nWorkerKind\x12\x1b\n\x17WORKER_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11WORKER_KIND_DRAFT\x10\x01\x12\x16\n\x12WORKER_KIND_ORACLE\x10\x02\x32\x98\x03\n\x07Gateway\x12G\n\x08Generate\x12\x1b.specdec.v1.GenerateRequest\x1a\x1c.specdec.v1.GenerateResponse0\x01\x12T\n\rCreateSession\x12 .specdec.v1.CreateSessionRequest\x1a!.specdec.v1.CreateSessionResponse\x12K\n\nGetSession\x12\x1d.specdec.v1.GetSessionRequest\x1a\x1e.specdec.v1.GetSessionResponse\x12Q\n\x0c\x43loseSession\x12\x1f.specdec.v1.CloseSessionRequest\x1a .specdec.v1.CloseSessionResponse\x12N\n\x0bListWorkers\x12\x1e.specdec.v1.ListWorkersRequest\x1a\x1f.specdec.v1.ListWorkersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specdec.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERKIND']._serialized_start=1204
-  _globals['_WORKERKIND']._serialized_end=1292
+  _globals['_WORKERKIND']._serialized_start=1337
+  _globals['_WORKERKIND']._serialized_end=1425
   _globals['_GENERATEREQUEST']._serialized_start=66
-  _globals['_GENERATEREQUEST']._serialized_end=318
-  _globals['_GENERATERESPONSE']._serialized_start=321
-  _globals['_GENERATERESPONSE']._serialized_end=502
-  _globals['_CREATESESSIONREQUEST']._serialized_start=504
-  _globals['_CREATESESSIONREQUEST']._serialized_end=526
-  _globals['_CREATESESSIONRESPONSE']._serialized_start=528
-  _globals['_CREATESESSIONRESPONSE']._serialized_end=571
-  _globals['_GETSESSIONREQUEST']._serialized_start=573
-  _globals['_GETSESSIONREQUEST']._serialized_end=612
-  _globals['_GETSESSIONRESPONSE']._serialized_start=615
-  _globals['_GETSESSIONRESPONSE']._serialized_end=792
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=794
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=835
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=837
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=880
-  _globals['_LISTWORKERSREQUEST']._serialized_start=882
-  _globals['_LISTWORKERSREQUEST']._serialized_end=902
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=904
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=966
-  _globals['_WORKERINFO']._serialized_start=969
-  _globals['_WORKERINFO']._serialized_end=1202
-  _globals['_GATEWAY']._serialized_start=1295
-  _globals['_GATEWAY']._serialized_end=1703
+  _globals['_GENERATEREQUEST']._serialized_end=361
+  _globals['_CHATMESSAGE']._serialized_start=363
+  _globals['_CHATMESSAGE']._serialized_end=407
+  _globals['_GENERATERESPONSE']._serialized_start=410
+  _globals['_GENERATERESPONSE']._serialized_end=635
+  _globals['_CREATESESSIONREQUEST']._serialized_start=637
+  _globals['_CREATESESSIONREQUEST']._serialized_end=659
+  _globals['_CREATESESSIONRESPONSE']._serialized_start=661
+  _globals['_CREATESESSIONRESPONSE']._serialized_end=704
+  _globals['_GETSESSIONREQUEST']._serialized_start=706
+  _globals['_GETSESSIONREQUEST']._serialized_end=745
+  _globals['_GETSESSIONRESPONSE']._serialized_start=748
+  _globals['_GETSESSIONRESPONSE']._serialized_end=925
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=927
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=968
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=970
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1013
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1015
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1035
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1037
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1099
+  _globals['_WORKERINFO']._serialized_start=1102
+  _globals['_WORKERINFO']._serialized_end=1335
+  _globals['_GATEWAY']._serialized_start=1428
+  _globals['_GATEWAY']._serialized_end=1836
 # @@protoc_insertion_point(module_scope)

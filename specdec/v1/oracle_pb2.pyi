@@ -85,7 +85,7 @@ class VerifyOpened(_message.Message):
     def __init__(self, cached_tokens: _Optional[int] = ..., computed_tokens: _Optional[int] = ..., prefill_ns: _Optional[int] = ..., committed_length: _Optional[int] = ..., oracle_id: _Optional[str] = ...) -> None: ...
 
 class VerifyVerdict(_message.Message):
-    __slots__ = ("round", "num_accepted", "next_token_id", "is_bonus", "committed_length", "verify_ns", "queue_ns", "skipped", "rescue_pending", "rescued", "proof")
+    __slots__ = ("round", "num_accepted", "next_token_id", "is_bonus", "committed_length", "verify_ns", "queue_ns", "skipped", "rescue_pending", "rescued", "proof", "logprobs")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +97,7 @@ class VerifyVerdict(_message.Message):
     RESCUE_PENDING_FIELD_NUMBER: _ClassVar[int]
     RESCUED_FIELD_NUMBER: _ClassVar[int]
     PROOF_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     round: int
     num_accepted: int
     next_token_id: int
@@ -108,7 +109,8 @@ class VerifyVerdict(_message.Message):
     rescue_pending: bool
     rescued: bool
     proof: bytes
-    def __init__(self, round: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token_id: _Optional[int] = ..., is_bonus: _Optional[bool] = ..., committed_length: _Optional[int] = ..., verify_ns: _Optional[int] = ..., queue_ns: _Optional[int] = ..., skipped: _Optional[bool] = ..., rescue_pending: _Optional[bool] = ..., rescued: _Optional[bool] = ..., proof: _Optional[bytes] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
+    def __init__(self, round: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token_id: _Optional[int] = ..., is_bonus: _Optional[bool] = ..., committed_length: _Optional[int] = ..., verify_ns: _Optional[int] = ..., queue_ns: _Optional[int] = ..., skipped: _Optional[bool] = ..., rescue_pending: _Optional[bool] = ..., rescued: _Optional[bool] = ..., proof: _Optional[bytes] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class RescueDecision(_message.Message):
     __slots__ = ("round", "token_ids")

@@ -156,7 +156,7 @@ class ReleaseSessions(_message.Message):
     def __init__(self, session_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RoundReport(_message.Message):
-    __slots__ = ("round", "proposed", "accepted", "is_bonus", "draft_ns", "verify_ns", "network_ns", "queue_ns", "drafted_ahead", "pipelined", "skipped_blocks", "branch", "rescued")
+    __slots__ = ("round", "proposed", "accepted", "is_bonus", "draft_ns", "verify_ns", "network_ns", "queue_ns", "drafted_ahead", "pipelined", "skipped_blocks", "branch", "rescued", "logprobs")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     PROPOSED_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +170,7 @@ class RoundReport(_message.Message):
     SKIPPED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     RESCUED_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     round: int
     proposed: int
     accepted: int
@@ -183,7 +184,8 @@ class RoundReport(_message.Message):
     skipped_blocks: int
     branch: bool
     rescued: bool
-    def __init__(self, round: _Optional[int] = ..., proposed: _Optional[int] = ..., accepted: _Optional[int] = ..., is_bonus: _Optional[bool] = ..., draft_ns: _Optional[int] = ..., verify_ns: _Optional[int] = ..., network_ns: _Optional[int] = ..., queue_ns: _Optional[int] = ..., drafted_ahead: _Optional[bool] = ..., pipelined: _Optional[bool] = ..., skipped_blocks: _Optional[int] = ..., branch: _Optional[bool] = ..., rescued: _Optional[bool] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
+    def __init__(self, round: _Optional[int] = ..., proposed: _Optional[int] = ..., accepted: _Optional[int] = ..., is_bonus: _Optional[bool] = ..., draft_ns: _Optional[int] = ..., verify_ns: _Optional[int] = ..., network_ns: _Optional[int] = ..., queue_ns: _Optional[int] = ..., drafted_ahead: _Optional[bool] = ..., pipelined: _Optional[bool] = ..., skipped_blocks: _Optional[int] = ..., branch: _Optional[bool] = ..., rescued: _Optional[bool] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class AssignmentOpened(_message.Message):
     __slots__ = ("assignment_id", "cached_tokens", "prefilled_tokens", "prefill_ns", "oracle_id")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,7 @@ from specdec.bench.concurrency import (
 from specdec.bench.measure import Sample
 from specdec.cli import main
 from specdec.core.errors import InvalidArgument
+from tests.cluster_tools import run_bench
 
 NEW_TOKENS = 8
 REQUESTS = 2
@@ -30,17 +30,14 @@ REPEATS = 2  # each count measured twice, alternating, windows pooled
 def test_concurrency_mode_end_to_end(tmp_path: Path, model_dir: Callable[[str, str], Path]) -> None:
     out = tmp_path / "concurrency.json"
     argv = [
-        "bench", "--sessions", "1,2", "--session-ks", "0,4", "--prompts", "1",
+        "--sessions", "1,2", "--session-ks", "0,4", "--prompts", "1",
         "--prompt-tokens", "32", "--max-new-tokens", str(NEW_TOKENS),
         "--requests-per-session", str(REQUESTS), "--repeats", str(REPEATS),
         "--oracle-model", str(model_dir("llama", "oracle")),
         "--draft-model", str(model_dir("llama", "close_draft")), "--out", str(out),
         "--draft-dtype", "bfloat16",
     ]  # fmt: skip
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 0
-    report = json.loads(out.read_text())
+    report = run_bench(argv, out)
     assert report["complete"] is True
     environment = report["environment"]
     assert environment["cpu_count"] >= 1 and environment["torch"]

@@ -3,15 +3,12 @@ services and the delay proxy, side by side, on tiny models."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 from specdec.bench.run import round_trip_retention
-from specdec.cli import main
+from tests.cluster_tools import run_bench
 
 PROMPTS = 2
 NEW_TOKENS = 8
@@ -20,16 +17,13 @@ NEW_TOKENS = 8
 def test_round_trip_bench_end_to_end(tmp_path: Path, model_dir: Callable[[str, str], Path]) -> None:
     out = tmp_path / "bench.json"
     argv = [
-        "bench", "--prompts", str(PROMPTS), "--prompt-tokens", "32",
+        "--prompts", str(PROMPTS), "--prompt-tokens", "32",
         "--max-new-tokens", str(NEW_TOKENS), "--ks", "2", "--delays", "0,20",
         "--workloads", "greedy", "--long-tokens", "0",
         "--oracle-model", str(model_dir("llama", "oracle")),
         "--draft-model", str(model_dir("llama", "close_draft")), "--out", str(out),
     ]  # fmt: skip
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 0
-    report = json.loads(out.read_text())
+    report = run_bench(argv, out)
     rows = {(r["config"], r["delay_ms"]): r for r in report["rows"]}
     assert list(rows) == [
         ("oracle alone (k=0)", 0), ("ngram k=4", 0),

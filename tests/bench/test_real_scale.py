@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from specdec.bench.real_scale import add_theory, check_targets, nominal_bandwidth_gbs
-from specdec.cli import main
 from specdec.core.adaptive import expected_tokens
+from tests.cluster_tools import run_bench
 
 
 def test_real_scale_mode_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -18,16 +17,13 @@ def test_real_scale_mode_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("SPECDEC_STATIC_KV", "on")  # paged KV on the CPU too
     out = tmp_path / "real.json"
     argv = [
-        "bench", "--real-scale", "llama-3.1-8b:layers=2,head_dim=8,context=256",
+        "--real-scale", "llama-3.1-8b:layers=2,head_dim=8,context=256",
         "--device", "cpu", "--dtype", "float32", "--prompts", "2", "--prompt-tokens", "32",
         "--max-new-tokens", "12", "--alone-sessions", "1,2", "--spec-sessions", "1",
         "--acceptances", "0,1", "--spec-k", "4", "--hf-prompts", "1",
         "--draft-step-ms", "0.2", "--bandwidth-gbs", "100", "--out", str(out),
     ]  # fmt: skip
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 0
-    report = json.loads(out.read_text())
+    report = run_bench(argv, out)
     assert report["complete"] and report["hf_generate"]["session_tokens_per_s"] > 0
     rows = report["rows"]
     assert [(r["kind"], r["sessions"], r.get("acceptance")) for r in rows] == [

@@ -63,6 +63,8 @@ def test_default_and_typical_params_are_valid() -> None:
         ({"seed": 2**64}, "seed"),
         ({"stop": ("",)}, "stop"),
         ({"stop_token_ids": (-3,)}, "stop_token_ids"),
+        ({"logprobs": -1}, "logprobs"),
+        ({"logprobs": 21}, "logprobs"),  # at most 20 alternatives, as OpenAI
     ],
 )
 def test_invalid_params_name_the_field(kwargs: dict[str, object], field: str) -> None:

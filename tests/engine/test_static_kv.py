@@ -6,6 +6,7 @@ as captured graphs and checks the same against HF's forward on the same device.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,6 +45,7 @@ from tests.engine.test_batched_verify import (
 )
 
 Row = tuple[int, int, str]
+WITH_LOGPROBS = dataclasses.replace(GREEDY, logprobs=3)
 
 
 def twin_rows(
@@ -213,8 +215,9 @@ def test_cuda_graph_verify_matches_hfs_forward_round_after_round(
     model_dir: Callable[[str, str], Path],
 ) -> None:
     """Sessions decode greedily through graphed batches (rows joining and leaving, k from 0
-    to 4) and through HF's forward on the same GPU: the same tokens, round by round. Each
-    round's sessions are split over two lanes whose batches run at once, in two threads."""
+    to 4) and through HF's forward on the same GPU: the same tokens and logprobs, round by
+    round. Each round's sessions are split over two lanes whose batches run at once, in two
+    threads."""
     model = load_model(str(model_dir("llama", "oracle")), device="cuda")
     pool = SlotPool(model, 8, max_rows=4, cuda_graphs=True, lanes=2)
     lanes = [ThreadPoolExecutor(1, initializer=pool.enter_lane, initargs=(i,)) for i in (0, 1)]
@@ -249,8 +252,8 @@ def test_cuda_graph_verify_matches_hfs_forward_round_after_round(
                 wrong = (round_index + i) % k
                 tokens[wrong] = (tokens[wrong] + 1) % model.vocab_size
             block = DraftBlock(tuple(tokens))
-            items.append(BatchItem(cache, committed, block, GREEDY, 0))
-            expected.append(plain.verify(hf_cache, hf_committed, block, GREEDY, 0))
+            items.append(BatchItem(cache, committed, block, WITH_LOGPROBS, 0))
+            expected.append(plain.verify(hf_cache, hf_committed, block, WITH_LOGPROBS, 0))
         half = (len(items) + round_index % 2) // 2  # lane 0's rows, then lane 1's
         parts = [items[:half], items[half:]]
         running = [
@@ -260,7 +263,13 @@ def test_cuda_graph_verify_matches_hfs_forward_round_after_round(
         results = [outcome for run in running for outcome in run.result().results]
         for item, outcome, want, session in zip(items, results, expected, active, strict=True):
             verdict = outcome_verdict(outcome)
-            assert verdict == want
+            assert (verdict.num_accepted, verdict.next_token, verdict.is_bonus) == (
+                want.num_accepted, want.next_token, want.is_bonus,
+            )  # fmt: skip
+            # The graphed forward's logprobs are HF's, up to float rounding.
+            assert verdict.logprobs is not None and want.logprobs is not None
+            got = [lp.logprob for lp in verdict.logprobs]
+            assert got == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-4)
             accepted.add(verdict.num_accepted)
             session[2].extend(committed_tokens(item.block, verdict))
             session[3].extend(committed_tokens(item.block, want))

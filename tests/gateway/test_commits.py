@@ -3,6 +3,8 @@ with the oracle's proof; a worker ends a turn only at the context limit."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from gateway.commits import CommitGate, CommitRefused
@@ -15,7 +17,7 @@ from specdec.core.messages import (
 )
 from specdec.core.sampling import SamplingParams
 from specdec.core.stopping import FinishReason
-from specdec.core.types import RoundReport, Speculation
+from specdec.core.types import RoundReport, Speculation, TokenLogprob
 from specdec.rpc.commit_proof import CommitChain
 
 KEY = CommitKey("k1", b"s" * 32)
@@ -45,6 +47,27 @@ def test_commits_with_the_oracles_proofs_pass_in_order() -> None:
     oracle, gate = _oracle(), CommitGate(JOB, KEY)
     gate.commit(_commit(3, (20, 21), oracle.seal(3, (20, 21))), committed_length=3)
     gate.commit(_commit(5, (22,), oracle.seal(5, (22,))), committed_length=5)
+
+
+def test_a_turn_that_asks_for_logprobs_gets_the_oracles_one_per_token() -> None:
+    job = dataclasses.replace(JOB, params=dataclasses.replace(JOB.params, logprobs=1))
+    logprobs = (TokenLogprob(-0.5, (20,), (-0.5,)), TokenLogprob(-1.5, (4,), (-1.0,)))
+    oracle, gate = _oracle(), CommitGate(job, KEY)
+    proof = oracle.seal(3, (20, 21), logprobs)
+
+    def commit(lps: tuple[TokenLogprob, ...]) -> AssignmentCommitted:
+        report = dataclasses.replace(REPORT, logprobs=lps)
+        return AssignmentCommitted("a1", 3, (20, 21), report, proof)
+
+    with pytest.raises(CommitRefused, match="2 tokens with 1 logprobs, where the turn asked"):
+        gate.commit(commit(logprobs[:1]), committed_length=3)
+    forged = (logprobs[0], dataclasses.replace(logprobs[1], logprob=-0.25))
+    with pytest.raises(CommitRefused, match="not the tokens and logprobs the oracle"):
+        gate.commit(commit(forged), committed_length=3)
+    gate.commit(commit(logprobs), committed_length=3)
+    # A turn that did not ask takes none (a draft cannot slip any in).
+    with pytest.raises(CommitRefused, match="with 2 logprobs, where the turn asked for none"):
+        CommitGate(JOB, KEY).commit(commit(logprobs), committed_length=3)
 
 
 def test_a_commit_off_the_sessions_length_is_refused() -> None:

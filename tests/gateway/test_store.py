@@ -16,13 +16,15 @@ from pathlib import Path
 
 import pytest
 
+from gateway.sessions import SessionTable
 from gateway.store import SessionRecord, SessionStore, TurnRecord, open_store
+from gateway.store.base import ChatRecord
 from gateway.store.redis import RedisStore
 from gateway.store.sqlite import SqliteStore
 from specdec.core.errors import FailedPrecondition, InvalidArgument, Unavailable
 from specdec.core.sampling import SamplingParams
 from specdec.core.stopping import FinishReason
-from specdec.core.types import DrafterKind, Speculation
+from specdec.core.types import ChatMessage, DrafterKind, Speculation
 from tests.redis_server import redis_server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,6 +48,13 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     await opened.close()
 
 
+# A chat turn's conversation, quotes and newlines included (it travels as JSON).
+CHAT = ChatRecord(
+    (ChatMessage("system", 'be "brief"'), ChatMessage("user", "hi\nthere")),
+    '<|im_start|>system\nbe "brief"<|im_end|>\n<|im_start|>user\nhi\nthere<|im_end|>\n',
+)
+
+
 def a_turn(turn_id: str = "t1", start: int = 3, finish: FinishReason | None = None) -> TurnRecord:
     return TurnRecord(
         turn_id,
@@ -58,9 +67,11 @@ def a_turn(turn_id: str = "t1", start: int = 3, finish: FinishReason | None = No
             max_new_tokens=9,
             stop_token_ids=(2,),
             stop=("x y",),
+            logprobs=3,
         ),
         Speculation(k=3, adaptive=True, drafter=DrafterKind.NGRAM, branches=0),
         finish,
+        chat=CHAT,
     )
 
 
@@ -73,7 +84,8 @@ async def test_a_session_and_its_turn_come_back_as_stored(store: SessionStore) -
     loaded = await store.load("s1")
     assert loaded is not None
     assert loaded.tokens == [1, 2, 3, 70, 71, 5, 6, 7] and loaded.owner == "alice"
-    assert loaded.turn == a_turn()  # the seed beyond 2^63, the stop strings, the drafter
+    # The seed beyond 2^63, the stop strings, the drafter, logprobs, the chat.
+    assert loaded.turn == a_turn()
     assert loaded.turn.prompt_end == 5
     assert await store.load("nope") is None
     assert await store.count() == 1
@@ -124,6 +136,25 @@ async def test_truncate_drops_a_turn_that_produced_nothing(store: SessionStore) 
         await store.truncate(fence, 3)
     loaded = await store.load("s1")
     assert loaded is not None and loaded.tokens == [1, 2, 3] and loaded.turn is None
+
+
+async def test_a_rolled_back_turn_leaves_the_one_before_it_the_latest(
+    store: SessionStore,
+) -> None:
+    # A turn that produced nothing never happened: a chat goes on from the turn before.
+    table = SessionTable(store, max_sessions=10, ttl_s=60)
+    created = await table.create("alice")
+    async with table.turn(created) as session:
+        await session.begin_turn([5, 6], a_turn("t1", start=0))
+        await session.commit([7])
+        await session.finish_turn(FinishReason.LENGTH, "o1", "")
+    async with table.turn(created) as session:
+        await session.begin_turn([8], a_turn("t2", start=3))
+        await session.rollback(3)
+        assert session.turn is not None and session.turn.turn_id == "t1"
+    loaded = await store.load(created.session_id)
+    assert loaded is not None and loaded.tokens == [5, 6, 7]
+    assert loaded.turn == a_turn("t1", start=0, finish=FinishReason.LENGTH)
 
 
 async def test_update_writes_the_fields_but_never_the_tokens(store: SessionStore) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from specdec.core.messages import CommitKey, CommitTicket
+from specdec.core.types import TokenLogprob
 from specdec.rpc.commit_proof import PROOF_BYTES, CommitChain, Keyring, new_commit_key, new_ticket
 
 SECRET = b"s" * 32
@@ -82,6 +83,28 @@ def test_a_proof_binds_position_tokens_and_order(
 ) -> None:
     proofs = _proofs(_chain())
     assert not _chain().check(base, tokens, proofs[index])
+
+
+# Values exact in float32, as the oracle computes them and the protos carry them.
+LOGPROBS = (TokenLogprob(-0.5, (20, 7), (-0.5, -1.25)), TokenLogprob(-2.0, (3, 21), (-1.0, -2.0)))
+
+
+@pytest.mark.parametrize(
+    "logprobs",
+    [
+        (),  # dropped
+        LOGPROBS[:1],  # one dropped
+        (dataclasses.replace(LOGPROBS[0], logprob=-0.25), LOGPROBS[1]),  # a value changed
+        (LOGPROBS[0], dataclasses.replace(LOGPROBS[1], top_token_ids=(21, 3))),  # ids swapped
+        (LOGPROBS[0], dataclasses.replace(LOGPROBS[1], top_logprobs=(-1.0, -2.5))),
+        (LOGPROBS[0], TokenLogprob(-2.0)),  # alternatives dropped
+    ],
+    ids=["none", "one", "value", "ids", "alternative", "no-alternatives"],
+)
+def test_a_proof_binds_the_logprobs(logprobs: tuple[TokenLogprob, ...]) -> None:
+    proof = _chain().seal(4, (20, 21), LOGPROBS)
+    assert _chain().check(4, (20, 21), proof, LOGPROBS)
+    assert not _chain().check(4, (20, 21), proof, logprobs)
 
 
 def test_a_refused_commit_does_not_move_the_chain() -> None:

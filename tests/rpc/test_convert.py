@@ -73,6 +73,8 @@ def _value(hint: Any, default: Any) -> Any:
         return [next(_counter), next(_counter)]
     if origin is tuple:
         item = typing.get_args(hint)[0]
+        if dataclasses.is_dataclass(item):  # e.g. tuple[TokenLogprob, ...]
+            return (distinct(item), distinct(item))  # type: ignore[arg-type]
         return (_value(item, None), _value(item, None))
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         return next(member for member in hint if member != default)
@@ -169,7 +171,7 @@ RELAYED_ROUND_FIELDS = {"proof", "cut"}
 
 
 def test_a_commit_round_trips_with_its_round() -> None:
-    tokens = (11, 12, 13)
+    tokens = (11, 12)
     report = distinct(
         RoundReport,
         committed=len(tokens),
@@ -182,6 +184,7 @@ def test_a_commit_round_trips_with_its_round() -> None:
     commit = AssignmentCommitted("a1", 40, tokens, report, proof=b"the oracle's")
     back = convert.worker_message_from_pb(convert.worker_message_to_pb(commit))
     assert back == commit
+    assert len(back.report.logprobs) == len(tokens) and back.report.logprobs[0].top_token_ids
     sent = {f.name for f in registry_pb2.RoundReport.DESCRIPTOR.fields}
     assert {f.name for f in dataclasses.fields(RoundReport)} == (
         sent | DERIVED_ROUND_FIELDS | RELAYED_ROUND_FIELDS
@@ -220,7 +223,7 @@ def _assignment(**speculation: Any) -> Assignment:
     # Floats a float32 field holds exactly.
     params = SamplingParams(
         temperature=0.75, top_k=5, top_p=0.875, seed=77, max_new_tokens=9,
-        stop_token_ids=(2, 4), stop=("\n\n",),
+        stop_token_ids=(2, 4), stop=("\n\n",), logprobs=3,
     )  # fmt: skip
     return distinct(
         Assignment,
@@ -322,6 +325,7 @@ async def test_verdict_round_trip_with_its_pending_rescue_decision() -> None:
     result = distinct(VerifyResult, verdict=distinct(Verdict), decision=decision)
     pb = convert.verdict_to_pb(9, result, rescued=True).verdict
     assert (pb.round, pb.rescue_pending, pb.rescued) == (9, True, True)
+    assert result.verdict is not None and result.verdict.logprobs  # they travel too
     assert convert.verify_result_from_pb(pb, decision) == result
     settled = dataclasses.replace(result, decision=None)
     assert not convert.verdict_to_pb(9, settled).verdict.rescue_pending

@@ -267,10 +267,12 @@ def test_compose_runs_two_gateway_replicas_on_redis(name: str) -> None:
     services = stack(name)["services"]
     gateway, redis = services["gateway"], services["redis"]
     assert gateway["deploy"]["replicas"] == 2
-    # One host port per replica: a fixed one would clash.
-    (port,) = gateway["ports"]
-    first, last = (int(p) for p in str(port["published"]).split("-"))
-    assert last - first + 1 == 2 and port["target"] == 50051
+    # One host port per replica, for gRPC and for the HTTP API: a fixed one would clash.
+    ports = {port["target"]: port for port in gateway["ports"]}
+    assert set(ports) == {50051, 8000}
+    for port in ports.values():
+        first, last = (int(p) for p in str(port["published"]).split("-"))
+        assert last - first + 1 == 2
     # Sessions in the stack's Redis, which keeps an append-only file on a volume.
     store = gateway["environment"]["SPECDEC_SESSION_STORE"]
     assert re.fullmatch(r"redis://redis:6379/\d+", store), store
@@ -356,13 +358,15 @@ def test_published_ports(name: str) -> None:
         for svc_name, svc in stack(name)["services"].items()
         if svc.get("ports")
     }
-    expected = {} if name == "edge" else {"gateway": [50051], "jaeger": [16686]}
+    expected = {} if name == "edge" else {"gateway": [8000, 50051], "jaeger": [16686]}
     if name.endswith("public"):
         # Edge drafts dial the oracle at its advertised public name.
         expected["oracle"] = [50052]
         oracle = stack(name)["services"]["oracle"]
         assert oracle["environment"]["SPECDEC_ADVERTISE_ADDRESS"] == "gpu1.example.com:50052"
     assert published == expected
+    if "gateway" in expected:  # the OpenAI-compatible HTTP API, on the port published
+        assert stack(name)["services"]["gateway"]["environment"]["SPECDEC_HTTP_PORT"] == "8000"
 
 
 def test_start_order_follows_who_dials_whom() -> None:

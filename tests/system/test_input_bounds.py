@@ -226,11 +226,13 @@ def test_a_cancelled_turn_leaves_its_oracle_to_the_next_turn(rig: Rig) -> None:
             collect(call, after_chunks=3, action=call.cancel)
         assert error.value.code() == grpc.StatusCode.CANCELLED
 
-        def committed() -> Any:
+        def noted() -> Any:
+            # The tokens are durable as they are committed; the turn's workers are noted
+            # once the gateway has seen the cancellation, a moment later.
             state = client.get_session(session)
-            return state if state.token_ids else None
+            return state if state.token_ids and state.oracle_id else None
 
-        state = wait_until(committed, what="the session's tokens")
+        state = wait_until(noted, what="the session's tokens and oracle")
         assert state.oracle_id == "oracle-b"
         result = client.generate([40], session_id=session, max_new_tokens=4, k=0)
         assert result.stats.cached_tokens > 0  # its KV was reused, not recomputed

@@ -69,19 +69,23 @@ def test_pipeline_depth_is_per_request_and_changes_no_token(system: tuple[Cluste
 
 def test_branches_are_per_request_and_change_no_token(system: tuple[Cluster, Path]) -> None:
     # Blocks drafted for likely corrections: some verdicts find theirs ready (the close
-    # draft's runner-up is often the oracle's token), and no token changes.
+    # draft's runner-up is often the oracle's token), and no token changes. Whether a
+    # branch is ready when its verdict comes is a race with the oracle: up to five passes.
     c, oracle_path = system
     branch_rounds = {0: 0, 3: 0}
     with Client(c.address, timeout=60) as client:
-        for prompt in PROMPTS:
-            expected = reference(oracle_path, prompt, 24)
-            for branches in (0, 3):
-                result = client.generate(
-                    prompt, max_new_tokens=24, k=3, ignore_eos=True, pipeline_depth=2,
-                    branches=branches,
-                )  # fmt: skip
-                assert result.token_ids == expected, (branches, prompt)
-                branch_rounds[branches] += result.stats.branch_rounds
+        for _ in range(5):
+            for prompt in PROMPTS:
+                expected = reference(oracle_path, prompt, 24)
+                for branches in (0, 3):
+                    result = client.generate(
+                        prompt, max_new_tokens=24, k=3, ignore_eos=True, pipeline_depth=2,
+                        branches=branches,
+                    )  # fmt: skip
+                    assert result.token_ids == expected, (branches, prompt)
+                    branch_rounds[branches] += result.stats.branch_rounds
+            if branch_rounds[3] > 0:
+                break
     assert branch_rounds[0] == 0 and branch_rounds[3] > 0, branch_rounds
 
 

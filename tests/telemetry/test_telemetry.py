@@ -14,6 +14,7 @@ import json
 import secrets
 import threading
 import time
+import types
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +42,7 @@ from specdec.v1 import gateway_pb2_grpc
 
 GATEWAY, ORACLE, DRAFT = "specdec-gateway", "specdec-oracle", "specdec-draft"
 GENERATE = "/specdec.v1.Gateway/Generate"
+HTTP_ROOT = "POST /v1/completions"
 PROMPT = [1, 30, 31, 32, 33, 34, 35, 36, 37, 38, 40]
 SPAN_WAIT_S = 30.0
 
@@ -117,6 +119,7 @@ class System:
     receiver: Receiver
     trace_file: Path
     metrics_ports: dict[str, int]
+    http_port: int  # the gateway's OpenAI-compatible API
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +146,11 @@ def system(
     oracle_path = model_dir("llama", "oracle")
     try:
         with cluster(workdir, env) as c:
-            c.start_gateway("--tokenizer", str(oracle_path), "--metrics-port", str(ports[GATEWAY]))
+            http_port = free_port()
+            c.start_gateway(
+                "--tokenizer", str(oracle_path), "--metrics-port", str(ports[GATEWAY]),
+                "--http-port", str(http_port),
+            )  # fmt: skip
             c.start_oracle(oracle_path, "--metrics-port", str(ports[ORACLE]), oracle_id="o1")
             c.start_draft(
                 model_dir("llama", "close_draft"),
@@ -152,7 +159,7 @@ def system(
                 draft_id="d1",
             )
             c.wait_workers(oracles=1, drafts=1)
-            yield System(c, receiver, trace_file, ports)
+            yield System(c, receiver, trace_file, ports, http_port)
     finally:
         server.stop(None)
 
@@ -170,7 +177,7 @@ def generate(system: System, **kwargs: Any) -> tuple[str, str, Completion]:
     return trace_id, parent_id, completion
 
 
-def wait_for_trace(system: System, trace_id: str, rounds: int) -> list[Span]:
+def wait_for_trace(system: System, trace_id: str, rounds: int, root: str = GENERATE) -> list[Span]:
     """The trace once its root and all its round and verify spans have arrived."""
     deadline = time.monotonic() + SPAN_WAIT_S
     while True:
@@ -179,7 +186,7 @@ def wait_for_trace(system: System, trace_id: str, rounds: int) -> list[Span]:
         ids = {s.span_id for s in spans}
         orphans = [(s.service, s.name, s.kind) for s in spans if s.parent_id not in ids]
         if (
-            GENERATE in names_seen
+            root in names_seen
             and names_seen.count(names.ROUND_SPAN) >= rounds
             and names_seen.count(names.VERIFY_SPAN) >= rounds
             and len(orphans) == 1  # the root alone: every span's parent has arrived
@@ -196,14 +203,16 @@ def by_name(spans: list[Span], name: str) -> list[Span]:
     return [s for s in spans if s.name == name]
 
 
-def check_tree(spans: list[Span], parent_id: str, completion: Completion) -> dict[str, Any]:
+def check_tree(
+    spans: list[Span], parent_id: str, completion: Any, root_name: str = GENERATE
+) -> dict[str, Any]:
     """What every request's trace must satisfy; returns its parts for path-specific checks."""
     stats = completion.stats
     ids = {s.span_id: s for s in spans}
-    (root,) = by_name(spans, GENERATE)
+    (root,) = by_name(spans, root_name)
     assert root.service == GATEWAY and root.parent_id == parent_id
     # Connected: every other span's parent is in the trace; the Generate span is its root.
-    assert [s.name for s in spans if s.parent_id not in ids] == [GENERATE]
+    assert [s.name for s in spans if s.parent_id not in ids] == [root_name]
 
     all_rounds = sorted(
         by_name(spans, names.ROUND_SPAN), key=lambda s: s.attributes[names.ROUND_INDEX]
@@ -300,6 +309,45 @@ def test_draft_path_is_one_trace_across_three_services(system: System) -> None:
     # The draft's Verify RPC client span hangs under the request too.
     clients = [s for s in spans if s.name == "/specdec.v1.Oracle/Verify" and s.kind == 3]
     assert [s.service for s in clients] == [DRAFT]
+
+
+def test_an_http_request_is_the_root_of_its_trace(system: System) -> None:
+    # No traceparent: the HTTP request's span is the root of the whole trace, the draft's
+    # rounds and the oracle's verifies under it as under a gRPC Generate call's span.
+    body = {
+        "prompt": PROMPT, "max_tokens": 10, "temperature": 0, "ignore_eos": True,
+        "specdec": {"k": 3},
+    }  # fmt: skip
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{system.http_port}/v1/completions", data=json.dumps(body).encode()
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        stats = json.loads(response.read())["specdec"]
+    assert stats["output_tokens"] == 10 and stats["drafter"] == "model"
+
+    def http_root() -> Span | None:
+        roots = [s for s in system.receiver.all() if s.name == HTTP_ROOT]
+        return roots[0] if roots else None
+
+    root = wait_until_value(http_root, SPAN_WAIT_S)
+    spans = wait_for_trace(system, root.trace_id, stats["rounds"], root=HTTP_ROOT)
+    completion = types.SimpleNamespace(stats=types.SimpleNamespace(**stats))
+    parts = check_tree(spans, "", completion, root_name=HTTP_ROOT)
+    assert {s.service for s in spans} == {GATEWAY, DRAFT, ORACLE}
+    assert not by_name(spans, GENERATE)  # no gRPC Generate call in between
+    a = parts["root"].attributes
+    assert parts["root"].kind == 2  # SPAN_KIND_SERVER
+    assert a["http.route"] == "/v1/completions" and a["http.response.status_code"] == 200
+    assert a[names.GEN_AI_OPERATION_NAME] == "text_completion"
+    assert a[names.GEN_AI_USAGE_OUTPUT_TOKENS] == 10
+
+
+def wait_until_value(get: Callable[[], Any], timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while (value := get()) is None:
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+    return value
 
 
 def test_oracle_only_trace_spans_gateway_and_oracle(system: System) -> None:
