@@ -175,7 +175,7 @@ def _speculation(extra: Mapping[str, Any]) -> Speculation:
         ) from None
     speculation = Speculation(
         k=extra.get("k"),
-        adaptive=_boolean(extra, "adaptive", False),
+        adaptive=_boolean(extra, "adaptive", None),
         drafter=kind,
         pipeline_depth=extra.get("pipeline_depth"),
         branches=extra.get("branches"),
