@@ -52,6 +52,10 @@ Three refinements make the choice hold up on real text and real services:
   best E(k) / T(k) beats 1 / T(0) by as much just after an accepted probe (the
   costs of drafting are not measured meanwhile: a load that slows the plain steps
   alone must not bring back a draft whose tokens are still all rejected).
+  Speculation also stops when the best block is expected to commit less than
+  ``NOTHING_TO_GAIN`` more tokens than a plain step, whatever its measured cost:
+  misses the oracle's rescue blocks follow at once cost about a plain step each, so
+  the costs alone would keep a useless draft (and the rescue drafting) going.
   Meanwhile the controller probes: one
   block of ``PROBE_K`` token(s) every ``probe_every`` plain rounds, drafted fresh
   (nothing is drafted ahead or branched while not speculating). The interval
@@ -90,6 +94,7 @@ FADE = 0.97  # weight the acceptance evidence keeps per plain round while not sp
 UNSURE = 1.0  # T(0) may be this much below its estimate before it is measured
 EXPLORE_EVERY = 16  # rounds between plain steps taken to measure T(0), while unsure
 KNOWN = 0.25  # weight of the measured T(0) below which it counts as unknown
+NOTHING_TO_GAIN = 0.1  # E(k) below 1 + this: a block commits about what a plain step does
 MAX_ROW_SHARE = 0.25  # a further row of a block costs at most this share of its mean row
 
 
@@ -337,10 +342,15 @@ class AdaptiveK:
             return
         self.k = best
         plain, drafting = rates[0], rates[best]
+        gain = expected_tokens_by_position(self.conditional_acceptance(), best) - 1
         if not self._speculating:
-            self._speculating = self._probe_accepted and drafting > (1 + HYSTERESIS) * plain
+            self._speculating = (
+                self._probe_accepted
+                and gain >= NOTHING_TO_GAIN
+                and drafting > (1 + HYSTERESIS) * plain
+            )
             self._probe_accepted = False
-        elif plain > (1 + HYSTERESIS) * drafting:
+        elif plain > (1 + HYSTERESIS) * drafting or gain < NOTHING_TO_GAIN:
             self._speculating, self._since_probe = False, 0
             self.probe_every = PROBE_MIN
         elif self._alone.weight < KNOWN and (1 + UNSURE) * plain > drafting:

@@ -246,6 +246,20 @@ def test_a_useless_draft_costs_almost_nothing() -> None:
     assert adaptive >= 0.97 * alone, adaptive / alone
 
 
+def test_a_useless_draft_is_given_up_when_its_misses_cost_a_plain_step() -> None:
+    # Rescue blocks follow every miss at once, so a round that drafts costs what a plain
+    # step does: the costs say nothing, but a block commits no more than a plain step.
+    policy = AdaptiveK(k_max=8)
+    ks = []
+    for _ in range(60):
+        k = policy.next_k()
+        ks.append(k)
+        r = report(k, 0, 0, 20 * MS, 0)
+        policy.observe(dataclasses.replace(r, wall_ns=20 * MS))
+    assert not policy.speculating()
+    assert sum(k == 0 for k in ks[10:]) >= 0.8 * len(ks[10:]), ks
+
+
 def test_a_good_draft_is_never_given_up() -> None:
     policy = AdaptiveK(k_max=8)
     throughput(policy, [0.8] * 700, 600, 20e6, 2e6, 0)
