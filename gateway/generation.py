@@ -29,7 +29,7 @@ from gateway.resume import continue_turn
 from gateway.sessions import Session
 from gateway.store import TurnRecord
 from gateway.store.base import ChatRecord
-from specdec.core.adaptive import AdaptiveMemory
+from specdec.core.adaptive import AdaptiveMemory, DraftTurns
 from specdec.core.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -146,6 +146,7 @@ class TurnRunner:
         # behind a stalled link is silent, not disconnected): the turn fails over.
         self._worker_silence_s = worker_silence_s
         self._adaptive = AdaptiveMemory()  # n-gram turns, per oracle
+        self._draft_turns = DraftTurns()  # whether drafting pays, per draft-oracle pair
 
     # -- worker choice -------------------------------------------------------
 
@@ -318,6 +319,11 @@ class TurnRunner:
                 oracle.worker_id,
                 draft.worker_id if draft else "",
             )
+            if draft is not None and request.speculation.adaptive:
+                stats = summary.stats
+                self._draft_turns.record(
+                    _pair(draft, oracle, params), stats.rounds, stats.output_tokens
+                )
             summary.stats.total_ns = int((loop.time() - t_start) * 1e9)
             last = tokens if finish is not None and not ended else []
             tail = decoder.feed(last) if last else ""
@@ -400,6 +406,13 @@ class TurnRunner:
             DrafterKind.MODEL,
         )
         draft = self.pick_draft(session, oracle, request, excluded) if want_model else None
+        auto = request.speculation.adaptive and request.speculation.drafter is DrafterKind.AUTO
+        if (
+            draft is not None
+            and auto
+            and not self._draft_turns.use_draft(_pair(draft, oracle, params))
+        ):
+            draft = None  # drafting did not pay last time: the oracle alone, one hop less
         speculation = dataclasses.replace(
             request.speculation, drafter=_drafter_kind(request, draft)
         )
@@ -516,6 +529,11 @@ def _own_report(report: AssignmentReport) -> _Event:
     open and its commits."""
     assert not isinstance(report, AssignmentFailed)
     return report
+
+
+def _pair(draft: Worker, oracle: Worker, params: SamplingParams) -> str:
+    """A draft-oracle pair, greedy or sampling (which accept differently)."""
+    return f"{draft.worker_id}\0{oracle.worker_id}\0{params.greedy}"
 
 
 def _prefer(workers: list[Worker], preferred_id: str) -> Worker:

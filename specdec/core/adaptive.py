@@ -423,6 +423,43 @@ class AdaptiveMemory:
             _put(self._sessions, (key, session_id), policy, self.MAX_SESSIONS)
 
 
+class DraftTurns:
+    """Across turns, per draft-oracle pair: whether an adaptive turn goes to the draft.
+
+    Inside a turn the controller's plain step still travels oracle -> draft -> oracle (the
+    draft owns the turn), one hop more than the oracle alone's turn, which the gateway
+    runs on its own link. So when a pair's last draft turn committed under
+    1 + NOTHING_TO_GAIN tokens a round over at least MIN_ROUNDS rounds (drafting did not
+    pay), its next adaptive turns run as the oracle alone at the gateway, and every
+    PROBE_TURNS-th goes back to the draft, whose controller probes from where it stopped.
+    """
+
+    MIN_ROUNDS = 16
+    PROBE_TURNS = 8
+    MAX_PAIRS = 256
+
+    def __init__(self) -> None:
+        self._plain: OrderedDict[str, int] = OrderedDict()  # pair -> plain turns since
+
+    def use_draft(self, pair: str) -> bool:
+        """Whether the pair's next adaptive turn goes to the draft (counts it if not)."""
+        since = self._plain.get(pair)
+        if since is None or since + 1 >= self.PROBE_TURNS:
+            return True
+        self._plain[pair] = since + 1
+        return False
+
+    def record(self, pair: str, rounds: int, tokens: int) -> None:
+        """A draft turn of the pair ended after ``rounds`` rounds committing ``tokens``."""
+        if rounds < self.MIN_ROUNDS:
+            return
+        self._plain.pop(pair, None)
+        if tokens < (1 + NOTHING_TO_GAIN) * rounds:
+            self._plain[pair] = 0
+            while len(self._plain) > self.MAX_PAIRS:
+                self._plain.popitem(last=False)
+
+
 def _put(table: OrderedDict[_Key, AdaptiveK], key: _Key, policy: AdaptiveK, limit: int) -> None:
     """Store ``policy`` as the newest entry of an LRU ``table`` of at most ``limit``."""
     table.pop(key, None)

@@ -16,6 +16,7 @@ from specdec.core.adaptive import (
     PROBE_MIN,
     AdaptiveK,
     AdaptiveMemory,
+    DraftTurns,
     best_k,
     expected_tokens,
 )
@@ -358,3 +359,17 @@ def test_a_slower_oracle_does_not_bring_back_a_useless_draft() -> None:
             policy.observe(dataclasses.replace(report(k, 0, 3 * MS * k, wall, 0), wall_ns=wall))
         assert not policy.speculating()
     assert policy.rates()[1] > 1.05 * policy.rates()[0]  # stale: drafting looks cheaper
+
+
+def test_a_pair_whose_drafting_did_not_pay_runs_plain_turns_and_probes_every_eighth() -> None:
+    turns = DraftTurns()
+    assert turns.use_draft("p")  # nothing known: the draft
+    turns.record("p", rounds=DraftTurns.MIN_ROUNDS - 1, tokens=DraftTurns.MIN_ROUNDS - 1)
+    assert turns.use_draft("p")  # too short a turn to judge
+    turns.record("p", rounds=40, tokens=41)  # 1.025 tokens a round: drafting did not pay
+    routed = [turns.use_draft("p") for _ in range(2 * DraftTurns.PROBE_TURNS)]
+    assert routed[: DraftTurns.PROBE_TURNS - 1] == [False] * (DraftTurns.PROBE_TURNS - 1)
+    assert routed[DraftTurns.PROBE_TURNS - 1]  # the probe turn goes to the draft
+    assert turns.use_draft("q")  # other pairs are unaffected
+    turns.record("p", rounds=40, tokens=120)  # the probe turn found drafting pays again
+    assert all(turns.use_draft("p") for _ in range(DraftTurns.PROBE_TURNS))

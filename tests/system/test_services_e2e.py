@@ -135,24 +135,24 @@ def test_the_controller_gives_up_a_useless_draft_and_changes_no_token(
 ) -> None:
     # Requests without speculation settings get the controller. Its first turn with this
     # pair finds that nothing is accepted and takes plain steps (k = 0: nothing drafted),
-    # probing now and then; later turns start from what it learnt. The output is the
-    # oracle alone's (sampled: the same seed gives the same draws).
+    # probing now and then. Drafting did not pay, so the pair's next turns run as the
+    # oracle alone on the gateway's own link. The output is the oracle alone's (sampled:
+    # the same seed gives the same draws).
     sampling: dict[str, Any] = {"max_new_tokens": 40, "ignore_eos": True}
     if temperature:
         sampling.update(temperature=temperature, seed=11)
     with Client(useless_pair.address, timeout=120) as client:
         alone = client.generate(CODE_PROMPT, k=0, **sampling)
         assert alone.stats.oracle_alone_rounds == alone.stats.rounds == 40
-        turns = [client.generate(CODE_PROMPT, **sampling) for _ in range(3)]
-    for turn in turns:
+        first, *later = [client.generate(CODE_PROMPT, **sampling) for _ in range(3)]
+    for turn in (first, *later):
         assert turn.token_ids == alone.token_ids
-        assert turn.stats.draft_id  # the draft ran the turn (and chose not to draft)
-        assert turn.stats.accepted_tokens <= 4  # (a lucky guess at a line break, say)
-    first, *later = (turn.stats for turn in turns)
-    assert first.proposed_tokens > 0  # it tried
-    assert first.oracle_alone_rounds >= 0.6 * first.rounds, first
-    for stats in later:  # most rounds without speculation, a probe now and then
-        assert stats.oracle_alone_rounds >= 0.85 * stats.rounds, stats
+    assert first.stats.draft_id  # the draft ran the turn
+    assert 0 < first.stats.proposed_tokens and first.stats.accepted_tokens <= 4, first.stats
+    assert first.stats.oracle_alone_rounds >= 0.6 * first.stats.rounds, first.stats
+    for turn in later:  # the oracle alone, at the gateway
+        assert turn.stats.draft_id == "" and turn.stats.proposed_tokens == 0, turn.stats
+        assert turn.stats.oracle_alone_rounds == turn.stats.rounds == 40
 
 
 @pytest.mark.parametrize("k", [0, 1, 4, 8])
