@@ -148,7 +148,7 @@ def test_the_controller_gives_up_a_useless_draft_and_changes_no_token(
     for turn in (first, *later):
         assert turn.token_ids == alone.token_ids
     assert first.stats.draft_id  # the draft ran the turn
-    assert 0 < first.stats.proposed_tokens and first.stats.accepted_tokens <= 4, first.stats
+    assert first.stats.proposed_tokens > 0 and first.stats.accepted_tokens <= 4, first.stats
     assert first.stats.oracle_alone_rounds >= 0.6 * first.stats.rounds, first.stats
     for turn in later:  # the oracle alone, at the gateway
         assert turn.stats.draft_id == "" and turn.stats.proposed_tokens == 0, turn.stats
