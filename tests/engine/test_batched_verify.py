@@ -32,6 +32,7 @@ from specdec.config import load_config
 from specdec.core.errors import FailedPrecondition, InvalidArgument
 from specdec.core.sampling import (
     SamplingParams,
+    race_draw,
     sample_sparse,
     truncate_to_sparse,
 )
@@ -70,11 +71,18 @@ def next_logits(model: LoadedModel, tokens: list[int]) -> torch.Tensor:
 
 
 def draft(
-    model: LoadedModel, committed: list[int], k: int, mode: str, g: torch.Generator, row: int
+    model: LoadedModel,
+    committed: list[int],
+    k: int,
+    mode: str,
+    g: torch.Generator,
+    row: int,
+    seed: int = 0,
 ) -> DraftBlock:
     """A k-token block after ``committed``, drafted from the oracle's own p (so rounds accept
     some tokens): greedy with one wrong token at position row % (k + 1) (none when = k);
-    "q": sampled from a sharpened, truncated q sent along; "tokens": argmax, no q."""
+    "q": sampled from a sharpened, truncated q sent along; "tokens": a sharpened q raced
+    with the noise of (``seed``, position), as a coupled draft does, sent without q."""
     tokens, ids, qs = list(committed), [], []
     for i in range(k):
         logits = next_logits(model, tokens)  # [V]
@@ -87,7 +95,7 @@ def draft(
             x = sample_sparse(q, g)
             qs.append(q)
         else:
-            x = int(logits.argmax())  # the likeliest token, sent without its q
+            x = race_draw(torch.softmax(logits / 0.7, dim=-1), seed, len(tokens))
         ids.append(x)
         tokens.append(x)
     return DraftBlock(tuple(ids), tuple(qs) if mode == "q" else None)
@@ -127,7 +135,7 @@ def make_rows(
     alone: list[BatchItem] = []
     for row, (length, k, start) in enumerate(rows):
         committed = [1, *torch.randint(3, model.vocab_size, (length - 1,), generator=g).tolist()]
-        block = draft(model, committed, k, mode, g, row)
+        block = draft(model, committed, k, mode, g, row, seed + row)
         for owner, items in ((oracle, batched), (alone_oracle or oracle, alone)):
             cache = prepared_cache(owner, committed, start)
             items.append(BatchItem(cache, list(committed), block, params, seed + row))
