@@ -1,5 +1,5 @@
 """Overload: admission limits answer RESOURCE_EXHAUSTED at once, the KV budget evicts
-instead of crashing, and a 60 s soak of 64 clients keeps every answer exact.
+instead of crashing, and a 30 s soak of 64 clients keeps every answer exact.
 
 One cluster for the module: a gateway holding at most GATEWAY_SESSIONS sessions,
 one oracle serving at most ORACLE_STREAMS verify streams with a KV budget of a
@@ -32,7 +32,7 @@ ORACLE_STREAMS = 8
 DRAFT_TURNS = 2
 KV_BUDGET_MB = 0.02  # 20 KiB: about two idle sessions of the tiny llama (256 B per token)
 PROMPTS = [[1, 5, 9, 12], [1, 30, 31, 32, 33, 34], [1, 7], [1, 20, 21, 22, 40, 41, 42]]
-SOAK_S = 60.0
+SOAK_S = 30.0
 SOAK_CLIENTS = 64
 RSS_GROWTH_LIMIT = 64 * 1024 * 1024  # bytes a service may grow by over the soak
 
@@ -177,8 +177,8 @@ def test_kv_budget_evicts_idle_sessions_which_continue_exactly_later(rig: Rig) -
 
 
 @pytest.mark.slow
-def test_soak_64_clients_for_60_seconds(rig: Rig) -> None:
-    """64 clients for exactly 60 s of load: one-off turns and two-turn sessions, greedy,
+def test_soak_64_clients_for_30_seconds(rig: Rig) -> None:
+    """64 clients for exactly 30 s of load: one-off turns and two-turn sessions, greedy,
     k in {0, 2, 4, n-gram}. Only RESOURCE_EXHAUSTED may fail; every completed output is
     the oracle alone's; the services' memory stays bounded; all is idle afterwards."""
     quiescent(rig.address)
