@@ -37,6 +37,9 @@ from tests.cluster_tools import (
 )
 from tests.fault_proxy import FaultProxy
 
+# Faults land mid-turn within seconds: run alone, not beside other tests' load.
+pytestmark = pytest.mark.serial
+
 ORACLES = ("oracle-a", "oracle-b")
 DRAFTS = ("draft-a", "draft-b")
 DELAY_S = 0.02  # added round trip on every oracle link
