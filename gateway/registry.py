@@ -109,11 +109,9 @@ class Worker:
 
     async def reachable(self, timeout_s: float = 2.0) -> bool:
         """Whether this oracle answers GetInfo on the gateway's own channel to it."""
-        try:
-            await self.oracle_stub().GetInfo(oracle_pb2.GetInfoRequest(), timeout=timeout_s)
-        except grpc.aio.AioRpcError:
-            return False
-        return True
+        return await self._ask(
+            lambda stub: stub.GetInfo(oracle_pb2.GetInfoRequest(), timeout=timeout_s)
+        )
 
     async def release_session(self, session_id: str, timeout_s: float = 2.0) -> None:
         """Make this worker forget the session's KV cache: an oracle by ReleaseSession, a
@@ -121,12 +119,30 @@ class Worker:
         if not self.is_oracle:
             self.outbox.put_nowait(ReleaseDraftSession(session_id))
             return
+        request = oracle_pb2.ReleaseSessionRequest(session_id=session_id)
+        await self._ask(lambda stub: stub.ReleaseSession(request, timeout=timeout_s))
+
+    async def _ask(self, call: Callable[[oracle_pb2_grpc.OracleStub], Any]) -> bool:
+        """Make one call to this oracle: whether it answered.
+
+        The call runs as a task of its own. When the oracle unregisters, closing its
+        channel cancels the call, and grpc raises that as CancelledError in whatever
+        awaits it: awaited directly, it would end the caller's turn as if the client had
+        cancelled it, with no status sent. Here it reads as no answer.
+        """
+        if not self.alive:
+            return False  # its channel is closed, or about to be
+        answer = asyncio.ensure_future(call(self.oracle_stub()))
         try:
-            await self.oracle_stub().ReleaseSession(
-                oracle_pb2.ReleaseSessionRequest(session_id=session_id), timeout=timeout_s
-            )
-        except Exception as exc:
-            log.debug("release on %s failed: %s", self.worker_id, exc)
+            await asyncio.wait({answer})
+        finally:
+            answer.cancel()  # no-op once done; the caller's own cancellation otherwise
+        if answer.cancelled():
+            return False
+        error = answer.exception()
+        if error is not None:
+            log.debug("oracle %s did not answer: %s", self.worker_id, error)
+        return error is None
 
     @property
     def uptime_s(self) -> float:

@@ -101,13 +101,13 @@ class GrpcOracleLink:
         # Not wait_for: on timeout it waits for the cancelled exchange to end, and grpc's
         # send on a dead transport may never end. The call is cancelled instead.
         sending = asyncio.ensure_future(self._send(request, follow_up))
+        sending.add_done_callback(_consume)  # its failure is read below, or nobody's concern
         try:
             await asyncio.wait({sending}, timeout=self._round_timeout_s)
         finally:
             if not sending.done():  # timed out, or this turn was cancelled
                 call.cancel()
                 sending.cancel()
-                sending.add_done_callback(_consume)
         if not sending.done():
             if self._broken is None:
                 self._broken = OracleRpcError(

@@ -1,13 +1,19 @@
-"""Registrations (``gateway.registry`` with ``gateway.identity``): who may take a worker id."""
+"""Registrations (``gateway.registry`` with ``gateway.identity``): who may take a worker id;
+what a turn sees of an oracle that leaves while the gateway is asking it something."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
+import grpc
 import pytest
 
 from gateway.identity import WorkerIdentity
 from gateway.registry import MAX_WORKER_ID_CHARS, Registry
 from specdec.core.errors import AlreadyExists, InvalidArgument, PermissionDenied
 from specdec.core.messages import WorkerKind, WorkerRegistration
+from specdec.v1 import oracle_pb2, oracle_pb2_grpc
 
 ORACLE = WorkerRegistration("o1", WorkerKind.ORACLE, address="127.0.0.1:9")
 DRAFT = WorkerRegistration("d1", WorkerKind.DRAFT)
@@ -58,3 +64,46 @@ async def test_worker_ids_are_bounded() -> None:
     long = WorkerRegistration("w" * (MAX_WORKER_ID_CHARS + 1), WorkerKind.DRAFT)
     with pytest.raises(InvalidArgument, match=f"1 to {MAX_WORKER_ID_CHARS} characters"):
         await Registry().register(long)
+
+
+class _HangingOracle(oracle_pb2_grpc.OracleServicer):  # type: ignore[misc]
+    """Answers GetInfo only when told to (the oracle is slow to answer)."""
+
+    def __init__(self) -> None:
+        self.asked = asyncio.Event()
+        self.answer = asyncio.Event()
+
+    async def GetInfo(self, request: Any, context: Any) -> oracle_pb2.GetInfoResponse:
+        self.asked.set()
+        await self.answer.wait()
+        return oracle_pb2.GetInfoResponse()
+
+
+async def test_an_oracle_leaving_mid_question_is_unreachable_not_a_cancelled_turn() -> None:
+    """Regression: the gateway asked an oracle whether it was reachable (a draft had
+    reported it broken) just as its stream ended. Unregistering closed the channel, grpc
+    raised the cancelled GetInfo as CancelledError in the turn, and the client's stream
+    was left without a status until its deadline."""
+    oracle = _HangingOracle()
+    server = grpc.aio.server()
+    oracle_pb2_grpc.add_OracleServicer_to_server(oracle, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        registry = Registry()
+        info = WorkerRegistration("o1", WorkerKind.ORACLE, address=f"127.0.0.1:{port}")
+        worker = await registry.register(info)
+        oracle.answer.set()
+        assert await worker.reachable()
+        oracle.answer.clear()
+        turn = asyncio.create_task(worker.reachable(timeout_s=30))
+        await asyncio.wait_for(oracle.asked.wait(), 10)
+        oracle.asked.clear()
+        await registry.unregister(worker)  # its stream ended: the channel closes
+        assert await asyncio.wait_for(turn, 10) is False
+        assert not turn.cancelled()
+        assert await worker.reachable() is False  # gone: not asked at all
+        assert not oracle.asked.is_set()
+    finally:
+        oracle.answer.set()
+        await server.stop(None)
