@@ -3,10 +3,14 @@
 ``ErrorInterceptor`` turns the core's typed errors into gRPC statuses (and any
 other exception into INTERNAL, logged once with its traceback), for all four
 RPC shapes in one place, the way OpenTelemetry's ``_wrap_rpc_behavior`` does.
+A CancelledError that no one cancelled the handler with (grpc raises one from an
+awaited call that its channel's close cancelled) ends the RPC UNAVAILABLE: left to
+grpc, the handler would end with no status and the client would wait out its deadline.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -25,7 +29,30 @@ def status_of(error: SpecdecError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, error.status, grpc.StatusCode.INTERNAL)
 
 
+def _stray(exc: BaseException, context: grpc.aio.ServicerContext) -> bool:
+    """``exc`` is a CancelledError that did not cancel this handler: neither the client
+    (the RPC is not cancelled) nor anyone cancelling its task."""
+    if not isinstance(exc, asyncio.CancelledError) or context.cancelled():
+        return False
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+    return cancelling is not None and cancelling() == 0
+
+
+def _ours(exc: BaseException, context: grpc.aio.ServicerContext) -> bool:
+    """Whether the wrapper ends the RPC for ``exc``: any error but an abort under way, and
+    a stray cancellation; a real one (and GeneratorExit) goes on to grpc."""
+    if isinstance(exc, grpc.aio.AbortError):
+        return False
+    return isinstance(exc, Exception) or _stray(exc, context)
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+    if _stray(exc, context):
+        log.error("%s was interrupted by a stray cancellation", method, exc_info=exc)
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE, "the request was interrupted inside the server; retry it"
+        )
     if isinstance(exc, SpecdecError):
         await context.abort(status_of(exc), str(exc))
     log.exception("unexpected error in %s", method, exc_info=exc)
@@ -36,9 +63,9 @@ def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callabl
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await behavior(request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
+        except BaseException as exc:
+            if not _ours(exc, context):
+                raise
             await _abort(context, exc, method)
 
     return handler
@@ -49,9 +76,9 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Ca
         try:
             async for response in behavior(request, context):
                 yield response
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
+        except BaseException as exc:
+            if not _ours(exc, context):
+                raise
             await _abort(context, exc, method)
 
     return handler
