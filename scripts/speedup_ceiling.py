@@ -51,6 +51,7 @@ def tokens_per_round(agree: list[list[bool]], k: int) -> float:
 
 
 def _continue(model: Any, prompt: list[int], new_tokens: int, sample: bool) -> torch.Tensor:
+    """``prompt`` and ``new_tokens`` more of ``model``'s own (greedy, or T = 1, untruncated)."""
     ids = torch.tensor([prompt])
     out = model.generate(
         ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=sample,
