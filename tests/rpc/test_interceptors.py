@@ -19,6 +19,7 @@ import pytest
 
 from specdec.rpc.server import ServiceServer, start_server
 from specdec.v1 import gateway_pb2
+from tests.rpc.generic import session_methods
 
 SERVICE = "t.Cancelled"
 REQUEST = gateway_pb2.GetSessionRequest(session_id="s1").SerializeToString()
@@ -61,22 +62,14 @@ class _Slow:
 SLOW = _Slow()
 
 
-def _add(servicer: Any, server: grpc.aio.Server) -> None:
-    kwargs = {
-        "request_deserializer": gateway_pb2.GetSessionRequest.FromString,
-        "response_serializer": gateway_pb2.GetSessionResponse.SerializeToString,
-    }
-    handlers = {
-        "UU": grpc.unary_unary_rpc_method_handler(_unary, **kwargs),
-        "US": grpc.unary_stream_rpc_method_handler(_stream, **kwargs),
-        "Slow": grpc.unary_stream_rpc_method_handler(SLOW.stream, **kwargs),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+_ADD = session_methods(
+    SERVICE, {"UU": ("UU", _unary), "US": ("US", _stream), "Slow": ("US", SLOW.stream)}
+)
 
 
 @pytest.fixture
 async def server() -> AsyncIterator[ServiceServer]:
-    running = await start_server("127.0.0.1:0", [(_add, None, SERVICE)])
+    running = await start_server("127.0.0.1:0", [(_ADD, None, SERVICE)])
     yield running
     await running.stop(0)
 

@@ -17,6 +17,7 @@ import pytest
 from specdec.rpc.request_guard import ByteLimit
 from specdec.rpc.server import ServiceServer, start_server
 from specdec.v1 import gateway_pb2
+from tests.rpc.generic import session_methods
 
 SERVICE = "t.Guarded"
 LIMIT = 64
@@ -47,25 +48,22 @@ async def _stream_stream(requests: Any, context: Any) -> AsyncIterator[Any]:
         yield _echo(request)
 
 
-def _add(servicer: Any, server: grpc.aio.Server) -> None:
-    kwargs = {
-        "request_deserializer": gateway_pb2.GetSessionRequest.FromString,
-        "response_serializer": gateway_pb2.GetSessionResponse.SerializeToString,
-    }
-    handlers = {
-        "UU": grpc.unary_unary_rpc_method_handler(_unary_unary, **kwargs),
-        "US": grpc.unary_stream_rpc_method_handler(_unary_stream, **kwargs),
-        "SU": grpc.stream_unary_rpc_method_handler(_stream_unary, **kwargs),
-        "SS": grpc.stream_stream_rpc_method_handler(_stream_stream, **kwargs),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+_ADD = session_methods(
+    SERVICE,
+    {
+        "UU": ("UU", _unary_unary),
+        "US": ("US", _unary_stream),
+        "SU": ("SU", _stream_unary),
+        "SS": ("SS", _stream_stream),
+    },
+)
 
 
 @pytest.fixture
 async def server() -> AsyncIterator[ServiceServer]:
     running = await start_server(
         "127.0.0.1:0",
-        [(_add, None, SERVICE)],
+        [(_ADD, None, SERVICE)],
         request_limits={f"/{SERVICE}/UU": ByteLimit(LIMIT, "--max-test-bytes")},
     )
     yield running
