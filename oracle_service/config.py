@@ -106,6 +106,12 @@ class OracleConfig(SecuritySettings, TelemetrySettings):
     cuda_graphs: bool = setting(
         True, "with static KV on a GPU, replay the verify and prefill forwards as CUDA graphs"
     )
+    lean_forward: bool = setting(
+        True,
+        "sessions outside a KV pool (a CPU oracle, --static-kv off) on specdec's lean forward "
+        "where the model qualifies (llama, mistral, qwen2): a verify of k + 1 tokens costs "
+        "less against one token than HF's forward (off: HF's forward)",
+    )
     verify_lanes: int = setting(
         0,
         "verify batches run at once, each in its own thread and CUDA stream (0 = auto: 2 "
@@ -176,6 +182,7 @@ class OracleConfig(SecuritySettings, TelemetrySettings):
             batch_invariant=self.batch_invariant,
             verify_tokens=self.verify_tokens,
             attention=self.attention,
+            lean_forward=self.lean_forward,
         )
 
     def validate(self) -> None:

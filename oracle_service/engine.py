@@ -98,7 +98,7 @@ class OracleEngine:
         )
         pool_lanes = 1 if rescue_draft is not None else lanes
         slots = make_pool(model, kv, max_rows=max_batch, lanes=pool_lanes)
-        self.oracle = Oracle(model, slots)
+        self.oracle = Oracle(model, slots, lean=kv.lean_forward)
         self.oracle_id = oracle_id
         self.sessions = SessionStore(
             self.oracle.new_cache,

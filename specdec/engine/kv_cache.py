@@ -210,6 +210,21 @@ class SequenceCache:
         a batched forward. The tensors are kept as given (not copied); the caller must
         not write to them afterwards.
         """
+        self.check_replace(tokens, kv)
+        layers = getattr(self._cache, "layers", None) or []
+        if len(layers) == len(kv) and all(
+            getattr(layer, "is_initialized", False) for layer in layers
+        ):
+            for layer, (keys, values) in zip(layers, kv, strict=True):  # no new cache objects
+                layer.keys, layer.values = keys, values
+        else:
+            self._cache = dynamic_cache_of(kv)
+        self.tokens = [int(t) for t in tokens]
+
+    def check_replace(
+        self, tokens: Sequence[int], kv: Sequence[tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
+        """Raise ``InvalidArgument`` unless ``replace_kv(tokens, kv)`` may run."""
         n = len(tokens)
         if n == 0:
             raise InvalidArgument("replace_kv needs at least one token (use reset to empty)")
@@ -234,15 +249,6 @@ class SequenceCache:
                 raise InvalidArgument(
                     f"layer {index}: values must be [1, H, {n}, D], got {tuple(values.shape)}"
                 )
-        layers = getattr(self._cache, "layers", None) or []
-        if len(layers) == len(kv) and all(
-            getattr(layer, "is_initialized", False) for layer in layers
-        ):
-            for layer, (keys, values) in zip(layers, kv, strict=True):  # no new cache objects
-                layer.keys, layer.values = keys, values
-        else:
-            self._cache = dynamic_cache_of(kv)
-        self.tokens = [int(t) for t in tokens]
 
     def memory_bytes(self) -> int:
         """Bytes held by the cached keys and values."""

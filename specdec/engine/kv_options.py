@@ -31,6 +31,7 @@ class KVSettings:
     batch_invariant: bool = True
     verify_tokens: int = DEFAULT_VERIFY_TOKENS
     attention: str = "auto"
+    lean_forward: bool = True
 
 
 def turn_positions(prompt_tokens: int, max_new_tokens: int) -> int:

@@ -101,12 +101,13 @@ class RowsOf(torch.nn.Module):
 
 
 def _stacked(
-    parent: torch.nn.Module, names: Sequence[str]
+    parent: torch.nn.Module, names: Sequence[str], columns: bool
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """One projection for ``parent``'s layers ``names``, which read the same input: their
     outputs side by side, [..., sum of out_features].
 
-    * Plain Linear layers: one matmul over their stacked weights (``_stack``).
+    * Plain Linear layers: one matmul over their stacked weights (``_stack``; ``columns``:
+      in the column layout).
     * Dynamic int8 layers: one int8 layer with the same weights (``stacked_int8``). Each
       of them is replaced by its rows of it (``RowsOf``): the weights are not stored
       twice, and HF's forward (used with ``--no-lean-forward`` only) runs the stacked
@@ -115,7 +116,7 @@ def _stacked(
     """
     modules = [getattr(parent, name) for name in names]
     if all(type(m) is torch.nn.Linear for m in modules):
-        weight = _stack(modules, "weight")
+        weight = _stack(modules, "weight", columns)
         bias = None if getattr(modules[0], "bias", None) is None else _stack(modules, "bias")
         return lambda x: F.linear(x, weight, bias)
     if all(isinstance(m, RowsOf) and m.stacked is modules[0].stacked for m in modules):
@@ -131,36 +132,54 @@ def _stacked(
     return stacked
 
 
-def _stack(modules: Sequence[torch.nn.Module], name: str) -> torch.Tensor:
+def _stack(modules: Sequence[torch.nn.Module], name: str, columns: bool = False) -> torch.Tensor:
     """The modules' ``name`` tensors as consecutive rows of one tensor.
 
     The first call moves them there, each module keeping a view of its rows: nothing is
     stored twice, and HF's forward still sees its own modules. Later calls (another
-    LeanModel of the same model) find them there.
+    LeanModel of the same model) find them there. ``columns``: the tensor [N, K] is the
+    transpose of a contiguous [K, N] one (``_column_layout``).
     """
     parts = [getattr(m, name) for m in modules]
-    whole = _adjacent_views(parts)
+    whole = _adjacent_views(parts, columns)
     if whole is None:
         with torch.no_grad():
             whole = torch.cat([p.detach() for p in parts])
+            if columns:
+                whole = whole.t().contiguous().t()
         for module, rows in zip(modules, whole.split([p.shape[0] for p in parts]), strict=True):
             setattr(module, name, torch.nn.Parameter(rows, requires_grad=False))
     return whole
 
 
-def _adjacent_views(parts: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """The tensor ``parts`` are consecutive row blocks of, if they are, else None."""
+def _adjacent_views(parts: Sequence[torch.Tensor], columns: bool = False) -> torch.Tensor | None:
+    """The tensor ``parts`` are consecutive row blocks of, if they are, else None
+    (``columns``: a tensor in the column layout)."""
     first = parts[0]
     offset, rows = first.storage_offset(), 0
     for part in parts:
+        step = 1 if columns else part[0].numel()  # storage elements from one row to the next
         if (
-            not part.is_contiguous()
+            (part.stride(0) != 1 if columns else not part.is_contiguous())
             or part.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
-            or part.storage_offset() != offset + rows * part[0].numel()
+            or part.storage_offset() != offset + rows * step
         ):
             return None
         rows += part.shape[0]
+    if columns and (first.dim() != 2 or first.stride(1) != rows):
+        return None
     return first.detach().as_strided((rows, *first.shape[1:]), first.stride(), offset)
+
+
+def _column_layout(module: torch.nn.Module) -> None:
+    """Store a Linear (or embedding) weight [N, K] as the transpose of a contiguous [K, N]
+    tensor. On a CPU, BLAS multiplies by a weight laid out so faster: the demo oracle's
+    projections took 25 % less at 1 and at 5 rows (MKL, one core; the same values). HF's
+    forward and every other user of the module see the same [N, K] tensor."""
+    weight = cast(torch.Tensor, module.weight)
+    if weight.dim() == 2 and weight.stride(0) != 1:
+        with torch.no_grad():
+            module.weight = torch.nn.Parameter(weight.detach().t().contiguous().t(), False)
 
 
 def _rms_norm(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -193,6 +212,7 @@ class LeanModel:
             raise InvalidArgument(f"{loaded.name!r} cannot take the lean forward: {reason}")
         self.loaded = loaded
         inner = loaded.model.model
+        columns = loaded.device.type == "cpu"  # the column layout (``_column_layout``)
         self.embed, self.rotary, self.lm_head = (
             inner.embed_tokens,
             inner.rotary_emb,
@@ -205,17 +225,27 @@ class LeanModel:
         self.layers = [
             _Layer(
                 attention_norm=_rms_norm(layer.input_layernorm),
-                qkv=_stacked(a, ("q_proj", "k_proj", "v_proj")),
+                qkv=_stacked(a, ("q_proj", "k_proj", "v_proj"), columns),
                 o=a.o_proj,
                 scaling=float(a.scaling),
                 mlp_norm=_rms_norm(layer.post_attention_layernorm),
-                gate_up=_stacked(layer.mlp, ("gate_proj", "up_proj")),
+                gate_up=_stacked(layer.mlp, ("gate_proj", "up_proj"), columns),
                 act=layer.mlp.act_fn,
                 down=layer.mlp.down_proj,
             )
             for layer in inner.layers
             for a in [layer.self_attn]
         ]
+        if columns:
+            tied = self.lm_head.weight is self.embed.weight
+            for layer in self.layers:
+                for module in (layer.o, layer.down):
+                    if type(module) is torch.nn.Linear:
+                        _column_layout(module)
+            if type(self.lm_head) is torch.nn.Linear:
+                _column_layout(self.lm_head)
+                if tied:  # keep one tensor
+                    self.embed.weight = self.lm_head.weight
 
     def new_kv(self, rows: int, capacity: int) -> KV:
         """Zeroed per-layer key/value buffers [rows, H_kv, capacity, D].
@@ -332,10 +362,21 @@ class LeanCache(SequenceCache):
         end = len(self.tokens)
         return [(keys[:, :, :end], values[:, :, :end]) for keys, values in self._kv]
 
+    @torch.inference_mode()
     def replace_kv(
         self, tokens: Sequence[int], kv: Sequence[tuple[torch.Tensor, torch.Tensor]]
     ) -> None:
-        raise NotImplementedError("a LeanCache is filled by its own forward only")
+        """``SequenceCache.replace_kv``, the keys/values copied into this cache's buffers."""
+        self.check_replace(tokens, kv)
+        if len(kv) != len(self.lean.layers):
+            raise InvalidArgument(f"replace_kv needs {len(self.lean.layers)} layers, got {len(kv)}")
+        n = len(tokens)
+        self.tokens = []  # nothing for _reserve to copy: all n positions are written below
+        self._reserve(n)
+        for (keys, values), (new_keys, new_values) in zip(self._kv, kv, strict=True):
+            keys[:, :, :n] = new_keys
+            values[:, :, :n] = new_values
+        self.tokens = [int(t) for t in tokens]
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self._kv for t in layer)

@@ -27,6 +27,7 @@ from specdec.core.sampling import SamplingParams
 from specdec.core.types import DraftBlock, Verdict
 from specdec.core.verifier import validate_block, verify_block, with_logprobs
 from specdec.engine.kv_cache import SequenceCache
+from specdec.engine.lean_forward import LeanCache, LeanModel, lean_unsupported
 from specdec.engine.models import LoadedModel
 from specdec.engine.paged_kv import PagedCache, PagedPool
 from specdec.engine.static_kv import SlotCache, SlotPool
@@ -59,12 +60,17 @@ class VerifyTiming:
 class Oracle:
     """Verifies draft blocks for any number of sequences, each with its own ``SequenceCache``."""
 
-    def __init__(self, model: LoadedModel, slots: SlotPool | PagedPool | None = None) -> None:
+    def __init__(
+        self, model: LoadedModel, slots: SlotPool | PagedPool | None = None, lean: bool = False
+    ) -> None:
         """``slots``: the sessions' KV pool: paged blocks (``specdec.engine.paged_kv``) or
-        static slots (``specdec.engine.static_kv``; sessions that find no slot free get a
-        ``SequenceCache`` on HF's forward, as every session does without a pool)."""
+        static slots (``specdec.engine.static_kv``). Sessions outside a pool (no pool, or
+        no slot free) get a ``LeanCache`` when ``lean`` and the model qualifies (fewer ops
+        per forward: a CPU oracle's verify of k + 1 tokens costs less against one token),
+        else a ``SequenceCache`` on HF's forward."""
         self.model = model
         self.slots = slots
+        self.lean = LeanModel(model) if lean and lean_unsupported(model) is None else None
 
     @property
     def vocab_size(self) -> int:
@@ -76,7 +82,9 @@ class Oracle:
 
     def new_cache(self) -> SequenceCache:
         cache = self.slots.new_cache() if self.slots is not None else None
-        return cache if cache is not None else SequenceCache(self.model)
+        if cache is not None:
+            return cache
+        return SequenceCache(self.model) if self.lean is None else LeanCache(self.model, self.lean)
 
     def prefill(self, cache: SequenceCache, committed: Sequence[int]) -> PrefillResult:
         """Bring ``cache`` to the KV of committed[:-1], reusing its longest common prefix."""

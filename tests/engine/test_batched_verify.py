@@ -39,6 +39,8 @@ from specdec.core.sampling import (
 from specdec.core.types import DraftBlock, Verdict, VerifyResult, committed_tokens
 from specdec.engine.batched import BatchItem, batch_forward, batch_unsupported, verify_batch
 from specdec.engine.kv_cache import SequenceCache
+from specdec.engine.kv_options import KVSettings
+from specdec.engine.lean_forward import LeanCache
 from specdec.engine.models import LoadedModel
 from specdec.engine.oracle import Oracle
 from specdec.engine.paged_kv import PagedCache
@@ -595,11 +597,19 @@ class Stream:
         assert await self.call.read() is grpc.aio.EOF
 
 
-@pytest.mark.parametrize("static_kv", ["off", "on"])
+@pytest.mark.parametrize(
+    ("static_kv", "lean", "cache_type"),
+    [("off", False, SequenceCache), ("off", True, LeanCache), ("on", True, PagedCache)],
+)
 async def test_concurrent_sessions_share_forwards_and_stay_exact(
-    static_kv: str, loaded: Callable[[str, str], LoadedModel]
+    static_kv: str,
+    lean: bool,
+    cache_type: type[SequenceCache],
+    loaded: Callable[[str, str], LoadedModel],
 ) -> None:
-    """Through the real service, on HF caches and on static KV slots (``--static-kv on``)."""
+    """Through the real service, on HF caches, on lean caches (the default outside a pool:
+    the batched forward's rows copied back into their buffers) and on static KV slots
+    (``--static-kv on``)."""
     model = loaded("llama", "oracle")
     references = {name: greedy_generate(model, prompt, 16) for name, prompt in PROMPTS.items()}
     engine = OracleEngine(
@@ -610,6 +620,7 @@ async def test_concurrent_sessions_share_forwards_and_stay_exact(
         max_cached_sessions=64,
         max_batch=4,
         static_kv=static_kv,
+        kv=KVSettings(lean_forward=lean),
     )
     assert (engine.oracle.slots is not None) == (static_kv == "on")
     server = await start_server(
@@ -647,7 +658,7 @@ async def test_concurrent_sessions_share_forwards_and_stay_exact(
             assert tokens[: len(references[name])] == references[name]
             session = engine.sessions.get(name)
             assert session is not None
-            assert isinstance(session.cache, PagedCache) == (static_kv == "on")
+            assert type(session.cache) is cache_type
         counters = engine.batch_counters
         assert counters.batched_forwards >= 1 and counters.largest_forward >= 2
         assert counters.largest_forward <= 4

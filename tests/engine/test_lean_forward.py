@@ -1,4 +1,5 @@
-"""The lean draft forward computes HF's logits, through every cache operation a drafter uses."""
+"""The lean forward computes HF's logits, through every cache operation a drafter or the
+oracle uses."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from specdec.core.errors import InvalidArgument
 from specdec.drafters.model_drafter import ModelDrafter
 from specdec.engine.kv_cache import SequenceCache
 from specdec.engine.lean_forward import LeanCache, LeanModel, lean_unsupported
+from specdec.engine.models import DEMO_DRAFT, load_model
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -40,6 +42,27 @@ def test_lean_cache_gives_hfs_logits(arch: str, loaded: Callable[..., Any]) -> N
     both(lambda c: c.rollback(0))
     both(lambda c: c.extend([8, 9]))
     assert lean.memory_bytes() > 0
+
+
+def test_lean_cache_takes_keys_and_values_computed_elsewhere(loaded: Callable[..., Any]) -> None:
+    """``replace_kv``, as the oracle's batched verify uses it: an HF cache's keys/values
+    copied in (growing the buffer, then shrinking the tokens), the next logits HF's."""
+    model = loaded("llama", "oracle")
+    hf, lean = SequenceCache(model), LeanCache(model)
+    lean.extend([5, 6, 7])
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    for tokens in ([t % model.vocab_size for t in range(3, 100)], [9, 10, 11]):
+        hf.reset()
+        hf.extend(tokens)
+        kv = hf.layer_kv()
+        assert kv
+        lean.replace_kv(tokens, kv)
+        assert lean.tokens == tokens
+        torch.testing.assert_close(lean.extend([42]), hf.extend([42]), rtol=1e-4, atol=1e-4)
+    assert kv
+    with pytest.raises(InvalidArgument, match="layers"):
+        lean.replace_kv([1, 2], [(kv[0][0][:, :, :2], kv[0][1][:, :, :2])])
+    assert lean.tokens == [9, 10, 11, 42]  # a refused replace changes nothing
 
 
 def test_lean_cache_refuses_what_sequence_cache_refuses(loaded: Callable[..., Any]) -> None:
@@ -76,7 +99,9 @@ def test_stacked_projections_share_the_models_weights(
     arch: str, loaded: Callable[..., Any]
 ) -> None:
     # q/k/v (and gate/up) become one matmul each, without a second copy of their weights:
-    # the modules keep views of their rows, so HF's forward computes what it did.
+    # the modules keep views of their rows, so HF's forward computes what it did. On a CPU
+    # every weight [N, K] is then the transpose of a contiguous [K, N] tensor (the column
+    # layout): q's rows are the stacked tensor's first columns.
     model = loaded(arch, "draft")
     prompt = torch.tensor([[5, 9, 14, 3]])
     with torch.inference_mode():
@@ -88,7 +113,10 @@ def test_stacked_projections_share_the_models_weights(
     storage = q.weight.untyped_storage().data_ptr()
     assert k.weight.untyped_storage().data_ptr() == storage
     assert v.weight.untyped_storage().data_ptr() == storage
-    assert k.weight.storage_offset() == q.weight.numel()
+    assert k.weight.storage_offset() == q.weight.shape[0]
+    assert q.weight.stride() == (1, q.weight.shape[0] + k.weight.shape[0] + v.weight.shape[0])
+    assert attention.o_proj.weight.stride(0) == 1
+    assert model.model.lm_head.weight.stride(0) == 1
     if arch == "qwen2":
         assert v.bias.untyped_storage().data_ptr() == q.bias.untyped_storage().data_ptr()
     assert sum(p.numel() for p in model.model.parameters()) == params
@@ -96,3 +124,19 @@ def test_stacked_projections_share_the_models_weights(
         assert torch.equal(model.model(prompt).logits, before)
     LeanModel(model)  # a second one finds them stacked and moves nothing
     assert q.weight.untyped_storage().data_ptr() == storage
+
+
+def test_tied_embeddings_stay_one_tensor_in_the_column_layout() -> None:
+    """The demo draft ties its vocabulary projection to its embeddings: on a CPU both move
+    to the column layout together, and the logits do not change."""
+    model = load_model(str(DEMO_DRAFT))
+    lm_head, embed = model.model.lm_head, model.model.model.embed_tokens
+    assert lm_head.weight is embed.weight
+    prompt = torch.tensor([[5, 9, 14, 3]])
+    with torch.inference_mode():
+        before = model.model(prompt).logits
+    lean = LeanCache(model)
+    assert lm_head.weight is embed.weight and lm_head.weight.stride(0) == 1
+    with torch.inference_mode():
+        torch.testing.assert_close(model.model(prompt).logits, before, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lean.extend([5, 9, 14, 3]), before[0], rtol=1e-4, atol=1e-4)
