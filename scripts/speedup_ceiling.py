@@ -2,7 +2,7 @@
 
 Usage: python scripts/speedup_ceiling.py [--oracle PATH] [--draft PATH] [--prompts 4]
                                          [--new-tokens 128] [--ks 1,2,3,4,6,8]
-                                         [--replicas 64] [--out ceiling.json]
+                                         [--replicas 64] [--hf-forward] [--out ceiling.json]
 
 Offline, in one process, on the prompts of ``specdec bench`` (held-out code, 192 tokens):
 
@@ -17,7 +17,8 @@ Offline, in one process, on the prompts of ``specdec bench`` (held-out code, 192
    k), and commits one more token. Clustered hard stretches make this lower than the
    i.i.d. formula (1 - α^(k+1)) / (1 - α).
 3. Verify cost. The oracle's forward of k + 1 tokens against one, after a 250-token
-   prefix, on one thread, the sizes interleaved (HF's forward, as the oracle service runs on a CPU).
+   prefix, on one thread, the sizes interleaved, on the forward the oracle service runs
+   (the lean forward where the model qualifies; ``--hf-forward``: HF's).
 
 The ceiling of k is tokens per round ÷ (t(k+1) / t(1)): the speedup with drafting,
 round trips and every other overhead free. A measured speedup (``specdec bench``) can only
@@ -33,6 +34,8 @@ import time
 from typing import Any
 
 import torch
+
+from specdec.engine.models import LoadedModel
 
 
 def tokens_per_round(agree: list[list[bool]], k: int) -> float:
@@ -90,23 +93,24 @@ def agreement(
 
 
 def verify_ms(
-    oracle: Any, sizes: list[int], context: int = 250, reps: int = 30
+    oracle: LoadedModel, sizes: list[int], lean: bool, context: int = 250, reps: int = 30
 ) -> dict[int, float]:
     """Median ms of the oracle's forward of n tokens after a ``context`` prefix, for each
-    n of ``sizes``, interleaved so that the machine's drift falls on every size alike."""
-    from transformers import DynamicCache
+    n of ``sizes``, interleaved so that the machine's drift falls on every size alike. The
+    forward is the oracle service's (``lean``: its default, the lean forward; else HF's)."""
+    from specdec.engine.oracle import Oracle
 
     times: dict[int, list[float]] = {n: [] for n in sizes}
-    prefix = torch.randint(0, oracle.config.vocab_size, (1, context))
-    with torch.no_grad():
-        for _ in range(reps):
-            for n in sizes:
-                cache = DynamicCache()
-                oracle(prefix, past_key_values=cache)
-                block = torch.randint(0, oracle.config.vocab_size, (1, n))
-                start = time.perf_counter()
-                oracle(block, past_key_values=cache)
-                times[n].append(time.perf_counter() - start)
+    engine = Oracle(oracle, lean=lean)
+    prefix = torch.randint(0, oracle.vocab_size, (context,)).tolist()
+    for _ in range(reps):
+        for n in sizes:
+            cache = engine.new_cache()
+            cache.extend(prefix, logits_to_keep=1)
+            block = torch.randint(0, oracle.vocab_size, (n,)).tolist()
+            start = time.perf_counter()
+            cache.extend(block)
+            times[n].append(time.perf_counter() - start)
     return {n: statistics.median(t) * 1e3 for n, t in times.items()}
 
 
@@ -114,7 +118,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from specdec.bench.workload import heldout_prompts
-    from specdec.engine.models import DEMO_DRAFT, DEMO_ORACLE
+    from specdec.engine.models import DEMO_DRAFT, DEMO_ORACLE, load_model
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--oracle", default=str(DEMO_ORACLE))
@@ -123,6 +127,11 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--ks", default="1,2,3,4,6,8")
     p.add_argument("--replicas", type=int, default=64)
+    p.add_argument(
+        "--hf-forward",
+        action="store_true",
+        help="time HF's forward instead of the oracle service's default (--no-lean-forward)",
+    )
     p.add_argument("--out", default="")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -133,7 +142,9 @@ def main() -> None:
     prompts = heldout_prompts(lambda text: tokenizer(text)["input_ids"], args.prompts)
     modes = agreement(oracle, draft, prompts, args.new_tokens, args.replicas)
     ks = [int(k) for k in args.ks.split(",")]
-    timed = verify_ms(oracle, [1, *(k + 1 for k in ks)])
+    del oracle  # timed below as the service loads and runs it
+    served = load_model(args.oracle)
+    timed = verify_ms(served, [1, *(k + 1 for k in ks)], lean=not args.hf_forward)
     one, ms = timed[1], {k: timed[k + 1] for k in ks}
     cost = {k: ms[k] / one for k in ks}
     rows = []
