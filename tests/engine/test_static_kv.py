@@ -23,6 +23,7 @@ from specdec.core.types import DraftBlock, committed_tokens
 from specdec.engine import static_kv
 from specdec.engine.batched import BatchItem, verify_batch
 from specdec.engine.kv_cache import SequenceCache
+from specdec.engine.lean_forward import LeanCache
 from specdec.engine.models import LoadedModel, load_model
 from specdec.engine.oracle import Oracle
 from specdec.engine.static_kv import (
@@ -391,3 +392,19 @@ def test_the_graphed_shapes_compute_the_same_rows_on_the_cpu(
         assert cache is not None
         after = [t for layer in cache.layer_kv() or [] for t in layer]
         assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_sessions_outside_a_pool_take_the_lean_forward_where_it_runs(
+    loaded: Callable[[str, str], LoadedModel],
+) -> None:
+    """The oracle's ``--lean-forward`` (on by default; SPECDEC_LEAN_FORWARD as the draft's)
+    gives sessions outside a KV pool a ``LeanCache``; a model the lean forward does not
+    run keeps HF's."""
+    assert load_config(OracleConfig, [], env={}).kv_settings().lean_forward
+    off = load_config(OracleConfig, [], env={"SPECDEC_LEAN_FORWARD": "false"})
+    assert not off.kv_settings().lean_forward
+    assert not load_config(OracleConfig, ["--no-lean-forward"], env={}).kv_settings().lean_forward
+    llama, gpt2 = loaded("llama", "oracle"), loaded("gpt2", "oracle")
+    assert type(Oracle(llama, lean=True).new_cache()) is LeanCache
+    assert type(Oracle(llama, lean=False).new_cache()) is SequenceCache
+    assert type(Oracle(gpt2, lean=True).new_cache()) is SequenceCache
