@@ -25,6 +25,7 @@ from specdec.engine.kv_options import (
 MIB = 1024 * 1024
 MAX_VERIFY_LANES = 8
 MAX_BATCH_WAIT_S = 1.0
+MAX_AUTO_PREFILL_THREADS = 8
 
 
 @dataclass
@@ -106,6 +107,12 @@ class OracleConfig(SecuritySettings, TelemetrySettings):
     cuda_graphs: bool = setting(
         True, "with static KV on a GPU, replay the verify and prefill forwards as CUDA graphs"
     )
+    prefill_threads: int = setting(
+        0,
+        "CPU oracle: compute threads of a prefill of 32 tokens or more, which seldom runs "
+        "beside a draft (0 = auto: the CPUs this process may use, at most 8; 1 = its one "
+        "compute thread)",
+    )
     lean_forward: bool = setting(
         True,
         "sessions outside a KV pool (a CPU oracle, --static-kv off) on specdec's lean forward "
@@ -167,6 +174,12 @@ class OracleConfig(SecuritySettings, TelemetrySettings):
             return str(DEMO_DRAFT)
         return self.rescue_draft
 
+    def resolved_prefill_threads(self) -> int:
+        if self.prefill_threads > 0:
+            return self.prefill_threads
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return min(MAX_AUTO_PREFILL_THREADS, cpus or 1)
+
     @property
     def kv_budget_bytes(self) -> int:
         return int(self.kv_budget_mb * MIB)
@@ -200,6 +213,10 @@ class OracleConfig(SecuritySettings, TelemetrySettings):
             rescue=bool(self.rescue_draft),
             kv=self.kv_settings(),
         )
+        if self.prefill_threads < 0:
+            raise InvalidArgument(
+                f"--prefill-threads must be >= 0 (0 = auto), got {self.prefill_threads}"
+            )
         if not 0 <= self.metrics_port <= 65535:
             raise InvalidArgument(f"--metrics-port must be in [0, 65535], got {self.metrics_port}")
 

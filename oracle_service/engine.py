@@ -68,6 +68,7 @@ class OracleEngine:
         lanes: int = 0,
         rescue_draft: LoadedModel | None = None,
         kv: KVSettings | None = None,
+        prefill_threads: int = 1,
     ) -> None:
         """``max_batch``: the most blocks (of different sessions) verified in one forward.
         ``batch_wait_s``: the batch wait (``oracle_service.scheduler``).
@@ -77,6 +78,7 @@ class OracleEngine:
         model, else 1).
         ``rescue_draft``: drafts the next block after a miss, for streams that allow
         it (``oracle_service.rescue``; it needs one lane).
+        ``prefill_threads``: a CPU oracle's threads for a long prefill (``Oracle``).
         Raises ``InvalidArgument`` for a setting out of range (``config.check_settings``).
         """
         check_settings(
@@ -98,7 +100,7 @@ class OracleEngine:
         )
         pool_lanes = 1 if rescue_draft is not None else lanes
         slots = make_pool(model, kv, max_rows=max_batch, lanes=pool_lanes)
-        self.oracle = Oracle(model, slots, lean=kv.lean_forward)
+        self.oracle = Oracle(model, slots, lean=kv.lean_forward, prefill_threads=prefill_threads)
         self.oracle_id = oracle_id
         self.sessions = SessionStore(
             self.oracle.new_cache,

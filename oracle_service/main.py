@@ -111,6 +111,7 @@ class OracleService:
             lanes=config.verify_lanes,
             rescue_draft=draft,
             kv=config.kv_settings(),
+            prefill_threads=config.resolved_prefill_threads(),
         )
         await engine.warm_up()
         self.engine = engine

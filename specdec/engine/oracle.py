@@ -16,8 +16,9 @@ first input of the next round.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,22 @@ from specdec.engine.lean_forward import LeanCache, LeanModel, lean_unsupported
 from specdec.engine.models import LoadedModel
 from specdec.engine.paged_kv import PagedCache, PagedPool
 from specdec.engine.static_kv import SlotCache, SlotPool
+
+PREFILL_THREADS_FROM = 32  # tokens: a CPU prefill this long runs on ``prefill_threads``
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads raised to ``count`` for the block, then put back."""
+    before = torch.get_num_threads()
+    if count <= before:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)
@@ -61,14 +78,23 @@ class Oracle:
     """Verifies draft blocks for any number of sequences, each with its own ``SequenceCache``."""
 
     def __init__(
-        self, model: LoadedModel, slots: SlotPool | PagedPool | None = None, lean: bool = False
+        self,
+        model: LoadedModel,
+        slots: SlotPool | PagedPool | None = None,
+        lean: bool = False,
+        prefill_threads: int = 1,
     ) -> None:
         """``slots``: the sessions' KV pool: paged blocks (``specdec.engine.paged_kv``) or
         static slots (``specdec.engine.static_kv``). Sessions outside a pool (no pool, or
         no slot free) get a ``LeanCache`` when ``lean`` and the model qualifies (fewer ops
         per forward: a CPU oracle's verify of k + 1 tokens costs less against one token),
-        else a ``SequenceCache`` on HF's forward."""
+        else a ``SequenceCache`` on HF's forward.
+
+        ``prefill_threads``: on a CPU, torch's threads for a prefill of at least
+        ``PREFILL_THREADS_FROM`` tokens (a verify keeps the process's own: it runs beside
+        the draft, a prompt's prefill mostly alone)."""
         self.model = model
+        self.prefill_threads = prefill_threads
         self.slots = slots
         self.lean = LeanModel(model) if lean and lean_unsupported(model) is None else None
 
@@ -98,13 +124,15 @@ class Oracle:
         target = committed[:-1]
         reused = cache.sync(target)
         computed = len(target) - reused
-        if computed and isinstance(self.slots, PagedPool) and isinstance(cache, PagedCache):
-            self.slots.prefill(cache, target[reused:])  # replayed as CUDA graphs
-        elif computed and isinstance(self.slots, SlotPool) and isinstance(cache, SlotCache):
-            self.slots.prefill(cache, target[reused:])
-        elif computed:
-            # Only the KV is wanted; keep one row of logits instead of [n, V].
-            cache.extend(target[reused:], logits_to_keep=1)
+        many = computed >= PREFILL_THREADS_FROM and self.model.device.type == "cpu"
+        with intra_op_threads(self.prefill_threads if many else 1):
+            if computed and isinstance(self.slots, PagedPool) and isinstance(cache, PagedCache):
+                self.slots.prefill(cache, target[reused:])  # replayed as CUDA graphs
+            elif computed and isinstance(self.slots, SlotPool) and isinstance(cache, SlotCache):
+                self.slots.prefill(cache, target[reused:])
+            elif computed:
+                # Only the KV is wanted; keep one row of logits instead of [n, V].
+                cache.extend(target[reused:], logits_to_keep=1)
         return PrefillResult(reused, computed, time.perf_counter_ns() - start)
 
     def verify(
