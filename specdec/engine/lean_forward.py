@@ -3,10 +3,10 @@
 Drafts run it, and so does the oracle: its KV pools on a GPU, and every session of a
 CPU oracle (``Oracle(lean=True)``). The logits are HF's up to float rounding; an oracle
 runs one forward for the oracle alone and for verifying, so its outputs stay exactly its
-own. For a small model the route matters more than the arithmetic. The demo draft (2 layers, width 256) spends
-about 2 ms per one-token HF forward on a CPU core, almost all of it in per-call
-machinery: the mask builder, the cache object, decorators, output classes. The maths
-is about 3 M multiply-adds.
+own. For a small model the route matters more than the arithmetic. The demo draft (2
+layers, width 256) spends about 2 ms per one-token HF forward on a CPU core, almost all
+of it in per-call machinery: the mask builder, the cache object, decorators, output
+classes. The maths is about 3 M multiply-adds.
 
 This module runs the same weights and formulas (the model's own projections, norm
 weights, activation and rotary embedding) in a plain loop:
