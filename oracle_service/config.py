@@ -19,6 +19,7 @@ from specdec.engine.kv_options import (
     DEFAULT_VERIFY_TOKENS,
     LAYOUTS,
     MAX_ROW_TOKENS,
+    PREFILL_THREADS_FROM,
     KVSettings,
 )
 
@@ -109,9 +110,9 @@ class OracleConfig(SecuritySettings, TelemetrySettings):
     )
     prefill_threads: int = setting(
         0,
-        "CPU oracle: compute threads of a prefill of 32 tokens or more, which seldom runs "
-        "beside a draft (0 = auto: the CPUs this process may use, at most 8; 1 = its one "
-        "compute thread)",
+        f"CPU oracle: compute threads of a prefill of {PREFILL_THREADS_FROM} tokens or more, "
+        "which seldom runs beside a draft (0 = auto: the CPUs this process may use, at most "
+        f"{MAX_AUTO_PREFILL_THREADS}; 1 = its one compute thread)",
     )
     lean_forward: bool = setting(
         True,

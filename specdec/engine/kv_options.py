@@ -14,6 +14,7 @@ LAYOUTS = ("paged", "slots")
 ATTENTIONS = ("auto", "sdpa", "chunked")
 MAX_ROW_TOKENS = MAX_SPECULATIVE_TOKENS + 1  # committed[-1] and a block of at most k tokens
 DEFAULT_VERIFY_TOKENS = 128  # M of every forward with batch invariance
+PREFILL_THREADS_FROM = 32  # tokens: a CPU prefill this long runs on --prefill-threads
 
 
 @dataclass(frozen=True)

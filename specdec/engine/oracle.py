@@ -28,12 +28,11 @@ from specdec.core.sampling import SamplingParams
 from specdec.core.types import DraftBlock, Verdict
 from specdec.core.verifier import validate_block, verify_block, with_logprobs
 from specdec.engine.kv_cache import SequenceCache
+from specdec.engine.kv_options import PREFILL_THREADS_FROM
 from specdec.engine.lean_forward import LeanCache, LeanModel, lean_unsupported
 from specdec.engine.models import LoadedModel
 from specdec.engine.paged_kv import PagedCache, PagedPool
 from specdec.engine.static_kv import SlotCache, SlotPool
-
-PREFILL_THREADS_FROM = 32  # tokens: a CPU prefill this long runs on ``prefill_threads``
 
 
 @contextlib.contextmanager
